@@ -1,0 +1,180 @@
+"""`relay` command line: serve, status, replay, demo."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+
+import click
+import msgpack
+import zmq
+
+from relay import config as relay_config
+from relay import protocol
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+
+def _load_config(path: str | None, **flags) -> relay_config.RelayConfig:
+    try:
+        return relay_config.load(path, flags)
+    except relay_config.ConfigError as exc:
+        raise click.ClickException(str(exc))
+
+
+config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False),
+                             help="relay.yaml to read (keys: see README); RELAY_* variables and flags override it")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """tokenhsi-relay: training metrics and checkpoints to W&B without slowing the trainer."""
+
+
+@main.command()
+@config_option
+@click.option("--bind", help="ZeroMQ endpoint to listen on [tcp://127.0.0.1:5555]")
+@click.option("--spool-dir", help="directory for the spool and offline runs")
+@click.option("--mode", type=click.Choice(["online", "offline", "disabled"]),
+              help="W&B mode for runs that do not ask for one [online if an API key is configured, else offline]")
+@click.option("--artifact-root", "artifact_roots", multiple=True,
+              help="directory checkpoints may be read from (repeatable); nothing else is ever read")
+@click.option("--drain-timeout", type=float, help="seconds to keep uploading after SIGTERM [30]")
+@click.option("--init-timeout", type=float, help="seconds wandb.init may take before it is retried [60]")
+@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+def serve(config_path, bind, spool_dir, mode, artifact_roots, drain_timeout, init_timeout, log_level) -> None:
+    """Run the relay until SIGTERM/SIGINT (first: drain with a deadline; second: stop now)."""
+    cfg = _load_config(config_path, bind=bind, spool_dir=spool_dir, mode=mode,
+                       artifact_roots=list(artifact_roots) or None, drain_timeout=drain_timeout,
+                       init_timeout=init_timeout, log_level=log_level)
+    _setup_logging(cfg.log_level)
+    from relay.server import RelayServer  # imports wandb: only for the commands that need it
+    from relay.spool import SpoolError
+    try:
+        code = RelayServer(cfg).serve()
+    except SpoolError as exc:
+        raise click.ClickException(str(exc))
+    sys.exit(code)
+
+
+def query_status(endpoint: str, timeout: float) -> dict | None:
+    """Ask a running relay for its status; None if nothing answers within `timeout`."""
+    context = zmq.Context.instance()
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(endpoint)
+        request = {"v": protocol.VERSION, "t": "status", "stream": "status-%d" % os.getpid(), "seq": 0}
+        deadline = time.monotonic() + timeout
+        sent = False
+        while time.monotonic() < deadline:
+            if not sent:
+                try:
+                    sock.send(protocol.encode(request), zmq.NOBLOCK)
+                    sent = True
+                except zmq.Again:
+                    pass
+            if sock.poll(100, zmq.POLLIN):
+                reply = protocol.decode_raw(sock.recv())
+                if reply.get("t") == "status":
+                    return reply
+        return None
+    finally:
+        sock.close(linger=0)
+
+
+@main.command()
+@click.option("--endpoint", envvar="RELAY_ENDPOINT", default=protocol.DEFAULT_ENDPOINT, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print the status as one JSON object")
+@click.option("--timeout", type=float, default=3.0, show_default=True, help="seconds to wait for the relay")
+def status(endpoint: str, as_json: bool, timeout: float) -> None:
+    """Per run: records received, uploaded, pending; W&B state; spool size."""
+    reply = query_status(endpoint, timeout)
+    if reply is None:
+        raise click.ClickException("no relay answered at %s within %.0f s (is `relay serve` running there? "
+                                   "pass --endpoint or set RELAY_ENDPOINT)" % (endpoint, timeout))
+    if as_json:
+        click.echo(json.dumps(reply, sort_keys=True))
+        return
+    click.echo("relay %s  mode %s  up %.0f s  spool %s (%.1f MB)" % (
+        reply["bind"], reply["mode"], reply["uptime"], reply["spool_path"], reply["spool_bytes"] / 1e6))
+    if reply.get("wandb_down_since"):
+        click.echo("W&B unreachable since %s" % time.strftime("%H:%M:%S", time.localtime(reply["wandb_down_since"])))
+    if not reply["runs"]:
+        click.echo("no runs yet")
+    for run in reply["runs"]:
+        since = time.strftime("%H:%M:%S", time.localtime(run["state_since"])) if run["state_since"] else "-"
+        line = "%-14s %-20s received %-7d uploaded %-7d pending %-7d %s since %s" % (
+            run["run_id"], (run["project"] or "") + "/" + (run["name"] or ""), run["received"], run["uploaded"],
+            run["pending"], run["state"], since)
+        if run["last_error"]:
+            line += "  last error: %s" % run["last_error"]
+        click.echo(line)
+
+
+@main.command()
+@config_option
+@click.option("--spool-dir", help="spool of the relay that should upload these records")
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+def replay(config_path, spool_dir, files) -> None:
+    """Ingest client spill files into the spool, exactly once (a running relay uploads them)."""
+    cfg = _load_config(config_path, spool_dir=spool_dir)
+    _setup_logging(cfg.log_level)
+    from relay.server import classify
+    from relay.spool import Spool, SpoolError
+    try:
+        spool = Spool(cfg.spool_dir)
+    except SpoolError as exc:
+        raise click.ClickException(str(exc))
+    spool.load_watermarks()
+    totals = {"new": 0, "dup": 0, "error": 0, "unreadable": 0}
+    for path in files:
+        items, torn = [], None
+        with open(path, "rb") as handle:
+            unpacker = msgpack.Unpacker(handle, raw=False, max_buffer_size=cfg.max_frame_bytes * 2)
+            try:
+                for frame in unpacker:
+                    if not isinstance(frame, bytes):
+                        totals["unreadable"] += 1
+                        continue
+                    try:
+                        items.append(classify(frame, cfg))
+                    except protocol.ProtocolError as exc:
+                        totals["unreadable"] += 1
+                        click.echo("%s: skipped an unreadable record: %s" % (path, exc.reason), err=True)
+            except (msgpack.OutOfData, ValueError) as exc:
+                torn = exc
+        items = [item for item in items if item[0].get("t") != "status"]
+        counts = {"new": 0, "dup": 0, "error": 0}
+        for start in range(0, len(items), cfg.batch_max):
+            for outcome in spool.ingest(items[start:start + cfg.batch_max]):
+                counts[outcome.status] += 1
+                if outcome.status == "error":
+                    click.echo("%s: refused seq %d: %s" % (path, outcome.seq, outcome.reason), err=True)
+        for key, value in counts.items():
+            totals[key] += value
+        click.echo("%s: %d records new, %d already delivered, %d refused%s" % (
+            path, counts["new"], counts["dup"], counts["error"],
+            "; file is torn after its last whole record (%s)" % torn if torn else ""))
+    spool.close()
+    click.echo("replayed %d files: %d new records in %s (a running relay uploads them within a second)"
+               % (len(files), totals["new"], cfg.spool_dir))
+
+
+@main.command()
+@click.option("--dir", "directory", default="relay-demo", show_default=True,
+              help="where the demo keeps its spool, checkpoints and offline W&B run")
+@click.option("--steps", default=200, show_default=True, help="training steps the demo client logs")
+def demo(directory: str, steps: int) -> None:
+    """Start a relay (offline mode), send a demo run through it from another process, stop it."""
+    from relay.demo import run_demo
+    sys.exit(run_demo(os.path.abspath(directory), steps))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,380 @@
+"""The trainer-side client: hands records to the relay without ever waiting on it.
+
+Invariants (DESIGN.md §3):
+- Every call returns in bounded time and never raises for transport problems (relay absent,
+  restarting, slow). Problems are counted in `statistics()` and warned about, rate-limited.
+- A record the client accepted is at every moment in exactly one place: the bounded pending
+  buffer (re-sent until acked), a spill file (written on overflow or at finish/close, ingested
+  later by `relay replay`), or the relay's spool (which acks only after its commit).
+- There is no background thread: each call does a bounded amount of socket work (drain acks,
+  send what is queued, rewind for a re-send when acks stopped). `finish()` is the only call that
+  waits, for at most its `timeout`.
+
+This module must stay importable on Python 3.8 (IsaacGym environments).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+import uuid
+from collections import OrderedDict
+from typing import Any, Dict, List, Optional
+
+import msgpack
+import zmq
+
+from relay import protocol
+
+log = logging.getLogger("relay.client")
+
+SEND_BUDGET = 256      # frames sent per call at most, so a call's cost stays bounded
+RECV_BUDGET = 1024     # replies drained per call at most
+STALL_WARNING = 3.0    # seconds without a connection before the client warns
+
+
+def default_spill_dir() -> str:
+    explicit = os.environ.get("RELAY_SPILL_DIR")
+    if explicit:
+        return explicit
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "tokenhsi-relay", "spill")
+
+
+class RelayClient:
+    """One connection to a relay. Not thread-safe (like the ZeroMQ socket under it)."""
+
+    def __init__(self, endpoint: Optional[str] = None, max_pending: int = 10000,
+                 spill_dir: Optional[str] = None, resend_after: float = 1.0,
+                 warn_every: float = 30.0, stream: Optional[str] = None):
+        self.endpoint = endpoint or os.environ.get("RELAY_ENDPOINT") or protocol.DEFAULT_ENDPOINT
+        self.max_pending = max(1, int(max_pending))
+        self.spill_dir = spill_dir or default_spill_dir()
+        self.resend_after = resend_after
+        self.warn_every = warn_every
+        self.stream = stream or uuid.uuid4().hex
+        self._seq = 0
+        self._pending = OrderedDict()  # type: OrderedDict[int, bytes]  (seq -> frame, in seq order)
+        self._next_send = 1            # lowest seq not yet handed to ZeroMQ
+        self._last_progress = 0.0      # last time an ack removed something or a send started a window
+        self._stalled_since = 0.0      # when sends started failing (no connection), 0 if they do not
+        self._socket = None
+        self._context = None
+        self._pid = None
+        self._warned_at = {}           # type: Dict[str, float]
+        self._closed = False
+        self.spill_files = []          # type: List[str]
+        self.errors = []               # type: List[str]  (last few error replies from the relay)
+        self._stats = {"sent": 0, "acked": 0, "spilled": 0, "dropped": 0, "errors": 0, "resent": 0}
+
+    # -- public API ---------------------------------------------------------------------------
+
+    def start_run(self, project: str, name: Optional[str] = None, entity: Optional[str] = None,
+                  group: Optional[str] = None, tags: Optional[List[str]] = None, notes: Optional[str] = None,
+                  config: Optional[Dict[str, Any]] = None, mode: Optional[str] = None,
+                  run_id: Optional[str] = None, job_type: Optional[str] = None) -> "Run":
+        if mode is not None and mode not in protocol.WANDB_MODES:
+            raise ValueError("mode must be one of %s, got %r" % (", ".join(protocol.WANDB_MODES), mode))
+        if os.environ.get("WANDB_MODE") == "disabled":
+            mode = "disabled"
+        run_id = run_id or uuid.uuid4().hex[:12]
+        if not protocol.valid_run_id(run_id):
+            raise ValueError("run_id %r must be 1..64 letters, digits, '-' or '_'" % run_id)
+        if mode == "disabled":
+            return DisabledRun(run_id, name)
+        settings = {"project": project, "entity": entity, "name": name, "group": group,
+                    "tags": list(tags or []), "notes": notes, "config": dict(config or {}),
+                    "mode": mode, "job_type": job_type}
+        settings = {key: value for key, value in settings.items() if value is not None}
+        protocol.validate_settings(settings)
+        run = Run(self, run_id, name)
+        self.submit({"t": "open", "run": run_id, "settings": settings})
+        return run
+
+    def statistics(self) -> Dict[str, Any]:
+        self._pump()
+        stats = dict(self._stats)
+        stats["pending"] = len(self._pending)
+        stats["last_error"] = self.errors[-1] if self.errors else None
+        stats["spill_files"] = list(self.spill_files)
+        return stats
+
+    def flush(self, timeout: float) -> bool:
+        """Wait at most `timeout` seconds for every pending record to be acked."""
+        deadline = time.monotonic() + timeout
+        self._pump()
+        while self._pending and not self._closed:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                self._sock().poll(int(min(remaining, 0.05) * 1000) + 1, zmq.POLLIN)
+            except zmq.ZMQError:
+                pass
+            self._pump()
+        return not self._pending
+
+    def spill_pending(self) -> Optional[str]:
+        """Write every pending record to a new spill file now; returns its path (None if none)."""
+        return self._spill(list(self._pending))
+
+    def close(self, timeout: float = 0.0) -> Optional[str]:
+        """Wait up to `timeout` for acks, spill whatever is still pending, close the socket."""
+        if self._closed:
+            return None
+        if timeout > 0:
+            self.flush(timeout)
+        spilled = self.spill_pending()
+        if self._socket is not None and self._pid == os.getpid():
+            self._socket.close(linger=0)
+        self._socket = None
+        self._closed = True
+        return spilled
+
+    # -- records ------------------------------------------------------------------------------
+
+    def submit(self, message: Dict[str, Any]) -> None:
+        """Queue one record and do a bounded amount of socket work. Never blocks."""
+        if self._closed:
+            self._stats["dropped"] += 1
+            self._warn("closed", "record after close() dropped: %s" % message.get("t"))
+            return
+        self._seq += 1
+        message["v"] = protocol.VERSION
+        message["stream"] = self.stream
+        message["seq"] = self._seq
+        frame = protocol.encode(message)
+        if len(frame) > protocol.MAX_FRAME_BYTES:
+            self._seq -= 1  # the seq is reused, so the relay sees no gap
+            self._stats["dropped"] += 1
+            self._error("record %s of %d bytes is over the %d-byte frame limit; dropped (log fewer or "
+                        "shorter values)" % (message["t"], len(frame), protocol.MAX_FRAME_BYTES))
+            return
+        if len(self._pending) >= self.max_pending:
+            overflow = list(self._pending)[: max(1, self.max_pending // 10)]
+            self._spill(overflow)
+        self._pending[self._seq] = frame
+        self._stats["sent"] += 1
+        self._pump()
+
+    # -- socket work --------------------------------------------------------------------------
+
+    def _sock(self) -> zmq.Socket:
+        # Contexts do not survive fork(): make a fresh one in a child process.
+        if self._socket is None or self._pid != os.getpid():
+            self._context = zmq.Context()
+            sock = self._context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.IMMEDIATE, 1)       # no queueing into a pipe with no relay behind it
+            sock.setsockopt(zmq.SNDHWM, 10000)
+            sock.setsockopt(zmq.RCVHWM, 10000)
+            sock.setsockopt(zmq.RECONNECT_IVL, 100)
+            sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+            sock.connect(self.endpoint)
+            self._socket, self._pid = sock, os.getpid()
+            self._next_send = next(iter(self._pending), self._seq + 1)
+        return self._socket
+
+    def _pump(self) -> None:
+        if self._closed:
+            return
+        try:
+            sock = self._sock()
+            self._drain(sock)
+            self._maybe_rewind()
+            self._send_queued(sock)
+        except zmq.ZMQError as exc:  # transport trouble is counted, never raised
+            self._warn("zmq", "relay socket error at %s: %s" % (self.endpoint, exc))
+
+    def _drain(self, sock: zmq.Socket) -> None:
+        for _ in range(RECV_BUDGET):
+            try:
+                frame = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                reply = protocol.decode_raw(frame)
+            except protocol.ProtocolError as exc:
+                self._warn("reply", "unreadable reply from relay: %s" % exc.reason)
+                continue
+            kind = reply.get("t")
+            if kind == "ack":
+                self._on_ack(reply)
+            elif kind == "error":
+                self._stats["errors"] += 1
+                self._error("relay refused record seq=%s: %s" % (reply.get("seq"), reply.get("reason")))
+
+    def _on_ack(self, reply: Dict[str, Any]) -> None:
+        before = len(self._pending)
+        upto = reply.get("upto")
+        if isinstance(upto, int):
+            while self._pending and next(iter(self._pending)) <= upto:
+                self._pending.popitem(last=False)
+        for bounds in reply.get("seqs") or []:
+            if isinstance(bounds, list) and len(bounds) == 2:
+                low, high = bounds
+                if high - low < len(self._pending):
+                    for seq in range(low, high + 1):
+                        self._pending.pop(seq, None)
+                else:
+                    for seq in [s for s in self._pending if low <= s <= high]:
+                        del self._pending[seq]
+        acked = before - len(self._pending)
+        if acked:
+            self._stats["acked"] += acked
+            self._last_progress = time.monotonic()
+
+    def _maybe_rewind(self) -> None:
+        """No ack progress for `resend_after`: re-send everything unacked, oldest first."""
+        if not self._pending:
+            return
+        oldest = next(iter(self._pending))
+        if oldest >= self._next_send:
+            return  # nothing in flight
+        if time.monotonic() - self._last_progress > self.resend_after:
+            self._stats["resent"] += self._next_send - oldest
+            self._next_send = oldest
+            self._last_progress = time.monotonic()
+
+    def _send_queued(self, sock: zmq.Socket) -> None:
+        if not self._pending:
+            self._next_send = self._seq + 1
+            return
+        if self._next_send < next(iter(self._pending)):
+            self._next_send = next(iter(self._pending))
+        for _ in range(SEND_BUDGET):
+            if self._next_send > self._seq:
+                return
+            frame = self._pending.get(self._next_send)
+            if frame is not None:
+                if not self._in_flight():
+                    self._last_progress = time.monotonic()  # a new window starts now
+                try:
+                    sock.send(frame, zmq.NOBLOCK)
+                except zmq.Again:
+                    now = time.monotonic()
+                    self._stalled_since = self._stalled_since or now
+                    if now - self._stalled_since > STALL_WARNING:  # not just a connection being made
+                        self._warn("absent", "relay at %s is not answering; %d records pending (kept and "
+                                   "re-sent; start it with `relay serve`)" % (self.endpoint, len(self._pending)))
+                    return
+                self._stalled_since = 0.0
+            self._next_send += 1
+
+    def _in_flight(self) -> bool:
+        return bool(self._pending) and next(iter(self._pending)) < self._next_send
+
+    # -- spill files --------------------------------------------------------------------------
+
+    def _spill(self, seqs: List[int]) -> Optional[str]:
+        """Move these pending records into a new spill file (temp -> fsync -> rename -> fsync dir)."""
+        if not seqs:
+            return None
+        frames = [self._pending.pop(seq) for seq in seqs]
+        try:
+            os.makedirs(self.spill_dir, exist_ok=True)
+            name = "relay-spill-%s-%d-%d.msgpack" % (self.stream[:12], seqs[0], seqs[-1])
+            path = os.path.join(self.spill_dir, name)
+            fd, tmp = tempfile.mkstemp(prefix=".spill-", dir=self.spill_dir)
+            with os.fdopen(fd, "wb") as handle:
+                packer = msgpack.Packer(use_bin_type=True)
+                for frame in frames:
+                    handle.write(packer.pack(frame))
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+            dir_fd = os.open(self.spill_dir, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            # Nowhere to put them: keep them pending rather than lose them, and say so.
+            for seq, frame in zip(seqs, frames):
+                self._pending[seq] = frame
+            self._pending = OrderedDict(sorted(self._pending.items()))
+            self._error("cannot write spill file in %s: %s (records kept in memory)" % (self.spill_dir, exc))
+            return None
+        self._stats["spilled"] += len(frames)
+        self.spill_files.append(path)
+        self._warn("spill", "%d records spilled to %s; deliver them with: relay replay %s"
+                   % (len(frames), path, path), force=True)
+        return path
+
+    # -- reporting ----------------------------------------------------------------------------
+
+    def _error(self, text: str) -> None:
+        self.errors = (self.errors + [text])[-20:]
+        self._warn("error", text)
+
+    def _warn(self, kind: str, text: str, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._warned_at.get(kind, -1e9) >= self.warn_every:
+            self._warned_at[kind] = now
+            log.warning(text)
+
+
+class Run:
+    """A W&B run as seen from the trainer. Methods queue records; none of them waits."""
+
+    def __init__(self, client: RelayClient, run_id: str, name: Optional[str]):
+        self.client = client
+        self.id = run_id
+        self.name = name
+
+    def log(self, metrics: Dict[str, Any], frame: Optional[int] = None, epoch: Optional[int] = None,
+            namespace: Optional[str] = None) -> None:
+        if not isinstance(metrics, dict):
+            raise TypeError("metrics must be a dict of name -> number, got %s" % type(metrics).__name__)
+        message = {"t": "log", "run": self.id, "time": time.time(),
+                   "metrics": {str(key): protocol.to_scalar(value) for key, value in metrics.items()}}
+        if frame is not None:
+            message["frame"] = int(frame)
+        if epoch is not None:
+            message["epoch"] = int(epoch)
+        if namespace:
+            message["ns"] = str(namespace)
+        self.client.submit(message)
+
+    def log_checkpoint(self, path: str, metadata: Optional[Dict[str, Any]] = None,
+                       aliases: Optional[List[str]] = None) -> None:
+        self.client.submit({"t": "checkpoint", "run": self.id, "time": time.time(),
+                            "path": os.path.abspath(os.fspath(path)), "metadata": dict(metadata or {}),
+                            "aliases": list(aliases or [])})
+
+    def summary(self, values: Dict[str, Any]) -> None:
+        self.client.submit({"t": "summary", "run": self.id,
+                            "values": {str(key): protocol.to_scalar(value) for key, value in values.items()}})
+
+    def finish(self, exit_code: int = 0, timeout: float = 10.0) -> Dict[str, Any]:
+        """Queue the finish record, wait at most `timeout` for acks, spill the rest to disk."""
+        self.client.submit({"t": "finish", "run": self.id, "exit_code": int(exit_code), "time": time.time()})
+        delivered = self.client.flush(timeout)
+        spill_file = None if delivered else self.client.spill_pending()
+        stats = self.client.statistics()
+        return {"run": self.id, "delivered": delivered, "spill_file": spill_file,
+                "acked": stats["acked"], "spilled": stats["spilled"], "errors": stats["errors"]}
+
+
+class DisabledRun:
+    """What `start_run` returns when reporting is disabled (mode or WANDB_MODE=disabled)."""
+
+    def __init__(self, run_id: str, name: Optional[str]):
+        self.id = run_id
+        self.name = name
+
+    def log(self, metrics: Dict[str, Any], frame: Optional[int] = None, epoch: Optional[int] = None,
+            namespace: Optional[str] = None) -> None:
+        pass
+
+    def log_checkpoint(self, path: str, metadata: Optional[Dict[str, Any]] = None,
+                       aliases: Optional[List[str]] = None) -> None:
+        pass
+
+    def summary(self, values: Dict[str, Any]) -> None:
+        pass
+
+    def finish(self, exit_code: int = 0, timeout: float = 10.0) -> Dict[str, Any]:
+        return {"run": self.id, "delivered": True, "spill_file": None, "acked": 0, "spilled": 0,
+                "errors": 0, "disabled": True}

@@ -1,0 +1,126 @@
+"""Relay configuration: cfg/relay.yaml, overridden by RELAY_* variables, overridden by flags.
+
+Validated once at start. Unknown keys, duplicate keys and wrong types are errors that name the
+key and where it came from. WANDB_API_KEY is never read from here: only from the environment or
+netrc of the relay host, by the wandb SDK itself.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from relay import protocol
+
+# Variables the trainer side reads; harmless when the relay's environment has them too.
+CLIENT_VARIABLES = {"RELAY_ENDPOINT", "RELAY_SPILL_DIR"}
+
+
+def default_spool_dir() -> str:
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(state, "tokenhsi-relay", "spool")
+
+
+class RelayConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    bind: str = Field(protocol.DEFAULT_ENDPOINT, description="ZeroMQ endpoint the relay listens on")
+    spool_dir: str = Field(default_factory=default_spool_dir, description="where the spool and offline runs live")
+    mode: Optional[Literal["online", "offline", "disabled"]] = Field(
+        None, description="W&B mode for runs that do not ask for one; default online if an API key is configured")
+    artifact_roots: list[str] = Field(default_factory=list,
+                                      description="the only directories checkpoints may be read from")
+    max_frame_bytes: int = Field(protocol.MAX_FRAME_BYTES, gt=0, description="largest accepted frame")
+    max_artifact_bytes: int = Field(4 << 30, gt=0, description="largest checkpoint file uploaded")
+    init_timeout: float = Field(60.0, gt=0, description="seconds wandb.init may take before it is retried")
+    backoff_max: float = Field(60.0, gt=0, description="longest wait between W&B retries")
+    drain_timeout: float = Field(30.0, ge=0, description="seconds the first SIGTERM spends uploading before exit")
+    batch_max: int = Field(500, gt=0, description="most messages per spool commit")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML loader for which a duplicated key is an error, not a silent overwrite."""
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError("duplicate key %r at line %d" % (key, key_node.start_mark.line + 1))
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_yaml(path: str) -> dict:
+    """Read a YAML mapping with duplicate keys refused; errors name the file."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.load(handle, Loader=_UniqueKeyLoader)
+    except OSError as exc:
+        raise ConfigError("cannot read config file %s: %s" % (path, exc.strerror)) from exc
+    except (yaml.YAMLError, ConfigError) as exc:
+        raise ConfigError("config file %s: %s" % (path, exc)) from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("config file %s must hold a mapping of keys, not %s" % (path, type(data).__name__))
+    return data
+
+
+def _from_environment(environ: dict) -> dict:
+    values: dict[str, Any] = {}
+    fields = RelayConfig.model_fields
+    for name, raw in environ.items():
+        if not name.startswith("RELAY_") or name in CLIENT_VARIABLES:
+            continue
+        key = name[len("RELAY_"):].lower()
+        if key not in fields:
+            raise ConfigError("unknown variable %s (known: %s)"
+                              % (name, ", ".join("RELAY_" + k.upper() for k in fields)))
+        annotation = fields[key].annotation
+        try:
+            if annotation is int:
+                values[key] = int(raw)
+            elif annotation is float:
+                values[key] = float(raw)
+            elif annotation == list[str]:
+                values[key] = [part for part in raw.split(os.pathsep) if part]
+            else:
+                values[key] = raw
+        except ValueError as exc:
+            raise ConfigError("variable %s=%r: %s" % (name, raw, exc)) from exc
+    return values
+
+
+def load(path: Optional[str] = None, overrides: Optional[dict] = None,
+         environ: Optional[dict] = None) -> RelayConfig:
+    """Merge file < environment < flags (flags given as `overrides`, None meaning not given)."""
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    layers = [(path or "", load_yaml(path) if path else {}),
+              ("environment", _from_environment(os.environ if environ is None else environ)),
+              ("command line", {k: v for k, v in (overrides or {}).items() if v is not None})]
+    for source, layer in layers:
+        for key, value in layer.items():
+            values[key] = value
+            sources[key] = source
+    try:
+        return RelayConfig(**values)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            key = ".".join(str(part) for part in error["loc"])
+            where = sources.get(str(error["loc"][0]), "defaults") if error["loc"] else "config"
+            problems.append("%s (from %s): %s" % (key, where, error["msg"]))
+        raise ConfigError("invalid relay configuration:\n  " + "\n  ".join(problems)) from None

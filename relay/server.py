@@ -1,0 +1,257 @@
+"""The relay daemon: ROUTER socket -> validate -> spool -> ack, and one uploader per run.
+
+Lifecycle (uvicorn's shape): serve() = install signal handlers -> startup() -> main_loop() ->
+shutdown(). A signal handler only sets a flag. The first SIGTERM/SIGINT stops intake and drains
+for at most `drain_timeout`: uploaders upload what is spooled and close their W&B runs. A second
+signal exits at once. Either way nothing acked is lost: it is in the spool, and the next start
+uploads it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import zmq
+
+from relay import protocol
+from relay.artifacts import RefusedPath, resolve_checkpoint
+from relay.config import RelayConfig
+from relay.spool import Spool
+from relay.uploader import RunUploader, WandbHealth, default_mode
+
+log = logging.getLogger("relay.server")
+
+SCAN_EVERY = 1.0  # seconds between looks at the spool for runs that need an uploader
+
+
+def classify(frame: bytes, config: RelayConfig) -> tuple[dict, str]:
+    """Decode a frame into (message, refusal reason or '').
+
+    A frame whose (stream, seq) can be read but which can never be accepted comes back as a
+    refusal, so that its seq is consumed and the client stops re-sending it. A frame without a
+    readable (stream, seq) raises ProtocolError.
+    """
+    try:
+        message = protocol.decode(frame, config.max_frame_bytes)
+    except protocol.ProtocolError as exc:
+        if exc.stream is None or not exc.seq:
+            raise
+        return {"stream": exc.stream, "seq": exc.seq, "t": "invalid"}, exc.reason
+    if message["t"] == "checkpoint":
+        try:
+            resolve_checkpoint(message["path"], config.artifact_roots, config.max_artifact_bytes)
+        except RefusedPath as exc:
+            return message, str(exc)
+    return message, ""
+
+
+class RelayServer:
+    def __init__(self, config: RelayConfig):
+        self.config = config
+        self.mode = config.mode or default_mode()
+        self.health = WandbHealth()
+        self.counters: Counter = Counter()
+        self.uploaders: dict[str, RunUploader] = {}
+        self._lock = threading.Lock()
+        self.should_exit = False
+        self.force_exit = False
+        self.started = time.time()
+        self.spool: Spool | None = None
+        self.socket: zmq.Socket | None = None
+        self.context: zmq.Context | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def serve(self) -> int:
+        """Run until signalled. Exit code 0 after a drain (even one cut short by its deadline:
+        acked records are safe in the spool), 1 when a second signal cut the drain."""
+        self.install_signal_handlers()
+        self.startup()
+        try:
+            self.main_loop()
+        finally:
+            clean = self.shutdown()
+        if not clean:
+            # Uploader threads are still inside the wandb SDK; its exit hooks would wait for them.
+            logging.shutdown()
+            os._exit(1 if self.force_exit else 0)
+        return 0
+
+    def install_signal_handlers(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.should_exit:
+            self.force_exit = True
+        self.should_exit = True
+
+    def startup(self) -> None:
+        self.spool = Spool(self.config.spool_dir)
+        self.spool.load_watermarks()
+        self.context = zmq.Context()
+        self.socket = self.context.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, self.config.max_frame_bytes * 2)
+        self.socket.setsockopt(zmq.RCVHWM, 100000)
+        self.socket.setsockopt(zmq.SNDHWM, 100000)
+        try:
+            self.socket.bind(self.config.bind)
+        except zmq.ZMQError as exc:
+            raise SystemExit("cannot listen on %s: %s (is another relay running there? choose another "
+                             "address with --bind)" % (self.config.bind, exc))
+        status = self.spool.status()
+        waiting = sum(run["pending"] for run in status["runs"])
+        log.info("relay listening on %s, W&B mode %s, spool %s (%d records waiting), artifact roots: %s",
+                 self.config.bind, self.mode, self.spool.path, waiting,
+                 ", ".join(self.config.artifact_roots) or "none (checkpoints will be refused)")
+        self.scan_runs()
+
+    def main_loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        next_scan = time.monotonic() + SCAN_EVERY
+        while not self.should_exit:
+            if poller.poll(100):
+                self.handle_batch(self.receive_batch())
+            if time.monotonic() >= next_scan:
+                self.scan_runs()
+                next_scan = time.monotonic() + SCAN_EVERY
+
+    def shutdown(self) -> bool:
+        """Stop intake, let uploaders drain until the deadline, say what is left."""
+        self.socket.close(linger=0)  # clients keep what is unacked and re-send to the next relay
+        deadline = time.monotonic() + self.config.drain_timeout
+        with self._lock:
+            uploaders = list(self.uploaders.values())
+        log.info("relay stopping: draining %d runs for at most %.0f s", len(uploaders), self.config.drain_timeout)
+        for uploader in uploaders:
+            uploader.drain.set()
+            uploader.wake.set()
+        for uploader in uploaders:
+            while uploader.is_alive() and not self.force_exit and time.monotonic() < deadline:
+                uploader.join(0.1)
+        clean = not any(uploader.is_alive() for uploader in uploaders)
+        status = self.spool.status()
+        left = sum(run["pending"] for run in status["runs"])
+        log.info("relay stopped: received=%d acked=%d duplicates=%d refused=%d malformed=%d left_in_spool=%d%s",
+                 self.counters["received"], self.counters["acked"], self.counters["duplicates"],
+                 self.counters["refused"], self.counters["malformed"], left,
+                 "" if clean else " (drain deadline passed; the rest is uploaded at the next start)")
+        for run in status["runs"]:
+            if run["location"] and os.path.isdir(run["location"]):
+                log.info("offline run %s is in %s; upload it with: wandb sync %s",
+                         run["run_id"], run["location"], run["location"])
+        self.spool.close()
+        return clean
+
+    # -- intake -------------------------------------------------------------------------------
+
+    def receive_batch(self) -> list[tuple[bytes, bytes]]:
+        batch = []
+        for _ in range(self.config.batch_max):
+            try:
+                parts = self.socket.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                break
+            if len(parts) != 2:
+                self.counters["malformed"] += 1
+                log.warning("dropped a message of %d frames from %s (expected one)", len(parts) - 1, parts[0].hex())
+                continue
+            batch.append((parts[0], parts[1]))
+        return batch
+
+    def handle_batch(self, batch: list[tuple[bytes, bytes]]) -> None:
+        items = []             # (message, refusal) for the spool
+        senders = {}           # stream -> ROUTER identity to answer
+        status_requests = []
+        for identity, frame in batch:
+            try:
+                message, refusal = classify(frame, self.config)
+            except protocol.ProtocolError as exc:
+                self.refuse(identity, exc)
+                continue
+            if message["t"] == "status":
+                status_requests.append(identity)
+                continue
+            if refusal:
+                log.warning("refused record seq=%d of stream %s: %s", message["seq"], message["stream"], refusal)
+            items.append((message, refusal))
+            senders[message["stream"]] = identity
+        if items:
+            self.commit(items, senders)
+        for identity in status_requests:
+            self.reply(identity, dict(self.status(), t="status"))
+
+    def commit(self, items: list[tuple[dict, str]], senders: dict[str, bytes]) -> None:
+        outcomes = self.spool.ingest(items)
+        committed: dict[str, list[int]] = {}
+        runs = set()
+        for (message, _), outcome in zip(items, outcomes):
+            committed.setdefault(outcome.stream, []).append(outcome.seq)
+            if outcome.status == "new":
+                self.counters["received"] += 1
+                runs.add(message["run"])
+            elif outcome.status == "dup":
+                self.counters["duplicates"] += 1
+            else:
+                self.counters["refused"] += 1
+                self.reply(senders[outcome.stream], {"t": "error", "seq": outcome.seq, "reason": outcome.reason})
+        for stream, seqs in committed.items():
+            self.counters["acked"] += len(seqs)
+            self.reply(senders[stream], {"t": "ack", "stream": stream, "upto": self.spool.upto(stream),
+                                         "seqs": protocol.ranges(sorted(seqs))})
+        for run_id in runs:
+            self.ensure_uploader(run_id)
+
+    def refuse(self, identity: bytes, error: protocol.ProtocolError) -> None:
+        """A frame without a readable (stream, seq): nothing to store or ack, only an answer."""
+        self.counters["malformed"] += 1
+        log.warning("refused a frame from client %s: %s", identity.hex()[:16], error.reason)
+        self.reply(identity, {"t": "error", "seq": None, "reason": error.reason})
+
+    def reply(self, identity: bytes, message: dict) -> None:
+        message.setdefault("v", protocol.VERSION)
+        try:
+            self.socket.send_multipart([identity, protocol.encode(message)], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # client gone or its queue full: it will re-send and be re-acked
+            log.debug("could not reply to %s: %s", identity.hex()[:16], exc)
+
+    # -- uploaders ----------------------------------------------------------------------------
+
+    def scan_runs(self) -> None:
+        for run_id in self.spool.runs_with_work():
+            self.ensure_uploader(run_id)
+
+    def ensure_uploader(self, run_id: str) -> None:
+        with self._lock:
+            uploader = self.uploaders.get(run_id)
+            if uploader is not None and uploader.is_alive() and not uploader.drain.is_set():
+                uploader.wake.set()
+                return
+            if self.should_exit:
+                return
+            uploader = RunUploader(run_id, self.config, self.mode, self.health, on_exit=self._uploader_exited)
+            self.uploaders[run_id] = uploader
+        uploader.start()
+
+    def _uploader_exited(self, run_id: str) -> None:
+        with self._lock:
+            if self.uploaders.get(run_id) is not None and self.uploaders[run_id] is threading.current_thread():
+                del self.uploaders[run_id]
+
+    # -- status -------------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        status = self.spool.status()
+        status.update({
+            "mode": self.mode, "bind": self.config.bind, "uptime": round(time.time() - self.started, 1),
+            "counters": dict(self.counters),
+            "wandb_down_since": self.health.down_since,
+        })
+        return status

@@ -1,0 +1,281 @@
+"""The relay's durable spool: SQLite in WAL mode.
+
+Invariants:
+- A record is acked to its client only after the transaction that inserted it has committed
+  (synchronous=FULL: a commit survives the relay being killed, and the machine losing power).
+- (stream, seq) is UNIQUE: a re-sent record is recognised and acked again, never stored twice.
+  Per stream, `streams.upto` is the highest seq below which every seq is present (or was consumed
+  by an error reply); a seq at or under it is a duplicate even after its row was compacted away.
+- The uploader gives each record a W&B step and commits that *before* handing it to the wandb SDK.
+  After a restart, the W&B run is resumed and reports its next step S: records whose step is below
+  S are on the server (W&B stores history as a prefix) and are deleted; the rest are logged again.
+- Records leave the spool only once W&B has confirmed them: the run finished (`run.finish()`
+  returned) or a resume reported a server step past them.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import msgpack
+
+from relay import protocol
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS streams (
+    stream TEXT PRIMARY KEY,
+    upto   INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id      TEXT PRIMARY KEY,
+    settings    BLOB,                        -- msgpack of the `open` settings, NULL until one arrives
+    received    INTEGER NOT NULL DEFAULT 0,  -- records ever stored for this run
+    uploaded_id INTEGER NOT NULL DEFAULT 0,  -- highest record id handed to the wandb SDK
+    state       TEXT NOT NULL DEFAULT 'waiting',
+    state_since REAL,
+    last_error  TEXT,
+    exit_code   INTEGER,
+    finished    INTEGER NOT NULL DEFAULT 0,  -- 1 once W&B confirmed the finish
+    location    TEXT,                        -- W&B URL, or the offline run directory
+    created     REAL NOT NULL,
+    last_seen   REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS records (
+    id       INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id   TEXT NOT NULL,
+    stream   TEXT NOT NULL,
+    seq      INTEGER NOT NULL,
+    kind     TEXT NOT NULL,
+    body     BLOB NOT NULL,
+    received REAL NOT NULL,
+    step     INTEGER,                        -- W&B step, assigned just before upload
+    UNIQUE (stream, seq)
+);
+CREATE INDEX IF NOT EXISTS records_by_run ON records (run_id, id);
+"""
+
+
+class SpoolError(RuntimeError):
+    pass
+
+
+@dataclass
+class Record:
+    id: int
+    run_id: str
+    kind: str
+    body: dict
+    received: float
+    step: int | None
+
+
+@dataclass
+class Outcome:
+    """What ingest made of one message: stored ('new'), already there ('dup') or refused."""
+    stream: str
+    seq: int
+    status: str          # new | dup | error
+    reason: str = ""
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=True)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    return conn
+
+
+class Spool:
+    """One connection to the spool; make one per thread (sqlite3 connections are not shared)."""
+
+    FILENAME = "spool.sqlite"
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.path = os.path.join(directory, self.FILENAME)
+        try:
+            os.makedirs(directory, exist_ok=True)
+            self.conn = _connect(self.path)
+            self.conn.executescript(SCHEMA)
+            check = self.conn.execute("PRAGMA quick_check").fetchone()[0]
+        except (OSError, sqlite3.Error) as exc:
+            raise SpoolError("cannot open spool %s: %s" % (self.path, exc)) from exc
+        if check != "ok":
+            raise SpoolError("spool %s is corrupt (%s); move it aside and start again" % (self.path, check))
+        self._upto: dict[str, int] = {}
+        self._above: dict[str, set[int]] = {}
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- ingest (the server's thread, and `relay replay`) -------------------------------------
+
+    def load_watermarks(self) -> None:
+        self._upto = dict(self.conn.execute("SELECT stream, upto FROM streams"))
+        self._above = {}
+        for stream, seq in self.conn.execute(
+                "SELECT r.stream, r.seq FROM records r JOIN streams s ON s.stream = r.stream WHERE r.seq > s.upto"):
+            self._above.setdefault(stream, set()).add(seq)
+
+    def ingest(self, messages: Iterable[tuple[dict, str]]) -> list[Outcome]:
+        """Store a batch in one transaction. Each item: (validated message, refusal reason or '').
+
+        A refused message with a readable (stream, seq) consumes that seq, so the client stops
+        re-sending it.
+        """
+        outcomes = []
+        now = time.time()
+        touched: set[str] = set()
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+            for message, refusal in messages:
+                stream, seq = message["stream"], message["seq"]
+                upto = self._upto.get(stream, 0)
+                if seq <= upto:
+                    outcomes.append(Outcome(stream, seq, "dup"))
+                    continue
+                run_id = "" if refusal else message["run"]
+                kind = "rejected" if refusal else message["t"]
+                body = refusal.encode() if refusal else protocol.encode(message)
+                cursor = self.conn.execute(
+                    "INSERT OR IGNORE INTO records (run_id, stream, seq, kind, body, received) VALUES (?,?,?,?,?,?)",
+                    (run_id, stream, seq, kind, body, now))
+                if cursor.rowcount == 0:
+                    outcomes.append(Outcome(stream, seq, "dup"))
+                    continue
+                self._advance(stream, seq)
+                touched.add(stream)
+                if refusal:
+                    outcomes.append(Outcome(stream, seq, "error", refusal))
+                    continue
+                settings = protocol.encode(message["settings"]) if kind == "open" else None
+                self.conn.execute(
+                    "INSERT INTO runs (run_id, settings, received, created, last_seen) VALUES (?,?,1,?,?) "
+                    "ON CONFLICT (run_id) DO UPDATE SET received = received + 1, last_seen = excluded.last_seen, "
+                    "settings = coalesce(excluded.settings, settings), "
+                    "finished = CASE WHEN ? = 'finish' THEN finished ELSE 0 END",
+                    (run_id, settings, now, now, kind))
+                outcomes.append(Outcome(stream, seq, "new"))
+            for stream in touched:
+                self.conn.execute("INSERT INTO streams (stream, upto) VALUES (?, ?) "
+                                  "ON CONFLICT (stream) DO UPDATE SET upto = excluded.upto",
+                                  (stream, self._upto[stream]))
+            self.conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback()
+            self.load_watermarks()
+            raise SpoolError("cannot commit %d records to spool %s: %s" % (len(outcomes), self.path, exc)) from exc
+        return outcomes
+
+    def upto(self, stream: str) -> int:
+        return self._upto.get(stream, 0)
+
+    def _advance(self, stream: str, seq: int) -> None:
+        upto = self._upto.get(stream, 0)
+        above = self._above.setdefault(stream, set())
+        above.add(seq)
+        while upto + 1 in above:
+            upto += 1
+            above.discard(upto)
+        self._upto[stream] = upto
+
+    def _rollback(self) -> None:
+        try:
+            self.conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+
+    # -- upload side (one uploader thread per run) --------------------------------------------
+
+    def runs_with_work(self) -> list[str]:
+        """Runs that have records not yet confirmed by W&B."""
+        return [row[0] for row in self.conn.execute(
+            "SELECT DISTINCT run_id FROM records WHERE run_id != '' ORDER BY run_id")]
+
+    def settings(self, run_id: str) -> dict | None:
+        row = self.conn.execute("SELECT settings FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        return msgpack.unpackb(row[0], raw=False) if row and row[0] is not None else None
+
+    def records(self, run_id: str, after_id: int, limit: int) -> list[Record]:
+        rows = self.conn.execute(
+            "SELECT id, run_id, kind, body, received, step FROM records "
+            "WHERE run_id = ? AND id > ? ORDER BY id LIMIT ?", (run_id, after_id, limit))
+        return [Record(rid, run, kind, msgpack.unpackb(body, raw=False), received, step)
+                for rid, run, kind, body, received, step in rows]
+
+    def assign_steps(self, run_id: str, steps: list[tuple[int, int]], uploaded_id: int) -> None:
+        """Persist (record id, step) pairs before the rows go to the SDK."""
+        with self._transaction():
+            self.conn.executemany("UPDATE records SET step = ? WHERE id = ?", [(s, i) for i, s in steps])
+            self.conn.execute("UPDATE runs SET uploaded_id = ? WHERE run_id = ?", (uploaded_id, run_id))
+
+    def confirm_below_step(self, run_id: str, server_step: int) -> int:
+        """A resume told us the server holds steps < server_step: those records are done."""
+        with self._transaction():
+            cursor = self.conn.execute("DELETE FROM records WHERE run_id = ? AND step IS NOT NULL AND step < ?",
+                                       (run_id, server_step))
+            self.conn.execute("UPDATE records SET step = NULL WHERE run_id = ?", (run_id,))
+            self.conn.execute("UPDATE runs SET uploaded_id = 0 WHERE run_id = ?", (run_id,))
+        return cursor.rowcount
+
+    def confirm_through(self, run_id: str, record_id: int, exit_code: int | None = None,
+                        finished: bool = False) -> int:
+        """W&B confirmed everything of this run up to record_id (run.finish() returned)."""
+        with self._transaction():
+            cursor = self.conn.execute("DELETE FROM records WHERE run_id = ? AND id <= ?", (run_id, record_id))
+            if finished:
+                self.conn.execute("UPDATE runs SET finished = 1, exit_code = ? WHERE run_id = ?", (exit_code, run_id))
+        return cursor.rowcount
+
+    def set_state(self, run_id: str, state: str, error: str | None = None, location: str | None = None) -> None:
+        with self._transaction():
+            self.conn.execute(
+                "UPDATE runs SET state = ?, state_since = CASE WHEN state = ? THEN state_since ELSE ? END, "
+                "last_error = ?, location = coalesce(?, location) WHERE run_id = ?",
+                (state, state, time.time(), error, location, run_id))
+
+    @contextlib.contextmanager
+    def _transaction(self):
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._rollback()
+            raise
+        self.conn.execute("COMMIT")
+
+    # -- status -------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        runs = []
+        for (run_id, settings, received, uploaded_id, state, since, error, exit_code, finished,
+             location, last_seen) in self.conn.execute(
+                "SELECT run_id, settings, received, uploaded_id, state, state_since, last_error, exit_code, "
+                "finished, location, last_seen FROM runs ORDER BY created"):
+            pending, oldest = self.conn.execute(
+                "SELECT count(*), min(received) FROM records WHERE run_id = ? AND id > ?",
+                (run_id, uploaded_id)).fetchone()
+            info = msgpack.unpackb(settings, raw=False) if settings else {}
+            runs.append({
+                "run_id": run_id, "project": info.get("project"), "name": info.get("name"),
+                "received": received, "uploaded": received - pending, "pending": pending,
+                "oldest_pending_age": round(time.time() - oldest, 3) if oldest else None,
+                "state": state, "state_since": since, "last_error": error,
+                "exit_code": exit_code, "finished": bool(finished), "location": location, "last_seen": last_seen,
+            })
+        return {"runs": runs, "spool_bytes": self.size_bytes(), "spool_path": self.path}
+
+    def size_bytes(self) -> int:
+        total = 0
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                total += os.path.getsize(self.path + suffix)
+            except OSError:
+                pass
+        return total
+
+

@@ -1,0 +1,297 @@
+"""One uploader thread per run: spool -> wandb SDK -> W&B. The only module that imports wandb.
+
+The uploader owns W&B's step: every row it logs gets the next value of a per-run counter, and
+the (record, step) pairing is committed to the spool before the row goes to the SDK (see the
+invariants in spool.py). The trainer's own axes, `frame` and `epoch`, are ordinary metrics made
+into axes with define_metric, so a trainer that restarts from an older checkpoint never logs a
+step that W&B would drop.
+
+Consecutive `log` records of one run that carry the same `frame` are coalesced into one row.
+Init failures (unreachable, 5xx, timeouts) are retried with capped exponential backoff while
+the records wait in the spool; the relay keeps accepting from trainers meanwhile.
+"""
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+import threading
+import time
+from typing import Any, Callable
+from urllib.parse import urlparse
+
+import tenacity
+import wandb
+
+from relay.artifacts import RefusedPath, resolve_checkpoint
+from relay.config import RelayConfig
+from relay.spool import Record, Spool
+
+log = logging.getLogger("relay.uploader")
+
+# What a W&B outage looks like from wandb.init; anything else is a bug and is not retried.
+RETRYABLE = (wandb.errors.CommError, ConnectionError, TimeoutError, OSError)
+
+
+def api_key_configured() -> bool:
+    """True when wandb would find an API key: WANDB_API_KEY or a netrc entry for the W&B host."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or ""
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def default_mode() -> str:
+    return "online" if api_key_configured() else "offline"
+
+
+class WandbHealth:
+    """Relay-wide W&B reachability: one log line when it goes away, one when it is back."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.down_since: float | None = None
+
+    def failed(self, error: BaseException) -> None:
+        with self._lock:
+            if self.down_since is None:
+                self.down_since = time.time()
+                log.warning("W&B unreachable; records wait in the spool and are retried: %s", _short(error))
+
+    def ok(self) -> None:
+        with self._lock:
+            if self.down_since is not None:
+                log.info("W&B reachable again after %.0f s", time.time() - self.down_since)
+                self.down_since = None
+
+
+class RunUploader(threading.Thread):
+    def __init__(self, run_id: str, config: RelayConfig, mode: str, health: WandbHealth,
+                 on_exit: Callable[[str], None] | None = None):
+        super().__init__(name="upload-%s" % run_id, daemon=True)
+        self.run_id = run_id
+        self.config = config
+        self.default_mode = mode
+        self.health = health
+        self.on_exit = on_exit
+        self.wake = threading.Event()
+        self.drain = threading.Event()     # upload what is spooled, finish the run, exit
+        self.stop = threading.Event()      # exit as soon as possible
+        self.location: str | None = None
+        self.mode: str | None = None
+        self._wb: Any = None               # the wandb Run while one is open
+        self._cursor = 0                   # highest record id handed to the SDK
+        self._next_step = 0
+        self._spool: Spool | None = None
+
+    # -- thread -------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self._spool = Spool(self.config.spool_dir)
+        try:
+            self._loop()
+        except Exception as exc:  # a bug: say so loudly, keep the records, let the server restart us
+            log.exception("uploader for run %s failed; its records stay in the spool", self.run_id)
+            self._spool.set_state(self.run_id, "failed", _short(exc))
+        finally:
+            self._spool.close()
+            if self.on_exit:
+                self.on_exit(self.run_id)
+
+    def _loop(self) -> None:
+        spool = self._spool
+        while not self.stop.is_set():
+            records = spool.records(self.run_id, self._cursor, self.config.batch_max)
+            if not records:
+                if self._wb is None:
+                    return  # finished, or nothing to do: the server starts a new uploader when more comes
+                if self.drain.is_set():
+                    self._finish(exit_code=None)
+                    return
+                self._idle()
+                continue
+            if self._wb is None:
+                settings = spool.settings(self.run_id)
+                if settings is None:
+                    spool.set_state(self.run_id, "waiting for open")
+                    if self.drain.is_set():
+                        return
+                    self._idle()
+                    continue
+                if not self._start(settings):
+                    if self.drain.is_set() or self.stop.is_set():
+                        return
+                continue  # the resume may have confirmed records: read them again
+            self._upload(records)
+
+    def _idle(self) -> None:
+        self.wake.wait(1.0)
+        self.wake.clear()
+
+    # -- W&B run lifecycle --------------------------------------------------------------------
+
+    def _start(self, settings: dict) -> bool:
+        self.mode = settings.get("mode") or self.default_mode
+        if self.mode == "disabled":
+            self._wb = _Discard()
+            self._spool.set_state(self.run_id, "disabled")
+            return True
+        self._spool.set_state(self.run_id, "initialising")
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(RETRYABLE),
+            wait=tenacity.wait_exponential_jitter(initial=1.0, max=self.config.backoff_max),
+            stop=lambda state: self.stop.is_set() or self.drain.is_set(),
+            sleep=lambda seconds: self.stop.wait(seconds) or None,
+            before_sleep=self._on_retry,
+            reraise=True,
+        )
+        try:
+            self._wb = retrying(self._init_once, settings)
+        except RETRYABLE:
+            return False
+        if self.mode == "online":
+            self.health.ok()
+        server_step = int(self._wb.step or 0) if self.mode == "online" else 0
+        confirmed = self._spool.confirm_below_step(self.run_id, server_step)
+        if confirmed:
+            log.info("run %s resumed at W&B step %d; %d spooled records were already there",
+                     self.run_id, server_step, confirmed)
+        self._cursor = 0
+        self._next_step = server_step
+        for axis in ("frame", "epoch"):
+            self._wb.define_metric(axis)
+        self._wb.define_metric("*", step_metric="frame")
+        if self.mode == "offline":
+            self.location = os.path.dirname(self._wb.dir.rstrip("/"))  # .../wandb/offline-run-*
+        else:
+            self.location = self._wb.url
+        self._spool.set_state(self.run_id, "uploading", location=self.location)
+        log.info("run %s started in W&B mode %s at %s", self.run_id, self.mode, self.location)
+        return True
+
+    def _init_once(self, settings: dict) -> Any:
+        return wandb.init(
+            project=settings["project"], entity=settings.get("entity"), name=settings.get("name"),
+            group=settings.get("group"), tags=settings.get("tags") or None, notes=settings.get("notes"),
+            job_type=settings.get("job_type"), config=settings.get("config") or None,
+            id=self.run_id, resume="allow", mode=self.mode, dir=self.config.spool_dir,
+            reinit="create_new", allow_val_change=True,
+            settings=wandb.Settings(init_timeout=self.config.init_timeout, silent=True, console="off",
+                                    save_code=False, disable_git=True, x_disable_stats=True,
+                                    x_disable_machine_info=True),
+        )
+
+    def _on_retry(self, state: tenacity.RetryCallState) -> None:
+        error = state.outcome.exception()
+        self.health.failed(error)
+        self._spool.set_state(self.run_id, "retrying", _short(error))
+        log.debug("run %s: wandb.init failed (%s); retry in %.1f s", self.run_id, _short(error),
+                  state.next_action.sleep if state.next_action else 0)
+
+    def _finish(self, exit_code: int | None, through_id: int | None = None) -> None:
+        """Close the W&B run; once finish() returns, everything logged is confirmed."""
+        if self._wb is None:
+            return
+        if exit_code is None:  # the relay is stopping while the trainer runs on
+            self._wb.mark_preempting() if hasattr(self._wb, "mark_preempting") else None
+            self._wb.finish()
+        else:
+            self._wb.finish(exit_code=exit_code)
+        self._wb = None
+        done = self._cursor if through_id is None else through_id
+        self._spool.confirm_through(self.run_id, done, exit_code, finished=exit_code is not None)
+        self._cursor = 0 if through_id is None else self._cursor
+        self._spool.set_state(self.run_id, "finished" if exit_code is not None else "paused")
+        log.info("run %s %s at %s", self.run_id,
+                 "finished with exit code %s" % exit_code if exit_code is not None else "paused (relay stopping)",
+                 self.location)
+
+    # -- records ------------------------------------------------------------------------------
+
+    def _upload(self, records: list[Record]) -> None:
+        """Assign steps (committed first), then hand rows, artifacts and summaries to the SDK."""
+        plan: list[tuple[Record, int | None]] = []
+        steps: list[tuple[int, int]] = []
+        last_frame = None
+        for record in records:
+            step = None
+            if record.kind == "log":
+                frame = record.body.get("frame")
+                if not (frame is not None and frame == last_frame and plan and plan[-1][0].kind == "log"):
+                    self._next_step += 1
+                last_frame = frame
+                step = self._next_step - 1
+                steps.append((record.id, step))
+            plan.append((record, step))
+            if record.kind == "finish":
+                break  # anything after a finish belongs to a resumed run
+        self._spool.assign_steps(self.run_id, steps, plan[-1][0].id)
+        row: dict[str, Any] = {}
+        row_step = None
+        for record, step in plan:
+            if row and step != row_step:
+                self._wb.log(row, step=row_step)
+                row = {}
+            if record.kind == "log":
+                row.update(_row(record.body))
+                row_step = step
+                continue
+            if row:
+                self._wb.log(row, step=row_step)
+                row = {}
+            self._cursor = record.id
+            self._apply(record)
+        if row:
+            self._wb.log(row, step=row_step)
+        self._cursor = plan[-1][0].id
+
+    def _apply(self, record: Record) -> None:
+        body = record.body
+        if record.kind == "summary":
+            self._wb.summary.update(body["values"])
+        elif record.kind == "open":
+            self._wb.config.update(body["settings"].get("config") or {}, allow_val_change=True)
+        elif record.kind == "checkpoint":
+            self._log_checkpoint(body)
+        elif record.kind == "finish":
+            self._finish(body["exit_code"], through_id=record.id)
+
+    def _log_checkpoint(self, body: dict) -> None:
+        try:
+            real = resolve_checkpoint(body["path"], self.config.artifact_roots, self.config.max_artifact_bytes)
+        except RefusedPath as exc:
+            log.error("%s (run %s)", exc, self.run_id)
+            return
+        artifact = wandb.Artifact("model-%s" % self.run_id, type="model", metadata=body.get("metadata") or {})
+        artifact.add_file(real, name=os.path.basename(body["path"]))
+        self._wb.log_artifact(artifact, aliases=body.get("aliases") or None)
+        log.info("run %s: checkpoint %s logged as a model artifact", self.run_id, body["path"])
+
+
+def _row(body: dict) -> dict:
+    prefix = body.get("ns")
+    metrics = body["metrics"]
+    row = {"%s/%s" % (prefix, k): v for k, v in metrics.items()} if prefix else dict(metrics)
+    for axis in ("frame", "epoch"):
+        if body.get(axis) is not None:
+            row[axis] = body[axis]
+    return row
+
+
+def _short(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return "%s: %s" % (type(error).__name__, text[0] if text else "")
+
+
+class _Discard:
+    """Stands in for a W&B run in disabled mode: records are accepted and dropped on purpose."""
+
+    step = 0
+    url = None
+    dir = ""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
