@@ -1,0 +1,203 @@
+"""Unit tests of the pure parts: protocol validation, spool dedupe, config, artifact paths."""
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import msgpack
+import pytest
+
+from relay import config as relay_config
+from relay import protocol
+from relay.artifacts import RefusedPath, resolve_checkpoint
+from relay.spool import Spool
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def message(**fields):
+    base = {"v": 1, "t": "log", "stream": "s1", "seq": 1, "run": "r1", "metrics": {"a": 1.0}}
+    base.update(fields)
+    return base
+
+
+# -- protocol ---------------------------------------------------------------------------------
+
+def test_floats_nan_and_inf_round_trip_bit_exact():
+    values = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf, "tiny": 5e-324, "third": 1 / 3, "int": 7}
+    decoded = protocol.decode(protocol.encode(message(metrics=values)))
+    assert math.isnan(decoded["metrics"]["nan"])
+    assert decoded["metrics"]["inf"] == math.inf and decoded["metrics"]["-inf"] == -math.inf
+    assert decoded["metrics"]["tiny"] == 5e-324 and decoded["metrics"]["third"] == 1 / 3
+    assert type(decoded["metrics"]["int"]) is int
+
+
+@pytest.mark.parametrize("fields, reason", [
+    ({"v": 2}, "unsupported protocol version 2"),
+    ({"t": "nope"}, "unknown message kind 'nope'"),
+    ({"seq": 0}, "field 'seq' must be >= 1"),
+    ({"seq": True}, "field 'seq' must be int"),
+    ({"run": "../x"}, "run id '../x'"),
+    ({"metrics": {"a": None}}, "metrics['a'] must be int, float, bool or str"),
+    ({"metrics": {"a": {"b": 1}}}, "metrics['a'] must be int, float, bool or str"),
+    ({"frame": 1.5}, "field 'frame' must be int"),
+    ({"t": "checkpoint", "path": ""}, "field 'path' is empty"),
+    ({"t": "checkpoint", "path": "/a", "aliases": [""]}, "field 'aliases'"),
+    ({"t": "open", "settings": {"project": "p", "colour": "red"}}, "unknown run setting 'colour'"),
+    ({"t": "open", "settings": {"name": "n"}}, "run setting 'project' is required"),
+    ({"t": "open", "settings": {"project": "p", "mode": "fast"}}, "run setting 'mode' must be one of"),
+    ({"t": "finish", "exit_code": "0"}, "field 'exit_code' must be int"),
+    ({"deep": [[[[[[[[[[1]]]]]]]]]]}, "nested deeper than 8"),
+    ({"metrics": {"k" * 300: 1}}, "key that is not a 1..256 character string"),
+])
+def test_invalid_messages_are_refused_with_the_reason_and_their_seq(fields, reason):
+    with pytest.raises(protocol.ProtocolError) as caught:
+        protocol.decode(protocol.encode(message(**fields)))
+    assert reason in caught.value.reason
+    assert caught.value.stream == "s1"
+
+
+def test_unreadable_frames_name_the_problem():
+    with pytest.raises(protocol.ProtocolError, match="not valid msgpack"):
+        protocol.decode(b"\xc1")
+    with pytest.raises(protocol.ProtocolError, match="not a map"):
+        protocol.decode(msgpack.packb("hello"))
+    with pytest.raises(protocol.ProtocolError, match="over the 100-byte limit"):
+        protocol.decode(b"x" * 101, max_bytes=100)
+
+
+def test_to_scalar_converts_numpy_like_zero_d_values_and_refuses_arrays():
+    class ZeroD:
+        ndim = 0
+
+        def item(self):
+            return 2.5
+
+    class Vector:
+        ndim = 1
+
+        def item(self):
+            raise AssertionError("never called")
+
+    assert protocol.to_scalar(ZeroD()) == 2.5
+    with pytest.raises(TypeError, match="not a number"):
+        protocol.to_scalar(Vector())
+    assert protocol.ranges([1, 2, 3, 7, 8, 10]) == [[1, 3], [7, 8], [10, 10]]
+
+
+# -- spool ------------------------------------------------------------------------------------
+
+def _log(seq, stream="s1", run="r1"):
+    return message(seq=seq, stream=stream, run=run, metrics={"seq": seq}), ""
+
+
+def test_spool_dedupes_by_stream_and_seq_across_reopen(tmp_path):
+    spool = Spool(str(tmp_path))
+    spool.load_watermarks()
+    first = spool.ingest([_log(1), _log(2), _log(4)])
+    assert [o.status for o in first] == ["new", "new", "new"]
+    assert spool.upto("s1") == 2  # 3 is missing: 4 is stored but not under the watermark
+    again = spool.ingest([_log(2), _log(4), _log(3), _log(1, stream="s2")])
+    assert [o.status for o in again] == ["dup", "dup", "new", "new"]
+    assert spool.upto("s1") == 4 and spool.upto("s2") == 1
+    spool.close()
+    reopened = Spool(str(tmp_path))
+    reopened.load_watermarks()
+    assert [o.status for o in reopened.ingest([_log(3), _log(5)])] == ["dup", "new"]
+    rows = reopened.records("r1", 0, 100)
+    assert [(r.body["stream"], r.body["seq"]) for r in rows] == [("s1", 1), ("s1", 2), ("s1", 4), ("s1", 3), ("s2", 1), ("s1", 5)]
+    assert reopened.status()["runs"][0]["received"] == 6
+
+
+def test_spool_refusal_consumes_the_seq(tmp_path):
+    spool = Spool(str(tmp_path))
+    spool.load_watermarks()
+    outcomes = spool.ingest([_log(1), ({"stream": "s1", "seq": 2}, "bad path"), _log(3)])
+    assert [(o.status, o.reason) for o in outcomes] == [("new", ""), ("error", "bad path"), ("new", "")]
+    assert spool.upto("s1") == 3
+    assert [r.body["seq"] for r in spool.records("r1", 0, 10)] == [1, 3]
+
+
+def test_spool_confirms_by_step_and_by_finish(tmp_path):
+    spool = Spool(str(tmp_path))
+    spool.load_watermarks()
+    spool.ingest([_log(seq) for seq in range(1, 11)])
+    records = spool.records("r1", 0, 100)
+    spool.assign_steps("r1", [(r.id, i) for i, r in enumerate(records)], records[-1].id)
+    assert spool.confirm_below_step("r1", 6) == 6  # the server holds steps 0..5
+    left = spool.records("r1", 0, 100)
+    assert [r.body["seq"] for r in left] == [7, 8, 9, 10] and all(r.step is None for r in left)
+    assert spool.confirm_through("r1", left[1].id) == 2
+    assert [r.body["seq"] for r in spool.records("r1", 0, 100)] == [9, 10]
+
+
+def test_corrupt_spool_is_reported_not_silently_reused(tmp_path):
+    path = tmp_path / Spool.FILENAME
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(Exception, match="spool"):
+        Spool(str(tmp_path))
+
+
+# -- config -----------------------------------------------------------------------------------
+
+def test_config_layers_file_then_environment_then_flags(tmp_path):
+    path = tmp_path / "relay.yaml"
+    path.write_text("bind: tcp://127.0.0.1:6000\ndrain_timeout: 5\nartifact_roots: [/a]\n")
+    cfg = relay_config.load(str(path), {"drain_timeout": 9.0}, environ={"RELAY_INIT_TIMEOUT": "12",
+                                                                         "RELAY_ENDPOINT": "ignored"})
+    assert cfg.bind == "tcp://127.0.0.1:6000" and cfg.drain_timeout == 9.0 and cfg.init_timeout == 12.0
+    assert cfg.artifact_roots == ["/a"]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("bind: a\nbind: b\n", "duplicate key 'bind' at line 2"),
+    ("bnid: tcp://x\n", "bnid (from"),
+    ("init_timeout: '2e-5'\n", "init_timeout (from"),
+    ("drain_timeout: 2e-5\n", "drain_timeout (from"),  # YAML 1.1 reads this as a string: refused, not guessed
+    ("mode: fast\n", "mode (from"),
+    ("- a\n- b\n", "must hold a mapping"),
+])
+def test_bad_config_files_name_the_key(tmp_path, text, expected):
+    path = tmp_path / "relay.yaml"
+    path.write_text(text)
+    with pytest.raises(relay_config.ConfigError) as caught:
+        relay_config.load(str(path), environ={})
+    assert expected in str(caught.value) and str(path) in str(caught.value)
+
+
+def test_unknown_relay_variable_is_named(tmp_path):
+    with pytest.raises(relay_config.ConfigError, match="unknown variable RELAY_SPOOLDIR"):
+        relay_config.load(None, environ={"RELAY_SPOOLDIR": "/x"})
+    with pytest.raises(relay_config.ConfigError, match="RELAY_BATCH_MAX='many'"):
+        relay_config.load(None, environ={"RELAY_BATCH_MAX": "many"})
+
+
+# -- artifact paths ---------------------------------------------------------------------------
+
+def test_checkpoint_paths_must_resolve_to_regular_files_inside_a_root(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    good = root / "a.pth"
+    good.write_bytes(b"12345")
+    (tmp_path / "netrc").write_text("machine x password y")
+    os.symlink(tmp_path / "netrc", root / "link.pth")
+    os.mkfifo(root / "fifo.pth")
+    (root / "dir.pth").mkdir()
+    roots = [str(root)]
+    assert resolve_checkpoint(str(good), roots, 100) == str(good)
+    cases = {
+        str(root / ".." / "netrc"): "outside every artifact root",
+        str(root / "link.pth"): "outside every artifact root",
+        str(root / "fifo.pth"): "not a regular file",
+        str(root / "dir.pth"): "not a regular file",
+        str(root / "missing.pth"): "No such file",
+        "relative.pth": "must be absolute",
+    }
+    for path, reason in cases.items():
+        with pytest.raises(RefusedPath, match=reason):
+            resolve_checkpoint(path, roots, 100)
+    with pytest.raises(RefusedPath, match="over the 4-byte limit"):
+        resolve_checkpoint(str(good), roots, 4)
+    with pytest.raises(RefusedPath, match="no --artifact-root"):
+        resolve_checkpoint(str(good), [], 100)

@@ -1,0 +1,41 @@
+"""A trainer-like process for the tests: logs a deterministic workload through relay.client.
+
+Prints one JSON line per event on stdout: {"event": "logged", ...} once every step is handed to
+the client, then {"event": "finished", ...} with finish()'s report and the client statistics.
+Run as: python tests/trainer.py '<json args>'.
+"""
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from workload import frame, row  # noqa: E402
+
+from relay.client import RelayClient  # noqa: E402
+
+
+def main(args: dict) -> int:
+    client = RelayClient(args["endpoint"], spill_dir=args.get("spill_dir"), max_pending=args.get("max_pending", 10000))
+    run = client.start_run(project=args.get("project", "relay-tests"), name=args.get("name"), run_id=args["run_id"],
+                           group=args.get("group"), tags=args.get("tags"), notes=args.get("notes"),
+                           config=args.get("config"))
+    latencies = []
+    for step in range(args["steps"]):
+        started = time.perf_counter()
+        run.log(row(args["seed"], step, args["metrics"]), frame=frame(step), epoch=step + 1)
+        latencies.append(time.perf_counter() - started)
+    print(json.dumps({"event": "logged", "max_latency": max(latencies, default=0.0)}), flush=True)
+    if args.get("wait_stdin"):
+        sys.stdin.readline()
+    report = run.finish(exit_code=args.get("exit_code", 0), timeout=args.get("finish_timeout", 60.0))
+    stats = client.statistics()
+    client.close()
+    print(json.dumps({"event": "finished", "report": report, "stats": stats,
+                      "max_latency": max(latencies, default=0.0)}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(json.loads(sys.argv[1])))
