@@ -32,6 +32,7 @@ log = logging.getLogger("relay.client")
 SEND_BUDGET = 256      # frames sent per call at most, so a call's cost stays bounded
 RECV_BUDGET = 1024     # replies drained per call at most
 STALL_WARNING = 3.0    # seconds without a connection before the client warns
+DRAIN_EVERY = 0.001    # seconds between looks for acks on the hot path (flush() always looks)
 
 
 def default_spill_dir() -> str:
@@ -59,6 +60,7 @@ class RelayClient:
         self._next_send = 1            # lowest seq not yet handed to ZeroMQ
         self._last_progress = 0.0      # last time an ack removed something or a send started a window
         self._stalled_since = 0.0      # when sends started failing (no connection), 0 if they do not
+        self._drained_at = 0.0         # last time replies were read
         self._socket = None
         self._context = None
         self._pid = None
@@ -93,7 +95,7 @@ class RelayClient:
         return run
 
     def statistics(self) -> Dict[str, Any]:
-        self._pump()
+        self._pump(force=True)
         stats = dict(self._stats)
         stats["pending"] = len(self._pending)
         stats["last_error"] = self.errors[-1] if self.errors else None
@@ -103,7 +105,7 @@ class RelayClient:
     def flush(self, timeout: float) -> bool:
         """Wait at most `timeout` seconds for every pending record to be acked."""
         deadline = time.monotonic() + timeout
-        self._pump()
+        self._pump(force=True)
         while self._pending and not self._closed:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -112,7 +114,7 @@ class RelayClient:
                 self._sock().poll(int(min(remaining, 0.05) * 1000) + 1, zmq.POLLIN)
             except zmq.ZMQError:
                 pass
-            self._pump()
+            self._pump(force=True)
         return not self._pending
 
     def spill_pending(self) -> Optional[str]:
@@ -144,7 +146,11 @@ class RelayClient:
         message["v"] = protocol.VERSION
         message["stream"] = self.stream
         message["seq"] = self._seq
-        frame = protocol.encode(message)
+        try:
+            frame = protocol.encode(message)
+        except (TypeError, ValueError):
+            self._seq -= 1  # a value of a type the wire cannot carry: the caller's bug, said at once
+            raise
         if len(frame) > protocol.MAX_FRAME_BYTES:
             self._seq -= 1  # the seq is reused, so the relay sees no gap
             self._stats["dropped"] += 1
@@ -176,13 +182,16 @@ class RelayClient:
             self._next_send = next(iter(self._pending), self._seq + 1)
         return self._socket
 
-    def _pump(self) -> None:
+    def _pump(self, force: bool = False) -> None:
         if self._closed:
             return
         try:
             sock = self._sock()
-            self._drain(sock)
-            self._maybe_rewind()
+            now = time.monotonic()
+            if force or now - self._drained_at > DRAIN_EVERY or len(self._pending) >= self.max_pending:
+                self._drained_at = now
+                self._drain(sock)
+                self._maybe_rewind()
             self._send_queued(sock)
         except zmq.ZMQError as exc:  # transport trouble is counted, never raised
             self._warn("zmq", "relay socket error at %s: %s" % (self.endpoint, exc))
@@ -327,8 +336,8 @@ class Run:
             namespace: Optional[str] = None) -> None:
         if not isinstance(metrics, dict):
             raise TypeError("metrics must be a dict of name -> number, got %s" % type(metrics).__name__)
-        message = {"t": "log", "run": self.id, "time": time.time(),
-                   "metrics": {str(key): protocol.to_scalar(value) for key, value in metrics.items()}}
+        # Values are converted while packing (protocol.encode): no per-metric Python work here.
+        message = {"t": "log", "run": self.id, "time": time.time(), "metrics": metrics}
         if frame is not None:
             message["frame"] = int(frame)
         if epoch is not None:
@@ -344,8 +353,7 @@ class Run:
                             "aliases": list(aliases or [])})
 
     def summary(self, values: Dict[str, Any]) -> None:
-        self.client.submit({"t": "summary", "run": self.id,
-                            "values": {str(key): protocol.to_scalar(value) for key, value in values.items()}})
+        self.client.submit({"t": "summary", "run": self.id, "values": dict(values)})
 
     def finish(self, exit_code: int = 0, timeout: float = 10.0) -> Dict[str, Any]:
         """Queue the finish record, wait at most `timeout` for acks, spill the rest to disk."""

@@ -27,7 +27,6 @@ This module must stay importable on Python 3.8 (IsaacGym environments).
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, Optional
 
 import msgpack
@@ -58,7 +57,9 @@ class ProtocolError(ValueError):
 
 
 def encode(message: Dict[str, Any]) -> bytes:
-    return msgpack.packb(message, use_bin_type=True)
+    """Pack a message. Values msgpack does not know (numpy scalars, 0-d tensors) go through
+    `to_scalar`; anything else unsupported raises TypeError naming the value."""
+    return msgpack.packb(message, use_bin_type=True, default=to_scalar)
 
 
 def decode_raw(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Dict[str, Any]:
@@ -196,8 +197,6 @@ def to_scalar(value: Any) -> Any:
     Numpy scalars and 0-d torch tensors are converted with `.item()` (for CUDA tensors that is a
     device sync: batch them first, as relay.rl_games does). Anything else raises TypeError.
     """
-    if isinstance(value, (bool, int, float, str)):
-        return value
     item = getattr(value, "item", None)
     if item is not None and getattr(value, "ndim", 0) == 0:
         converted = item()
@@ -205,10 +204,6 @@ def to_scalar(value: Any) -> Any:
             return converted
     raise TypeError("metric value %r of type %s is not a number, bool, str or 0-d tensor"
                     % (value, type(value).__name__))
-
-
-def is_finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def ranges(seqs) -> list:
