@@ -73,7 +73,7 @@ def decode_raw(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Dict[str, Any]
             max_array_len=MAX_KEYS, max_map_len=MAX_KEYS,
         )
     except Exception as exc:  # msgpack raises a zoo of types for bad input
-        raise ProtocolError("frame is not valid msgpack: %s" % (exc,))
+        raise ProtocolError("frame is not valid msgpack (%s: %s)" % (type(exc).__name__, exc))
     if not isinstance(message, dict):
         raise ProtocolError("frame is a msgpack %s, not a map" % type(message).__name__)
     return message

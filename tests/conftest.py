@@ -12,7 +12,6 @@ import time
 
 import pytest
 
-from fakewandb import FakeWandb
 from relay.cli import query_status
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -21,6 +20,8 @@ ROOT = os.path.dirname(TESTS)
 
 @pytest.fixture
 def fake_wandb():
+    from fakewandb import FakeWandb
+
     fake = FakeWandb()
     fake.start()
     yield fake
@@ -35,7 +36,7 @@ def short_dir():
     shutil.rmtree(path, ignore_errors=True)
 
 
-def wandb_env(fake: FakeWandb | None, home: str) -> dict:
+def wandb_env(fake: "FakeWandb | None", home: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "RELAY_"))}
     env.update({"WANDB_SILENT": "true", "HOME": home, "WANDB_CONFIG_DIR": os.path.join(home, ".config", "wandb"),
                 "WANDB_CACHE_DIR": os.path.join(home, ".cache", "wandb"), "PYTHONUNBUFFERED": "1",
@@ -124,7 +125,7 @@ def relay_factory(tmp_path, short_dir):
     home = str(tmp_path / "home")
     os.makedirs(home, exist_ok=True)
 
-    def make(fake: FakeWandb | None = None, args: list[str] = (), spool_dir: str | None = None,
+    def make(fake: "FakeWandb | None" = None, args: list[str] = (), spool_dir: str | None = None,
              name: str = "relay", start: bool = True) -> RelayProcess:
         endpoint = "ipc://%s/%s.ipc" % (short_dir, name)
         relay = RelayProcess(endpoint, spool_dir or str(tmp_path / "spool"), wandb_env(fake, home), list(args),

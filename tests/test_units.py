@@ -201,3 +201,8 @@ def test_checkpoint_paths_must_resolve_to_regular_files_inside_a_root(tmp_path):
         resolve_checkpoint(str(good), roots, 4)
     with pytest.raises(RefusedPath, match="no --artifact-root"):
         resolve_checkpoint(str(good), [], 100)
+
+
+def test_shipped_relay_yaml_is_valid_and_matches_the_defaults():
+    shipped = relay_config.load(os.path.join(os.path.dirname(__file__), "..", "cfg", "relay.yaml"), environ={})
+    assert shipped == relay_config.load(None, environ={})
