@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -84,6 +85,7 @@ def main() -> int:
     finally:
         relay.send_signal(signal.SIGTERM)
         relay.wait(timeout=120)
+        shutil.rmtree(workdir, ignore_errors=True)
     summary = {"calls": calls, "relay_delivered": report["delivered"]}
     print("%-22s %10s %10s %10s" % ("run.log of 40 metrics", "p50 us", "p99 us", "max us"))
     for name, samples in (("relay client", relay_times), ("wandb in-process", wandb_times)):

@@ -136,7 +136,7 @@ class RunUploader(threading.Thread):
     def _start(self, settings: dict) -> bool:
         self.mode = settings.get("mode") or self.default_mode
         if self.mode == "disabled":
-            self._wb = _Discard()
+            self._wb = DISABLED
             self._spool.set_state(self.run_id, "disabled")
             return True
         self._spool.set_state(self.run_id, "initialising")
@@ -195,7 +195,9 @@ class RunUploader(threading.Thread):
         """Close the W&B run; once finish() returns, everything logged is confirmed."""
         if self._wb is None:
             return
-        if exit_code is None:  # the relay is stopping while the trainer runs on
+        if self._wb is DISABLED:
+            pass
+        elif exit_code is None:  # the relay is stopping while the trainer runs on
             self._wb.mark_preempting() if hasattr(self._wb, "mark_preempting") else None
             self._wb.finish()
         else:
@@ -213,6 +215,12 @@ class RunUploader(threading.Thread):
 
     def _upload(self, records: list[Record]) -> None:
         """Assign steps (committed first), then hand rows, artifacts and summaries to the SDK."""
+        if self._wb is DISABLED:  # accepted and acked, then dropped on purpose
+            finish = next((r for r in records if r.kind == "finish"), None)
+            self._cursor = records[-1].id
+            self._spool.confirm_through(self.run_id, self._cursor, finish and finish.body["exit_code"],
+                                        finished=finish is not None)
+            return
         plan: list[tuple[Record, int | None]] = []
         steps: list[tuple[int, int]] = []
         last_frame = None
@@ -286,12 +294,4 @@ def _short(error: BaseException) -> str:
     return "%s: %s" % (type(error).__name__, text[0] if text else "")
 
 
-class _Discard:
-    """Stands in for a W&B run in disabled mode: records are accepted and dropped on purpose."""
-
-    step = 0
-    url = None
-    dir = ""
-
-    def __getattr__(self, name: str) -> Any:
-        return lambda *args, **kwargs: None
+DISABLED = object()  # stands in for a W&B run in disabled mode
