@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -48,7 +49,7 @@ class RelayClient:
 
     def __init__(self, endpoint: Optional[str] = None, max_pending: int = 10000,
                  spill_dir: Optional[str] = None, resend_after: float = 1.0,
-                 warn_every: float = 30.0, stream: Optional[str] = None):
+                 warn_every: float = 30.0, stream: Optional[str] = None, heartbeat_every: float = 10.0):
         self.endpoint = endpoint or os.environ.get("RELAY_ENDPOINT") or protocol.DEFAULT_ENDPOINT
         self.max_pending = max(1, int(max_pending))
         self.spill_dir = spill_dir or default_spill_dir()
@@ -69,6 +70,8 @@ class RelayClient:
         self.spill_files = []          # type: List[str]
         self.errors = []               # type: List[str]  (last few error replies from the relay)
         self._stats = {"sent": 0, "acked": 0, "spilled": 0, "dropped": 0, "errors": 0, "resent": 0}
+        self.heartbeat_every = heartbeat_every
+        self._heartbeat = None         # type: Optional[_Heartbeat]
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -92,7 +95,16 @@ class RelayClient:
         protocol.validate_settings(settings)
         run = Run(self, run_id, name)
         self.submit({"t": "open", "run": run_id, "settings": settings})
+        if self.heartbeat_every > 0:
+            if self._heartbeat is None or self._heartbeat.pid != os.getpid():
+                self._heartbeat = _Heartbeat(self.endpoint, self.stream, self.heartbeat_every)
+                self._heartbeat.start()
+            self._heartbeat.runs.add(run_id)
         return run
+
+    def _run_finished(self, run_id: str) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.runs.discard(run_id)
 
     def statistics(self) -> Dict[str, Any]:
         self._pump(force=True)
@@ -128,6 +140,8 @@ class RelayClient:
         if timeout > 0:
             self.flush(timeout)
         spilled = self.spill_pending()
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
         if self._socket is not None and self._pid == os.getpid():
             self._socket.close(linger=0)
         self._socket = None
@@ -324,6 +338,47 @@ class RelayClient:
             log.warning(text)
 
 
+class _Heartbeat(threading.Thread):
+    """Tells the relay every few seconds that this process's runs are alive.
+
+    Its own socket (ZeroMQ sockets belong to one thread); sends are non-blocking and unanswered.
+    When the trainer dies (SIGKILL, OOM, node loss) the heartbeats stop and the relay finishes
+    its runs in W&B with a non-zero exit code after its `silence_timeout`.
+    """
+
+    def __init__(self, endpoint: str, stream: str, every: float):
+        super().__init__(name="relay-heartbeat", daemon=True)
+        self.endpoint = endpoint
+        self.stream = stream
+        self.every = every
+        self.runs = set()  # type: set
+        self.pid = os.getpid()
+        self._stop_event = threading.Event()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+    def run(self) -> None:
+        context = zmq.Context()
+        sock = context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.SNDHWM, 4)
+        try:
+            sock.connect(self.endpoint)
+            while not self._stop_event.wait(self.every):
+                runs = sorted(self.runs)
+                if runs:
+                    try:
+                        sock.send(protocol.encode({"v": protocol.VERSION, "t": "heartbeat", "stream": self.stream,
+                                                   "seq": 0, "runs": runs}), zmq.NOBLOCK)
+                    except zmq.ZMQError:
+                        pass  # relay away: the main socket warns about that
+        finally:
+            sock.close(linger=0)
+            context.term()
+
+
 class Run:
     """A W&B run as seen from the trainer. Methods queue records; none of them waits."""
 
@@ -358,6 +413,7 @@ class Run:
     def finish(self, exit_code: int = 0, timeout: float = 10.0) -> Dict[str, Any]:
         """Queue the finish record, wait at most `timeout` for acks, spill the rest to disk."""
         self.client.submit({"t": "finish", "run": self.id, "exit_code": int(exit_code), "time": time.time()})
+        self.client._run_finished(self.id)
         delivered = self.client.flush(timeout)
         spill_file = None if delivered else self.client.spill_pending()
         stats = self.client.statistics()

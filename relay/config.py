@@ -38,6 +38,9 @@ class RelayConfig(BaseModel):
     backoff_max: float = Field(60.0, gt=0, description="longest wait between W&B retries")
     drain_timeout: float = Field(30.0, ge=0, description="seconds the first SIGTERM spends uploading before exit")
     batch_max: int = Field(500, gt=0, description="most messages per spool commit")
+    silence_timeout: float = Field(600.0, ge=0, description="seconds without a record or heartbeat from a "
+                                   "run's trainer before the run is finished in W&B with silence_exit_code; 0: never")
+    silence_exit_code: int = Field(1, description="exit code W&B shows for a run whose trainer went silent")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 

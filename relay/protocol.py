@@ -15,6 +15,9 @@ Client -> relay kinds and their own fields:
     summary     run, values {name: scalar}
     finish      run, exit_code, time
     status      (nothing else; answered, never spooled)
+    heartbeat   runs [run ids]: the trainer is alive (sent every few seconds from a client thread;
+                never spooled, never answered, seq 0). A run silent for the relay's
+                `silence_timeout` is finished in W&B with a non-zero exit code.
 
 Relay -> client kinds:
 
@@ -42,7 +45,8 @@ MAX_STR_LEN = 65536
 MAX_DEPTH = 8
 
 RECORD_KINDS = ("open", "log", "checkpoint", "summary", "finish")
-CLIENT_KINDS = RECORD_KINDS + ("status",)
+UNSPOOLED_KINDS = ("status", "heartbeat")
+CLIENT_KINDS = RECORD_KINDS + UNSPOOLED_KINDS
 WANDB_MODES = ("online", "offline", "disabled")
 
 
@@ -104,6 +108,12 @@ def validate(message: Dict[str, Any]) -> None:
         raise ProtocolError("field 'stream' must be 1..%d characters" % MAX_KEY_LEN)
     _require(message, "seq", int)
     if kind == "status":
+        return
+    if kind == "heartbeat":
+        runs = message.get("runs")
+        if not isinstance(runs, list) or len(runs) > 1000 or not all(
+                isinstance(run, str) and valid_run_id(run) for run in runs):
+            raise ProtocolError("field 'runs' must be a list of run ids")
         return
     if message["seq"] < 1:
         raise ProtocolError("field 'seq' must be >= 1")

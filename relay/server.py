@@ -170,6 +170,7 @@ class RelayServer:
         items = []             # (message, refusal) for the spool
         senders = {}           # stream -> ROUTER identity to answer
         status_requests = []
+        alive = set()
         for identity, frame in batch:
             try:
                 message, refusal = classify(frame, self.config)
@@ -179,12 +180,17 @@ class RelayServer:
             if message["t"] == "status":
                 status_requests.append(identity)
                 continue
+            if message["t"] == "heartbeat":
+                alive.update(message["runs"])
+                continue
             if refusal:
                 log.warning("refused record seq=%d of stream %s: %s", message["seq"], message["stream"], refusal)
             items.append((message, refusal))
             senders[message["stream"]] = identity
         if items:
             self.commit(items, senders)
+        if alive:
+            self.spool.touch(alive)
         for identity in status_requests:
             self.reply(identity, dict(self.status(), t="status"))
 
@@ -225,6 +231,13 @@ class RelayServer:
     # -- uploaders ----------------------------------------------------------------------------
 
     def scan_runs(self) -> None:
+        now = time.time()
+        # Silence counts from this relay's start at the earliest: trainers reconnect when it is back.
+        if self.config.silence_timeout > 0 and now - self.started >= self.config.silence_timeout:
+            cutoff = now - self.config.silence_timeout
+            for run_id in self.spool.finish_silent_runs(cutoff, self.config.silence_exit_code):
+                log.warning("run %s: no record or heartbeat from its trainer for %.0f s; finishing it in W&B "
+                            "with exit code %d", run_id, self.config.silence_timeout, self.config.silence_exit_code)
         for run_id in self.spool.runs_with_work():
             self.ensure_uploader(run_id)
 

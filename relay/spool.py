@@ -171,6 +171,30 @@ class Spool:
             raise SpoolError("cannot commit %d records to spool %s: %s" % (len(outcomes), self.path, exc)) from exc
         return outcomes
 
+    def touch(self, run_ids: Iterable[str]) -> None:
+        """A heartbeat: these runs' trainers are alive."""
+        with self._transaction():
+            self.conn.executemany("UPDATE runs SET last_seen = ? WHERE run_id = ?",
+                                  [(time.time(), run_id) for run_id in run_ids])
+
+    def finish_silent_runs(self, silent_since: float, exit_code: int) -> list[str]:
+        """Spool a finish record for every unfinished run not heard from since `silent_since`."""
+        now = time.time()
+        with self._transaction():
+            runs = [row[0] for row in self.conn.execute(
+                "SELECT run_id FROM runs WHERE finished = 0 AND last_seen < ? AND settings IS NOT NULL "
+                "AND NOT EXISTS (SELECT 1 FROM records WHERE records.run_id = runs.run_id AND kind = 'finish')",
+                (silent_since,))]
+            for run_id in runs:
+                body = protocol.encode({"v": protocol.VERSION, "t": "finish", "run": run_id, "exit_code": exit_code,
+                                        "stream": "relay-silence", "seq": 0, "time": now, "silent": True})
+                self.conn.execute(
+                    "INSERT INTO records (run_id, stream, seq, kind, body, received) VALUES (?, 'relay-silence', "
+                    "(SELECT coalesce(max(seq), 0) + 1 FROM records WHERE stream = 'relay-silence'), 'finish', ?, ?)",
+                    (run_id, body, now))
+                self.conn.execute("UPDATE runs SET last_seen = ? WHERE run_id = ?", (now, run_id))
+        return runs
+
     def upto(self, stream: str) -> int:
         return self._upto.get(stream, 0)
 

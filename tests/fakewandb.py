@@ -1,0 +1,569 @@
+"""A fake W&B backend that the real wandb SDK 0.31 (its Go `wandb-core`) can talk to.
+
+Point the SDK at it with ``FakeWandb.env()`` (WANDB_BASE_URL + WANDB_API_KEY). It records what it
+receives (runs, history rows, summaries, artifacts with their exact bytes) and can inject faults.
+The protocol below was found by experiment against wandb 0.31.0, with the GraphQL documents in
+wandb-core as the guide to which response fields matter.
+
+Emulated endpoints
+  POST /graphql                       GraphQL, dispatched on operationName:
+      Viewer, ServerInfo/ServerFeaturesQuery (no optional server features are reported, so the SDK
+      takes its plain paths: no gzip, single-PUT uploads), UpsertBucket, RunResumeStatus,
+      CreateRunFiles, CreateArtifact, FetchArtifactDigestAlgorithm, XXHashDigestsEnabled,
+      CreateArtifactManifest, UpdateArtifactManifest, CreateArtifactFiles,
+      CompleteMultipartUploadArtifact, CommitArtifact, UseArtifact.
+  POST /files/{entity}/{project}/{run}/file_stream
+      {"files": {name: {"offset": N, "content": [lines]}}, "preempting", "complete", "exitcode"}.
+      Content at offset N is *placed* at lines N.. of that file, so a resent chunk replaces rather
+      than duplicates. wandb-summary.json is one line holding the whole summary.
+  PUT /upload/<key>                   every upload URL handed out above points here (run files,
+      artifact files, artifact manifests, multipart parts).
+
+Deliberately not emulated: wandb.Api() and every other read query, sweeps, launch, artifact
+downloads (use_artifact of a stored file), reference artifacts, auth failures, rate limits.
+Unknown GraphQL operations are answered with a GraphQL error and counted as "graphql:<name>".
+
+Faults (``set_fault``) apply to new requests of the chosen kind: "503" answers 503, "reset" reads
+the request then closes the TCP connection with RST, "hang" reads the request and never answers
+(the connection is closed, unanswered, once the fault is cleared, the client gives up, or the fake
+stops). Extra mode "lost_reply": the request is processed and recorded, then the connection is
+reset, so the client cannot know it arrived (the "ack lost" case for exactly-once tests).
+
+Debugging: FAKEWANDB_DEBUG=1 prints every request to stderr.
+"""
+from __future__ import annotations
+
+import collections
+import copy
+import gzip
+import hashlib
+import base64
+import json
+import os
+import re
+import select
+import socket
+import struct
+import sys
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+from urllib.parse import quote, unquote
+
+FAULT_MODES = ("ok", "hang", "503", "reset", "lost_reply")
+FAULT_PATHS = ("all", "graphql", "file_stream", "upload")
+HISTORY, SUMMARY, EVENTS, OUTPUT = "wandb-history.jsonl", "wandb-summary.json", "wandb-events.jsonl", "output.log"
+
+
+@dataclass
+class FakeRun:
+    run_id: str
+    entity: str
+    project: str
+    name: str = ""                   # the run's name in URLs: W&B uses the run id
+    display_name: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    notes: str | None = None
+    config: dict = field(default_factory=dict)   # plain {key: value}; W&B's {"value": v} unwrapped, no _wandb
+    history: list[dict] = field(default_factory=list)   # a gap in the offsets shows up as None
+    summary: dict = field(default_factory=dict)
+    exit_code: int | None = None
+    complete: bool = False
+    preempting: bool = False
+    # Beyond the brief: raw protocol state, handy for debugging and for the resume answer.
+    storage_id: str = ""
+    raw_config: dict = field(default_factory=dict)   # as uploaded: {key: {"value": v, ...}, "_wandb": ...}
+    events: list[dict] = field(default_factory=list)
+    console: list[str] = field(default_factory=list)
+    files: dict[str, bytes] = field(default_factory=dict)   # run files uploaded via CreateRunFiles
+
+
+@dataclass
+class FakeArtifact:
+    name: str
+    type: str
+    metadata: dict
+    aliases: list[str]
+    files: dict[str, bytes]          # path in the artifact -> exact uploaded bytes
+    run_id: str | None
+    id: str = ""
+    committed: bool = False
+    manifest: dict | None = None
+
+
+def _place(lines: list, offset: int, content: list) -> None:
+    """Put `content` at lines offset.. of a file; a gap before offset is padded with None."""
+    while len(lines) < offset:
+        lines.append(None)
+    lines[offset:offset + len(content)] = content
+
+
+def _unwrap_config(raw: dict) -> dict:
+    return {k: (v.get("value") if isinstance(v, dict) and "value" in v else v)
+            for k, v in raw.items() if k != "_wandb"}
+
+
+class FakeWandb:
+    entity = "fake-entity"
+
+    def __init__(self):
+        self.api_key = "f" * 40          # 0.31 checks only: 40+ characters of [A-Za-z0-9_]
+        self.base_url = ""
+        self.requests_seen: collections.Counter = collections.Counter()
+        self.request_log: collections.deque = collections.deque(maxlen=300)   # (method, path, what, status)
+        self._cond = threading.Condition(threading.RLock())
+        self._runs: dict[tuple[str, str, str], FakeRun] = {}
+        self._artifacts: dict[str, FakeArtifact] = {}     # by artifact id
+        self._artifact_specs: dict[str, dict] = {}        # artifact id -> {"manifest_id", ...}
+        self._blobs: dict[str, bytes] = {}                # upload key -> bytes
+        self._multipart: dict[str, dict] = {}             # uploadID -> {"key", "parts": {n: bytes}}
+        self._fault = ("ok", "all")
+        self._stopping = False
+        self._ids = 0
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ public API
+    def start(self) -> str:
+        fake = self
+
+        class Handler(_Handler):
+            pass
+        Handler.fake = fake
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.base_url = "http://127.0.0.1:%d" % self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, name="fakewandb", daemon=True)
+        self._thread.start()
+        return self.base_url
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def env(self) -> dict:
+        return {
+            "WANDB_BASE_URL": self.base_url,
+            "WANDB_API_KEY": self.api_key,
+            "WANDB_ENTITY": self.entity,
+            "WANDB_ERROR_REPORTING": "false",   # no Sentry reports from the SDK
+        }
+
+    def set_fault(self, mode: str, paths: str = "all") -> None:
+        assert mode in FAULT_MODES and paths in FAULT_PATHS, (mode, paths)
+        with self._cond:
+            self._fault = (mode, paths)
+            self._cond.notify_all()
+
+    def runs(self) -> dict[str, FakeRun]:
+        with self._cond:
+            return {run.run_id: copy.deepcopy(run) for run in self._runs.values()}
+
+    def run(self, run_id: str) -> FakeRun:
+        runs = self.runs()
+        assert run_id in runs, "no run %r; runs: %s" % (run_id, sorted(runs))
+        return runs[run_id]
+
+    def artifacts(self) -> list[FakeArtifact]:
+        with self._cond:
+            return [copy.deepcopy(a) for a in self._artifacts.values() if a.committed]
+
+    def wait_for(self, predicate: Callable[["FakeWandb"], bool] | Callable[[], bool], timeout: float) -> None:
+        """Wait until predicate(fake) (or predicate()) is true; it is re-checked on every change."""
+        def check():
+            try:
+                return predicate(self)
+            except TypeError:
+                return predicate()
+        with self._cond:
+            if not self._cond.wait_for(check, timeout):
+                raise AssertionError("fakewandb: condition %s not met within %.1f s\n%s" % (
+                    getattr(predicate, "__name__", predicate), timeout, self.describe()))
+
+    def describe(self) -> str:
+        with self._cond:
+            lines = ["requests: %s" % dict(self.requests_seen), "fault: %s/%s" % self._fault]
+            for run in self._runs.values():
+                lines.append("run %s/%s/%s: %d history rows, complete=%s exit=%s summary keys=%s" % (
+                    run.entity, run.project, run.run_id, len(run.history), run.complete, run.exit_code,
+                    sorted(run.summary)))
+            for art in self._artifacts.values():
+                lines.append("artifact %s:%s committed=%s files=%s" % (art.name, art.type, art.committed,
+                                                                      sorted(art.files)))
+            lines.append("last requests: %s" % list(self.request_log)[-15:])
+            return "\n".join(lines)
+
+    # ------------------------------------------------------------------ internals
+    def _changed(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _new_id(self, prefix: str) -> str:
+        with self._cond:
+            self._ids += 1
+            return "%s-%d" % (prefix, self._ids)
+
+    def _upload_url(self, key: str) -> str:
+        return "%s/upload/%s" % (self.base_url, quote(key, safe="/"))
+
+    def _find_run(self, entity, project, name, storage_id=None) -> FakeRun | None:
+        if storage_id:
+            for run in self._runs.values():
+                if run.storage_id == storage_id:
+                    return run
+        return self._runs.get((entity or self.entity, project or "uncategorized", name))
+
+    # -- GraphQL ---------------------------------------------------------------
+    def _graphql(self, op: str, v: dict) -> dict:
+        handler = getattr(self, "_gql_" + op, None)
+        if handler is None:
+            raise _GraphQLError("fakewandb does not emulate GraphQL operation %r" % op)
+        with self._cond:
+            data = handler(v)
+            self._cond.notify_all()
+            return data
+
+    def _gql_Viewer(self, v):
+        return {"viewer": {"id": "viewer-1", "entity": self.entity, "username": self.entity,
+                           "email": "fake@example.invalid", "flags": "{}", "admin": False,
+                           "teams": {"edges": []}}}
+
+    def _gql_ServerInfo(self, v):
+        # No optional features: the SDK then uses its plain code paths.
+        return {"serverInfo": {"features": [], "cliVersionInfo": {}, "latestLocalVersionInfo": None}}
+
+    _gql_ServerFeaturesQuery = _gql_ServerInfo
+
+    def _gql_OrganizationCoreWeaveOrganizationID(self, v):   # system-metrics probe; not CoreWeave
+        return {"entity": {"organization": None}}
+
+    def _gql_UpsertBucket(self, v):
+        entity, project = v.get("entity") or self.entity, v.get("project") or "uncategorized"
+        run = self._find_run(entity, project, v.get("name"), v.get("id"))
+        inserted = run is None
+        if run is None:
+            name = v.get("name") or self._new_id("run")
+            run = FakeRun(run_id=name, entity=entity, project=project, name=name,
+                          storage_id="storage-%s-%s-%s" % (entity, project, name))
+            self._runs[(entity, project, name)] = run
+        # UpsertBucket only changes what it is given.
+        if v.get("displayName") is not None:
+            run.display_name = v["displayName"]
+        if v.get("groupName") is not None:
+            run.group = v["groupName"]
+        if v.get("tags") is not None:
+            run.tags = list(v["tags"])
+        if v.get("notes") is not None:
+            run.notes = v["notes"]
+        if v.get("config") is not None:
+            run.raw_config = json.loads(v["config"])
+            run.config = _unwrap_config(run.raw_config)
+        if v.get("summaryMetrics") is not None:
+            run.summary.update(json.loads(v["summaryMetrics"]))
+        return {"upsertBucket": {"inserted": inserted, "bucket": {
+            "id": run.storage_id, "name": run.name, "displayName": run.display_name,
+            "description": run.notes, "config": json.dumps(run.raw_config), "sweepName": None,
+            "historyLineCount": len(run.history),
+            "project": {"id": "project-%s" % run.project, "name": run.project,
+                        "entity": {"id": "entity-%s" % run.entity, "name": run.entity}}}}}
+
+    def _gql_RunResumeStatus(self, v):
+        run = self._find_run(v.get("entity"), v.get("project"), v.get("name"))
+        if run is None:
+            return {"model": {"id": "project-x", "name": v.get("project"),
+                              "entity": {"id": "entity-x", "name": v.get("entity") or self.entity},
+                              "bucket": None}}
+        # wandb-core (runbranch/resume.go) treats the run as existing only when wandbConfig has
+        # key "t". It then continues file_stream at historyLineCount/eventsLineCount/logLineCount
+        # and sets its starting step to the last historyTail row's integer "_step" (+1 when
+        # historyLineCount > 0); the summary's "_step" is only a fallback when historyTail is empty.
+        wandb_internal = run.raw_config.get("_wandb", {})
+        wandb_internal = wandb_internal.get("value", {}) if isinstance(wandb_internal, dict) else {}
+        history = [row for row in run.history if row is not None]
+        events = [row for row in run.events if row is not None]
+        return {"model": {
+            "id": "project-%s" % run.project, "name": run.project,
+            "entity": {"id": "entity-%s" % run.entity, "name": run.entity},
+            "bucket": {
+                "id": run.storage_id, "name": run.name, "displayName": run.display_name,
+                "summaryMetrics": json.dumps(run.summary, allow_nan=True),
+                "logLineCount": len(run.console), "historyLineCount": len(run.history),
+                "eventsLineCount": len(run.events),
+                "historyTail": json.dumps([json.dumps(row, allow_nan=True) for row in history[-10:]]),
+                "eventsTail": json.dumps([json.dumps(row, allow_nan=True) for row in events[-10:]]),
+                "config": json.dumps(run.raw_config, allow_nan=True), "notes": run.notes,
+                "tags": list(run.tags),
+                "wandbConfig": json.dumps({k: wandb_internal[k] for k in ("t",) if k in wandb_internal}),
+                "runInfo": None}}}
+
+    def _gql_CreateRunFiles(self, v):
+        run = self._find_run(v.get("entity"), v.get("project"), v.get("run"))
+        storage = run.storage_id if run else "unknown"
+        return {"createRunFiles": {"runID": storage, "uploadHeaders": [], "files": [
+            {"name": name, "uploadUrl": self._upload_url("run/%s/%s" % (storage, name))}
+            for name in v.get("files", [])]}}
+
+    def _gql_CreateArtifact(self, v):
+        spec = v["input"]
+        art_id = self._new_id("artifact")
+        run = self._find_run(spec.get("entityName"), spec.get("projectName"), spec.get("runName"))
+        metadata = spec.get("metadata")
+        self._artifacts[art_id] = FakeArtifact(
+            name=spec.get("artifactCollectionName"), type=spec.get("artifactTypeName"),
+            metadata=json.loads(metadata) if isinstance(metadata, str) else (metadata or {}),
+            aliases=[a["alias"] for a in spec.get("aliases") or []], files={},
+            run_id=run.run_id if run else spec.get("runName"), id=art_id)
+        self._artifact_specs[art_id] = {"input": spec}
+        return {"createArtifact": {"artifact": {"id": art_id, "state": "PENDING",
+                                                "artifactSequence": {"latestArtifact": None}}}}
+
+    def _gql_FetchArtifactDigestAlgorithm(self, v):
+        return {"project": None}
+
+    def _gql_XXHashDigestsEnabled(self, v):
+        return {"entity": {"xxhashDigestsEnabled": False}}
+
+    def _manifest_payload(self, field_name: str, manifest_id: str, v: dict) -> dict:
+        file = {"id": "file-" + manifest_id}
+        if v.get("includeUpload", True):
+            file.update(uploadUrl=self._upload_url("manifest/" + manifest_id), uploadHeaders=[])
+        return {field_name: {"artifactManifest": {"id": manifest_id, "file": file}}}
+
+    def _gql_CreateArtifactManifest(self, v):
+        manifest_id = self._new_id("manifest")
+        self._artifact_specs.setdefault(v["artifactID"], {})["manifest_id"] = manifest_id
+        return self._manifest_payload("createArtifactManifest", manifest_id, v)
+
+    def _gql_UpdateArtifactManifest(self, v):
+        return self._manifest_payload("updateArtifactManifest", v["artifactManifestID"], v)
+
+    def _gql_CreateArtifactFiles(self, v):
+        edges = []
+        for spec in v.get("artifactFiles") or v.get("input", {}).get("artifactFiles", []):
+            key = "artifact/%s/%s" % (spec["artifactID"], spec["name"])
+            node = {"storagePath": key, "uploadUrl": self._upload_url(key), "uploadHeaders": [],
+                    "uploadMultipartUrls": None, "artifact": {"id": spec["artifactID"]}}
+            parts = spec.get("uploadPartsInput")
+            if parts:   # multipart: one URL per part, assembled on CompleteMultipartUploadArtifact
+                upload_id = self._new_id("multipart")
+                self._multipart[upload_id] = {"key": key, "parts": {}}
+                node["uploadMultipartUrls"] = {"uploadID": upload_id, "uploadUrlParts": [
+                    {"partNumber": p["partNumber"],
+                     "uploadUrl": self._upload_url("part/%s/%d" % (upload_id, p["partNumber"]))}
+                    for p in parts]}
+            edges.append({"node": node})
+        return {"createArtifactFiles": {"files": {"edges": edges}}}
+
+    def _gql_CompleteMultipartUploadArtifact(self, v):
+        upload = self._multipart.pop(v["uploadID"])
+        numbers = [p["partNumber"] for p in v["completedParts"]]
+        data = b"".join(self._blobs.pop("part/%s/%d" % (v["uploadID"], n)) for n in numbers)
+        self._blobs[upload["key"]] = data
+        return {"completeMultipartUploadArtifact": {"digest": hashlib.md5(data).hexdigest()}}
+
+    def _gql_CommitArtifact(self, v):
+        art = self._artifacts[v["artifactID"]]
+        manifest_id = self._artifact_specs.get(art.id, {}).get("manifest_id")
+        manifest = json.loads(self._blobs.get("manifest/%s" % manifest_id, b"{}") or b"{}")
+        # Manifest entries name files by base64 MD5; find their bytes among this artifact's uploads,
+        # then among all uploads (W&B deduplicates identical content across artifact versions).
+        by_md5 = {}
+        for key, data in self._blobs.items():
+            by_md5.setdefault(base64.b64encode(hashlib.md5(data).digest()).decode(), data)
+            if key.startswith("artifact/%s/" % art.id):
+                by_md5[base64.b64encode(hashlib.md5(data).digest()).decode()] = data
+        for path, entry in (manifest.get("contents") or {}).items():
+            if entry.get("digest") in by_md5:
+                art.files[path] = by_md5[entry["digest"]]
+        art.manifest, art.committed = manifest, True
+        return {"commitArtifact": {"artifact": {"id": art.id, "digest": self._artifact_specs[art.id]
+                                                ["input"].get("digest")}}}
+
+    def _gql_UseArtifact(self, v):
+        return {"useArtifact": {"artifact": {"id": v.get("input", {}).get("artifactID")}}}
+
+    # -- file_stream and uploads --------------------------------------------------
+    def _file_stream(self, entity: str, project: str, run_id: str, body: dict) -> dict:
+        with self._cond:
+            run = self._find_run(entity, project, run_id)
+            if run is None:   # the real server 404s; the SDK always upserts first
+                raise _HTTPError(404, "no run %s/%s/%s" % (entity, project, run_id))
+            for name, chunk in (body.get("files") or {}).items():
+                offset, content = chunk["offset"], chunk["content"]
+                if name == HISTORY:
+                    _place(run.history, offset, [json.loads(line) for line in content])
+                elif name == EVENTS:
+                    _place(run.events, offset, [json.loads(line) for line in content])
+                elif name == SUMMARY:
+                    if content:
+                        run.summary = json.loads(content[-1])
+                elif name == OUTPUT:
+                    _place(run.console, offset, list(content))
+            if body.get("preempting"):
+                run.preempting = True
+            if body.get("complete"):
+                run.complete = True
+                run.exit_code = body.get("exitcode")
+            self._cond.notify_all()
+        return {"exitcode": None, "limits": {}}
+
+    def _upload(self, key: str, data: bytes) -> None:
+        with self._cond:
+            self._blobs[key] = data
+            if key.startswith("run/"):
+                _, storage, name = key.split("/", 2)
+                for run in self._runs.values():
+                    if run.storage_id == storage:
+                        run.files[name] = data
+            self._cond.notify_all()
+
+
+class _GraphQLError(Exception):
+    pass
+
+
+class _HTTPError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"   # keep-alive, as the Go client expects
+    fake: FakeWandb
+
+    def log_message(self, fmt, *args):   # quiet; see FAKEWANDB_DEBUG
+        pass
+
+    def do_GET(self):
+        self._handle()
+
+    def do_POST(self):
+        self._handle()
+
+    def do_PUT(self):
+        self._handle()
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            chunks = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0], 16)
+                if size == 0:
+                    self.rfile.readline()
+                    break
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+            body = b"".join(chunks)
+        else:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.headers.get("Content-Encoding", "").lower() == "gzip":
+            body = gzip.decompress(body)
+        return body
+
+    def _handle(self):
+        fake = self.fake
+        path = self.path.split("?", 1)[0]
+        if path == "/graphql":
+            kind = "graphql"
+        elif path.startswith("/files/") and path.endswith("/file_stream"):
+            kind = "file_stream"
+        elif path.startswith("/upload/"):
+            kind = "upload"
+        else:
+            kind = "other"
+        body = self._read_body()
+        what = kind
+        if kind == "graphql":
+            try:
+                request = json.loads(body)
+            except ValueError:
+                request = {}
+            op = request.get("operationName") or ""
+            if not op:
+                match = re.search(r"\b(?:query|mutation)\s+(\w+)", request.get("query") or "")
+                op = match.group(1) if match else "anonymous"
+            what = "graphql:" + op
+        with fake._cond:
+            fake.requests_seen[kind] += 1
+            if what != kind:
+                fake.requests_seen[what] += 1
+            mode, paths = fake._fault
+            if mode != "ok" and paths in ("all", kind):
+                fake.requests_seen["fault:" + mode] += 1
+            else:
+                mode = "ok"
+        if mode == "503":
+            return self._reply(503, {"error": "fakewandb: injected 503"}, what)
+        if mode == "reset":
+            return self._reset(what)
+        if mode == "hang":
+            return self._hang(what)
+        try:
+            if kind == "graphql":
+                variables = request.get("variables") or {}
+                if os.environ.get("FAKEWANDB_DEBUG"):
+                    print("fakewandb %s vars=%s" % (what, json.dumps(variables)[:2000]), file=sys.stderr)
+                try:
+                    payload = {"data": fake._graphql(what.split(":", 1)[1], variables)}
+                except _GraphQLError as error:
+                    payload = {"data": None, "errors": [{"message": str(error)}]}
+            elif kind == "file_stream":
+                parts = path.split("/")   # "", files, entity, project, run, file_stream
+                request = json.loads(body)
+                if os.environ.get("FAKEWANDB_DEBUG"):
+                    print("fakewandb %s %s" % (path, json.dumps(request)[:2000]), file=sys.stderr)
+                payload = fake._file_stream(unquote(parts[2]), unquote(parts[3]), unquote(parts[4]), request)
+            elif kind == "upload":
+                fake._upload(unquote(path[len("/upload/"):]), body)
+                payload = None
+            else:
+                raise _HTTPError(404, "fakewandb: no such endpoint")
+        except _HTTPError as error:
+            return self._reply(error.status, {"error": str(error)}, what)
+        if mode == "lost_reply":
+            return self._reset(what)
+        self._reply(200, payload, what)
+
+    def _reply(self, status: int, payload: Any, what: str) -> None:
+        data = b"" if payload is None else json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        self._log(what, status)
+
+    def _reset(self, what: str) -> None:
+        """Close the connection with a TCP RST and no response."""
+        self.close_connection = True
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.connection.close()
+        self._log(what, "reset")
+
+    def _hang(self, what: str) -> None:
+        """Hold the request unanswered until the fault is cleared, the client leaves, or stop()."""
+        fake, sock = self.fake, self.connection
+        self._log(what, "hang")
+        with fake._cond:
+            while fake._fault[0] == "hang" and not fake._stopping:
+                readable, _, _ = select.select([sock], [], [], 0)
+                if readable and not sock.recv(1, socket.MSG_PEEK):
+                    break   # the client closed its end
+                fake._cond.wait(0.2)   # the lock is released while waiting
+        self.close_connection = True   # closed unanswered
+
+    def _log(self, what: str, status) -> None:
+        fake = self.fake
+        with fake._cond:
+            fake.request_log.append((self.command, self.path, what, status))
+            fake._cond.notify_all()
+        if os.environ.get("FAKEWANDB_DEBUG"):
+            print("fakewandb %s %s %s -> %s" % (self.command, self.path, what, status), file=sys.stderr)
