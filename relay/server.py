@@ -1,4 +1,4 @@
-"""The relay daemon: ROUTER socket -> validate -> spool -> ack, and one uploader per run.
+"""The relay daemon: ROUTER socket -> validate -> spool -> ack, and one uploader process per run.
 
 Lifecycle (uvicorn's shape): serve() = install signal handlers -> startup() -> main_loop() ->
 shutdown(). A signal handler only sets a flag. The first SIGTERM/SIGINT stops intake and drains
@@ -8,12 +8,15 @@ uploads it.
 """
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import signal
-import threading
+import subprocess
+import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
@@ -22,11 +25,29 @@ from relay import protocol
 from relay.artifacts import RefusedPath, resolve_checkpoint
 from relay.config import RelayConfig
 from relay.spool import Spool
-from relay.uploader import RunUploader, WandbHealth, default_mode
+from relay.uploader import default_mode
 
 log = logging.getLogger("relay.server")
 
 SCAN_EVERY = 1.0  # seconds between looks at the spool for runs that need an uploader
+RESTART_BACKOFF_MAX = 60.0  # longest wait before restarting an uploader that failed
+
+
+@dataclass
+class Uploader:
+    """The server's handle on one uploader process."""
+    run_id: str
+    proc: subprocess.Popen
+    failures: int = 0
+
+    def wake(self) -> None:
+        try:
+            os.write(self.proc.stdin.fileno(), b"w")
+        except (BlockingIOError, BrokenPipeError, ValueError):
+            pass  # already awake with bytes to read, or exiting: the next scan sees it
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
 
 
 def classify(frame: bytes, config: RelayConfig) -> tuple[dict, str]:
@@ -54,10 +75,10 @@ class RelayServer:
     def __init__(self, config: RelayConfig):
         self.config = config
         self.mode = config.mode or default_mode()
-        self.health = WandbHealth()
         self.counters: Counter = Counter()
-        self.uploaders: dict[str, RunUploader] = {}
-        self._lock = threading.Lock()
+        self.uploaders: dict[str, Uploader] = {}
+        self.restart_after: dict[str, tuple[float, int]] = {}  # run -> (not before, failures so far)
+        self.wandb_down_since: float | None = None
         self.should_exit = False
         self.force_exit = False
         self.started = time.time()
@@ -70,17 +91,14 @@ class RelayServer:
     def serve(self) -> int:
         """Run until signalled. Exit code 0 after a drain (even one cut short by its deadline:
         acked records are safe in the spool), 1 when a second signal cut the drain."""
+        self.started = time.time()
         self.install_signal_handlers()
         self.startup()
         try:
             self.main_loop()
         finally:
             clean = self.shutdown()
-        if not clean:
-            # Uploader threads are still inside the wandb SDK; its exit hooks would wait for them.
-            logging.shutdown()
-            os._exit(1 if self.force_exit else 0)
-        return 0
+        return 1 if self.force_exit else 0
 
     def install_signal_handlers(self) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -127,27 +145,33 @@ class RelayServer:
         """Stop intake, let uploaders drain until the deadline, say what is left."""
         self.socket.close(linger=0)  # clients keep what is unacked and re-send to the next relay
         deadline = time.monotonic() + self.config.drain_timeout
-        with self._lock:
-            uploaders = list(self.uploaders.values())
+        uploaders = [u for u in self.uploaders.values() if u.alive()]
         log.info("relay stopping: draining %d runs for at most %.0f s", len(uploaders), self.config.drain_timeout)
         for uploader in uploaders:
-            uploader.drain.set()
-            uploader.wake.set()
+            uploader.proc.send_signal(signal.SIGTERM)
         for uploader in uploaders:
-            while uploader.is_alive() and not self.force_exit and time.monotonic() < deadline:
-                uploader.join(0.1)
-        clean = not any(uploader.is_alive() for uploader in uploaders)
+            while uploader.alive() and not self.force_exit and time.monotonic() < deadline:
+                try:
+                    uploader.proc.wait(0.1)
+                except subprocess.TimeoutExpired:
+                    pass
+        clean = not any(uploader.alive() for uploader in uploaders)
+        for uploader in uploaders:
+            if uploader.alive():
+                uploader.proc.kill()  # its records are in the spool; the next start resumes the run
+                uploader.proc.wait()
         status = self.spool.status()
         left = sum(run["pending"] for run in status["runs"])
         log.info("relay stopped: received=%d acked=%d duplicates=%d refused=%d malformed=%d left_in_spool=%d%s",
                  self.counters["received"], self.counters["acked"], self.counters["duplicates"],
                  self.counters["refused"], self.counters["malformed"], left,
-                 "" if clean else " (drain deadline passed; the rest is uploaded at the next start)")
+                 "" if clean else " (drain cut short; the rest is uploaded at the next start)")
         for run in status["runs"]:
             if run["location"] and os.path.isdir(run["location"]):
                 log.info("offline run %s is in %s; upload it with: wandb sync %s",
                          run["run_id"], run["location"], run["location"])
         self.spool.close()
+        self.context.term()
         return clean
 
     # -- intake -------------------------------------------------------------------------------
@@ -231,6 +255,7 @@ class RelayServer:
     # -- uploaders ----------------------------------------------------------------------------
 
     def scan_runs(self) -> None:
+        self.reap_uploaders()
         now = time.time()
         # Silence counts from this relay's start at the earliest: trainers reconnect when it is back.
         if self.config.silence_timeout > 0 and now - self.started >= self.config.silence_timeout:
@@ -240,23 +265,48 @@ class RelayServer:
                             "with exit code %d", run_id, self.config.silence_timeout, self.config.silence_exit_code)
         for run_id in self.spool.runs_with_work():
             self.ensure_uploader(run_id)
+        self.watch_wandb()
 
     def ensure_uploader(self, run_id: str) -> None:
-        with self._lock:
-            uploader = self.uploaders.get(run_id)
-            if uploader is not None and uploader.is_alive() and not uploader.drain.is_set():
-                uploader.wake.set()
-                return
-            if self.should_exit:
-                return
-            uploader = RunUploader(run_id, self.config, self.mode, self.health, on_exit=self._uploader_exited)
-            self.uploaders[run_id] = uploader
-        uploader.start()
+        uploader = self.uploaders.get(run_id)
+        if uploader is not None and uploader.alive():
+            uploader.wake()
+            return
+        not_before, failures = self.restart_after.get(run_id, (0.0, 0))
+        if self.should_exit or time.monotonic() < not_before:
+            return
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "relay.uploader", run_id, self.mode, self.config.model_dump_json()],
+            stdin=subprocess.PIPE, close_fds=True)
+        fcntl.fcntl(proc.stdin.fileno(), fcntl.F_SETFL, os.O_NONBLOCK)
+        self.uploaders[run_id] = Uploader(run_id, proc, failures)
 
-    def _uploader_exited(self, run_id: str) -> None:
-        with self._lock:
-            if self.uploaders.get(run_id) is not None and self.uploaders[run_id] is threading.current_thread():
-                del self.uploaders[run_id]
+    def reap_uploaders(self) -> None:
+        for run_id, uploader in list(self.uploaders.items()):
+            code = uploader.proc.poll()
+            if code is None:
+                continue
+            del self.uploaders[run_id]
+            uploader.proc.stdin.close()
+            if code == 0:
+                self.restart_after.pop(run_id, None)
+                continue
+            failures = uploader.failures + 1
+            delay = min(RESTART_BACKOFF_MAX, 2.0 ** failures)
+            self.restart_after[run_id] = (time.monotonic() + delay, failures)
+            log.warning("uploader for run %s exited with code %d; restarting it in %.0f s (records are kept)",
+                        run_id, code, delay)
+
+    def watch_wandb(self) -> None:
+        """One log line when W&B becomes unreachable, one when it is back (not one per retry)."""
+        retrying = self.spool.runs_in_state("retrying")
+        if retrying and self.wandb_down_since is None:
+            self.wandb_down_since = time.time()
+            log.warning("W&B unreachable (%d runs retrying); records wait in the spool: %s",
+                        len(retrying), retrying[0][1])
+        elif not retrying and self.wandb_down_since is not None:
+            log.info("W&B reachable again after %.0f s", time.time() - self.wandb_down_since)
+            self.wandb_down_since = None
 
     # -- status -------------------------------------------------------------------------------
 
@@ -265,6 +315,6 @@ class RelayServer:
         status.update({
             "mode": self.mode, "bind": self.config.bind, "uptime": round(time.time() - self.started, 1),
             "counters": dict(self.counters),
-            "wandb_down_since": self.health.down_since,
+            "wandb_down_since": self.wandb_down_since,
         })
         return status

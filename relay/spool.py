@@ -220,6 +220,9 @@ class Spool:
         return [row[0] for row in self.conn.execute(
             "SELECT DISTINCT run_id FROM records WHERE run_id != '' ORDER BY run_id")]
 
+    def runs_in_state(self, state: str) -> list[tuple[str, str]]:
+        return list(self.conn.execute("SELECT run_id, coalesce(last_error, '') FROM runs WHERE state = ?", (state,)))
+
     def settings(self, run_id: str) -> dict | None:
         row = self.conn.execute("SELECT settings FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         return msgpack.unpackb(row[0], raw=False) if row and row[0] is not None else None

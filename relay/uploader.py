@@ -1,4 +1,12 @@
-"""One uploader thread per run: spool -> wandb SDK -> W&B. The only module that imports wandb.
+"""One uploader process per run: spool -> wandb SDK -> W&B. The only module that imports wandb.
+
+Why a process and not a thread: the wandb SDK keeps per-process state that a failure poisons. In
+wandb 0.31 a timed-out `wandb.init` leaves its run id registered in wandb-core ("run ID … is in
+use") until the whole service is torn down, and a dead wandb-core breaks every run of the process.
+A process per run keeps each run's failures its own; the server restarts a failed uploader, which
+resumes the W&B run by id (nothing is lost or doubled: see spool.py). One uploader per run is
+enforced by an flock on `<spool>/locks/<run>.lock`. The server wakes an uploader by writing a
+byte to its stdin; end of file there means the server is gone, and the uploader exits at once.
 
 The uploader owns W&B's step: every row it logs gets the next value of a per-run counter, and
 the (record, step) pairing is committed to the spool before the row goes to the SDK (see the
@@ -12,12 +20,15 @@ the records wait in the spool; the relay keeps accepting from trainers meanwhile
 """
 from __future__ import annotations
 
+import fcntl
 import logging
 import netrc
 import os
+import select
+import signal
+import sys
 import threading
-import time
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlparse
 
 import tenacity
@@ -48,38 +59,15 @@ def default_mode() -> str:
     return "online" if api_key_configured() else "offline"
 
 
-class WandbHealth:
-    """Relay-wide W&B reachability: one log line when it goes away, one when it is back."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.down_since: float | None = None
-
-    def failed(self, error: BaseException) -> None:
-        with self._lock:
-            if self.down_since is None:
-                self.down_since = time.time()
-                log.warning("W&B unreachable; records wait in the spool and are retried: %s", _short(error))
-
-    def ok(self) -> None:
-        with self._lock:
-            if self.down_since is not None:
-                log.info("W&B reachable again after %.0f s", time.time() - self.down_since)
-                self.down_since = None
-
-
-class RunUploader(threading.Thread):
-    def __init__(self, run_id: str, config: RelayConfig, mode: str, health: WandbHealth,
-                 on_exit: Callable[[str], None] | None = None):
-        super().__init__(name="upload-%s" % run_id, daemon=True)
+class RunUploader:
+    def __init__(self, run_id: str, config: RelayConfig, mode: str, wake_fd: int | None = None):
         self.run_id = run_id
         self.config = config
         self.default_mode = mode
-        self.health = health
-        self.on_exit = on_exit
-        self.wake = threading.Event()
+        self.wake_fd = wake_fd             # readable when the server has news; EOF when it is gone
         self.drain = threading.Event()     # upload what is spooled, finish the run, exit
         self.stop = threading.Event()      # exit as soon as possible
+        self.interrupt = threading.Event() # set with either: cuts retry waits short
         self.location: str | None = None
         self.mode: str | None = None
         self._wb: Any = None               # the wandb Run while one is open
@@ -87,19 +75,19 @@ class RunUploader(threading.Thread):
         self._next_step = 0
         self._spool: Spool | None = None
 
-    # -- thread -------------------------------------------------------------------------------
+    # -- process ------------------------------------------------------------------------------
 
-    def run(self) -> None:
+    def run(self) -> int:
         self._spool = Spool(self.config.spool_dir)
         try:
             self._loop()
-        except Exception as exc:  # a bug: say so loudly, keep the records, let the server restart us
+            return 0
+        except Exception as exc:  # a bug or a broken SDK: say so, keep the records, the server restarts us
             log.exception("uploader for run %s failed; its records stay in the spool", self.run_id)
             self._spool.set_state(self.run_id, "failed", _short(exc))
+            return 1
         finally:
             self._spool.close()
-            if self.on_exit:
-                self.on_exit(self.run_id)
 
     def _loop(self) -> None:
         spool = self._spool
@@ -128,8 +116,18 @@ class RunUploader(threading.Thread):
             self._upload(records)
 
     def _idle(self) -> None:
-        self.wake.wait(1.0)
-        self.wake.clear()
+        """Wait up to a second for the server's wake-up byte."""
+        if self.wake_fd is None:
+            self.interrupt.wait(1.0)
+            return
+        try:
+            readable, _, _ = select.select([self.wake_fd], [], [], 1.0)
+            if readable and not os.read(self.wake_fd, 4096):
+                log.warning("run %s: the relay server is gone; uploader exits (records stay in the spool)",
+                            self.run_id)
+                os._exit(3)
+        except InterruptedError:
+            pass
 
     # -- W&B run lifecycle --------------------------------------------------------------------
 
@@ -143,8 +141,8 @@ class RunUploader(threading.Thread):
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(RETRYABLE),
             wait=tenacity.wait_exponential_jitter(initial=1.0, max=self.config.backoff_max),
-            stop=lambda state: self.stop.is_set() or self.drain.is_set(),
-            sleep=lambda seconds: self.stop.wait(seconds) or None,
+            stop=lambda state: self.interrupt.is_set(),
+            sleep=lambda seconds: self.interrupt.wait(seconds) or None,
             before_sleep=self._on_retry,
             reraise=True,
         )
@@ -152,8 +150,6 @@ class RunUploader(threading.Thread):
             self._wb = retrying(self._init_once, settings)
         except RETRYABLE:
             return False
-        if self.mode == "online":
-            self.health.ok()
         server_step = int(self._wb.step or 0) if self.mode == "online" else 0
         confirmed = self._spool.confirm_below_step(self.run_id, server_step)
         if confirmed:
@@ -173,6 +169,14 @@ class RunUploader(threading.Thread):
         return True
 
     def _init_once(self, settings: dict) -> Any:
+        try:
+            return self._init_sdk(settings)
+        except RETRYABLE:
+            # The failed run id stays registered in this process's wandb-core: start a fresh one.
+            wandb.teardown()
+            raise
+
+    def _init_sdk(self, settings: dict) -> Any:
         return wandb.init(
             project=settings["project"], entity=settings.get("entity"), name=settings.get("name"),
             group=settings.get("group"), tags=settings.get("tags") or None, notes=settings.get("notes"),
@@ -186,8 +190,7 @@ class RunUploader(threading.Thread):
 
     def _on_retry(self, state: tenacity.RetryCallState) -> None:
         error = state.outcome.exception()
-        self.health.failed(error)
-        self._spool.set_state(self.run_id, "retrying", _short(error))
+        self._spool.set_state(self.run_id, "retrying", _short(error))  # the server logs the outage once
         log.debug("run %s: wandb.init failed (%s); retry in %.1f s", self.run_id, _short(error),
                   state.next_action.sleep if state.next_action else 0)
 
@@ -295,3 +298,43 @@ def _short(error: BaseException) -> str:
 
 
 DISABLED = object()  # stands in for a W&B run in disabled mode
+
+
+def _lock(spool_dir: str, run_id: str) -> int | None:
+    """Hold `<spool>/locks/<run>.lock` for the life of this process; None if another uploader has it."""
+    directory = os.path.join(spool_dir, "locks")
+    os.makedirs(directory, exist_ok=True)
+    fd = os.open(os.path.join(directory, run_id + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def main(argv: list[str]) -> int:
+    """`python -m relay.uploader RUN_ID MODE CONFIG_JSON`, started by the server, stdin = wake pipe."""
+    run_id, mode, config_json = argv
+    config = RelayConfig.model_validate_json(config_json)
+    logging.basicConfig(level=getattr(logging, config.log_level), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)-7s %(name)s[" + run_id + "]: %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server decides
+    if _lock(config.spool_dir, run_id) is None:
+        log.info("another uploader already serves run %s; exiting", run_id)
+        return 0
+    os.environ.setdefault("WANDB_SILENT", "true")
+    uploader = RunUploader(run_id, config, mode, wake_fd=sys.stdin.fileno())
+
+    def on_term(signum: int, frame: Any) -> None:
+        (uploader.stop if uploader.drain.is_set() else uploader.drain).set()
+        uploader.interrupt.set()
+
+    signal.signal(signal.SIGTERM, on_term)
+    code = uploader.run()
+    logging.shutdown()
+    os._exit(code)  # wandb's exit hooks have nothing left to do: every run was finished or is resumable
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -78,7 +78,8 @@ def test_wandb_unreachable_at_start_keeps_acking_then_delivers(fake_wandb, relay
     done = trainer.event("finished")
     assert done["report"]["delivered"] is True, "the relay must ack while W&B is down"
     assert done["stats"]["acked"] == 202
-    status = relay.wait_status(lambda s: any(r["state"] == "retrying" for r in s["runs"]), 60, "a retrying run")
+    status = relay.wait_status(lambda s: any(r["state"] == "retrying" for r in s["runs"]) and s["wandb_down_since"],
+                               60, "a retrying run")
     run = [r for r in status["runs"] if r["run_id"] == "outage"][0]
     assert run["received"] == 202 and run["pending"] == 202 and run["uploaded"] == 0
     assert run["last_error"], "status must say why W&B is not being reached"
@@ -87,6 +88,7 @@ def test_wandb_unreachable_at_start_keeps_acking_then_delivers(fake_wandb, relay
     fake_wandb.wait_for(lambda: "outage" in fake_wandb.runs() and fake_wandb.run("outage").complete, 120)
     assert_history(fake_wandb.run("outage").history, seed=3, steps=200, metrics=8)
     relay.wait_status(lambda s: s["runs"][0]["pending"] == 0 and s["runs"][0]["finished"], 30, "run finished")
+    relay.wait_status(lambda s: s["wandb_down_since"] is None, 30, "the relay to see W&B back")
     log = relay.log()
     assert log.count("W&B unreachable") == 1 and log.count("W&B reachable again") == 1
 
