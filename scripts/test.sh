@@ -4,7 +4,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh server,dev
 # Trainer-side modules must run on Python 3.8 (IsaacGym environments).
-trainer_side=$(ls relay/client.py relay/protocol.py relay/rl_games.py 2>/dev/null)
+trainer_side=""
+for module in relay/client.py relay/protocol.py relay/rl_games.py; do
+  [ -f "$module" ] && trainer_side="$trainer_side $module"
+done
 .venv/bin/vermin -q --no-tips --violations --target=3.8- $trainer_side
 echo "vermin: $trainer_side run on Python 3.8"
 exec .venv/bin/python -m pytest "$@"
