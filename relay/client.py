@@ -72,6 +72,7 @@ class RelayClient:
         self._stats = {"sent": 0, "acked": 0, "spilled": 0, "dropped": 0, "errors": 0, "resent": 0}
         self.heartbeat_every = heartbeat_every
         self._heartbeat = None         # type: Optional[_Heartbeat]
+        self._open_runs = {}           # type: Dict[str, Dict[str, Any]]  (run id -> settings)
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -94,6 +95,7 @@ class RelayClient:
         settings = {key: value for key, value in settings.items() if value is not None}
         protocol.validate_settings(settings)
         run = Run(self, run_id, name)
+        self._open_runs[run_id] = settings
         self.submit({"t": "open", "run": run_id, "settings": settings})
         if self.heartbeat_every > 0:
             if self._heartbeat is None or self._heartbeat.pid != os.getpid():
@@ -103,6 +105,7 @@ class RelayClient:
         return run
 
     def _run_finished(self, run_id: str) -> None:
+        self._open_runs.pop(run_id, None)
         if self._heartbeat is not None:
             self._heartbeat.runs.discard(run_id)
 
@@ -156,6 +159,8 @@ class RelayClient:
             self._stats["dropped"] += 1
             self._warn("closed", "record after close() dropped: %s" % message.get("t"))
             return
+        if len(self._pending) >= self.max_pending:
+            self._overflow()
         self._seq += 1
         message["v"] = protocol.VERSION
         message["stream"] = self.stream
@@ -171,12 +176,21 @@ class RelayClient:
             self._error("record %s of %d bytes is over the %d-byte frame limit; dropped (log fewer or "
                         "shorter values)" % (message["t"], len(frame), protocol.MAX_FRAME_BYTES))
             return
-        if len(self._pending) >= self.max_pending:
-            overflow = list(self._pending)[: max(1, self.max_pending // 10)]
-            self._spill(overflow)
         self._pending[self._seq] = frame
         self._stats["sent"] += 1
         self._pump()
+
+    def _overflow(self) -> None:
+        """max_pending reached (the relay is away or slow): spill every pending record to a file
+        and carry on in a fresh stream, so the relay, which takes each stream in order, is not
+        left waiting for records that now live in a file (`relay replay` delivers those)."""
+        if self._spill(list(self._pending)) is None:
+            return  # nowhere to spill: the buffer grows rather than lose records (said in _spill)
+        self.stream = uuid.uuid4().hex
+        self._seq = 0
+        self._next_send = 1
+        for run_id, settings in self._open_runs.items():  # the new stream names its runs again
+            self.submit({"t": "open", "run": run_id, "settings": settings})
 
     # -- socket work --------------------------------------------------------------------------
 
@@ -297,7 +311,9 @@ class RelayClient:
         frames = [self._pending.pop(seq) for seq in seqs]
         try:
             os.makedirs(self.spill_dir, exist_ok=True)
-            name = "relay-spill-%s-%d-%d.msgpack" % (self.stream[:12], seqs[0], seqs[-1])
+            # Names sort in the order they were written, so `relay replay DIR/*` keeps run order.
+            name = "relay-spill-%s-%06d-%s-%d-%d.msgpack" % (
+                time.strftime("%Y%m%dT%H%M%S"), int(time.time() * 1e6) % 1000000, self.stream[:12], seqs[0], seqs[-1])
             path = os.path.join(self.spill_dir, name)
             fd, tmp = tempfile.mkstemp(prefix=".spill-", dir=self.spill_dir)
             with os.fdopen(fd, "wb") as handle:

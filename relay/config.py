@@ -35,7 +35,14 @@ class RelayConfig(BaseModel):
     max_frame_bytes: int = Field(protocol.MAX_FRAME_BYTES, gt=0, description="largest accepted frame")
     max_artifact_bytes: int = Field(4 << 30, gt=0, description="largest checkpoint file uploaded")
     init_timeout: float = Field(60.0, gt=0, description="seconds wandb.init may take before it is retried")
-    backoff_max: float = Field(60.0, gt=0, description="longest wait between W&B retries")
+    backoff_max: float = Field(60.0, gt=0, description="longest wait between W&B retries (init, uploads)")
+    request_timeout: float = Field(60.0, gt=0, description="seconds one W&B HTTP request may take before a retry")
+    confirm_every: float = Field(30.0, gt=0, description="seconds between asking W&B how many rows of a run "
+                                 "it holds (lets the spool shrink mid-run; notices outages)")
+    max_unconfirmed_rows: int = Field(20000, gt=0, description="rows handed to the wandb SDK but not yet on "
+                                      "the server before the uploader waits (keeps the backlog on disk)")
+    max_spool_bytes: int = Field(20 << 30, gt=0, description="spool size past which the relay holds new "
+                                 "messages (policy 'hold': no ack, clients keep and spill them)")
     drain_timeout: float = Field(30.0, ge=0, description="seconds the first SIGTERM spends uploading before exit")
     batch_max: int = Field(500, gt=0, description="most messages per spool commit")
     silence_timeout: float = Field(600.0, ge=0, description="seconds without a record or heartbeat from a "

@@ -8,6 +8,7 @@ uploads it.
 """
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import logging
 import os
@@ -71,6 +72,16 @@ def classify(frame: bytes, config: RelayConfig) -> tuple[dict, str]:
     return message, ""
 
 
+def _die_with_parent() -> None:
+    """In the uploader child: be killed when the relay dies, so a SIGKILLed relay leaves no uploader
+    behind (a restarted relay starts new ones that resume from the spool)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux); elsewhere stdin EOF does the job
+    except (OSError, AttributeError):
+        pass
+
+
 class RelayServer:
     def __init__(self, config: RelayConfig):
         self.config = config
@@ -79,6 +90,7 @@ class RelayServer:
         self.uploaders: dict[str, Uploader] = {}
         self.restart_after: dict[str, tuple[float, int]] = {}  # run -> (not before, failures so far)
         self.wandb_down_since: float | None = None
+        self.holding = False   # spool over max_spool_bytes: records are not taken (policy "hold")
         self.should_exit = False
         self.force_exit = False
         self.started = time.time()
@@ -207,6 +219,9 @@ class RelayServer:
             if message["t"] == "heartbeat":
                 alive.update(message["runs"])
                 continue
+            if self.holding:
+                self.counters["held"] += 1  # not acked: the client keeps it, re-sends it, spills it
+                continue
             if refusal:
                 log.warning("refused record seq=%d of stream %s: %s", message["seq"], message["stream"], refusal)
             items.append((message, refusal))
@@ -223,6 +238,10 @@ class RelayServer:
         committed: dict[str, list[int]] = {}
         runs = set()
         for (message, _), outcome in zip(items, outcomes):
+            if outcome.status == "gap":
+                self.counters["out_of_order"] += 1
+                committed.setdefault(outcome.stream, [])  # answer with `upto`: the client re-sends from there
+                continue
             committed.setdefault(outcome.stream, []).append(outcome.seq)
             if outcome.status == "new":
                 self.counters["received"] += 1
@@ -256,6 +275,7 @@ class RelayServer:
 
     def scan_runs(self) -> None:
         self.reap_uploaders()
+        self.watch_spool_size()
         now = time.time()
         # Silence counts from this relay's start at the earliest: trainers reconnect when it is back.
         if self.config.silence_timeout > 0 and now - self.started >= self.config.silence_timeout:
@@ -277,7 +297,7 @@ class RelayServer:
             return
         proc = subprocess.Popen(
             [sys.executable, "-m", "relay.uploader", run_id, self.mode, self.config.model_dump_json()],
-            stdin=subprocess.PIPE, close_fds=True)
+            stdin=subprocess.PIPE, close_fds=True, preexec_fn=_die_with_parent)
         fcntl.fcntl(proc.stdin.fileno(), fcntl.F_SETFL, os.O_NONBLOCK)
         self.uploaders[run_id] = Uploader(run_id, proc, failures)
 
@@ -297,6 +317,19 @@ class RelayServer:
             log.warning("uploader for run %s exited with code %d; restarting it in %.0f s (records are kept)",
                         run_id, code, delay)
 
+    def watch_spool_size(self) -> None:
+        """Policy 'hold': over max_spool_bytes, take no new records until uploads make room.
+        Nothing is dropped: unacked records stay with their clients, which spill them to disk."""
+        live = self.spool.live_bytes()
+        full = live > self.config.max_spool_bytes
+        if full and not self.holding:
+            log.warning("spool full (%.1f MB of %.1f MB): holding new records until W&B uploads make room; "
+                        "trainers keep them and spill them to disk if it lasts", live / 1e6,
+                        self.config.max_spool_bytes / 1e6)
+        elif self.holding and not full:
+            log.info("spool has room again (%.1f MB): taking records", live / 1e6)
+        self.holding = full
+
     def watch_wandb(self) -> None:
         """One log line when W&B becomes unreachable, one when it is back (not one per retry)."""
         retrying = self.spool.runs_in_state("retrying")
@@ -315,6 +348,7 @@ class RelayServer:
         status.update({
             "mode": self.mode, "bind": self.config.bind, "uptime": round(time.time() - self.started, 1),
             "counters": dict(self.counters),
-            "wandb_down_since": self.wandb_down_since,
+            "wandb_down_since": self.wandb_down_since, "holding": self.holding,
+            "max_spool_bytes": self.config.max_spool_bytes,
         })
         return status

@@ -78,7 +78,7 @@ class Outcome:
     """What ingest made of one message: stored ('new'), already there ('dup') or refused."""
     stream: str
     seq: int
-    status: str          # new | dup | error
+    status: str          # new | dup | gap | error
     reason: str = ""
 
 
@@ -121,11 +121,13 @@ class Spool:
                 "SELECT r.stream, r.seq FROM records r JOIN streams s ON s.stream = r.stream WHERE r.seq > s.upto"):
             self._above.setdefault(stream, set()).add(seq)
 
-    def ingest(self, messages: Iterable[tuple[dict, str]]) -> list[Outcome]:
+    def ingest(self, messages: Iterable[tuple[dict, str]], allow_gaps: bool = False) -> list[Outcome]:
         """Store a batch in one transaction. Each item: (validated message, refusal reason or '').
 
         A refused message with a readable (stream, seq) consumes that seq, so the client stops
-        re-sending it.
+        re-sending it. Live traffic is taken in seq order only: a message past a gap (its
+        predecessor was lost with a dead relay) is not stored ('gap'); the client re-sends from
+        the gap. Spill files (`allow_gaps`) may start anywhere: their records fill holes.
         """
         outcomes = []
         now = time.time()
@@ -137,6 +139,9 @@ class Spool:
                 upto = self._upto.get(stream, 0)
                 if seq <= upto:
                     outcomes.append(Outcome(stream, seq, "dup"))
+                    continue
+                if seq > upto + 1 and not allow_gaps:
+                    outcomes.append(Outcome(stream, seq, "gap"))
                     continue
                 run_id = "" if refusal else message["run"]
                 kind = "rejected" if refusal else message["t"]
@@ -248,6 +253,19 @@ class Spool:
             self.conn.execute("UPDATE records SET step = NULL WHERE run_id = ?", (run_id,))
             self.conn.execute("UPDATE runs SET uploaded_id = 0 WHERE run_id = ?", (run_id,))
         return cursor.rowcount
+
+    def confirm_logged(self, run_id: str, server_step: int) -> int:
+        """Mid-run: W&B holds every row below server_step; those records are done."""
+        with self._transaction():
+            cursor = self.conn.execute("DELETE FROM records WHERE run_id = ? AND step IS NOT NULL AND step < ?",
+                                       (run_id, server_step))
+        return cursor.rowcount
+
+    def live_bytes(self) -> int:
+        """Bytes of live data in the spool (deleted rows' pages are reused, so this can shrink)."""
+        pages, free, size = (self.conn.execute("PRAGMA %s" % name).fetchone()[0]
+                             for name in ("page_count", "freelist_count", "page_size"))
+        return (pages - free) * size
 
     def confirm_through(self, run_id: str, record_id: int, exit_code: int | None = None,
                         finished: bool = False) -> int:

@@ -20,7 +20,9 @@ the records wait in the spool; the relay keeps accepting from trainers meanwhile
 """
 from __future__ import annotations
 
+import base64
 import fcntl
+import json
 import logging
 import netrc
 import os
@@ -28,6 +30,8 @@ import select
 import signal
 import sys
 import threading
+import time
+import urllib.request
 from typing import Any
 from urllib.parse import urlparse
 
@@ -39,6 +43,13 @@ from relay.config import RelayConfig
 from relay.spool import Record, Spool
 
 log = logging.getLogger("relay.uploader")
+
+RETRY_FOREVER = 1_000_000_000
+
+# How many history rows W&B holds for a run (the field wandb-core itself reads when it resumes).
+SERVER_STEP_QUERY = """query RelayServerStep($entity: String, $project: String!, $name: String!) {
+  model(name: $project, entityName: $entity) { bucket(name: $name) { historyLineCount } }
+}"""
 
 # What a W&B outage looks like from wandb.init; anything else is a bug and is not retried.
 RETRYABLE = (wandb.errors.CommError, ConnectionError, TimeoutError, OSError)
@@ -73,6 +84,8 @@ class RunUploader:
         self._wb: Any = None               # the wandb Run while one is open
         self._cursor = 0                   # highest record id handed to the SDK
         self._next_step = 0
+        self._confirmed_step = 0           # W&B holds every row below this step
+        self._next_confirm = 0.0           # monotonic time of the next server-step query
         self._spool: Spool | None = None
 
     # -- process ------------------------------------------------------------------------------
@@ -101,6 +114,12 @@ class RunUploader:
                     return
                 self._idle()
                 continue
+            if self._wb is not None and self.mode == "online":
+                if time.monotonic() >= self._next_confirm and self._next_step > self._confirmed_step:
+                    self._confirm()
+                if self._next_step - self._confirmed_step >= self.config.max_unconfirmed_rows:
+                    self._idle()  # the backlog stays in the spool, not in wandb-core's memory
+                    continue
             if self._wb is None:
                 settings = spool.settings(self.run_id)
                 if settings is None:
@@ -152,11 +171,13 @@ class RunUploader:
             return False
         server_step = int(self._wb.step or 0) if self.mode == "online" else 0
         confirmed = self._spool.confirm_below_step(self.run_id, server_step)
-        if confirmed:
-            log.info("run %s resumed at W&B step %d; %d spooled records were already there",
+        if server_step:
+            log.info("run %s resumed at W&B step %d (%d spooled records were already there)",
                      self.run_id, server_step, confirmed)
         self._cursor = 0
         self._next_step = server_step
+        self._confirmed_step = server_step
+        self._next_confirm = time.monotonic() + self.config.confirm_every
         for axis in ("frame", "epoch"):
             self._wb.define_metric(axis)
         self._wb.define_metric("*", step_metric="frame")
@@ -183,9 +204,19 @@ class RunUploader:
             job_type=settings.get("job_type"), config=settings.get("config") or None,
             id=self.run_id, resume="allow", mode=self.mode, dir=self.config.spool_dir,
             reinit="create_new", allow_val_change=True,
-            settings=wandb.Settings(init_timeout=self.config.init_timeout, silent=True, console="off",
-                                    save_code=False, disable_git=True, x_disable_stats=True,
-                                    x_disable_machine_info=True),
+            settings=wandb.Settings(
+                init_timeout=self.config.init_timeout, silent=True, console="off", save_code=False,
+                disable_git=True, x_disable_stats=True, x_disable_machine_info=True,
+                # wandb-core must never give up on a row it accepted: the spool has already let go
+                # of the choice. It retries forever, waiting at most backoff_max between tries.
+                x_file_stream_retry_max=RETRY_FOREVER, x_graphql_retry_max=RETRY_FOREVER,
+                x_file_transfer_retry_max=RETRY_FOREVER,
+                x_file_stream_retry_wait_max_seconds=self.config.backoff_max,
+                x_graphql_retry_wait_max_seconds=self.config.backoff_max,
+                x_file_transfer_retry_wait_max_seconds=self.config.backoff_max,
+                x_file_stream_timeout_seconds=self.config.request_timeout,
+                x_graphql_timeout_seconds=self.config.request_timeout,
+                x_file_transfer_timeout_seconds=self.config.request_timeout),
         )
 
     def _on_retry(self, state: tenacity.RetryCallState) -> None:
@@ -193,6 +224,36 @@ class RunUploader:
         self._spool.set_state(self.run_id, "retrying", _short(error))  # the server logs the outage once
         log.debug("run %s: wandb.init failed (%s); retry in %.1f s", self.run_id, _short(error),
                   state.next_action.sleep if state.next_action else 0)
+
+    def _confirm(self) -> None:
+        """Ask W&B how many history rows it holds; the spool lets go of those rows.
+
+        This is also how the relay notices a W&B outage in the middle of a run: the SDK retries
+        quietly, this query does not."""
+        self._next_confirm = time.monotonic() + self.config.confirm_every
+        try:
+            server_step = self._server_history_count()
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            self._spool.set_state(self.run_id, "retrying", "W&B unreachable: %s" % _short(exc))
+            return
+        self._spool.set_state(self.run_id, "uploading")
+        if server_step > self._confirmed_step:
+            confirmed = self._spool.confirm_logged(self.run_id, server_step)
+            log.debug("run %s: W&B holds %d rows; %d spooled records let go", self.run_id, server_step, confirmed)
+            self._confirmed_step = server_step
+
+    def _server_history_count(self) -> int:
+        settings = self._wb.settings
+        query = {"operationName": "RelayServerStep", "query": SERVER_STEP_QUERY,
+                 "variables": {"entity": self._wb.entity, "project": self._wb.project, "name": self.run_id}}
+        token = base64.b64encode(("api:%s" % settings.api_key).encode()).decode()
+        request = urllib.request.Request(settings.base_url.rstrip("/") + "/graphql", data=json.dumps(query).encode(),
+                                         headers={"Content-Type": "application/json",
+                                                  "Authorization": "Basic " + token})
+        with urllib.request.urlopen(request, timeout=self.config.request_timeout) as response:
+            answer = json.load(response)
+        bucket = answer["data"]["model"]["bucket"]
+        return int(bucket["historyLineCount"] or 0) if bucket else 0
 
     def _finish(self, exit_code: int | None, through_id: int | None = None) -> None:
         """Close the W&B run; once finish() returns, everything logged is confirmed."""

@@ -15,6 +15,8 @@ import pytest
 from relay.cli import query_status
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
+# Test-sized retry timing for every relay the suite starts (production defaults are minutes).
+FAST_RETRIES = {"RELAY_BACKOFF_MAX": "1", "RELAY_REQUEST_TIMEOUT": "5", "RELAY_CONFIRM_EVERY": "1"}
 ROOT = os.path.dirname(TESTS)
 
 
@@ -126,9 +128,12 @@ def relay_factory(tmp_path, short_dir):
     os.makedirs(home, exist_ok=True)
 
     def make(fake: "FakeWandb | None" = None, args: list[str] = (), spool_dir: str | None = None,
-             name: str = "relay", start: bool = True) -> RelayProcess:
+             name: str = "relay", start: bool = True, env: dict | None = None) -> RelayProcess:
         endpoint = "ipc://%s/%s.ipc" % (short_dir, name)
-        relay = RelayProcess(endpoint, spool_dir or str(tmp_path / "spool"), wandb_env(fake, home), list(args),
+        relay_env = wandb_env(fake, home)
+        relay_env.update(FAST_RETRIES)
+        relay_env.update(env or {})
+        relay = RelayProcess(endpoint, spool_dir or str(tmp_path / "spool"), relay_env, list(args),
                              str(tmp_path / ("%s.log" % name)))
         started.append(relay)
         return relay.start() if start else relay

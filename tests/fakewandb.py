@@ -274,6 +274,11 @@ class FakeWandb:
             "project": {"id": "project-%s" % run.project, "name": run.project,
                         "entity": {"id": "entity-%s" % run.entity, "name": run.entity}}}}}
 
+    def _gql_RelayServerStep(self, v):
+        # The relay's own mid-run query: how many history lines the server holds for a run.
+        run = self._find_run(v.get("entity"), v.get("project"), v.get("name"))
+        return {"model": {"bucket": {"historyLineCount": len(run.history)} if run else None}}
+
     def _gql_RunResumeStatus(self, v):
         run = self._find_run(v.get("entity"), v.get("project"), v.get("name"))
         if run is None:

@@ -92,19 +92,27 @@ def _log(seq, stream="s1", run="r1"):
     return message(seq=seq, stream=stream, run=run, metrics={"seq": seq}), ""
 
 
+def test_spool_takes_live_streams_in_order_only(tmp_path):
+    spool = Spool(str(tmp_path))
+    spool.load_watermarks()
+    outcomes = spool.ingest([_log(1), _log(3), _log(2), _log(3)])
+    assert [o.status for o in outcomes] == ["new", "gap", "new", "new"]
+    assert [r.body["seq"] for r in spool.records("r1", 0, 10)] == [1, 2, 3]
+
+
 def test_spool_dedupes_by_stream_and_seq_across_reopen(tmp_path):
     spool = Spool(str(tmp_path))
     spool.load_watermarks()
-    first = spool.ingest([_log(1), _log(2), _log(4)])
+    first = spool.ingest([_log(1), _log(2), _log(4)], allow_gaps=True)   # as from a spill file
     assert [o.status for o in first] == ["new", "new", "new"]
     assert spool.upto("s1") == 2  # 3 is missing: 4 is stored but not under the watermark
-    again = spool.ingest([_log(2), _log(4), _log(3), _log(1, stream="s2")])
+    again = spool.ingest([_log(2), _log(4), _log(3), _log(1, stream="s2")], allow_gaps=True)
     assert [o.status for o in again] == ["dup", "dup", "new", "new"]
     assert spool.upto("s1") == 4 and spool.upto("s2") == 1
     spool.close()
     reopened = Spool(str(tmp_path))
     reopened.load_watermarks()
-    assert [o.status for o in reopened.ingest([_log(3), _log(5)])] == ["dup", "new"]
+    assert [o.status for o in reopened.ingest([_log(3), _log(5)], allow_gaps=True)] == ["dup", "new"]
     rows = reopened.records("r1", 0, 100)
     assert [(r.body["stream"], r.body["seq"]) for r in rows] == [("s1", 1), ("s1", 2), ("s1", 4), ("s1", 3), ("s2", 1), ("s1", 5)]
     assert reopened.status()["runs"][0]["received"] == 6

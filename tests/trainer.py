@@ -17,15 +17,19 @@ from relay.client import RelayClient  # noqa: E402
 
 
 def main(args: dict) -> int:
-    client = RelayClient(args["endpoint"], spill_dir=args.get("spill_dir"), max_pending=args.get("max_pending", 10000))
+    client = RelayClient(args["endpoint"], spill_dir=args.get("spill_dir"), max_pending=args.get("max_pending", 10000),
+                         heartbeat_every=args.get("heartbeat_every", 10.0))
     run = client.start_run(project=args.get("project", "relay-tests"), name=args.get("name"), run_id=args["run_id"],
                            group=args.get("group"), tags=args.get("tags"), notes=args.get("notes"),
                            config=args.get("config"))
     latencies = []
-    for step in range(args["steps"]):
+    start = args.get("start_step", 0)  # a trainer resumed from an older checkpoint starts lower
+    for step in range(start, start + args["steps"]):
         started = time.perf_counter()
         run.log(row(args["seed"], step, args["metrics"]), frame=frame(step), epoch=step + 1)
         latencies.append(time.perf_counter() - started)
+        if args.get("interval"):
+            time.sleep(args["interval"])  # the simulated training step
     print(json.dumps({"event": "logged", "max_latency": max(latencies, default=0.0)}), flush=True)
     if args.get("wait_stdin"):
         sys.stdin.readline()

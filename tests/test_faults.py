@@ -1,0 +1,186 @@
+"""Nothing lost, nothing doubled: relay/trainer kills, W&B outages, restarts, disk pressure.
+
+Real processes and signals, the real wandb SDK, the fake W&B backend; outcomes are exact counts.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from relay.client import RelayClient
+from relay.spool import Spool
+from test_e2e import assert_history
+from workload import frame, row
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def complete(fake, run_id):
+    return lambda: run_id in fake.runs() and fake.run(run_id).complete
+
+
+def test_relay_sigkill_mid_upload_then_restart_delivers_exactly_once(fake_wandb, relay_factory, trainer_factory):
+    relay = relay_factory(fake_wandb, ["--mode", "online"])
+    trainer = trainer_factory({"endpoint": relay.endpoint, "run_id": "kill9", "steps": 1500, "metrics": 10,
+                               "seed": 11, "interval": 0.002})
+    relay.wait_status(lambda s: s["runs"] and s["runs"][0]["uploaded"] >= 300, 60, "300 records uploaded")
+    assert relay.stop(signal.SIGKILL) == -signal.SIGKILL
+    relay.start()  # same spool, same endpoint: the trainer's client re-sends what was not acked
+    done = trainer.event("finished")
+    assert done["report"]["delivered"] is True and done["stats"]["acked"] == 1502
+    fake_wandb.wait_for(complete(fake_wandb, "kill9"), 120)
+    assert_history(fake_wandb.run("kill9").history, seed=11, steps=1500, metrics=10)
+    assert fake_wandb.run("kill9").exit_code == 0
+
+
+def test_trainer_sigkill_run_is_finished_with_nonzero_exit_after_silence(fake_wandb, relay_factory, trainer_factory):
+    relay = relay_factory(fake_wandb, ["--mode", "online"], env={"RELAY_SILENCE_TIMEOUT": "3"})
+    trainer = trainer_factory({"endpoint": relay.endpoint, "run_id": "ghost", "steps": 100, "metrics": 5,
+                               "seed": 12, "wait_stdin": True, "heartbeat_every": 0.5})
+    trainer.event("logged")
+    logged_at = time.time()
+    # Alive but quiet: heartbeats alone keep the run open past the silence timeout.
+    status = relay.wait_status(lambda s: s["runs"] and s["runs"][0]["received"] == 101
+                               and s["runs"][0]["last_seen"] > logged_at + 4, 30, "heartbeats past the timeout")
+    assert not status["runs"][0]["finished"] and "ghost" not in [r for r, v in fake_wandb.runs().items() if v.complete]
+    trainer.proc.kill()
+    trainer.proc.wait()
+    fake_wandb.wait_for(complete(fake_wandb, "ghost"), 60)
+    run = fake_wandb.run("ghost")
+    assert run.exit_code == 1
+    assert_history(run.history, seed=12, steps=100, metrics=5)
+    assert "no record or heartbeat from its trainer" in relay.log()
+
+
+def test_trainer_restarted_from_older_checkpoint_keeps_every_row(fake_wandb, relay_factory, trainer_factory):
+    relay = relay_factory(fake_wandb, ["--mode", "online"])
+    first = trainer_factory({"endpoint": relay.endpoint, "run_id": "again", "steps": 200, "metrics": 6, "seed": 13,
+                             "exit_code": 1})
+    assert first.event("finished")["report"]["delivered"] is True
+    fake_wandb.wait_for(complete(fake_wandb, "again"), 60)
+    second = trainer_factory({"endpoint": relay.endpoint, "run_id": "again", "steps": 200, "metrics": 6, "seed": 13,
+                              "start_step": 100})   # frames go back to those of step 100
+    assert second.event("finished")["report"]["delivered"] is True
+    fake_wandb.wait_for(lambda: len(fake_wandb.run("again").history) == 400 and fake_wandb.run("again").exit_code == 0,
+                        120)
+    history = fake_wandb.run("again").history
+    assert [r["_step"] for r in history] == list(range(400))
+    assert [r["frame"] for r in history] == [frame(s) for s in range(200)] + [frame(s) for s in range(100, 300)]
+    assert_history(history[:200], seed=13, steps=200, metrics=6)
+    for index, got in enumerate(history[200:]):
+        expected = row(13, 100 + index, 6)
+        assert all(got[k] == v or (v != v and got[k] != got[k]) for k, v in expected.items())
+
+
+@pytest.mark.parametrize("fault", ["hang", "503", "reset"])
+def test_wandb_outage_mid_run_keeps_acking_and_drains_in_order(fault, fake_wandb, relay_factory, trainer_factory):
+    relay = relay_factory(fake_wandb, ["--mode", "online"])
+    trainer = trainer_factory({"endpoint": relay.endpoint, "run_id": "mid" + fault, "steps": 300, "metrics": 8,
+                               "seed": 14, "wait_stdin": True, "interval": 0.001})
+    relay.wait_status(lambda s: s["runs"] and s["runs"][0]["state"] == "uploading", 60, "the W&B run to start")
+    fake_wandb.set_fault(fault)
+    trainer.event("logged")
+    trainer.go_on()
+    done = trainer.event("finished", timeout=60)
+    assert done["report"]["delivered"] is True and done["stats"]["acked"] == 302, "the relay must ack during outages"
+    relay.wait_status(lambda s: s["wandb_down_since"], 60, "the relay to notice the outage")
+    fake_wandb.set_fault("ok")
+    fake_wandb.wait_for(complete(fake_wandb, "mid" + fault), 120)
+    assert_history(fake_wandb.run("mid" + fault).history, seed=14, steps=300, metrics=8)
+    relay.wait_status(lambda s: s["wandb_down_since"] is None, 30, "the relay to see W&B back")
+    log = relay.log()
+    assert log.count("W&B unreachable") == 1 and log.count("W&B reachable again") == 1
+
+
+def test_first_sigterm_drains_with_deadline_second_exits_now_and_restart_delivers(fake_wandb, relay_factory,
+                                                                                   trainer_factory):
+    fake_wandb.set_fault("hang")
+    relay = relay_factory(fake_wandb, ["--mode", "online", "--drain-timeout", "3", "--init-timeout", "2"])
+    trainer = trainer_factory({"endpoint": relay.endpoint, "run_id": "drain", "steps": 100, "metrics": 4, "seed": 15})
+    assert trainer.event("finished")["report"]["delivered"] is True
+    started = time.monotonic()
+    assert relay.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - started < 3 + 10
+    assert "drain cut short" in relay.log() and "left_in_spool=102" in relay.log()
+
+    relay.args = ["--mode", "online", "--drain-timeout", "60", "--init-timeout", "2"]
+    relay.start()
+    relay.proc.send_signal(signal.SIGTERM)
+    relay.proc.send_signal(signal.SIGTERM)
+    started = time.monotonic()
+    assert relay.proc.wait(timeout=30) == 1
+    assert time.monotonic() - started < 10, "a second SIGTERM must not wait for the drain"
+
+    fake_wandb.set_fault("ok")
+    relay.start()
+    fake_wandb.wait_for(complete(fake_wandb, "drain"), 120)
+    assert_history(fake_wandb.run("drain").history, seed=15, steps=100, metrics=4)
+
+
+def test_client_overflow_spills_and_replay_delivers_every_record_once(fake_wandb, relay_factory, tmp_path):
+    relay = relay_factory(fake_wandb, ["--mode", "online"], start=False)
+    client = RelayClient(relay.endpoint, spill_dir=str(tmp_path / "spill"), max_pending=100)
+    run = client.start_run(project="tokenHSI", run_id="overflow")
+    for step in range(1000):
+        run.log(row(16, step, 4), frame=frame(step), epoch=step + 1)
+    stats = client.statistics()
+    reopens = len(client.spill_files)  # each overflow starts a new stream that names the run again
+    assert stats["pending"] <= 100 and stats["spilled"] + stats["pending"] == 1001 + reopens
+    assert stats["dropped"] == 0
+    report = run.finish(timeout=0.5)
+    client.close()
+    files = client.spill_files
+    assert sorted(files) == files, "spill file names must sort in the order they were written"
+    assert client.statistics()["spilled"] == 1002 + reopens
+    relay.start()
+    result = subprocess.run([sys.executable, "-m", "relay", "replay", "--spool-dir", relay.spool_dir, *files],
+                            capture_output=True, text=True, timeout=60, env=relay.env)
+    assert result.returncode == 0, result.stderr
+    assert "replayed %d files: %d new records" % (len(files), 1002 + reopens) in result.stdout
+    fake_wandb.wait_for(complete(fake_wandb, "overflow"), 120)
+    assert_history(fake_wandb.run("overflow").history, seed=16, steps=1000, metrics=4)
+    assert report["delivered"] is False
+
+
+def test_full_spool_holds_records_without_loss_until_room(fake_wandb, relay_factory, trainer_factory):
+    fake_wandb.set_fault("hang")
+    relay = relay_factory(fake_wandb, ["--mode", "online", "--init-timeout", "2"],
+                          env={"RELAY_MAX_SPOOL_BYTES": "150000"})
+    trainer = trainer_factory({"endpoint": relay.endpoint, "run_id": "full", "steps": 3000, "metrics": 10,
+                               "seed": 17, "interval": 0.001, "finish_timeout": 120})
+    status = relay.wait_status(lambda s: s["holding"], 60, "the spool to fill")
+    held_at = status["runs"][0]["received"]
+    assert 0 < held_at < 3002
+    assert "spool full" in relay.log()
+    fake_wandb.set_fault("ok")  # uploads confirm rows, the spool shrinks, records flow again
+    done = trainer.event("finished", timeout=180)
+    assert done["report"]["delivered"] is True and done["stats"]["dropped"] == 0
+    fake_wandb.wait_for(complete(fake_wandb, "full"), 120)
+    assert_history(fake_wandb.run("full").history, seed=17, steps=3000, metrics=10)
+
+
+def test_corrupt_spool_is_set_aside_and_what_was_readable_recovered(tmp_path, relay_factory):
+    spool_dir = tmp_path / "spool"
+    spool = Spool(str(spool_dir))
+    spool.load_watermarks()
+    spool.ingest([({"v": 1, "t": "log", "stream": "s", "seq": n, "run": "r", "metrics": {"n": n}}, "")
+                  for n in range(1, 2001)])
+    spool.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    spool.close()
+    path = spool_dir / Spool.FILENAME
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 4096] = os.urandom(4096)   # one page of garbage in the middle
+    path.write_bytes(bytes(data))
+    relay = relay_factory(None, ["--mode", "disabled"], spool_dir=str(spool_dir))
+    log = relay.log()
+    assert "spool was damaged" in log and "set aside as" in log
+    recovered = int(log.split("recovered ")[1].split(" ")[0])
+    assert 0 < recovered < 2000
+    status = relay.status()
+    assert status["runs"][0]["received"] >= recovered
