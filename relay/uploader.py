@@ -169,7 +169,8 @@ class RunUploader:
             self._wb = retrying(self._init_once, settings)
         except RETRYABLE:
             return False
-        server_step = int(self._wb.step or 0) if self.mode == "online" else 0
+        # After a resume, wandb reports the next free step as starting_step (run.step reads 0).
+        server_step = int(self._wb.starting_step or 0) if self.mode == "online" else 0
         confirmed = self._spool.confirm_below_step(self.run_id, server_step)
         if server_step:
             log.info("run %s resumed at W&B step %d (%d spooled records were already there)",

@@ -36,6 +36,7 @@ from __future__ import annotations
 import collections
 import copy
 import gzip
+import inspect
 import hashlib
 import base64
 import json
@@ -88,13 +89,30 @@ class FakeArtifact:
     aliases: list[str]
     files: dict[str, bytes]          # path in the artifact -> exact uploaded bytes
     run_id: str | None
+    # Beyond the brief:
     id: str = ""
+    version: int = -1                # v0, v1, ... within its collection, set on commit
+    entity: str = ""
+    project: str = ""
+    digest: str | None = None
+    client_id: str | None = None
     committed: bool = False
-    manifest: dict | None = None
+    manifest: dict | None = None     # wandb_manifest.json as uploaded
 
 
-def _place(lines: list, offset: int, content: list) -> None:
-    """Put `content` at lines offset.. of a file; a gap before offset is padded with None."""
+def _place(lines: list, offset: int, content: list, anomalies: list | None = None, what: str = "") -> None:
+    """Put `content` at lines offset.. of a file, as the W&B server does with file_stream chunks.
+
+    A resent chunk therefore overwrites the same lines instead of appending duplicates. A gap before
+    `offset` is padded with None; gaps and rewrites with different content go to `anomalies`.
+    """
+    if anomalies is not None:
+        if offset > len(lines):
+            anomalies.append("%s: chunk at offset %d but only %d lines so far" % (what, offset, len(lines)))
+        for i, item in enumerate(content[:max(0, len(lines) - offset)]):
+            old = lines[offset + i]
+            if old is not None and json.dumps(old, sort_keys=True) != json.dumps(item, sort_keys=True):
+                anomalies.append("%s: line %d rewritten: %s -> %s" % (what, offset + i, old, item))
     while len(lines) < offset:
         lines.append(None)
     lines[offset:offset + len(content)] = content
@@ -116,9 +134,11 @@ class FakeWandb:
         self._cond = threading.Condition(threading.RLock())
         self._runs: dict[tuple[str, str, str], FakeRun] = {}
         self._artifacts: dict[str, FakeArtifact] = {}     # by artifact id
-        self._artifact_specs: dict[str, dict] = {}        # artifact id -> {"manifest_id", ...}
+        self._manifest_owner: dict[str, str] = {}         # manifest id -> artifact id
+        self._manifest_key: dict[str, str] = {}           # artifact id -> key of its last uploaded manifest
         self._blobs: dict[str, bytes] = {}                # upload key -> bytes
-        self._multipart: dict[str, dict] = {}             # uploadID -> {"key", "parts": {n: bytes}}
+        self._multipart: dict[str, str] = {}              # multipart uploadID -> key of the whole file
+        self.anomalies: list[str] = []                    # protocol oddities seen (gaps, rewrites, ...)
         self._fault = ("ok", "all")
         self._stopping = False
         self._ids = 0
@@ -177,11 +197,8 @@ class FakeWandb:
 
     def wait_for(self, predicate: Callable[["FakeWandb"], bool] | Callable[[], bool], timeout: float) -> None:
         """Wait until predicate(fake) (or predicate()) is true; it is re-checked on every change."""
-        def check():
-            try:
-                return predicate(self)
-            except TypeError:
-                return predicate()
+        takes_fake = len(inspect.signature(predicate).parameters) > 0
+        check = (lambda: predicate(self)) if takes_fake else predicate
         with self._cond:
             if not self._cond.wait_for(check, timeout):
                 raise AssertionError("fakewandb: condition %s not met within %.1f s\n%s" % (
@@ -197,6 +214,7 @@ class FakeWandb:
             for art in self._artifacts.values():
                 lines.append("artifact %s:%s committed=%s files=%s" % (art.name, art.type, art.committed,
                                                                       sorted(art.files)))
+            lines.extend("anomaly: %s" % a for a in self.anomalies[-10:])
             lines.append("last requests: %s" % list(self.request_log)[-15:])
             return "\n".join(lines)
 
@@ -315,35 +333,71 @@ class FakeWandb:
             {"name": name, "uploadUrl": self._upload_url("run/%s/%s" % (storage, name))}
             for name in v.get("files", [])]}}
 
+    def _collection(self, entity, project, name) -> list[FakeArtifact]:
+        """Committed versions of an artifact collection, oldest first."""
+        return sorted((a for a in self._artifacts.values() if a.committed and a.name == name
+                       and (a.entity, a.project) == (entity, project)), key=lambda a: a.version)
+
+    def _move_aliases(self, art: FakeArtifact) -> None:
+        """An alias names one version of a collection: taking it takes it from the others."""
+        for other in self._collection(art.entity, art.project, art.name):
+            if other is not art:
+                other.aliases = [a for a in other.aliases if a not in art.aliases]
+
+    def _gql_ArtifactType(self, v):   # asked by the Python side of log_artifact
+        entity, project = v.get("entity") or self.entity, v.get("project") or "uncategorized"
+        versions = self._collection(entity, project, v["name"].split(":")[0])
+        artifact = {"artifactType": {"name": versions[-1].type}} if versions else None
+        return {"project": {"artifact": artifact}}
+
     def _gql_CreateArtifact(self, v):
         spec = v["input"]
-        art_id = self._new_id("artifact")
-        run = self._find_run(spec.get("entityName"), spec.get("projectName"), spec.get("runName"))
-        metadata = spec.get("metadata")
-        self._artifacts[art_id] = FakeArtifact(
-            name=spec.get("artifactCollectionName"), type=spec.get("artifactTypeName"),
-            metadata=json.loads(metadata) if isinstance(metadata, str) else (metadata or {}),
-            aliases=[a["alias"] for a in spec.get("aliases") or []], files={},
-            run_id=run.run_id if run else spec.get("runName"), id=art_id)
-        self._artifact_specs[art_id] = {"input": spec}
-        return {"createArtifact": {"artifact": {"id": art_id, "state": "PENDING",
-                                                "artifactSequence": {"latestArtifact": None}}}}
+        entity, project = spec.get("entityName") or self.entity, spec.get("projectName") or "uncategorized"
+        name, aliases = spec["artifactCollectionName"], [a["alias"] for a in spec.get("aliases") or []]
+        versions = self._collection(entity, project, name)
+        latest = {"id": versions[-1].id} if versions else None
+        # A resent CreateArtifact (same clientID) gets the artifact it already created.
+        art = next((a for a in self._artifacts.values() if a.client_id and a.client_id == spec.get("clientID")), None)
+        if art is None and spec.get("enableDigestDeduplication"):
+            # Same content as a committed version: the SDK skips the upload and no version is added.
+            art = next((a for a in versions if a.digest == spec.get("digest")), None)
+            if art is not None:
+                self.requests_seen["artifact_deduplicated"] += 1
+                art.aliases += [a for a in aliases if a not in art.aliases]
+                self._move_aliases(art)
+        if art is None:
+            run = self._find_run(entity, project, spec.get("runName"))
+            metadata = spec.get("metadata")
+            art = FakeArtifact(
+                name=name, type=spec.get("artifactTypeName"),
+                metadata=json.loads(metadata) if isinstance(metadata, str) else (metadata or {}),
+                aliases=aliases, files={}, run_id=run.run_id if run else spec.get("runName"),
+                id=self._new_id("artifact"), entity=entity, project=project, digest=spec.get("digest"),
+                client_id=spec.get("clientID"))
+            self._artifacts[art.id] = art
+        return {"createArtifact": {"artifact": {
+            "id": art.id, "state": "COMMITTED" if art.committed else "PENDING",
+            "artifactSequence": {"latestArtifact": latest}}}}
 
     def _gql_FetchArtifactDigestAlgorithm(self, v):
-        return {"project": None}
+        return {"project": None}   # no collection settings: the SDK uses MD5 manifests
 
     def _gql_XXHashDigestsEnabled(self, v):
         return {"entity": {"xxhashDigestsEnabled": False}}
 
     def _manifest_payload(self, field_name: str, manifest_id: str, v: dict) -> dict:
         file = {"id": "file-" + manifest_id}
-        if v.get("includeUpload", True):
-            file.update(uploadUrl=self._upload_url("manifest/" + manifest_id), uploadHeaders=[])
+        if v.get("includeUpload"):
+            file.update(uploadUrl=self._upload_url("manifest/%s/%s" % (self._manifest_owner[manifest_id],
+                                                                        manifest_id)), uploadHeaders=[])
         return {field_name: {"artifactManifest": {"id": manifest_id, "file": file}}}
 
+    # The SDK creates a manifest record first without an upload URL (to get an ID for
+    # CreateArtifactFiles), then, after the files, creates (or, with a base artifact, updates) one
+    # with an upload URL and PUTs wandb_manifest.json there. CommitArtifact reads the last one.
     def _gql_CreateArtifactManifest(self, v):
         manifest_id = self._new_id("manifest")
-        self._artifact_specs.setdefault(v["artifactID"], {})["manifest_id"] = manifest_id
+        self._manifest_owner[manifest_id] = v["artifactID"]
         return self._manifest_payload("createArtifactManifest", manifest_id, v)
 
     def _gql_UpdateArtifactManifest(self, v):
@@ -356,9 +410,9 @@ class FakeWandb:
             node = {"storagePath": key, "uploadUrl": self._upload_url(key), "uploadHeaders": [],
                     "uploadMultipartUrls": None, "artifact": {"id": spec["artifactID"]}}
             parts = spec.get("uploadPartsInput")
-            if parts:   # multipart: one URL per part, assembled on CompleteMultipartUploadArtifact
+            if parts:   # multipart (files >= 2 GiB in 0.31): one URL per part
                 upload_id = self._new_id("multipart")
-                self._multipart[upload_id] = {"key": key, "parts": {}}
+                self._multipart[upload_id] = key
                 node["uploadMultipartUrls"] = {"uploadID": upload_id, "uploadUrlParts": [
                     {"partNumber": p["partNumber"],
                      "uploadUrl": self._upload_url("part/%s/%d" % (upload_id, p["partNumber"]))}
@@ -367,29 +421,52 @@ class FakeWandb:
         return {"createArtifactFiles": {"files": {"edges": edges}}}
 
     def _gql_CompleteMultipartUploadArtifact(self, v):
-        upload = self._multipart.pop(v["uploadID"])
-        numbers = [p["partNumber"] for p in v["completedParts"]]
-        data = b"".join(self._blobs.pop("part/%s/%d" % (v["uploadID"], n)) for n in numbers)
-        self._blobs[upload["key"]] = data
+        key = self._multipart[v["uploadID"]]
+        numbers = sorted(p["partNumber"] for p in v["completedParts"])
+        data = b"".join(self._blobs["part/%s/%d" % (v["uploadID"], n)] for n in numbers)
+        self._blobs[key] = data
         return {"completeMultipartUploadArtifact": {"digest": hashlib.md5(data).hexdigest()}}
 
     def _gql_CommitArtifact(self, v):
         art = self._artifacts[v["artifactID"]]
-        manifest_id = self._artifact_specs.get(art.id, {}).get("manifest_id")
-        manifest = json.loads(self._blobs.get("manifest/%s" % manifest_id, b"{}") or b"{}")
-        # Manifest entries name files by base64 MD5; find their bytes among this artifact's uploads,
-        # then among all uploads (W&B deduplicates identical content across artifact versions).
-        by_md5 = {}
-        for key, data in self._blobs.items():
-            by_md5.setdefault(base64.b64encode(hashlib.md5(data).digest()).decode(), data)
-            if key.startswith("artifact/%s/" % art.id):
-                by_md5[base64.b64encode(hashlib.md5(data).digest()).decode()] = data
-        for path, entry in (manifest.get("contents") or {}).items():
-            if entry.get("digest") in by_md5:
-                art.files[path] = by_md5[entry["digest"]]
-        art.manifest, art.committed = manifest, True
-        return {"commitArtifact": {"artifact": {"id": art.id, "digest": self._artifact_specs[art.id]
-                                                ["input"].get("digest")}}}
+        if not art.committed:
+            manifest = json.loads(self._blobs.get(self._manifest_key.get(art.id), b"{}") or b"{}")
+            # Manifest entries name content by base64 MD5: take this artifact's uploads first, then
+            # any upload (W&B stores content once, so an entry may point at an earlier upload).
+            by_md5 = {}
+            for key, data in self._blobs.items():
+                md5 = base64.b64encode(hashlib.md5(data).digest()).decode()
+                if md5 not in by_md5 or key.startswith("artifact/%s/" % art.id):
+                    by_md5[md5] = data
+            for path, entry in (manifest.get("contents") or {}).items():
+                if entry.get("digest") in by_md5:
+                    art.files[path] = by_md5[entry["digest"]]
+                else:
+                    self.anomalies.append("artifact %s: no uploaded bytes for %s" % (art.name, path))
+            art.manifest, art.committed = manifest, True
+            art.version = len(self._collection(art.entity, art.project, art.name)) - 1
+            self._move_aliases(art)
+        return {"commitArtifact": {"artifact": {"id": art.id, "digest": art.digest}}}
+
+    def _gql_ArtifactByID(self, v):   # asked by Artifact.wait() after the save
+        art = self._artifacts.get(v["id"])
+        if art is None:
+            return {"artifact": None}
+        project = {"id": "project-" + art.project, "internalId": "1", "name": art.project,
+                   "entity": {"name": art.entity}}
+        collection = {"__typename": "ArtifactSequence", "name": art.name, "project": project}
+        return {"artifact": {
+            "__typename": "Artifact", "id": art.id, "artifactSequence": collection,
+            "versionIndex": art.version if art.committed else None, "artifactType": {"name": art.type},
+            "description": None, "metadata": json.dumps(art.metadata), "ttlDurationSeconds": -2,
+            "ttlIsInherited": True, "tags": [], "historyStep": None,
+            "state": "COMMITTED" if art.committed else "PENDING",
+            "size": sum(len(b) for b in art.files.values()), "digest": art.digest,
+            "digestAlgorithm": "MANIFEST_MD5", "commitHash": (art.digest or "")[:12],
+            "fileCount": len(art.files), "createdAt": "2024-01-01T00:00:00", "updatedAt": None,
+            "aliases": [{"__typename": "ArtifactAlias", "id": "alias-%s-%s" % (art.id, alias), "alias": alias,
+                         "artifactCollection": dict(collection, __typename="ArtifactSequence")}
+                        for alias in art.aliases]}}
 
     def _gql_UseArtifact(self, v):
         return {"useArtifact": {"artifact": {"id": v.get("input", {}).get("artifactID")}}}
@@ -403,9 +480,11 @@ class FakeWandb:
             for name, chunk in (body.get("files") or {}).items():
                 offset, content = chunk["offset"], chunk["content"]
                 if name == HISTORY:
-                    _place(run.history, offset, [json.loads(line) for line in content])
+                    _place(run.history, offset, [json.loads(line) for line in content], self.anomalies,
+                           "%s history" % run_id)
                 elif name == EVENTS:
-                    _place(run.events, offset, [json.loads(line) for line in content])
+                    _place(run.events, offset, [json.loads(line) for line in content], self.anomalies,
+                           "%s events" % run_id)
                 elif name == SUMMARY:
                     if content:
                         run.summary = json.loads(content[-1])
@@ -422,6 +501,8 @@ class FakeWandb:
     def _upload(self, key: str, data: bytes) -> None:
         with self._cond:
             self._blobs[key] = data
+            if key.startswith("manifest/"):
+                self._manifest_key[key.split("/")[1]] = key
             if key.startswith("run/"):
                 _, storage, name = key.split("/", 2)
                 for run in self._runs.values():
