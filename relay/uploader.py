@@ -86,6 +86,7 @@ class RunUploader:
         self._next_step = 0
         self._confirmed_step = 0           # W&B holds every row below this step
         self._next_confirm = 0.0           # monotonic time of the next server-step query
+        self._unreachable = False          # the last server-step query failed
         self._spool: Spool | None = None
 
     # -- process ------------------------------------------------------------------------------
@@ -105,6 +106,9 @@ class RunUploader:
     def _loop(self) -> None:
         spool = self._spool
         while not self.stop.is_set():
+            online = self._wb is not None and self.mode == "online"
+            if online and time.monotonic() >= self._next_confirm and self._next_step > self._confirmed_step:
+                self._confirm()
             records = spool.records(self.run_id, self._cursor, self.config.batch_max)
             if not records:
                 if self._wb is None:
@@ -114,12 +118,9 @@ class RunUploader:
                     return
                 self._idle()
                 continue
-            if self._wb is not None and self.mode == "online":
-                if time.monotonic() >= self._next_confirm and self._next_step > self._confirmed_step:
-                    self._confirm()
-                if self._next_step - self._confirmed_step >= self.config.max_unconfirmed_rows:
-                    self._idle()  # the backlog stays in the spool, not in wandb-core's memory
-                    continue
+            if online and self._next_step - self._confirmed_step >= self.config.max_unconfirmed_rows:
+                self._idle()  # the backlog stays in the spool, not in wandb-core's memory
+                continue
             if self._wb is None:
                 settings = spool.settings(self.run_id)
                 if settings is None:
@@ -226,6 +227,16 @@ class RunUploader:
         log.debug("run %s: wandb.init failed (%s); retry in %.1f s", self.run_id, _short(error),
                   state.next_action.sleep if state.next_action else 0)
 
+    def _wait_for_wandb(self) -> None:
+        """Before a finish (which blocks until W&B has everything), make sure W&B answers, so an
+        outage shows as 'retrying' in `relay status` rather than as a finish that never ends."""
+        if self.mode != "online":
+            return
+        self._confirm()
+        while self._unreachable and not self.interrupt.is_set():
+            self.interrupt.wait(self.config.backoff_max)
+            self._confirm()
+
     def _confirm(self) -> None:
         """Ask W&B how many history rows it holds; the spool lets go of those rows.
 
@@ -235,8 +246,10 @@ class RunUploader:
         try:
             server_step = self._server_history_count()
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            self._spool.set_state(self.run_id, "retrying", "W&B unreachable: %s" % _short(exc))
+            self._unreachable = True
+            self._spool.set_state(self.run_id, "retrying", "asking W&B for the run failed: %s" % _short(exc))
             return
+        self._unreachable = False
         self._spool.set_state(self.run_id, "uploading")
         if server_step > self._confirmed_step:
             confirmed = self._spool.confirm_logged(self.run_id, server_step)
@@ -330,6 +343,7 @@ class RunUploader:
         elif record.kind == "checkpoint":
             self._log_checkpoint(body)
         elif record.kind == "finish":
+            self._wait_for_wandb()
             self._finish(body["exit_code"], through_id=record.id)
 
     def _log_checkpoint(self, body: dict) -> None:

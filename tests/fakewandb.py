@@ -152,8 +152,7 @@ class FakeWandb:
         class Handler(_Handler):
             pass
         Handler.fake = fake
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
+        self._server = _Server(("127.0.0.1", 0), Handler)
         self.base_url = "http://127.0.0.1:%d" % self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, name="fakewandb", daemon=True)
         self._thread.start()
@@ -172,7 +171,6 @@ class FakeWandb:
         return {
             "WANDB_BASE_URL": self.base_url,
             "WANDB_API_KEY": self.api_key,
-            "WANDB_ENTITY": self.entity,
             "WANDB_ERROR_REPORTING": "false",   # no Sentry reports from the SDK
         }
 
@@ -509,6 +507,14 @@ class FakeWandb:
                     if run.storage_id == storage:
                         run.files[name] = data
             self._cond.notify_all()
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):   # clients do go away
+            super().handle_error(request, client_address)
 
 
 class _GraphQLError(Exception):
