@@ -2,32 +2,41 @@
 
 Point the SDK at it with ``FakeWandb.env()`` (WANDB_BASE_URL + WANDB_API_KEY). It records what it
 receives (runs, history rows, summaries, artifacts with their exact bytes) and can inject faults.
-The protocol below was found by experiment against wandb 0.31.0, with the GraphQL documents in
+The protocol was found by experiment against wandb 0.31.0, with the GraphQL documents embedded in
 wandb-core as the guide to which response fields matter.
 
 Emulated endpoints
-  POST /graphql                       GraphQL, dispatched on operationName:
-      Viewer, ServerInfo/ServerFeaturesQuery (no optional server features are reported, so the SDK
-      takes its plain paths: no gzip, single-PUT uploads), UpsertBucket, RunResumeStatus,
-      CreateRunFiles, CreateArtifact, FetchArtifactDigestAlgorithm, XXHashDigestsEnabled,
-      CreateArtifactManifest, UpdateArtifactManifest, CreateArtifactFiles,
-      CompleteMultipartUploadArtifact, CommitArtifact, UseArtifact.
+  POST /graphql, dispatched on operationName (or the name in the query text):
+      run:       UpsertBucket, RunResumeStatus, CreateRunFiles, Viewer, ServerFeaturesQuery
+                 (ServerInfo), OrganizationCoreWeaveOrganizationID (asked by system metrics)
+      artifacts: ArtifactType, CreateArtifact, FetchArtifactDigestAlgorithm, XXHashDigestsEnabled,
+                 CreateArtifactManifest, UpdateArtifactManifest, CreateArtifactFiles,
+                 CompleteMultipartUploadArtifact, CommitArtifact, ArtifactByID (Artifact.wait()),
+                 UseArtifact
+      and RelayServerStep, this project's own query for a run's historyLineCount.
+      No optional server feature is reported, so the SDK takes its plain paths (no gzip, MD5
+      manifests, no xxhash). Unknown operations get a GraphQL error and count as "graphql:<name>".
   POST /files/{entity}/{project}/{run}/file_stream
-      {"files": {name: {"offset": N, "content": [lines]}}, "preempting", "complete", "exitcode"}.
-      Content at offset N is *placed* at lines N.. of that file, so a resent chunk replaces rather
-      than duplicates. wandb-summary.json is one line holding the whole summary.
-  PUT /upload/<key>                   every upload URL handed out above points here (run files,
-      artifact files, artifact manifests, multipart parts).
+      {"files": {name: {"offset": N, "content": [lines]}}, "uploaded", "preempting", "complete",
+      "exitcode"}. Content at offset N is *placed* at lines N.. of that file, as W&B does, so a resent
+      chunk replaces lines instead of duplicating them. wandb-summary.json: one line, whole summary.
+  PUT /upload/<key>
+      Every upload URL handed out above points here: run files, artifact files, manifests, and
+      multipart parts (wandb-core uses multipart only for files of 2 GiB and more).
 
-Deliberately not emulated: wandb.Api() and every other read query, sweeps, launch, artifact
-downloads (use_artifact of a stored file), reference artifacts, auth failures, rate limits.
-Unknown GraphQL operations are answered with a GraphQL error and counted as "graphql:<name>".
+Artifacts: CreateArtifact is idempotent per clientID (a retried mutation gets the same artifact);
+content equal to a committed version of the collection is deduplicated (state COMMITTED, so the SDK
+uploads nothing and no version is added); aliases move between versions as on W&B.
 
-Faults (``set_fault``) apply to new requests of the chosen kind: "503" answers 503, "reset" reads
-the request then closes the TCP connection with RST, "hang" reads the request and never answers
-(the connection is closed, unanswered, once the fault is cleared, the client gives up, or the fake
-stops). Extra mode "lost_reply": the request is processed and recorded, then the connection is
-reset, so the client cannot know it arrived (the "ack lost" case for exactly-once tests).
+Deliberately not emulated: wandb.Api() and read queries generally, sweeps, launch, artifact
+downloads/use_artifact of stored files, reference artifacts, auth failures, rate limits,
+"stopped" runs.
+
+Faults (``set_fault``) apply to requests that arrive while set: "503" answers 503; "reset" reads
+the request and closes the TCP connection with RST; "hang" reads it and never answers (the
+connection is closed unanswered once the fault is cleared, the client gives up, or the fake stops).
+Extra mode "lost_reply": the request is processed and recorded, then the connection is reset, so
+the client cannot know it arrived (the lost-ack case for exactly-once tests).
 
 Debugging: FAKEWANDB_DEBUG=1 prints every request to stderr.
 """
@@ -147,12 +156,8 @@ class FakeWandb:
 
     # ------------------------------------------------------------------ public API
     def start(self) -> str:
-        fake = self
-
-        class Handler(_Handler):
-            pass
-        Handler.fake = fake
-        self._server = _Server(("127.0.0.1", 0), Handler)
+        handler = type("Handler", (_Handler,), {"fake": self})
+        self._server = _Server(("127.0.0.1", 0), handler)
         self.base_url = "http://127.0.0.1:%d" % self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, name="fakewandb", daemon=True)
         self._thread.start()
@@ -217,10 +222,6 @@ class FakeWandb:
             return "\n".join(lines)
 
     # ------------------------------------------------------------------ internals
-    def _changed(self) -> None:
-        with self._cond:
-            self._cond.notify_all()
-
     def _new_id(self, prefix: str) -> str:
         with self._cond:
             self._ids += 1
@@ -301,10 +302,16 @@ class FakeWandb:
             return {"model": {"id": "project-x", "name": v.get("project"),
                               "entity": {"id": "entity-x", "name": v.get("entity") or self.entity},
                               "bucket": None}}
-        # wandb-core (runbranch/resume.go) treats the run as existing only when wandbConfig has
-        # key "t". It then continues file_stream at historyLineCount/eventsLineCount/logLineCount
-        # and sets its starting step to the last historyTail row's integer "_step" (+1 when
-        # historyLineCount > 0); the summary's "_step" is only a fallback when historyTail is empty.
+        # How wandb-core 0.31 (runbranch/resume.go) uses this answer:
+        # - the run exists only if `wandbConfig` (config["_wandb"] filtered to key "t") has "t";
+        #   otherwise resume="allow" starts it afresh and resume="must" fails;
+        # - file_stream continues at offsets historyLineCount / eventsLineCount / logLineCount;
+        # - starting step = integer "_step" of the LAST historyTail row (summaryMetrics["_step"] is
+        #   used only when historyTail is empty), plus 1 when historyLineCount > 0. It is stored in
+        #   the run dir's run-<id>.wandb.syncstate and returned as run.starting_step. run.step reads
+        #   0 until the first log() after init, and log(step=s) with s below it is dropped silently;
+        # - config (each value as {"value": v}), summaryMetrics, tags and notes are restored, and
+        #   every one of these fields must be present and parse, or resuming fails.
         wandb_internal = run.raw_config.get("_wandb", {})
         wandb_internal = wandb_internal.get("value", {}) if isinstance(wandb_internal, dict) else {}
         history = [row for row in run.history if row is not None]

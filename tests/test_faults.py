@@ -99,17 +99,20 @@ def test_wandb_outage_mid_run_keeps_acking_and_drains_in_order(fault, fake_wandb
 
 def test_first_sigterm_drains_with_deadline_second_exits_now_and_restart_delivers(fake_wandb, relay_factory,
                                                                                    trainer_factory):
-    fake_wandb.set_fault("hang")
-    relay = relay_factory(fake_wandb, ["--mode", "online", "--drain-timeout", "3", "--init-timeout", "2"])
+    fake_wandb.set_fault("hang")  # wandb.init hangs for its whole timeout: longer than the drain deadline
+    args = ["--mode", "online", "--init-timeout", "20"]
+    relay = relay_factory(fake_wandb, args + ["--drain-timeout", "3"])
     trainer = trainer_factory({"endpoint": relay.endpoint, "run_id": "drain", "steps": 100, "metrics": 4, "seed": 15})
     assert trainer.event("finished")["report"]["delivered"] is True
+    relay.wait_status(lambda s: s["runs"] and s["runs"][0]["state"] == "initialising", 30, "wandb.init under way")
     started = time.monotonic()
     assert relay.stop(signal.SIGTERM) == 0
-    assert time.monotonic() - started < 3 + 10
+    assert 3 <= time.monotonic() - started < 3 + 10
     assert "drain cut short" in relay.log() and "left_in_spool=102" in relay.log()
 
-    relay.args = ["--mode", "online", "--drain-timeout", "60", "--init-timeout", "2"]
+    relay.args = args + ["--drain-timeout", "60"]
     relay.start()
+    relay.wait_status(lambda s: s["runs"][0]["state"] == "initialising", 30, "wandb.init under way")
     relay.proc.send_signal(signal.SIGTERM)
     relay.proc.send_signal(signal.SIGTERM)
     started = time.monotonic()
