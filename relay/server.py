@@ -123,6 +123,8 @@ class RelayServer:
 
     def startup(self) -> None:
         self.spool = Spool(self.config.spool_dir)
+        if self.spool.recovery:
+            log.error("%s; records that could not be read are lost", self.spool.recovery)
         self.spool.load_watermarks()
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.ROUTER)

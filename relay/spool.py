@@ -63,6 +63,32 @@ class SpoolError(RuntimeError):
     pass
 
 
+def _salvage(old: sqlite3.Connection, new: sqlite3.Connection, table: str, key: str, chunk: int = 64) -> int:
+    """Copy the readable rows of `table`, stepping over damaged pages chunk by chunk."""
+    try:
+        highest = old.execute("SELECT max(%s) FROM %s" % (key, table)).fetchone()[0] or 0
+        columns = [row[1] for row in old.execute("PRAGMA table_info(%s)" % table)]
+    except sqlite3.DatabaseError:
+        return 0
+    select = "SELECT %s, %s FROM %s WHERE %s > ? AND %s <= ? ORDER BY %s" % (
+        key, ", ".join(columns), table, key, key, key)
+    insert = "INSERT OR IGNORE INTO %s (%s) VALUES (%s)" % (table, ", ".join(columns), ", ".join("?" * len(columns)))
+    copied = 0
+    for low in range(0, highest, chunk):
+        try:
+            rows = old.execute(select, (low, low + chunk)).fetchall()
+        except sqlite3.DatabaseError:
+            rows = []
+            for one in range(low + 1, low + chunk + 1):
+                try:
+                    rows += old.execute(select, (one - 1, one)).fetchall()
+                except sqlite3.DatabaseError:
+                    continue
+        new.executemany(insert, [row[1:] for row in rows])
+        copied += len(rows)
+    return copied
+
+
 @dataclass
 class Record:
     id: int
@@ -97,17 +123,53 @@ class Spool:
     def __init__(self, directory: str):
         self.directory = directory
         self.path = os.path.join(directory, self.FILENAME)
+        self.recovery: str | None = None   # what happened if the spool was found damaged
         try:
             os.makedirs(directory, exist_ok=True)
+            problem = self._check()
+            if problem:
+                self.recovery = self._recover(problem)
             self.conn = _connect(self.path)
             self.conn.executescript(SCHEMA)
-            check = self.conn.execute("PRAGMA quick_check").fetchone()[0]
         except (OSError, sqlite3.Error) as exc:
             raise SpoolError("cannot open spool %s: %s" % (self.path, exc)) from exc
-        if check != "ok":
-            raise SpoolError("spool %s is corrupt (%s); move it aside and start again" % (self.path, check))
         self._upto: dict[str, int] = {}
         self._above: dict[str, set[int]] = {}
+
+    def _check(self) -> str | None:
+        """None if the spool file is sound (or new), else what SQLite says is wrong with it."""
+        if not os.path.exists(self.path):
+            return None
+        try:
+            conn = _connect(self.path)
+            try:
+                result = conn.execute("PRAGMA quick_check").fetchone()[0]
+            finally:
+                conn.close()
+        except sqlite3.DatabaseError as exc:
+            return str(exc)
+        return None if result == "ok" else result
+
+    def _recover(self, problem: str) -> str:
+        """Set the damaged file aside and copy every row that can still be read into a new spool."""
+        aside = "%s.damaged-%s" % (self.path, time.strftime("%Y%m%dT%H%M%S"))
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(self.path + suffix):
+                os.replace(self.path + suffix, aside + suffix)
+        new = _connect(self.path)
+        new.executescript(SCHEMA)
+        copied = {}
+        try:
+            old = sqlite3.connect("file:%s?mode=ro" % aside, uri=True)
+        except sqlite3.Error:
+            old = None
+        for table, key in (("streams", "rowid"), ("runs", "rowid"), ("records", "id")):
+            copied[table] = _salvage(old, new, table, key) if old is not None else 0
+        if old is not None:
+            old.close()
+        new.close()
+        return ("spool was damaged (%s); set aside as %s; recovered %d records of %d runs into a new spool"
+                % (problem, aside, copied["records"], copied["runs"]))
 
     def close(self) -> None:
         self.conn.close()

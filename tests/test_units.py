@@ -140,11 +140,15 @@ def test_spool_confirms_by_step_and_by_finish(tmp_path):
     assert [r.body["seq"] for r in spool.records("r1", 0, 100)] == [9, 10]
 
 
-def test_corrupt_spool_is_reported_not_silently_reused(tmp_path):
+def test_garbage_spool_file_is_set_aside_and_a_new_one_started(tmp_path):
     path = tmp_path / Spool.FILENAME
     path.write_bytes(b"this is not a database" * 100)
-    with pytest.raises(Exception, match="spool"):
-        Spool(str(tmp_path))
+    spool = Spool(str(tmp_path))
+    assert "spool was damaged" in spool.recovery and "recovered 0 records of 0 runs" in spool.recovery
+    aside = [p for p in os.listdir(tmp_path) if ".damaged-" in p]
+    assert len(aside) == 1 and (tmp_path / aside[0]).read_bytes() == b"this is not a database" * 100
+    spool.load_watermarks()
+    assert [o.status for o in spool.ingest([_log(1)])] == ["new"]
 
 
 # -- config -----------------------------------------------------------------------------------
