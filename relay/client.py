@@ -239,6 +239,8 @@ class RelayClient:
             if kind == "ack":
                 self._on_ack(reply)
             elif kind == "error":
+                if isinstance(reply.get("seq"), int) and reply.get("stream") in (None, self.stream):
+                    self._pending.pop(reply["seq"], None)  # can never be accepted: no use re-sending
                 self._stats["errors"] += 1
                 self._error("relay refused record seq=%s: %s" % (reply.get("seq"), reply.get("reason")))
 

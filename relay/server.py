@@ -252,7 +252,8 @@ class RelayServer:
                 self.counters["duplicates"] += 1
             else:
                 self.counters["refused"] += 1
-                self.reply(senders[outcome.stream], {"t": "error", "seq": outcome.seq, "reason": outcome.reason})
+                self.reply(senders[outcome.stream], {"t": "error", "stream": outcome.stream, "seq": outcome.seq,
+                                                     "reason": outcome.reason})
         for stream, seqs in committed.items():
             self.counters["acked"] += len(seqs)
             self.reply(senders[stream], {"t": "ack", "stream": stream, "upto": self.spool.upto(stream),

@@ -202,7 +202,7 @@ class Spool:
                 if seq <= upto:
                     outcomes.append(Outcome(stream, seq, "dup"))
                     continue
-                if seq > upto + 1 and not allow_gaps:
+                if seq > upto + 1 and not allow_gaps and not refusal:  # a refusal takes its seq anyway
                     outcomes.append(Outcome(stream, seq, "gap"))
                     continue
                 run_id = "" if refusal else message["run"]
