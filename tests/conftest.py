@@ -16,7 +16,8 @@ from relay.cli import query_status
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 # Test-sized retry timing for every relay the suite starts (production defaults are minutes).
-FAST_RETRIES = {"RELAY_BACKOFF_MAX": "1", "RELAY_REQUEST_TIMEOUT": "5", "RELAY_CONFIRM_EVERY": "1"}
+FAST_RETRIES = {"RELAY_BACKOFF_MAX": "1", "RELAY_REQUEST_TIMEOUT": "5", "RELAY_CONFIRM_EVERY": "1",
+                "RELAY_INIT_TIMEOUT": "5"}
 ROOT = os.path.dirname(TESTS)
 
 
