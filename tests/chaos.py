@@ -28,13 +28,14 @@ class Outcome:
     faults: list = field(default_factory=list)
 
 
-def chaos_round(rng: random.Random, relay, fake, trainers: list, duration: float) -> Outcome:
+def chaos_round(rng: random.Random, relay, fake, trainers: list, duration: float,
+                pause: tuple = (0.05, 0.5)) -> Outcome:
     """Disturb a running relay for `duration` seconds: kill/restart it, flip the backend's faults."""
     outcome = Outcome()
     end = time.monotonic() + duration
     first = True
     while time.monotonic() < end or first:
-        time.sleep(rng.uniform(0.05, 0.5))  # the chaos schedule itself, not a readiness wait
+        time.sleep(rng.uniform(*pause))  # the chaos schedule itself, not a readiness wait
         if not any(t.proc.poll() is None for t in trainers):
             break
         action = rng.random()

@@ -12,7 +12,7 @@ import msgpack
 import pytest
 import zmq
 
-from conftest import wandb_env
+from harness import wandb_env
 from relay import protocol
 from relay.client import RelayClient
 from workload import frame, metric_names, row, same_value
