@@ -228,8 +228,9 @@ class RunUploader:
                   state.next_action.sleep if state.next_action else 0)
 
     def _wait_for_wandb(self) -> None:
-        """Before a finish (which blocks until W&B has everything), make sure W&B answers, so an
-        outage shows as 'retrying' in `relay status` rather than as a finish that never ends."""
+        """Before a finish (which blocks until W&B has everything) or an artifact (whose first calls
+        are synchronous), make sure W&B answers, so an outage shows as 'retrying' in `relay status`
+        rather than as a call that never ends or raises."""
         if self.mode != "online":
             return
         self._confirm()
@@ -341,6 +342,7 @@ class RunUploader:
         elif record.kind == "open":
             self._wb.config.update(body["settings"].get("config") or {}, allow_val_change=True)
         elif record.kind == "checkpoint":
+            self._wait_for_wandb()  # log_artifact talks to W&B in this thread, and raises when it cannot
             self._log_checkpoint(body)
         elif record.kind == "finish":
             self._wait_for_wandb()
