@@ -25,7 +25,7 @@ import zmq
 from relay import protocol
 from relay.artifacts import RefusedPath, resolve_checkpoint
 from relay.config import RelayConfig
-from relay.spool import Spool
+from relay.spool import Spool, SpoolError
 from relay.uploader import default_mode
 
 log = logging.getLogger("relay.server")
@@ -91,6 +91,7 @@ class RelayServer:
         self.restart_after: dict[str, tuple[float, int]] = {}  # run -> (not before, failures so far)
         self.wandb_down_since: float | None = None
         self.holding = False   # spool over max_spool_bytes: records are not taken (policy "hold")
+        self.spool_error: str | None = None  # the last failed spool write, until one succeeds
         self.should_exit = False
         self.force_exit = False
         self.started = time.time()
@@ -236,7 +237,18 @@ class RelayServer:
             self.reply(identity, dict(self.status(), t="status"))
 
     def commit(self, items: list[tuple[dict, str]], senders: dict[str, bytes]) -> None:
-        outcomes = self.spool.ingest(items)
+        try:
+            outcomes = self.spool.ingest(items)
+        except SpoolError as exc:  # disk full, I/O error: nothing acked, clients keep and re-send
+            self.counters["held"] += len(items)
+            if self.spool_error is None:
+                log.error("%s; holding records (not acked: trainers keep them, spill them if it lasts) "
+                          "until the spool can be written again", exc)
+            self.spool_error = str(exc)
+            return
+        if self.spool_error is not None:
+            log.info("spool writable again: taking records")
+            self.spool_error = None
         committed: dict[str, list[int]] = {}
         runs = set()
         for (message, _), outcome in zip(items, outcomes):
@@ -351,7 +363,7 @@ class RelayServer:
         status.update({
             "mode": self.mode, "bind": self.config.bind, "uptime": round(time.time() - self.started, 1),
             "counters": dict(self.counters),
-            "wandb_down_since": self.wandb_down_since, "holding": self.holding,
+            "wandb_down_since": self.wandb_down_since, "holding": self.holding, "spool_error": self.spool_error,
             "max_spool_bytes": self.config.max_spool_bytes,
         })
         return status

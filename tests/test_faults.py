@@ -167,6 +167,36 @@ def test_full_spool_holds_records_without_loss_until_room(fake_wandb, relay_fact
     assert_history(fake_wandb.run("full").history, seed=17, steps=3000, metrics=10)
 
 
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 1 MiB tmpfs that the test can grow later: a real full disk, no mocks."""
+    mount_point = tmp_path / "tiny"
+    mount_point.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root): %s" % made.stderr.strip())
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+def test_full_disk_holds_records_without_loss_until_there_is_room(fake_wandb, relay_factory, trainer_factory,
+                                                                  tiny_disk):
+    fake_wandb.set_fault("hang")  # nothing leaves the spool while the disk fills
+    relay = relay_factory(fake_wandb, ["--mode", "online"], spool_dir=str(tiny_disk / "spool"))
+    trainer = trainer_factory({"endpoint": relay.endpoint, "run_id": "disk", "steps": 4000, "metrics": 10,
+                               "seed": 18, "interval": 0.0005, "finish_timeout": 120})
+    status = relay.wait_status(lambda s: s["spool_error"], 60, "the spool write to fail")
+    assert "database or disk is full" in status["spool_error"] or "No space" in status["spool_error"]
+    assert "holding records" in relay.log()
+    subprocess.run(["mount", "-o", "remount,size=256m", str(tiny_disk)], check=True)
+    fake_wandb.set_fault("ok")
+    done = trainer.event("finished", timeout=180)
+    assert done["report"]["delivered"] is True and done["stats"]["dropped"] == 0
+    fake_wandb.wait_for(complete(fake_wandb, "disk"), 120)
+    assert_history(fake_wandb.run("disk").history, seed=18, steps=4000, metrics=10)
+
+
 def test_corrupt_spool_is_set_aside_and_what_was_readable_recovered(tmp_path, relay_factory):
     spool_dir = tmp_path / "spool"
     spool = Spool(str(spool_dir))
