@@ -155,9 +155,11 @@ class FakeWandb:
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ public API
-    def start(self) -> str:
+    def start(self, port: int = 0) -> str:
+        """Listen on `port` (0: any free one). A port chosen in advance lets a test point the SDK
+        at an address where nothing listens yet: connection refused, until start()."""
         handler = type("Handler", (_Handler,), {"fake": self})
-        self._server = _Server(("127.0.0.1", 0), handler)
+        self._server = _Server(("127.0.0.1", port), handler)
         self.base_url = "http://127.0.0.1:%d" % self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, name="fakewandb", daemon=True)
         self._thread.start()

@@ -97,6 +97,29 @@ def test_wandb_outage_mid_run_keeps_acking_and_drains_in_order(fault, fake_wandb
     assert log.count("W&B unreachable") == 1 and log.count("W&B reachable again") == 1
 
 
+def test_wandb_refusing_connections_at_start_then_listening_delivers(relay_factory, trainer_factory):
+    from fakewandb import FakeWandb
+    import socket
+
+    with socket.socket() as probe:  # a port where nothing listens: connections are refused
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    fake = FakeWandb()
+    fake.base_url = "http://127.0.0.1:%d" % port
+    relay = relay_factory(fake, ["--mode", "online"])
+    trainer = trainer_factory({"endpoint": relay.endpoint, "run_id": "refused", "steps": 50, "metrics": 4,
+                               "seed": 19})
+    assert trainer.event("finished")["report"]["delivered"] is True
+    status = relay.wait_status(lambda s: s["runs"] and s["runs"][0]["state"] == "retrying", 60, "retrying")
+    assert "CommError" in status["runs"][0]["last_error"] and status["runs"][0]["pending"] == 52
+    fake.start(port)
+    try:
+        fake.wait_for(complete(fake, "refused"), 120)
+        assert_history(fake.run("refused").history, seed=19, steps=50, metrics=4)
+    finally:
+        fake.stop()
+
+
 def test_first_sigterm_drains_with_deadline_second_exits_now_and_restart_delivers(fake_wandb, relay_factory,
                                                                                    trainer_factory):
     fake_wandb.set_fault("hang")  # wandb.init hangs for its whole timeout: longer than the drain deadline
