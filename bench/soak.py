@@ -110,7 +110,7 @@ def main() -> int:
             for run_id, seed, trainer in runs:
                 done = trainer.event("finished", timeout=300)
                 outcome.max_latency = max(outcome.max_latency, done["max_latency"])
-                fake.wait_for(lambda: run_id in fake.runs() and fake.run(run_id).complete, 300)
+                fake.wait_for(lambda: fake.complete(run_id), 300)
                 check_history(fake.run(run_id).history, seed, steps, 20, outcome)
             server_kib, total_kib = sampler.samples[-1][1:] if sampler.samples else (0, 0)
             print("wave %d: sent %d delivered %d lost %d duplicated %d out_of_order %d max client latency %.2f ms "

@@ -192,9 +192,15 @@ class FakeWandb:
             return {run.run_id: copy.deepcopy(run) for run in self._runs.values()}
 
     def run(self, run_id: str) -> FakeRun:
-        runs = self.runs()
-        assert run_id in runs, "no run %r; runs: %s" % (run_id, sorted(runs))
-        return runs[run_id]
+        with self._cond:
+            found = [run for run in self._runs.values() if run.run_id == run_id]
+            assert found, "no run %r; runs: %s" % (run_id, sorted(run.run_id for run in self._runs.values()))
+            return copy.deepcopy(found[0])
+
+    def complete(self, run_id: str) -> bool:
+        """True once the run exists and its finish arrived (cheap: copies nothing)."""
+        with self._cond:
+            return any(run.run_id == run_id and run.complete for run in self._runs.values())
 
     def artifacts(self) -> list[FakeArtifact]:
         with self._cond:

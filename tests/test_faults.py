@@ -21,7 +21,7 @@ pytestmark = pytest.mark.timeout(240)
 
 
 def complete(fake, run_id):
-    return lambda: run_id in fake.runs() and fake.run(run_id).complete
+    return lambda: fake.complete(run_id)
 
 
 def test_relay_sigkill_mid_upload_then_restart_delivers_exactly_once(fake_wandb, relay_factory, trainer_factory):
