@@ -45,7 +45,7 @@ def test_thousand_steps_forty_metrics_arrive_once_in_order(fake_wandb, relay_fac
     done = trainer.event("finished")
     assert done["report"]["delivered"] is True and done["report"]["spill_file"] is None
     assert done["stats"]["acked"] == 1002 and done["stats"]["pending"] == 0 and done["stats"]["errors"] == 0
-    fake_wandb.wait_for(lambda: fake_wandb.runs().get("e2e1000") and fake_wandb.run("e2e1000").complete, 120)
+    fake_wandb.wait_for(lambda: fake_wandb.complete("e2e1000"), 120)
     run = fake_wandb.run("e2e1000")
     assert (run.project, run.display_name or run.name, run.group, run.notes) == ("tokenHSI", "traj-amp", "ablation",
                                                                                  "relay e2e")
@@ -66,7 +66,7 @@ def test_trainer_started_before_relay_loses_nothing(fake_wandb, relay_factory, t
     trainer.go_on()
     done = trainer.event("finished")
     assert done["report"]["delivered"] is True and done["stats"]["acked"] == 302
-    fake_wandb.wait_for(lambda: "early" in fake_wandb.runs() and fake_wandb.run("early").complete, 120)
+    fake_wandb.wait_for(lambda: fake_wandb.complete("early"), 120)
     assert_history(fake_wandb.run("early").history, seed=2, steps=300, metrics=10)
 
 
@@ -85,7 +85,7 @@ def test_wandb_unreachable_at_start_keeps_acking_then_delivers(fake_wandb, relay
     assert run["last_error"], "status must say why W&B is not being reached"
     assert "outage" not in fake_wandb.runs() or not fake_wandb.run("outage").history
     fake_wandb.set_fault("ok")
-    fake_wandb.wait_for(lambda: "outage" in fake_wandb.runs() and fake_wandb.run("outage").complete, 120)
+    fake_wandb.wait_for(lambda: fake_wandb.complete("outage"), 120)
     assert_history(fake_wandb.run("outage").history, seed=3, steps=200, metrics=8)
     relay.wait_status(lambda s: s["runs"][0]["pending"] == 0 and s["runs"][0]["finished"], 30, "run finished")
     relay.wait_status(lambda s: s["wandb_down_since"] is None, 30, "the relay to see W&B back")
@@ -113,7 +113,7 @@ def test_checkpoint_under_root_becomes_model_artifact_outside_is_refused(fake_wa
     client.close()
     assert report["delivered"] is True
     assert stats["errors"] == 2 and "outside every artifact root" in stats["last_error"]
-    fake_wandb.wait_for(lambda: "ckpt" in fake_wandb.runs() and fake_wandb.run("ckpt").complete, 120)
+    fake_wandb.wait_for(lambda: fake_wandb.complete("ckpt"), 120)
     artifacts = fake_wandb.artifacts()
     assert len(artifacts) == 1, artifacts
     artifact = artifacts[0]
@@ -201,7 +201,7 @@ def test_relay_absent_log_is_fast_finish_spills_and_replay_delivers_once(fake_wa
     assert "1002 records new, 0 already delivered" in first.stdout
     second = subprocess.run(replay, env=env, capture_output=True, text=True, timeout=60)
     assert "0 records new, 1002 already delivered" in second.stdout
-    fake_wandb.wait_for(lambda: "absent" in fake_wandb.runs() and fake_wandb.run("absent").complete, 120)
+    fake_wandb.wait_for(lambda: fake_wandb.complete("absent"), 120)
     assert_history(fake_wandb.run("absent").history, seed=6, steps=1000, metrics=40)
 
 
