@@ -103,15 +103,18 @@ def status(endpoint: str, as_json: bool, timeout: float) -> None:
         return
     click.echo("relay %s  mode %s  up %.0f s  spool %s (%.1f MB)" % (
         reply["bind"], reply["mode"], reply["uptime"], reply["spool_path"], reply["spool_bytes"] / 1e6))
+    if reply.get("holding") or reply.get("spool_error"):
+        click.echo("HOLDING new records (not acked): %s" % (reply.get("spool_error") or "spool over max_spool_bytes"))
     if reply.get("wandb_down_since"):
         click.echo("W&B unreachable since %s" % time.strftime("%H:%M:%S", time.localtime(reply["wandb_down_since"])))
     if not reply["runs"]:
         click.echo("no runs yet")
     for run in reply["runs"]:
         since = time.strftime("%H:%M:%S", time.localtime(run["state_since"])) if run["state_since"] else "-"
-        line = "%-14s %-20s received %-7d uploaded %-7d pending %-7d %s since %s" % (
+        lag = "lag %.0f s" % run["oldest_pending_age"] if run["oldest_pending_age"] is not None else "no lag"
+        line = "%-14s %-20s received %-7d uploaded %-7d pending %-7d %-9s %s since %s" % (
             run["run_id"], (run["project"] or "") + "/" + (run["name"] or ""), run["received"], run["uploaded"],
-            run["pending"], run["state"], since)
+            run["pending"], lag, run["state"], since)
         if run["last_error"]:
             line += "  last error: %s" % run["last_error"]
         click.echo(line)
