@@ -27,7 +27,7 @@ def test_chaos_round_loses_and_doubles_nothing(round_index, fake_wandb, relay_fa
     print("round %d: %d relay kills, faults %s" % (round_index, outcome.relay_kills, outcome.faults))
     done = trainer.event("finished")
     assert done["report"]["delivered"] is True, why
-    assert done["max_latency"] < 0.05, "a log call took %.1f ms; %s" % (done["max_latency"] * 1e3, why)
+    assert done["max_latency"] < 0.25, "a log call took %.1f ms; %s" % (done["max_latency"] * 1e3, why)
     fake_wandb.wait_for(lambda: fake_wandb.complete(run_id), 90)
     result = check_history(fake_wandb.run(run_id).history, seed, steps, 6, outcome)
     assert (result.lost, result.duplicated, result.out_of_order) == (0, 0, 0), "%s; %s" % (result, why)
