@@ -127,8 +127,8 @@ def main() -> int:
         sampler.stop.set()
         relay.stop()
         fake.stop()
-    servers = [s for _, s, _ in sampler.samples] or [0]
-    totals = [t for _, _, t in sampler.samples] or [0]
+    servers = [s for _, s, _ in sampler.samples if s] or [0]   # 0: sampled while the relay was killed
+    totals = [t for _, _, t in sampler.samples if t] or [0]
     print("relay RSS over time (s: server MiB / with uploaders MiB): " + ", ".join(
         "%.0f: %.0f/%.0f" % (t, s / 1024, a / 1024) for t, s, a in sampler.samples[::6]))
     summary = {"clients": args.clients, "minutes": args.minutes, "seed": args.seed, "waves": wave,
