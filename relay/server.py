@@ -110,7 +110,7 @@ class RelayServer:
         try:
             self.main_loop()
         finally:
-            clean = self.shutdown()
+            self.shutdown()
         return 1 if self.force_exit else 0
 
     def install_signal_handlers(self) -> None:

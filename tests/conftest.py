@@ -4,10 +4,14 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from typing import TYPE_CHECKING
 
 import pytest
 
 from harness import FAST_RETRIES, ROOT, RelayProcess, TrainerProcess, wandb_env  # noqa: F401 (re-exported)
+
+if TYPE_CHECKING:
+    from fakewandb import FakeWandb
 
 
 @pytest.fixture

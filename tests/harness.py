@@ -7,8 +7,12 @@ import signal
 import subprocess
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from relay.cli import query_status
+
+if TYPE_CHECKING:
+    from fakewandb import FakeWandb
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)

@@ -13,7 +13,6 @@ import pytest
 import zmq
 
 from harness import wandb_env
-from relay import protocol
 from relay.client import RelayClient
 from workload import frame, metric_names, row, same_value
 
