@@ -4,6 +4,7 @@ Real processes and signals, the real wandb SDK, the fake W&B backend; outcomes a
 """
 from __future__ import annotations
 
+import glob
 import os
 import signal
 import subprocess
@@ -240,3 +241,39 @@ def test_corrupt_spool_is_set_aside_and_what_was_readable_recovered(tmp_path, re
     assert 0 < recovered < 2000
     status = relay.status()
     assert status["runs"][0]["received"] >= recovered
+
+
+def test_offline_mode_relay_sigkill_loses_nothing_at_least_once(relay_factory, trainer_factory, tmp_path):
+    """Offline runs cannot be asked what they hold, so the promise is weaker: at least once."""
+    from fakewandb import FakeWandb
+    from harness import wandb_env
+
+    relay = relay_factory(None, ["--mode", "offline"])
+    trainer = trainer_factory({"endpoint": relay.endpoint, "run_id": "offkill", "steps": 800, "metrics": 6,
+                               "seed": 20, "interval": 0.002})
+    relay.wait_status(lambda s: s["runs"] and s["runs"][0]["uploaded"] >= 200, 60, "200 records in the offline run")
+    assert relay.stop(signal.SIGKILL) == -signal.SIGKILL
+    relay.start()
+    assert trainer.event("finished")["report"]["delivered"] is True
+    relay.wait_status(lambda s: s["runs"][0]["finished"] and s["runs"][0]["pending"] == 0, 60, "the run to finish")
+    assert relay.stop() == 0
+    directories = sorted(glob.glob(os.path.join(relay.spool_dir, "wandb", "offline-run-*-offkill")))
+    assert len(directories) == 2, directories  # one per relay life
+    epochs = []
+    for directory in directories:  # each offline run synced to its own server, then counted
+        fake = FakeWandb()
+        fake.start()
+        try:
+            sync = subprocess.run([os.path.join(os.path.dirname(sys.executable), "wandb"), "sync", directory],
+                                  env=wandb_env(fake, str(tmp_path / "home")), capture_output=True, text=True,
+                                  timeout=120)
+            assert sync.returncode == 0, sync.stdout + sync.stderr
+            fake.wait_for(lambda: fake.complete("offkill"), 60)
+            history = fake.run("offkill").history
+            for got in history:
+                expected = row(20, got["epoch"] - 1, 6)
+                assert all(got[k] == v or v != v for k, v in expected.items())
+            epochs += [got["epoch"] for got in history]
+        finally:
+            fake.stop()
+    assert set(epochs) == set(range(1, 801)), "lost: %s" % sorted(set(range(1, 801)) - set(epochs))[:10]
