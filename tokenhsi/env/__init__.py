@@ -1,0 +1,1 @@
+"""Built-in tasks that run anywhere (pure torch, vectorised, CPU or CUDA)."""
