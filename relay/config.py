@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 from typing import Any, Literal, Optional
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from relay import protocol
+from relay.yamlfile import ConfigError, load_yaml  # noqa: F401 (ConfigError is part of this module's API)
 
 # Variables the trainer side reads; harmless when the relay's environment has them too.
 CLIENT_VARIABLES = {"RELAY_ENDPOINT", "RELAY_SPILL_DIR"}
@@ -49,43 +49,6 @@ class RelayConfig(BaseModel):
                                    "run's trainer before the run is finished in W&B with silence_exit_code; 0: never")
     silence_exit_code: int = Field(1, description="exit code W&B shows for a run whose trainer went silent")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-
-
-class ConfigError(ValueError):
-    pass
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """A YAML loader for which a duplicated key is an error, not a silent overwrite."""
-
-
-def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    seen = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise ConfigError("duplicate key %r at line %d" % (key, key_node.start_mark.line + 1))
-        seen.add(key)
-    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def load_yaml(path: str) -> dict:
-    """Read a YAML mapping with duplicate keys refused; errors name the file."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = yaml.load(handle, Loader=_UniqueKeyLoader)
-    except OSError as exc:
-        raise ConfigError("cannot read config file %s: %s" % (path, exc.strerror)) from exc
-    except (yaml.YAMLError, ConfigError) as exc:
-        raise ConfigError("config file %s: %s" % (path, exc)) from exc
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError("config file %s must hold a mapping of keys, not %s" % (path, type(data).__name__))
-    return data
 
 
 def _from_environment(environ: dict) -> dict:

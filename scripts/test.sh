@@ -2,7 +2,7 @@
 # Fresh machine -> the whole default test suite (what CI runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh server,dev
+scripts/setup.sh server,dev,train
 # Trainer-side modules must run on Python 3.8 (IsaacGym environments).
 trainer_side=""
 for module in relay/client.py relay/protocol.py relay/rl_games.py; do

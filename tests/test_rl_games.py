@@ -1,0 +1,597 @@
+"""relay.rl_games: RelayAlgoObserver in a real rl_games Runner, through a real relay, to fake W&B.
+
+The end-to-end test trains rl_games' continuous PPO agent (`a2c_continuous`) for 3 epochs on a tiny
+vectorised torch environment registered with rl_games (no gym/IsaacGym), exactly as a user plugs the
+observer into their own Runner, and checks the W&B run row by row against what the agent wrote to
+its TensorBoard writer, and every checkpoint byte by byte. The unit tests need neither rl_games nor
+a relay (the tensor ones need torch).
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import math
+import os
+import subprocess
+import sys
+import time
+import types
+
+import pytest
+
+from relay.rl_games import RelayAlgoObserver, RelayWriter, batch_to_python, map_tag, start_transfer
+
+pytestmark = pytest.mark.timeout(180)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+KNOWN_NAMES = {"losses/a_loss", "losses/c_loss", "info/last_lr", "info/kl", "performance/step_fps",
+               "rewards/mean", "episode_lengths/mean"}
+
+
+# -- the tag mapping ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tag, name", [
+    ("rewards/step", "rewards/mean"), ("rewards/iter", "rewards/mean"), ("rewards/time", "rewards/mean"),
+    ("rewards/frame", "rewards/mean"), ("rewards0/frame", "rewards/mean"), ("rewards1/iter", "rewards/1"),
+    ("rewards12/time", "rewards/12"), ("shaped_rewards/step", "shaped_rewards/mean"),
+    ("shaped_rewards2/time", "shaped_rewards/2"), ("episode_lengths/step", "episode_lengths/mean"),
+    ("episode_lengths/iter", "episode_lengths/mean"), ("episode_lengths/frame", "episode_lengths/mean"),
+    ("episode_lengths/time", "episode_lengths/mean"), ("scores/mean", "scores/mean"),
+    ("scores/iter", "scores/mean"), ("reward_traj/frame", "reward_traj"), ("eval/success/frame", "eval/success"),
+    ("performance/step_fps", "performance/step_fps"), ("performance/step_time", "performance/step_time"),
+    ("losses/a_loss", "losses/a_loss"), ("losses/c_loss", "losses/c_loss"), ("info/last_lr", "info/last_lr"),
+    ("info/kl", "info/kl"), ("info/epochs", "info/epochs"), ("info/time", "info/time"),
+    ("eval/iter", "eval/iter"), ("Episode/distance", "Episode/distance"), ("consecutive_successes/iter",
+                                                                            "consecutive_successes"),
+    ("plain", "plain"), ("/frame", "/frame"),
+])
+def test_tag_mapping(tag, name):
+    assert map_tag(tag) == name
+
+
+def test_module_imports_without_torch_or_rl_games():
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['rl_games'] = None\n"
+            "import relay.rl_games as m\n"
+            "assert 'torch' not in [k for k, v in sys.modules.items() if v is not None]\n"
+            "assert m.map_tag('rewards/iter') == 'rewards/mean'\n"
+            "assert m.batch_to_python({'a': 1.5, 'b': 2}) == {'a': 1.5, 'b': 2}\n"
+            "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+# -- batched tensor conversion -----------------------------------------------------------------------
+
+def _counting_tensor_type(torch):
+    calls = {"item": 0, "tolist": 0}
+
+    class CountingTensor(torch.Tensor):
+        def item(self):
+            calls["item"] += 1
+            return super().item()
+
+        def tolist(self):
+            calls["tolist"] += 1
+            return super().tolist()
+
+    return CountingTensor, calls
+
+
+def test_batched_conversion_makes_one_transfer_and_no_item_calls():
+    torch = pytest.importorskip("torch")
+    np = pytest.importorskip("numpy")
+    counting, calls = _counting_tensor_type(torch)
+    row = {
+        "losses/a_loss": torch.tensor(0.125, dtype=torch.float32).as_subclass(counting),
+        "rewards/mean": torch.tensor([-3.75], dtype=torch.float32).as_subclass(counting),  # 1-element, 1-d
+        "info/kl": torch.tensor(1e-300, dtype=torch.float64).as_subclass(counting),       # float64 kept exact
+        "info/count": torch.tensor(2 ** 40 + 1, dtype=torch.int64).as_subclass(counting),
+        "info/flag": torch.tensor(True).as_subclass(counting),
+        "info/grad": torch.tensor(2.0, requires_grad=True).as_subclass(counting) * 1.5,
+        "info/epochs": 3, "info/last_lr": 3e-4, "info/nan": float("nan"), "info/ok": True, "text": "amp",
+        "np/f32": np.float32(0.5), "np/arr": np.array([7.0]), "np/i64": np.int64(9),
+        "not/scalar": torch.zeros(3).as_subclass(counting),
+    }
+    transfer = start_transfer(row)
+    assert transfer.skipped == ["not/scalar"]
+    assert transfer.events == [] and len(transfer.parts) == 1, "one stacked host tensor for all CPU tensors"
+    got = transfer.values()
+    assert calls == {"item": 0, "tolist": 1}, "tensors must be converted in one batch, not .item() each"
+    assert list(got) == [name for name in row if name != "not/scalar"]
+    assert got["losses/a_loss"] == 0.125 and got["rewards/mean"] == -3.75 and got["info/kl"] == 1e-300
+    assert got["info/count"] == 2 ** 40 + 1 and got["info/flag"] == 1.0 and got["info/grad"] == 3.0
+    assert got["info/epochs"] == 3 and type(got["info/epochs"]) is int and got["info/last_lr"] == 3e-4
+    assert math.isnan(got["info/nan"]) and got["info/ok"] is True and got["text"] == "amp"
+    assert got["np/f32"] == 0.5 and got["np/arr"] == 7.0 and got["np/i64"] == 9
+    assert all(type(v) in (int, float, bool, str) for v in got.values())
+
+
+def test_python_only_rows_never_touch_torch():
+    assert batch_to_python({"a": 1, "b": 2.5, "c": False}) == {"a": 1, "b": 2.5, "c": False}
+
+
+def _cuda_torch():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    return torch
+
+
+def test_cuda_rows_are_copied_once_into_pinned_memory_without_waiting():
+    torch = _cuda_torch()
+    counting, calls = _counting_tensor_type(torch)
+    base = (torch.arange(20, device="cuda", dtype=torch.float32) / 8).as_subclass(counting)
+    cpu = torch.tensor(4.5).as_subclass(counting)
+
+    def make_row(values):
+        row = {"m%02d" % i: values[i] for i in range(20)}
+        row.update(cpu=cpu, py=2.0)
+        return row
+
+    assert start_transfer(make_row(base * 1)).values()["m01"] == 0.125  # warm: kernels, pinned block
+    torch.cuda.synchronize()
+    calls.update(item=0, tolist=0)
+    torch.cuda._sleep(int(2e9))          # the GPU is busy for about a second from here on
+    values = base * 1                    # queued behind it
+    started = time.perf_counter()
+    transfer = start_transfer(make_row(values))
+    elapsed = time.perf_counter() - started
+    assert elapsed < 0.2, "start_transfer waited %.3f s for the GPU" % elapsed
+    assert not transfer.ready(), "the copy cannot have finished while the GPU sleeps"
+    assert len(transfer.events) == 1 and len(transfer.parts) == 2
+    host = [h for names, h in transfer.parts if "m00" in names][0]
+    assert host.device.type == "cpu" and host.is_pinned()
+    got = transfer.values()
+    assert transfer.ready()
+    assert calls["item"] == 0, "no tensor may be .item()-ed"
+    assert calls["tolist"] == 1, "one .tolist() of the CPU stack (the CUDA one is a plain pinned buffer)"
+    assert got == dict({"m%02d" % i: float(i) / 8 for i in range(20)}, cpu=4.5, py=2.0)
+
+
+def test_observer_never_waits_for_the_gpu_and_logs_the_row_once_copied(tmp_path):
+    torch = _cuda_torch()
+    algo = FakeAlgo(ListWriter(), str(tmp_path))
+    observer, client = _observer_with(algo)
+    run = client.runs[0]
+    base = torch.arange(4, device="cuda", dtype=torch.float32)
+
+    def epoch(number):
+        values = base * number
+        algo.epoch_num = number
+        observer.after_steps()
+        algo.writer.add_scalar("losses/a_loss", values[0], number * 100)
+        algo.writer.add_scalar("info/kl", values[1], number * 100)
+        observer.after_print_stats(number * 100, number, 1.0)
+        for suffix in ("step", "iter", "time"):
+            algo.writer.add_scalar("rewards/" + suffix, values[2], number * 100)
+
+    epoch(1)
+    observer.after_steps()
+    torch.cuda.synchronize()
+    observer.process_infos({}, None)  # the copy is done: the row goes out here
+    assert [c for c in run.calls if c[0] == "log"] == [("log", {"losses/a_loss": 0.0, "info/kl": 1.0,
+                                                                "rewards/mean": 2.0}, 100, 1)]
+    epoch(2)
+    torch.cuda._sleep(int(2e9))
+    started = time.perf_counter()
+    epoch(3)                              # after_steps sends epoch 2's row: starts its copy only
+    elapsed = time.perf_counter() - started
+    assert elapsed < 0.2, "the observer waited %.3f s for the GPU" % elapsed
+    assert len([c for c in run.calls if c[0] == "log"]) == 1, "epoch 2's row is still being copied"
+    observer.process_infos({}, None)
+    algo.train()                          # the end: waits for the last copies, logs, finishes
+    logs = [c for c in run.calls if c[0] == "log"]
+    assert [(c[2], c[3]) for c in logs] == [(100, 1), (200, 2), (300, 3)]
+    assert logs[2][1] == {"losses/a_loss": 0.0, "info/kl": 3.0, "rewards/mean": 6.0}
+    assert run.calls[-1] == ("finish", 0, 10.0)
+
+
+# -- the observer with a recording client (no rl_games, no relay) ------------------------------------
+
+class FakeRun:
+    def __init__(self):
+        self.client = self  # what tells a real Run from a DisabledRun
+        self.calls = []
+
+    def log(self, metrics, frame=None, epoch=None):
+        self.calls.append(("log", dict(metrics), frame, epoch))
+
+    def log_checkpoint(self, path, metadata=None, aliases=None):
+        with open(path, "rb") as handle:
+            digest = hashlib.sha256(handle.read()).hexdigest()
+        self.calls.append(("checkpoint", path, dict(metadata or {}), list(aliases or []), digest))
+
+    def summary(self, values):
+        self.calls.append(("summary", dict(values)))
+
+    def finish(self, exit_code=0, timeout=10.0):
+        self.calls.append(("finish", exit_code, timeout))
+        return {"delivered": True, "exit_code": exit_code}
+
+
+class FakeClient:
+    def __init__(self):
+        self.runs = []
+        self.opened = []
+
+    def start_run(self, **settings):
+        self.opened.append(settings)
+        run = FakeRun()
+        self.runs.append(run)
+        return run
+
+
+class FakeAlgo:
+    """The parts of an rl_games agent the observer touches."""
+
+    def __init__(self, writer, nn_dir):
+        self.writer = writer
+        self.nn_dir = nn_dir
+        self.frame = 0
+        self.epoch_num = 0
+        self.saved = []
+        self.central_value_net = types.SimpleNamespace(writter=writer)
+
+    def save(self, fn):
+        self.saved.append(fn)
+        path = fn + ".pth"
+        with open(path, "wb") as handle:
+            handle.write(b"part-1;")
+            handle.flush()
+            assert not os.path.exists(self.final), "the real name must not exist while the save writes"
+            handle.write(("epoch=%d frame=%d" % (self.epoch_num, self.frame)).encode())
+
+    def train(self):
+        return "trained"
+
+
+class ListWriter:
+    def __init__(self):
+        self.calls = []
+        self.flushed = 0
+
+    def add_scalar(self, tag, value, step=None):
+        self.calls.append((tag, value, step))
+
+    def flush(self):
+        self.flushed += 1
+
+
+def _observer_with(algo, config=None, **kwargs):
+    client = FakeClient()
+    observer = RelayAlgoObserver(client=client, run_id="unit", **kwargs)
+    observer.before_init("run", config if config is not None else {"name": "unit"}, "unit_01-02-03")
+    observer.after_init(algo)
+    return observer, client
+
+
+def test_rl_games_order_gives_one_row_per_epoch_and_atomic_checkpoints(tmp_path):
+    writer = ListWriter()
+    algo = FakeAlgo(writer, str(tmp_path))
+    observer, client = _observer_with(algo, config={"name": "unit", "lr": 2e-5, "obj": object(),
+                                                     "deep": {"a": {"b": {"c": {"d": {"e": {"f": 1}}}}}},
+                                                     "features": {"observer": None}})
+    run = client.runs[0]
+    assert isinstance(algo.writer, RelayWriter) and algo.central_value_net.writter is algo.writer
+    settings = client.opened[0]
+    assert settings["name"] == "unit_01-02-03" and settings["project"] == "tokenHSI"
+    assert settings["config"]["lr"] == 2e-5 and isinstance(settings["config"]["obj"], str)
+    assert settings["config"]["deep"]["a"]["b"]["c"]["d"] == "{'e': {'f': 1}}"
+    frames = {1: 0, 2: 128, 3: 256}
+    for epoch in (1, 2, 3):
+        algo.epoch_num = epoch
+        observer.process_infos({}, None)
+        observer.after_steps()
+        algo.central_value_net.writter.add_scalar("losses/cval_loss", 0.5 * epoch, 7)
+        algo.writer.add_scalar("losses/a_loss", 0.1 * epoch, frames[epoch])
+        algo.writer.add_scalar("info/epochs", epoch, frames[epoch])
+        algo.frame = frames[epoch] + 128
+        observer.after_print_stats(frames[epoch], epoch, 1.5 * epoch)
+        observer.after_print_stats(frames[epoch], epoch, 1.5 * epoch)  # rl_games' discrete agent calls it twice
+        for suffix, step in (("step", frames[epoch]), ("iter", epoch), ("time", 1.5 * epoch)):
+            algo.writer.add_scalar("rewards/" + suffix, -1.0 * epoch, step)
+            algo.writer.add_scalar("episode_lengths/" + suffix, 8, step)
+        algo.final = str(tmp_path / ("last_ep_%d" % epoch)) + ".pth"
+        assert algo.save(str(tmp_path / ("last_ep_%d" % epoch))) is None
+    algo.writer.flush()
+    assert algo.train() == "trained"
+    assert writer.flushed == 1 and len(writer.calls) == 3 * 9, "the original writer gets every call"
+    logs = [c for c in run.calls if c[0] == "log"]
+    assert [(c[2], c[3]) for c in logs] == [(0, 1), (128, 2), (256, 3)]
+    for epoch, call in zip((1, 2, 3), logs):
+        assert call[1] == {"losses/cval_loss": 0.5 * epoch, "losses/a_loss": 0.1 * epoch, "info/epochs": epoch,
+                           "rewards/mean": -1.0 * epoch, "episode_lengths/mean": 8}
+    checkpoints = [c for c in run.calls if c[0] == "checkpoint"]
+    assert len(checkpoints) == 3
+    for epoch, call in zip((1, 2, 3), checkpoints):
+        path = str(tmp_path / ("last_ep_%d.pth" % epoch))
+        assert call[1] == path and call[2] == {"epoch": epoch, "frame": frames[epoch] + 128}
+        assert call[3] == ["latest"]
+        assert call[4] == hashlib.sha256(open(path, "rb").read()).hexdigest()
+    # each epoch: its row, then its checkpoint; finish last
+    kinds = [c[0] for c in run.calls]
+    assert kinds == ["log", "checkpoint"] * 3 + ["finish"]
+    assert run.calls[-1] == ("finish", 0, 10.0)
+    assert sorted(os.listdir(tmp_path)) == ["last_ep_1.pth", "last_ep_2.pth", "last_ep_3.pth"]
+    assert all(".relay-tmp-" in os.path.basename(fn) for fn in algo.saved)
+    algo.writer.add_scalar("losses/a_loss", 1.0, 999)  # after the end: TensorBoard only
+    assert len(writer.calls) == 3 * 9 + 1 and len(run.calls) == 7
+
+
+def test_agent_without_after_steps_still_gets_one_row_per_epoch(tmp_path):
+    """rl_games' SAC: stats, after_print_stats, rewards; no after_steps; the next epoch repeats tags."""
+    algo = FakeAlgo(None, str(tmp_path))   # no TensorBoard writer at all: a relay-only writer
+    observer, client = _observer_with(algo)
+    assert isinstance(algo.writer, RelayWriter) and algo.writer.original is None
+    algo.writer.flush()  # whatever else the agent calls on its writer is a no-op
+    for epoch in (1, 2):
+        algo.epoch_num, algo.frame = epoch, 1000 * epoch
+        algo.writer.add_scalar("performance/step_fps", 10.0 * epoch, algo.frame)
+        algo.writer.add_scalar("info/epochs", epoch, algo.frame)
+        observer.after_print_stats(algo.frame, epoch, 2.0)
+        algo.writer.add_scalar("rewards/step", 5.0 * epoch, algo.frame)
+        algo.writer.add_scalar("rewards/time", 5.0 * epoch, 2.0)
+    algo.train()
+    logs = [c for c in client.runs[0].calls if c[0] == "log"]
+    assert logs == [("log", {"performance/step_fps": 10.0, "info/epochs": 1, "rewards/mean": 5.0}, 1000, 1),
+                    ("log", {"performance/step_fps": 20.0, "info/epochs": 2, "rewards/mean": 10.0}, 2000, 2)]
+
+
+def test_failed_training_finishes_with_exit_code_1_and_reraises(tmp_path):
+    algo = FakeAlgo(ListWriter(), str(tmp_path))
+
+    def boom():
+        algo.writer.add_scalar("losses/a_loss", 0.5, 0)
+        observer.after_print_stats(0, 1, 0.1)
+        raise RuntimeError("simulation exploded")
+
+    algo.train = boom
+    observer, client = _observer_with(algo)
+    with pytest.raises(RuntimeError, match="simulation exploded"):
+        algo.train()
+    calls = client.runs[0].calls
+    assert calls == [("log", {"losses/a_loss": 0.5}, 0, 1), ("finish", 1, 10.0)]
+    assert observer.report == {"delivered": True, "exit_code": 1}
+
+
+def test_failed_save_leaves_no_temp_file_and_reports_nothing(tmp_path):
+    algo = FakeAlgo(ListWriter(), str(tmp_path))
+    (tmp_path / "model.pth").write_bytes(b"the previous checkpoint")
+
+    def bad_save(fn):
+        with open(fn + ".pth", "wb") as handle:
+            handle.write(b"half")
+        raise OSError("disk full")
+
+    algo.save = bad_save
+    observer, client = _observer_with(algo)
+    with pytest.raises(OSError, match="disk full"):
+        algo.save(str(tmp_path / "model"))
+    assert os.listdir(tmp_path) == ["model.pth"] and (tmp_path / "model.pth").read_bytes() == b"the previous checkpoint"
+    assert not [c for c in client.runs[0].calls if c[0] == "checkpoint"]
+
+
+def test_wandb_disabled_wraps_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    writer = ListWriter()
+    algo = FakeAlgo(writer, str(tmp_path))
+    save, train = algo.save, algo.train
+    observer = RelayAlgoObserver(endpoint="ipc:///nonexistent/relay.ipc")
+    observer.before_init("run", {"name": "off"}, "off")
+    observer.after_init(algo)
+    assert observer.client is None and observer.run is None, "no client, no run"
+    assert algo.writer is writer and algo.save == save and algo.train == train
+    assert "save" not in vars(algo) and "train" not in vars(algo)
+    observer.process_infos({}, None)
+    observer.after_steps()
+    observer.after_print_stats(0, 1, 0.0)
+    assert observer.finish() is None
+
+
+# -- end to end: rl_games Runner -> RelayAlgoObserver -> relay -> wandb SDK -> fake W&B ---------------
+
+NUM_ENVS = 8
+HORIZON = 16
+EPISODE = 6
+EPOCHS = 3
+
+
+def _point_env_class(torch, IVecEnv, Box):
+    class PointEnv(IVecEnv):
+        """A 1-D point per env that should move to 0: obs = position, reward = -|position|."""
+
+        def __init__(self, num_envs):
+            self.num_envs = num_envs
+            self.generator = torch.Generator().manual_seed(0)
+            self.observation_space = Box(low=-10.0, high=10.0, shape=(1,))
+            self.action_space = Box(low=-1.0, high=1.0, shape=(1,))
+            self.pos = torch.zeros(num_envs, 1)
+            self.steps = torch.zeros(num_envs)
+
+        def get_env_info(self):
+            return {"observation_space": self.observation_space, "action_space": self.action_space,
+                    "agents": 1, "value_size": 1}
+
+        def _start(self, mask):
+            count = int(mask.sum())
+            self.pos[mask] = torch.rand(count, 1, generator=self.generator) * 2 - 1
+            self.steps[mask] = 0
+
+        def reset(self):
+            self._start(torch.ones(self.num_envs, dtype=torch.bool))
+            return self.pos.clone()
+
+        def step(self, actions):
+            self.pos = (self.pos + 0.1 * actions.clamp(-1, 1)).clamp(-10, 10)
+            self.steps += 1
+            reward = -self.pos.abs().squeeze(1)
+            done = self.steps >= EPISODE
+            if done.any():
+                self._start(done)
+            return self.pos.clone(), reward, done.to(torch.uint8), {}
+
+    return PointEnv
+
+
+def _params(train_dir: str) -> dict:
+    return {"params": {
+        "seed": 7,
+        "torch_threads": 1,
+        "algo": {"name": "a2c_continuous"},
+        "model": {"name": "continuous_a2c_logstd"},
+        "network": {
+            "name": "actor_critic", "separate": False,
+            "space": {"continuous": {"mu_activation": "None", "sigma_activation": "None",
+                                     "mu_init": {"name": "default"},
+                                     "sigma_init": {"name": "const_initializer", "val": 0}, "fixed_sigma": True}},
+            "mlp": {"units": [16], "activation": "elu", "initializer": {"name": "default"}},
+        },
+        "config": {
+            "name": "point", "env_name": "relay_point", "device": "cpu", "ppo": True, "multi_gpu": False,
+            "mixed_precision": False, "normalize_input": False, "normalize_value": False, "value_bootstrap": True,
+            "num_actors": NUM_ENVS, "reward_shaper": {"scale_value": 1.0}, "normalize_advantage": True,
+            "gamma": 0.99, "tau": 0.95, "learning_rate": 3e-4, "lr_schedule": "adaptive", "kl_threshold": 0.008,
+            "max_epochs": EPOCHS, "save_frequency": 1, "save_best_after": 1000, "grad_norm": 1.0,
+            "entropy_coef": 0.0, "truncate_grads": True, "e_clip": 0.2, "horizon_length": HORIZON,
+            "minibatch_size": NUM_ENVS * HORIZON // 2, "mini_epochs": 2, "critic_coef": 2, "clip_value": True,
+            "bounds_loss_coef": 0.0001, "train_dir": train_dir, "torch_compile": False, "print_stats": False,
+            "use_diagnostics": True,
+        },
+    }}
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return a == b
+
+
+def test_rl_games_runner_reports_rows_config_and_checkpoints(fake_wandb, relay_factory, tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("rl_games")
+    from rl_games.algos_torch import torch_ext
+    from rl_games.common import a2c_common, env_configurations, vecenv
+    from rl_games.common.ivecenv import IVecEnv
+    from rl_games.torch_runner import Runner
+    from tensorboardX import SummaryWriter
+    import gymnasium
+
+    root = tmp_path / "output"
+    root.mkdir()
+    relay = relay_factory(fake_wandb, ["--mode", "online", "--artifact-root", str(root)])
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("RELAY_SPILL_DIR", str(tmp_path / "spill"))
+
+    point_env = _point_env_class(torch, IVecEnv, gymnasium.spaces.Box)
+    env_configurations.register("relay_point", {"vecenv_type": "RELAY_POINT", "env_creator": lambda **kw: None})
+    vecenv.register("RELAY_POINT", lambda config_name, num_actors, **kwargs: point_env(num_actors))
+
+    observer = RelayAlgoObserver(project="tokenHSI", group="rl-games-e2e", tags=["ppo", "point"], notes="e2e",
+                                 run_id="rlgames1", endpoint=relay.endpoint, finish_timeout=30.0)
+    recorded = []   # (epoch the agent was in, tag, value, step): what the TensorBoard writer received
+    writers = []
+
+    class RecordingWriter(SummaryWriter):   # the agent's own TensorBoard writer, recording its calls
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            writers.append(self)
+
+        def add_scalar(self, tag, scalar_value, global_step=None, *args, **kwargs):
+            recorded.append((observer.algo.epoch_num if observer.algo else None, tag, scalar_value, global_step))
+            return super().add_scalar(tag, scalar_value, global_step, *args, **kwargs)
+
+    monkeypatch.setattr(a2c_common, "SummaryWriter", RecordingWriter)
+    saves = []
+    real_save_checkpoint = torch_ext.save_checkpoint
+
+    def counting_save_checkpoint(filename, state):
+        saves.append((filename, state["epoch"], state["frame"]))
+        return real_save_checkpoint(filename, state)
+
+    monkeypatch.setattr(torch_ext, "save_checkpoint", counting_save_checkpoint)
+
+    runner = Runner(algo_observer=observer)
+    runner.load(_params(str(root / "runs")))
+    runner.run({"train": True, "play": False, "checkpoint": None, "sigma": None})
+
+    # -- the trainer side: finished, delivered, nothing spilled
+    assert observer.report["delivered"] is True and observer.report["spill_file"] is None, observer.report
+    assert observer.report["errors"] == 0
+    algo = observer.algo
+    assert algo.epoch_num == EPOCHS and isinstance(algo.writer, RelayWriter) and algo.writer.original is writers[0]
+
+    # -- what the agent wrote, per epoch, mapped to W&B names (last write wins)
+    epochs = sorted({epoch for epoch, _, _, _ in recorded})
+    assert epochs == [1, 2, 3], epochs
+    expected = {}
+    for epoch, tag, value, step in recorded:
+        row = expected.setdefault(epoch, {})
+        row[map_tag(tag)] = value.item() if hasattr(value, "item") else value  # tensors, numpy (test side)
+    reported_frames = {epoch: step for epoch, tag, value, step in recorded if tag == "info/epochs"}
+    assert {epoch: value for epoch, tag, value, _ in recorded if tag == "info/epochs"} == {1: 1, 2: 2, 3: 3}
+    for epoch in epochs:
+        assert KNOWN_NAMES <= set(expected[epoch]), "the agent did not write %s" % (KNOWN_NAMES - set(expected[epoch]))
+        assert [step for e, tag, _, step in recorded if e == epoch and tag == "rewards/iter"] == [epoch]
+
+    # -- W&B: one row per epoch with the agent's frame and epoch, and exactly those values
+    fake_wandb.wait_for(lambda: fake_wandb.complete("rlgames1"), 120)
+    run = fake_wandb.run("rlgames1")
+    assert (run.project, run.group, run.notes, list(run.tags), run.exit_code) == (
+        "tokenHSI", "rl-games-e2e", "e2e", ["ppo", "point"], 0)
+    assert (run.display_name or run.name).startswith("point_"), "defaults to rl_games' experiment name"
+    assert len(run.history) == EPOCHS, run.history
+    for index, got in enumerate(run.history):
+        epoch = index + 1
+        assert got["epoch"] == epoch and got["frame"] == reported_frames[epoch]
+        names = {k for k in got if not k.startswith("_")} - {"frame", "epoch"}
+        assert names == set(expected[epoch]), (names ^ set(expected[epoch]))
+        for name, value in expected[epoch].items():
+            assert _same(got[name], value), "epoch %d %s: the writer got %r, W&B has %r" % (
+                epoch, name, value, got[name])
+    config = run.config
+    assert {k: config[k] for k in ("name", "env_name", "horizon_length", "max_epochs", "save_frequency",
+                                   "learning_rate", "num_actors")} == {
+        "name": "point", "env_name": "relay_point", "horizon_length": HORIZON, "max_epochs": EPOCHS,
+        "save_frequency": 1, "learning_rate": 3e-4, "num_actors": NUM_ENVS}
+    assert isinstance(config["features"]["observer"], str) and isinstance(config["reward_shaper"], str)
+
+    # -- checkpoints: every save is one model artifact with the file's exact bytes, epoch and frame
+    nn_dir = algo.nn_dir
+    files = sorted(glob.glob(os.path.join(nn_dir, "*.pth")))
+    assert not [n for n in os.listdir(nn_dir) if ".relay-tmp-" in n], os.listdir(nn_dir)
+    assert len(saves) == len(files) == EPOCHS + 1, (saves, files)  # save_frequency 1, plus the final save
+    assert all(os.path.basename(name).startswith(".last_point_ep_") for name, _, _ in saves)
+    fake_wandb.wait_for(lambda: len(fake_wandb.artifacts()) >= len(files), 60)
+    artifacts = fake_wandb.artifacts()
+    assert len(artifacts) == len(files)
+    by_file = {}
+    for artifact in artifacts:
+        assert artifact.type == "model" and len(artifact.files) == 1
+        (name, data), = artifact.files.items()
+        by_file[name] = (artifact, data)
+    assert sorted(by_file) == sorted(os.path.basename(f) for f in files)
+    for path in files:
+        artifact, data = by_file[os.path.basename(path)]
+        with open(path, "rb") as handle:
+            assert hashlib.sha256(data).hexdigest() == hashlib.sha256(handle.read()).hexdigest()
+        state = torch_ext.load_checkpoint(path)
+        assert artifact.metadata == {"epoch": state["epoch"], "frame": state["frame"]}
+    assert sorted((e, f) for _, e, f in saves) == sorted(
+        (a.metadata["epoch"], a.metadata["frame"]) for a in artifacts)
+    assert "latest" in max(artifacts, key=lambda a: a.version).aliases
+
+    # -- TensorBoard: the original writer got every scalar, with its step
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    writers[0].flush()
+    accumulator = EventAccumulator(algo.summaries_dir, size_guidance={"scalars": 0})
+    accumulator.Reload()
+    tb = {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+    for tag in {tag for _, tag, _, _ in recorded}:
+        sent = [(int(step), float(value)) for _, t, value, step in recorded if t == tag]
+        assert len(tb.get(tag, [])) == len(sent), tag
+        for (tb_step, tb_value), (step, value) in zip(tb[tag], sent):
+            assert tb_step == step and (tb_value == pytest.approx(value, rel=1e-6, abs=1e-30)
+                                        or math.isnan(value)), (tag, tb_value, value)
+    assert relay.stop() == 0

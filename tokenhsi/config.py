@@ -1,0 +1,89 @@
+"""The training config TokenHSI users know, validated once at the entry point.
+
+`cfg_train` yaml: `use_wandb`, a `wandb:` block (project, entity, name, group, tags, notes, mode),
+a `relay:` block (endpoint, spill_dir, finish_timeout) and rl_games' `params:`. `cfg_env` yaml:
+an `env:` block (task, num_envs). Unknown or duplicate keys and wrong types are errors that name
+the key and the file.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+from relay.yamlfile import ConfigError, load_yaml
+
+
+@dataclass(frozen=True)
+class WandbSettings:
+    project: str = "tokenHSI"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    group: Optional[str] = None
+    tags: list = field(default_factory=list)
+    notes: Optional[str] = None
+    mode: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    endpoint: Optional[str] = None
+    spill_dir: Optional[str] = None
+    finish_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class EnvSettings:
+    task: str = "PointTraj"
+    num_envs: int = 256
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    name: str                      # the cfg_train file's name without .yaml
+    use_wandb: bool
+    wandb: WandbSettings
+    relay: RelaySettings
+    env: EnvSettings
+    params: dict                   # rl_games' own block, passed through
+
+
+TYPES = {"str": str, "int": int, "float": (int, float), "bool": bool, "list": list, "dict": dict}
+
+
+def _block(cls, values: Any, where: str):
+    if values is None:
+        return cls()
+    if not isinstance(values, dict):
+        raise ConfigError("%s must be a mapping, got %s" % (where, type(values).__name__))
+    known = {f.name: f for f in fields(cls)}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError("%s: unknown key %r (known: %s)" % (where, key, ", ".join(sorted(known))))
+        expected = known[key].type.replace("Optional[", "").rstrip("]")
+        if value is None and known[key].type.startswith("Optional"):
+            continue
+        if not isinstance(value, TYPES[expected]) or (expected in ("int", "float") and isinstance(value, bool)):
+            raise ConfigError("%s.%s must be %s, got %r (%s)" % (where, key, expected, value, type(value).__name__))
+    return cls(**values)
+
+
+def load(cfg_train: str, cfg_env: str) -> TrainConfig:
+    train = load_yaml(cfg_train)
+    env = load_yaml(cfg_env)
+    allowed = {"use_wandb", "wandb", "relay", "params"}
+    unknown = sorted(set(train) - allowed)
+    if unknown:
+        raise ConfigError("%s: unknown top-level key(s) %s (known: %s)" % (cfg_train, unknown, ", ".join(sorted(allowed))))
+    if set(env) - {"env"}:
+        raise ConfigError("%s: unknown top-level key(s) %s (known: env)" % (cfg_env, sorted(set(env) - {"env"})))
+    if not isinstance(train.get("use_wandb", False), bool):
+        raise ConfigError("%s: use_wandb must be True or False" % cfg_train)
+    if not isinstance(train.get("params"), dict):
+        raise ConfigError("%s: params (rl_games' block) is missing" % cfg_train)
+    name = os.path.splitext(os.path.basename(cfg_train))[0]
+    return TrainConfig(name=name, use_wandb=train.get("use_wandb", False),
+                       wandb=_block(WandbSettings, train.get("wandb"), "%s: wandb" % cfg_train),
+                       relay=_block(RelaySettings, train.get("relay"), "%s: relay" % cfg_train),
+                       env=_block(EnvSettings, env.get("env"), "%s: env" % cfg_env),
+                       params=train["params"])

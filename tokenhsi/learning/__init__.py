@@ -1,0 +1,1 @@
+"""Agents for the built-in tasks (rl_games based)."""

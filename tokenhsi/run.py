@@ -1,0 +1,112 @@
+"""Train or evaluate a TokenHSI-style policy with rl_games, reporting everything through the relay.
+
+    python tokenhsi/run.py --task PointTraj --cfg_env cfg/env/point_traj.yaml \\
+        --cfg_train cfg/train/amp_point_traj.yaml [--num_envs N] [--headless] [--test]
+        [--checkpoint PATH] [--output_path DIR] [--max_epochs N] [--seed S]
+
+Built-in tasks: PointTraj, PointCarry, PointMultiTask (tokenhsi/env/point_tasks.py). With
+`use_wandb: True` metrics, checkpoints and evaluation results go to W&B through the relay
+(RELAY_ENDPOINT); `WANDB_MODE=disabled` or `use_wandb: False` turns that off. `--task module:Class`
+loads an external IsaacGym task; isaacgym is imported only then.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tokenhsi import config as train_config  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="TokenHSI training through tokenhsi-relay")
+    parser.add_argument("--task", required=True, help="PointTraj | PointCarry | PointMultiTask | module:Class")
+    parser.add_argument("--cfg_env", required=True)
+    parser.add_argument("--cfg_train", required=True)
+    parser.add_argument("--num_envs", type=int)
+    parser.add_argument("--headless", action="store_true", help="accepted for TokenHSI compatibility")
+    parser.add_argument("--test", action="store_true", help="evaluate --checkpoint instead of training")
+    parser.add_argument("--test_episodes", type=int, default=256)
+    parser.add_argument("--checkpoint", help="a .pth to resume training from, or to evaluate")
+    parser.add_argument("--output_path", default="output")
+    parser.add_argument("--max_epochs", type=int)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda:N")
+    return parser.parse_args(argv)
+
+
+def load_external_task(spec: str):
+    """`module:Class` from a TokenHSI checkout; needs IsaacGym, imported only here."""
+    import isaacgym  # noqa: F401  (must come before torch in IsaacGym programs)
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def make_observer(cfg: train_config.TrainConfig, run_name: str):
+    from rl_games.common.algo_observer import DefaultAlgoObserver
+
+    if not cfg.use_wandb or os.environ.get("WANDB_MODE") == "disabled":
+        return DefaultAlgoObserver()
+    from relay.rl_games import RelayAlgoObserver
+
+    w = cfg.wandb
+    return RelayAlgoObserver(project=w.project, name=w.name or run_name, entity=w.entity, group=w.group,
+                             tags=list(w.tags), notes=w.notes, mode=w.mode, endpoint=cfg.relay.endpoint,
+                             finish_timeout=cfg.relay.finish_timeout)
+
+
+def rl_games_params(cfg: train_config.TrainConfig, args: argparse.Namespace) -> dict:
+    params = copy.deepcopy(cfg.params)
+    settings = params["config"]
+    settings["num_actors"] = args.num_envs or cfg.env.num_envs
+    settings["env_config"] = {"task": args.task, "device": args.device,
+                              "seed": args.seed if args.seed is not None else params.get("seed", 0)}
+    settings["player"] = {"use_vecenv": True}  # --test builds the same vectorised task
+    settings["device"] = settings["ppo_device"] = settings["device_name"] = args.device
+    settings["train_dir"] = args.output_path
+    settings["full_experiment_name"] = cfg.name
+    if args.max_epochs is not None:
+        settings["max_epochs"] = args.max_epochs
+    if args.seed is not None:
+        params["seed"] = args.seed
+    return {"params": params}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = train_config.load(args.cfg_train, args.cfg_env)
+    except train_config.ConfigError as exc:
+        print("error: %s" % exc, file=sys.stderr)
+        return 2
+    if ":" in args.task:
+        load_external_task(args.task)
+        print("error: external IsaacGym tasks are loaded but not wired to a vecenv yet", file=sys.stderr)
+        return 2
+    from rl_games.algos_torch.players import PpoPlayerContinuous
+    from rl_games.torch_runner import Runner
+
+    from tokenhsi.env import vecenv
+    from tokenhsi.learning.amp_agent import AMPAgent
+
+    vecenv.register()
+    observer = make_observer(cfg, cfg.name)
+    runner = Runner(algo_observer=observer)
+    runner.algo_factory.register_builder("amp_continuous", lambda **kwargs: AMPAgent(**kwargs))
+    runner.player_factory.register_builder("amp_continuous", lambda **kwargs: PpoPlayerContinuous(**kwargs))
+    runner.load(rl_games_params(cfg, args))
+    runner.reset()
+    if args.test:
+        from tokenhsi.learning.evaluate import evaluate
+
+        return evaluate(runner, cfg, args)
+    runner.run({"train": True, "play": False, "checkpoint": args.checkpoint, "sigma": None})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
