@@ -96,6 +96,13 @@ class RelayProcess:
             self.proc.wait()
             raise AssertionError("relay did not exit within %.0f s of signal %d:\n%s" % (timeout, sig, self.log()))
 
+    def wait_log(self, text: str, timeout: float) -> None:
+        """Wait until the relay has logged `text` (the log file is its only voice while it stops)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            assert time.monotonic() < deadline, "relay did not log %r within %.0f s:\n%s" % (text, timeout, self.log())
+            time.sleep(0.05)
+
     def log(self) -> str:
         try:
             with open(self.log_path, encoding="utf-8", errors="replace") as handle:
