@@ -660,3 +660,35 @@ def _as_int(value: Any) -> Optional[int]:
         return int(number)
     except (TypeError, ValueError):
         return None
+
+
+class MultiObserver(AlgoObserver):
+    """Forward every rl_games observer hook to several observers, in order: TokenHSI's own
+    (scores, env infos) and RelayAlgoObserver side by side."""
+
+    def __init__(self, *observers):
+        self.observers = list(observers)
+
+    def _each(self, hook, *args):
+        for observer in self.observers:
+            method = getattr(observer, hook, None)
+            if method is not None:
+                method(*args)
+
+    def before_init(self, base_name, config, experiment_name):
+        self._each("before_init", base_name, config, experiment_name)
+
+    def after_init(self, algo):
+        self._each("after_init", algo)
+
+    def process_infos(self, infos, done_indices):
+        self._each("process_infos", infos, done_indices)
+
+    def after_steps(self):
+        self._each("after_steps")
+
+    def after_clear_stats(self):
+        self._each("after_clear_stats")
+
+    def after_print_stats(self, frame, epoch_num, total_time):
+        self._each("after_print_stats", frame, epoch_num, total_time)

@@ -595,3 +595,24 @@ def test_rl_games_runner_reports_rows_config_and_checkpoints(fake_wandb, relay_f
             assert tb_step == step and (tb_value == pytest.approx(value, rel=1e-6, abs=1e-30)
                                         or math.isnan(value)), (tag, tb_value, value)
     assert relay.stop() == 0
+
+
+def test_multi_observer_forwards_every_hook_in_order():
+    from relay.rl_games import MultiObserver
+
+    calls = []
+
+    class Recorder(object):
+        def __init__(self, name):
+            self.name = name
+
+        def __getattr__(self, hook):
+            return lambda *args: calls.append((self.name, hook, args))
+
+    both = MultiObserver(Recorder("tokenhsi"), Recorder("relay"))
+    both.before_init("base", {"a": 1}, "exp")
+    both.after_print_stats(128, 2, 1.5)
+    assert calls == [("tokenhsi", "before_init", ("base", {"a": 1}, "exp")),
+                     ("relay", "before_init", ("base", {"a": 1}, "exp")),
+                     ("tokenhsi", "after_print_stats", (128, 2, 1.5)),
+                     ("relay", "after_print_stats", (128, 2, 1.5))]

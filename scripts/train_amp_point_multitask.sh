@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Train AMP on the built-in PointMultiTask task (CPU by default; pass --device cuda:0 for a GPU).
+# Reporting goes through the relay at $RELAY_ENDPOINT (default tcp://127.0.0.1:5555); start one with
+# `relay serve`, or set WANDB_MODE=disabled to train without reporting.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+exec .venv/bin/python tokenhsi/run.py --task PointMultiTask --cfg_env cfg/env/point_multitask.yaml \
+    --cfg_train cfg/train/amp_point_multitask.yaml --headless --output_path output "$@"
