@@ -42,7 +42,8 @@ def test_relay_sigkill_mid_upload_then_restart_delivers_exactly_once(fake_wandb,
 def test_trainer_sigkill_run_is_finished_with_nonzero_exit_after_silence(fake_wandb, relay_factory, trainer_factory):
     relay = relay_factory(fake_wandb, ["--mode", "online"], env={"RELAY_SILENCE_TIMEOUT": "3"})
     trainer = trainer_factory({"endpoint": relay.endpoint, "run_id": "ghost", "steps": 100, "metrics": 5,
-                               "seed": 12, "wait_stdin": True, "heartbeat_every": 0.5})
+                               "seed": 12, "wait_stdin": True, "heartbeat_every": 0.5,
+                               "flush_before_wait": True})
     trainer.event("logged")
     logged_at = time.time()
     # Alive but quiet: heartbeats alone keep the run open past the silence timeout.

@@ -19,12 +19,12 @@ pytestmark = pytest.mark.timeout(300)
 TRAINING_NAMES = {
     "performance/total_fps", "performance/step_fps", "performance/update_time", "performance/play_time",
     "losses/a_loss", "losses/c_loss", "losses/disc_loss", "losses/bounds_loss", "losses/entropy",
-    "info/epochs", "info/last_lr", "info/lr_mul", "info/kl",
+    "info/epochs", "info/last_lr", "info/lr_mul", "info/kl", "info/clip_frac",
     "info/disc_agent_acc", "info/disc_demo_acc", "info/disc_agent_logit", "info/disc_demo_logit",
     "info/disc_grad_penalty", "info/disc_reward_mean", "info/disc_reward_std",
     "rewards/mean", "rewards/traj", "rewards/carry", "episode_lengths/mean",
 }
-EVAL_NAMES = {"success_rate", "num_trials", "success_trials", "fail_trials"}
+EVAL_NAMES = {"success_rate", "success_precision", "num_trials", "success_trials", "fail_trials"}
 
 
 def run_py(relay, *args: str) -> subprocess.CompletedProcess:

@@ -31,6 +31,8 @@ def main(args: dict) -> int:
         if args.get("interval"):
             time.sleep(args["interval"])  # the simulated training step
     print(json.dumps({"event": "logged", "max_latency": max(latencies, default=0.0)}), flush=True)
+    if args.get("flush_before_wait"):
+        client.flush(60.0)  # the client sends during calls: hand everything over before going quiet
     if args.get("wait_stdin"):
         sys.stdin.readline()
     report = run.finish(exit_code=args.get("exit_code", 0), timeout=args.get("finish_timeout", 60.0))

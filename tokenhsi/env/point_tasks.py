@@ -10,7 +10,8 @@ discriminator learns: smooth, bounded-acceleration moves towards the current tar
 - PointMultiTask: half the environments do each; the task id is one-hot in the observation and
   per-task rewards are reported so that they can be logged as `rewards/{task_name}`.
 
-`info["amp_obs"]` is the transition feature (velocity before, velocity after) per environment.
+`info["amp_obs"]` is the transition feature (velocity before, velocity after) per environment;
+`info["error"]` the distance still to go (to the path point, or from the object to its goal).
 """
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ class PointMass:
         timeout = self.progress >= self.episode_length
         done = timeout | self.finished_early(success)
         info = {"amp_obs": torch.cat([before, self.vel], dim=1), "success": success & done,
-                "terminated": done, "task_rewards": {self.name: reward.mean()}}
+                "error": self.error(), "terminated": done, "task_rewards": {self.name: reward.mean()}}
         done_ids = done.nonzero(as_tuple=False).flatten()
         if len(done_ids):
             self.reset(done_ids)
@@ -111,6 +112,9 @@ class PointTraj(PointMass):
 
     def observe(self) -> torch.Tensor:
         return torch.cat([self.vel] + [self.target(k) - self.pos for k in self.lookahead], dim=1)
+
+    def error(self) -> torch.Tensor:
+        return (self.target() - self.pos).norm(dim=1)
 
     def task_reward(self):
         distance = (self.target() - self.pos).norm(dim=1)
@@ -150,6 +154,9 @@ class PointCarry(PointMass):
 
     def finished_early(self, success: torch.Tensor) -> torch.Tensor:
         return success
+
+    def error(self) -> torch.Tensor:
+        return (self.goal - self.object).norm(dim=1)
 
     def scripted_actions(self) -> torch.Tensor:
         return self.pd_towards(torch.where(self.carrying.unsqueeze(1), self.goal, self.object))
@@ -192,6 +199,7 @@ class PointMultiTask:
         obs = self._join([r[0] for r in results])
         info = {"amp_obs": torch.cat([r[3]["amp_obs"] for r in results]),
                 "success": torch.cat([r[3]["success"] for r in results]),
+                "error": torch.cat([r[3]["error"] for r in results]),
                 "terminated": torch.cat([r[3]["terminated"] for r in results]),
                 "task_rewards": {name: r[1].mean() for name, r in zip(self.task_names, results)}}
         return obs, torch.cat([r[1] for r in results]), torch.cat([r[2] for r in results]), info

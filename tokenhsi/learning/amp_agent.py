@@ -41,9 +41,20 @@ class AMPAgent(a2c_continuous.A2CAgent):
         task_name = params["config"]["env_config"]["task"]
         self.reference = TASKS[task_name](self.num_actors, device=str(self.ppo_device), seed=12345)
         self.reference.reset()
+        self._clip_fracs: list[torch.Tensor] = []
+        self.actor_loss_func = self._counting_clips(self.actor_loss_func)
         self._agent_amp: list[torch.Tensor] = []
         self._disc_rewards: list[torch.Tensor] = []
         self._task_rewards: dict[str, list[torch.Tensor]] = {}
+
+    def _counting_clips(self, actor_loss):
+        """rl_games 1.6 does not report PPO's clip fraction (TokenHSI's info/clip_frac): measure it."""
+        def actor_loss_counting_clips(old_neglogp, neglogp, advantage, is_ppo, e_clip):
+            with torch.no_grad():
+                ratio = torch.exp(old_neglogp - neglogp)
+                self._clip_fracs.append(((ratio - 1.0).abs() > e_clip).float().mean())
+            return actor_loss(old_neglogp, neglogp, advantage, is_ppo, e_clip)
+        return actor_loss_counting_clips
 
     def env_step(self, actions):
         obs, rewards, dones, infos = super().env_step(actions)
@@ -84,6 +95,8 @@ class AMPAgent(a2c_continuous.A2CAgent):
                  "info/disc_demo_acc": (demo_logit > 0).float().mean(), "info/disc_agent_logit": agent_logit.mean(),
                  "info/disc_demo_logit": demo_logit.mean(), "info/disc_grad_penalty": penalty.detach(),
                  "info/disc_reward_mean": rewards.mean(), "info/disc_reward_std": rewards.std()}
+        if self._clip_fracs:
+            stats["info/clip_frac"] = torch.stack(self._clip_fracs).mean()
         for name, values in self._task_rewards.items():
             stats["rewards/%s" % name] = torch.stack(values).mean()
         for tag, value in stats.items():
@@ -91,4 +104,5 @@ class AMPAgent(a2c_continuous.A2CAgent):
         self._agent_amp.clear()
         self._disc_rewards.clear()
         self._task_rewards.clear()
+        self._clip_fracs.clear()
         return result

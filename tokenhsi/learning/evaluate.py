@@ -9,18 +9,23 @@ from tokenhsi.env.point_tasks import TASKS
 
 
 def play(player, task, episodes: int) -> dict:
-    """Run until `episodes` episodes have ended; success precision = mean final distance of successes."""
+    """Run until `episodes` episodes have ended. success_precision: the mean distance still to go
+    (to the path point, or object to goal) at the end of the successful trials, lower is better."""
     obs = task.reset()
     successes = trials = 0
+    errors = []
     while trials < episodes:
         with torch.no_grad():
             actions = player.get_action(obs, is_deterministic=True)
         obs, _, done, info = task.step(actions)
         ended = int(done.sum())
         successes += int(info["success"].sum())
+        errors.append(info["error"][info["success"]])
         trials += ended
+    errors = torch.cat(errors)
     return {"success_rate": successes / trials, "num_trials": trials, "success_trials": successes,
-            "fail_trials": trials - successes}
+            "fail_trials": trials - successes,
+            "success_precision": float(errors.mean()) if len(errors) else float("nan")}
 
 
 def evaluate(runner, cfg, args) -> int:
