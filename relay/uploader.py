@@ -274,12 +274,10 @@ class RunUploader:
         """Close the W&B run; once finish() returns, everything logged is confirmed."""
         if self._wb is None:
             return
-        if self._wb is DISABLED:
-            pass
-        elif exit_code is None:  # the relay is stopping while the trainer runs on
-            self._wb.mark_preempting() if hasattr(self._wb, "mark_preempting") else None
+        if self._wb is not DISABLED and exit_code is None:  # the relay stops while the trainer runs on
+            self._wb.mark_preempting()
             self._wb.finish()
-        else:
+        elif self._wb is not DISABLED:
             self._wb.finish(exit_code=exit_code)
         self._wb = None
         done = self._cursor if through_id is None else through_id

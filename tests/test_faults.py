@@ -279,3 +279,22 @@ def test_offline_mode_relay_sigkill_loses_nothing_at_least_once(relay_factory, t
         finally:
             fake.stop()
     assert set(epochs) == set(range(1, 801)), "lost: %s" % sorted(set(range(1, 801)) - set(epochs))[:10]
+
+
+def test_sigterm_pauses_open_runs_as_preempted_and_the_next_relay_resumes_them(fake_wandb, relay_factory,
+                                                                                trainer_factory):
+    relay = relay_factory(fake_wandb, ["--mode", "online"])
+    trainer = trainer_factory({"endpoint": relay.endpoint, "run_id": "paused", "steps": 120, "metrics": 5,
+                               "seed": 21, "wait_stdin": True, "flush_before_wait": True, "exit_code": 3})
+    trainer.event("logged")
+    relay.wait_status(lambda s: s["runs"] and s["runs"][0]["received"] == 121 and s["runs"][0]["pending"] == 0,
+                      60, "every record handed to W&B")
+    assert relay.stop(signal.SIGTERM) == 0
+    assert "paused (relay stopping)" in relay.log()
+    paused = fake_wandb.run("paused")
+    assert paused.preempting and len(paused.history) == 120  # drained: every row already on the server
+    relay.start()
+    trainer.go_on()
+    assert trainer.event("finished")["report"]["delivered"] is True
+    fake_wandb.wait_for(lambda: fake_wandb.run("paused").exit_code == 3, 60)  # the trainer's own finish
+    assert_history(fake_wandb.run("paused").history, seed=21, steps=120, metrics=5)
