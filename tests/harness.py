@@ -96,10 +96,11 @@ class RelayProcess:
             self.proc.wait()
             raise AssertionError("relay did not exit within %.0f s of signal %d:\n%s" % (timeout, sig, self.log()))
 
-    def wait_log(self, text: str, timeout: float) -> None:
-        """Wait until the relay has logged `text` (the log file is its only voice while it stops)."""
+    def wait_log(self, text: str, timeout: float, seen: int = 0) -> None:
+        """Wait until the relay has logged `text` more than `seen` times (the log file, which keeps
+        earlier lives of the relay, is its only voice while it stops)."""
         deadline = time.monotonic() + timeout
-        while text not in self.log():
+        while self.log().count(text) <= seen:
             assert time.monotonic() < deadline, "relay did not log %r within %.0f s:\n%s" % (text, timeout, self.log())
             time.sleep(0.05)
 
