@@ -43,6 +43,10 @@ Tag mapping (TensorBoard tag -> W&B name; `S` is one of the axis suffixes `frame
       performance/step_fps, info/epochs (just a metric; the axes come from the hook), and also
       info/time (a metric that happens to be called `time` is not a suffix)
     any tag without an axis suffix        -> unchanged (Episode/foo, diagnostics, ...)
+    rl_games >= 1.5's renamed timings     -> TokenHSI's (rl_games 1.1.4) names:
+      performance/step_inference_rl_update_fps -> performance/total_fps,
+      performance/rl_update_time -> performance/update_time,
+      performance/step_inference_time -> performance/play_time
 
 The three writes of one value land on one name in one row, so W&B gets each value once per epoch.
 When a name is written several times in an epoch, the last value wins.
