@@ -45,6 +45,9 @@ KNOWN_NAMES = {"losses/a_loss", "losses/c_loss", "info/last_lr", "info/kl", "per
     ("eval/iter", "eval/iter"), ("Episode/distance", "Episode/distance"), ("consecutive_successes/iter",
                                                                             "consecutive_successes"),
     ("plain", "plain"), ("/frame", "/frame"),
+    ("performance/step_inference_rl_update_fps", "performance/total_fps"),
+    ("performance/rl_update_time", "performance/update_time"),
+    ("performance/step_inference_time", "performance/play_time"),
 ])
 def test_tag_mapping(tag, name):
     assert map_tag(tag) == name
