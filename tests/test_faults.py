@@ -25,13 +25,20 @@ def complete(fake, run_id):
     return lambda: fake.complete(run_id)
 
 
+def kill_and_restart_after(relay, uploaded: int) -> None:
+    """SIGKILL the relay once `uploaded` records went to W&B, then start it on the same spool and
+    endpoint (the trainer's client re-sends what was not acked)."""
+    relay.wait_status(lambda s: s["runs"] and s["runs"][0]["uploaded"] >= uploaded, 60,
+                      "%d records uploaded" % uploaded)
+    assert relay.stop(signal.SIGKILL) == -signal.SIGKILL
+    relay.start()
+
+
 def test_relay_sigkill_mid_upload_then_restart_delivers_exactly_once(fake_wandb, relay_factory, trainer_factory):
     relay = relay_factory(fake_wandb, ["--mode", "online"])
     trainer = trainer_factory({"endpoint": relay.endpoint, "run_id": "kill9", "steps": 1500, "metrics": 10,
                                "seed": 11, "interval": 0.002})
-    relay.wait_status(lambda s: s["runs"] and s["runs"][0]["uploaded"] >= 300, 60, "300 records uploaded")
-    assert relay.stop(signal.SIGKILL) == -signal.SIGKILL
-    relay.start()  # same spool, same endpoint: the trainer's client re-sends what was not acked
+    kill_and_restart_after(relay, 300)
     done = trainer.event("finished")
     assert done["report"]["delivered"] is True and done["stats"]["acked"] == 1502
     fake_wandb.wait_for(complete(fake_wandb, "kill9"), 120)
@@ -265,9 +272,7 @@ def test_offline_mode_relay_sigkill_loses_nothing_at_least_once(relay_factory, t
     relay = relay_factory(None, ["--mode", "offline"])
     trainer = trainer_factory({"endpoint": relay.endpoint, "run_id": "offkill", "steps": 800, "metrics": 6,
                                "seed": 20, "interval": 0.002})
-    relay.wait_status(lambda s: s["runs"] and s["runs"][0]["uploaded"] >= 200, 60, "200 records in the offline run")
-    assert relay.stop(signal.SIGKILL) == -signal.SIGKILL
-    relay.start()
+    kill_and_restart_after(relay, 200)
     assert trainer.event("finished")["report"]["delivered"] is True
     relay.wait_status(lambda s: s["runs"][0]["finished"] and s["runs"][0]["pending"] == 0, 60, "the run to finish")
     assert relay.stop() == 0
