@@ -26,7 +26,7 @@ pytestmark = pytest.mark.timeout(180)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 KNOWN_NAMES = {"losses/a_loss", "losses/c_loss", "info/last_lr", "info/kl", "performance/step_fps",
-               "rewards/mean", "episode_lengths/mean"}
+               "rewards/mean", "rewards/1", "episode_lengths/mean"}
 
 
 # -- the tag mapping ---------------------------------------------------------------------------------
@@ -402,7 +402,8 @@ EPOCHS = 3
 
 def _point_env_class(torch, IVecEnv, Box):
     class PointEnv(IVecEnv):
-        """A 1-D point per env that should move to 0: obs = position, reward = -|position|."""
+        """A 1-D point per env that should move to 0: obs = position; two reward heads (value_size 2,
+        as multi-objective TokenHSI tasks have): -|position| and -position^2."""
 
         def __init__(self, num_envs):
             self.num_envs = num_envs
@@ -414,7 +415,7 @@ def _point_env_class(torch, IVecEnv, Box):
 
         def get_env_info(self):
             return {"observation_space": self.observation_space, "action_space": self.action_space,
-                    "agents": 1, "value_size": 1}
+                    "agents": 1, "value_size": 2}
 
         def _start(self, mask):
             count = int(mask.sum())
@@ -428,7 +429,7 @@ def _point_env_class(torch, IVecEnv, Box):
         def step(self, actions):
             self.pos = (self.pos + 0.1 * actions.clamp(-1, 1)).clamp(-10, 10)
             self.steps += 1
-            reward = -self.pos.abs().squeeze(1)
+            reward = torch.cat([-self.pos.abs(), -self.pos ** 2], dim=1)
             done = self.steps >= EPISODE
             if done.any():
                 self._start(done)
