@@ -3,8 +3,9 @@
 The end-to-end test trains rl_games' continuous PPO agent (`a2c_continuous`) for 3 epochs on a tiny
 vectorised torch environment registered with rl_games (no gym/IsaacGym), exactly as a user plugs the
 observer into their own Runner, and checks the W&B run row by row against what the agent wrote to
-its TensorBoard writer, and every checkpoint byte by byte. The unit tests need neither rl_games nor
-a relay (the tensor ones need torch).
+its TensorBoard writer, and every checkpoint byte by byte. The hook-order tests drive the observer
+as rl_games does, without rl_games, through a real client and a real relay whose W&B is held back,
+and read what it sent from the relay's spool (the tensor ones need torch).
 """
 from __future__ import annotations
 
@@ -12,13 +13,16 @@ import glob
 import hashlib
 import math
 import os
+import sqlite3
 import subprocess
 import sys
 import time
 import types
 
+import msgpack
 import pytest
 
+from relay.client import RelayClient
 from relay.rl_games import RelayAlgoObserver, RelayWriter, batch_to_python, map_tag, start_transfer
 
 pytestmark = pytest.mark.timeout(180)
@@ -152,10 +156,11 @@ def test_cuda_rows_are_copied_once_into_pinned_memory_without_waiting():
     assert got == dict({"m%02d" % i: float(i) / 8 for i in range(20)}, cpu=4.5, py=2.0)
 
 
-def test_observer_never_waits_for_the_gpu_and_logs_the_row_once_copied(tmp_path):
+def test_observer_never_waits_for_the_gpu_and_logs_the_row_once_copied(held_relay, tmp_path):
     torch = _cuda_torch()
+    relay, client = held_relay
     algo = FakeAlgo(ListWriter(), str(tmp_path))
-    observer, client = _observer_with(algo)
+    observer, client = _observer_with(client, algo)
     run = client.runs[0]
     base = torch.arange(4, device="cuda", dtype=torch.float32)
 
@@ -188,41 +193,90 @@ def test_observer_never_waits_for_the_gpu_and_logs_the_row_once_copied(tmp_path)
     assert [(c[2], c[3]) for c in logs] == [(100, 1), (200, 2), (300, 3)]
     assert logs[2][1] == {"losses/a_loss": 0.0, "info/kl": 3.0, "rewards/mean": 6.0}
     assert run.calls[-1] == ("finish", 0, 10.0)
+    assert_spool_matches(relay, client)
 
 
-# -- the observer with a recording client (no rl_games, no relay) ------------------------------------
+# -- the observer with a real client and a real relay, W&B held back ---------------------------------
+#
+# The relay answers, spools and acks as always; its W&B answers 503, so everything the observer sent
+# waits in the spool in arrival order, where the test reads it. SpyRun records the calls the observer
+# made on the real Run (their order, and each checkpoint's bytes at the moment it was reported).
 
-class FakeRun:
-    def __init__(self):
-        self.client = self  # what tells a real Run from a DisabledRun
+class SpyRun:
+    def __init__(self, run):
+        self.run = run
+        self.client = run.client
         self.calls = []
 
     def log(self, metrics, frame=None, epoch=None):
         self.calls.append(("log", dict(metrics), frame, epoch))
+        self.run.log(metrics, frame=frame, epoch=epoch)
 
     def log_checkpoint(self, path, metadata=None, aliases=None):
         with open(path, "rb") as handle:
             digest = hashlib.sha256(handle.read()).hexdigest()
         self.calls.append(("checkpoint", path, dict(metadata or {}), list(aliases or []), digest))
+        self.run.log_checkpoint(path, metadata=metadata, aliases=aliases)
 
     def summary(self, values):
         self.calls.append(("summary", dict(values)))
+        self.run.summary(values)
 
     def finish(self, exit_code=0, timeout=10.0):
         self.calls.append(("finish", exit_code, timeout))
-        return {"delivered": True, "exit_code": exit_code}
+        return self.run.finish(exit_code, timeout)
 
 
-class FakeClient:
-    def __init__(self):
+class SpyClient:
+    def __init__(self, client):
+        self.client = client
         self.runs = []
         self.opened = []
 
     def start_run(self, **settings):
         self.opened.append(settings)
-        run = FakeRun()
+        run = SpyRun(self.client.start_run(**settings))
         self.runs.append(run)
         return run
+
+
+@pytest.fixture
+def held_relay(fake_wandb, relay_factory, tmp_path):
+    fake_wandb.set_fault("503")
+    relay = relay_factory(fake_wandb, ["--mode", "online", "--artifact-root", str(tmp_path)])
+    client = RelayClient(relay.endpoint, spill_dir=str(tmp_path / "spill"), heartbeat_every=0)
+    yield relay, SpyClient(client)
+    client.close()
+
+
+def spooled(relay, run_id):
+    """(kind, message) of every record of the run in the relay's spool, in arrival order."""
+    path = os.path.join(relay.spool_dir, "spool.sqlite")
+    conn = sqlite3.connect("file:%s?mode=ro" % path, uri=True)
+    try:
+        rows = conn.execute("SELECT kind, body FROM records WHERE run_id = ? ORDER BY id", (run_id,)).fetchall()
+    finally:
+        conn.close()
+    return [(kind, msgpack.unpackb(body, raw=False)) for kind, body in rows]
+
+
+def assert_spool_matches(relay, spy):
+    """The relay stored exactly what the observer sent, in the order it sent it."""
+    assert spy.client.flush(30.0), "the relay did not ack everything: %s" % spy.client.statistics()
+    run = spy.runs[0]
+    records = spooled(relay, run.run.id)
+    assert records[0][0] == "open" and records[0][1]["settings"]["config"] == spy.opened[0]["config"]
+    assert len(records) == 1 + len(run.calls), [kind for kind, _ in records]
+    for (kind, body), call in zip(records[1:], run.calls):
+        assert kind == call[0]
+        if kind == "log":
+            assert (body["metrics"], body.get("frame"), body.get("epoch")) == call[1:4]
+        elif kind == "checkpoint":
+            assert (body["path"], body["metadata"], body["aliases"]) == call[1:4]
+        elif kind == "summary":
+            assert body["values"] == call[1]
+        else:
+            assert body["exit_code"] == call[1]
 
 
 class FakeAlgo:
@@ -261,18 +315,21 @@ class ListWriter:
         self.flushed += 1
 
 
-def _observer_with(algo, config=None, **kwargs):
-    client = FakeClient()
+def _observer_with(client, algo, config=None, **kwargs):
+    """The observer as rl_games drives it, reporting through `client` (a SpyClient)."""
     observer = RelayAlgoObserver(client=client, run_id="unit", **kwargs)
     observer.before_init("run", config if config is not None else {"name": "unit"}, "unit_01-02-03")
     observer.after_init(algo)
     return observer, client
 
 
-def test_rl_games_order_gives_one_row_per_epoch_and_atomic_checkpoints(tmp_path):
+def test_rl_games_order_gives_one_row_per_epoch_and_atomic_checkpoints(held_relay, tmp_path):
+    relay, client = held_relay
     writer = ListWriter()
+    tmp_path = tmp_path / "nn"
+    tmp_path.mkdir()
     algo = FakeAlgo(writer, str(tmp_path))
-    observer, client = _observer_with(algo, config={"name": "unit", "lr": 2e-5, "obj": object(),
+    observer, client = _observer_with(client, algo, config={"name": "unit", "lr": 2e-5, "obj": object(),
                                                      "deep": {"a": {"b": {"c": {"d": {"e": {"f": 1}}}}}},
                                                      "features": {"observer": None}})
     run = client.runs[0]
@@ -320,12 +377,14 @@ def test_rl_games_order_gives_one_row_per_epoch_and_atomic_checkpoints(tmp_path)
     assert all(".relay-tmp-" in os.path.basename(fn) for fn in algo.saved)
     algo.writer.add_scalar("losses/a_loss", 1.0, 999)  # after the end: TensorBoard only
     assert len(writer.calls) == 3 * 9 + 1 and len(run.calls) == 7
+    assert_spool_matches(relay, client)
 
 
-def test_agent_without_after_steps_still_gets_one_row_per_epoch(tmp_path):
+def test_agent_without_after_steps_still_gets_one_row_per_epoch(held_relay, tmp_path):
     """rl_games' SAC: stats, after_print_stats, rewards; no after_steps; the next epoch repeats tags."""
+    relay, client = held_relay
     algo = FakeAlgo(None, str(tmp_path))   # no TensorBoard writer at all: a relay-only writer
-    observer, client = _observer_with(algo)
+    observer, client = _observer_with(client, algo)
     assert isinstance(algo.writer, RelayWriter) and algo.writer.original is None
     algo.writer.flush()  # whatever else the agent calls on its writer is a no-op
     for epoch in (1, 2):
@@ -339,9 +398,11 @@ def test_agent_without_after_steps_still_gets_one_row_per_epoch(tmp_path):
     logs = [c for c in client.runs[0].calls if c[0] == "log"]
     assert logs == [("log", {"performance/step_fps": 10.0, "info/epochs": 1, "rewards/mean": 5.0}, 1000, 1),
                     ("log", {"performance/step_fps": 20.0, "info/epochs": 2, "rewards/mean": 10.0}, 2000, 2)]
+    assert_spool_matches(relay, client)
 
 
-def test_failed_training_finishes_with_exit_code_1_and_reraises(tmp_path):
+def test_failed_training_finishes_with_exit_code_1_and_reraises(held_relay, tmp_path):
+    relay, client = held_relay
     algo = FakeAlgo(ListWriter(), str(tmp_path))
 
     def boom():
@@ -350,15 +411,19 @@ def test_failed_training_finishes_with_exit_code_1_and_reraises(tmp_path):
         raise RuntimeError("simulation exploded")
 
     algo.train = boom
-    observer, client = _observer_with(algo)
+    observer, client = _observer_with(client, algo)
     with pytest.raises(RuntimeError, match="simulation exploded"):
         algo.train()
     calls = client.runs[0].calls
     assert calls == [("log", {"losses/a_loss": 0.5}, 0, 1), ("finish", 1, 10.0)]
-    assert observer.report == {"delivered": True, "exit_code": 1}
+    assert observer.report["delivered"] is True and observer.report["spill_file"] is None, observer.report
+    assert_spool_matches(relay, client)
 
 
-def test_failed_save_leaves_no_temp_file_and_reports_nothing(tmp_path):
+def test_failed_save_leaves_no_temp_file_and_reports_nothing(held_relay, tmp_path):
+    relay, client = held_relay
+    tmp_path = tmp_path / "nn"
+    tmp_path.mkdir()
     algo = FakeAlgo(ListWriter(), str(tmp_path))
     (tmp_path / "model.pth").write_bytes(b"the previous checkpoint")
 
@@ -368,11 +433,14 @@ def test_failed_save_leaves_no_temp_file_and_reports_nothing(tmp_path):
         raise OSError("disk full")
 
     algo.save = bad_save
-    observer, client = _observer_with(algo)
+    observer, client = _observer_with(client, algo)
     with pytest.raises(OSError, match="disk full"):
         algo.save(str(tmp_path / "model"))
     assert os.listdir(tmp_path) == ["model.pth"] and (tmp_path / "model.pth").read_bytes() == b"the previous checkpoint"
     assert not [c for c in client.runs[0].calls if c[0] == "checkpoint"]
+    observer.finish()
+    assert_spool_matches(relay, client)
+    assert [kind for kind, _ in spooled(relay, "unit")] == ["open", "finish"]
 
 
 def test_wandb_disabled_wraps_nothing(tmp_path, monkeypatch):
