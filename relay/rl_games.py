@@ -360,7 +360,7 @@ class RelayAlgoObserver(AlgoObserver):
     def __init__(self, client: Any = None, project: str = "tokenHSI", name: Optional[str] = None,
                  entity: Optional[str] = None, group: Optional[str] = None, tags: Optional[List[str]] = None,
                  notes: Optional[str] = None, mode: Optional[str] = None, run_id: Optional[str] = None,
-                 endpoint: Optional[str] = None, finish_timeout: float = 10.0):
+                 endpoint: Optional[str] = None, finish_timeout: float = 10.0, spill_dir: Optional[str] = None):
         self.client = client
         self._owns_client = False
         self.project = project
@@ -373,6 +373,7 @@ class RelayAlgoObserver(AlgoObserver):
         self.run_id = run_id
         self.endpoint = endpoint
         self.finish_timeout = finish_timeout
+        self.spill_dir = spill_dir
         self.run = None            # the relay Run while reporting, else None
         self.report = None         # what run.finish() returned
         self.algo = None
@@ -407,7 +408,7 @@ class RelayAlgoObserver(AlgoObserver):
             return  # one W&B run per training: rank 0 reports
         if self.client is None:
             from relay.client import RelayClient
-            self.client = RelayClient(self.endpoint)
+            self.client = RelayClient(self.endpoint, spill_dir=self.spill_dir)
             self._owns_client = True
         config = self._config if self._config is not None else getattr(algo, "config", {})
         run = self.client.start_run(project=self.project, name=self.name or self._experiment_name,
@@ -696,3 +697,62 @@ class MultiObserver(AlgoObserver):
 
     def after_print_stats(self, frame, epoch_num, total_time):
         self._each("after_print_stats", frame, epoch_num, total_time)
+
+
+# -- TokenHSI's training config ----------------------------------------------------------------------
+
+WANDB_KEYS = ("project", "entity", "name", "group", "tags", "notes", "mode")
+RELAY_KEYS = ("endpoint", "spill_dir", "finish_timeout")
+
+
+def observer_from_train_config(cfg_train, where="cfg_train"):
+    # type: (Dict[str, Any], str) -> RelayAlgoObserver
+    """The observer a TokenHSI `cfg_train` dict asks for: its `use_wandb` flag, `wandb:` block
+    (project, entity, name, group, tags, notes, mode) and `relay:` block (endpoint, spill_dir,
+    finish_timeout). The run's name defaults to `params.config.name` (the config's name). With
+    `use_wandb` false (or absent) the observer reports nothing. Unknown keys and wrong types raise
+    ValueError naming the key; `where` names the file in that message."""
+    if not isinstance(cfg_train, dict):
+        raise ValueError("%s must be a mapping, got %s" % (where, type(cfg_train).__name__))
+    use_wandb = cfg_train.get("use_wandb", False)
+    if not isinstance(use_wandb, bool):
+        raise ValueError("%s: use_wandb must be True or False, got %r" % (where, use_wandb))
+    wandb = _settings_block(cfg_train, "wandb", WANDB_KEYS, where)
+    relay = _settings_block(cfg_train, "relay", RELAY_KEYS, where)
+    for key in ("project", "entity", "name", "group", "notes", "mode"):
+        _check_type(wandb, key, str, where + ": wandb")
+    if not isinstance(wandb.get("tags") or [], list) or not all(isinstance(t, str) for t in wandb.get("tags") or []):
+        raise ValueError("%s: wandb.tags must be a list of strings, got %r" % (where, wandb.get("tags")))
+    if wandb.get("mode") not in (None, "online", "offline", "disabled"):
+        raise ValueError("%s: wandb.mode must be online, offline or disabled, got %r" % (where, wandb["mode"]))
+    _check_type(relay, "endpoint", str, where + ": relay")
+    _check_type(relay, "spill_dir", str, where + ": relay")
+    _check_type(relay, "finish_timeout", (int, float), where + ": relay")
+    if not use_wandb:
+        return RelayAlgoObserver(mode="disabled")
+    config = (cfg_train.get("params") or {}).get("config") or {}
+    name = wandb.get("name") or (config.get("name") if isinstance(config, dict) else None)
+    return RelayAlgoObserver(project=wandb.get("project") or "tokenHSI", name=name, entity=wandb.get("entity"),
+                             group=wandb.get("group"), tags=wandb.get("tags"), notes=wandb.get("notes"),
+                             mode=wandb.get("mode"), endpoint=relay.get("endpoint"), spill_dir=relay.get("spill_dir"),
+                             finish_timeout=float(relay.get("finish_timeout") or 30.0))
+
+
+def _settings_block(cfg_train, block, known, where):
+    # type: (Dict[str, Any], str, Tuple[str, ...], str) -> Dict[str, Any]
+    values = cfg_train.get(block)
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError("%s: %s must be a mapping, got %s" % (where, block, type(values).__name__))
+    for key in values:
+        if key not in known:
+            raise ValueError("%s: %s: unknown key %r (known: %s)" % (where, block, key, ", ".join(known)))
+    return values
+
+
+def _check_type(values, key, kind, where):
+    # type: (Dict[str, Any], str, Any, str) -> None
+    value = values.get(key)
+    if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+        raise ValueError("%s.%s has the wrong type: %r (%s)" % (where, key, value, type(value).__name__))

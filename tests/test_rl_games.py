@@ -23,7 +23,14 @@ import msgpack
 import pytest
 
 from relay.client import RelayClient
-from relay.rl_games import RelayAlgoObserver, RelayWriter, batch_to_python, map_tag, start_transfer
+from relay.rl_games import (
+    RelayAlgoObserver,
+    RelayWriter,
+    batch_to_python,
+    map_tag,
+    observer_from_train_config,
+    start_transfer,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -458,6 +465,61 @@ def test_wandb_disabled_wraps_nothing(tmp_path, monkeypatch):
     observer.after_steps()
     observer.after_print_stats(0, 1, 0.0)
     assert observer.finish() is None
+
+
+# -- a TokenHSI checkout's cfg_train -> the observer --------------------------------------------------
+
+def test_observer_from_train_config_opens_the_run_its_yaml_describes(held_relay, tmp_path):
+    import yaml
+
+    relay, _ = held_relay
+    with open(os.path.join(ROOT, "cfg", "train", "amp_point_multitask.yaml")) as handle:
+        cfg_train = yaml.safe_load(handle)
+    cfg_train["wandb"].update(entity="lab", group="ablation", name=None, mode="offline")
+    cfg_train["relay"] = {"endpoint": relay.endpoint, "spill_dir": str(tmp_path / "spill-here"),
+                          "finish_timeout": 20}
+    cfg_train["params"]["config"]["name"] = "HumanoidTraj"
+    observer = observer_from_train_config(cfg_train)
+    algo = FakeAlgo(ListWriter(), str(tmp_path))
+    observer.before_init("run", cfg_train["params"]["config"], "HumanoidTraj_26-11-09-00-00")
+    observer.after_init(algo)
+    algo.writer.add_scalar("losses/a_loss", 0.25, 64)
+    observer.after_print_stats(64, 1, 0.5)
+    report = observer.finish()
+    assert report["delivered"] is True and observer.client.spill_dir == str(tmp_path / "spill-here")
+    assert observer.finish_timeout == 20.0
+    records = spooled(relay, observer.run_id or report["run"])
+    assert [kind for kind, _ in records] == ["open", "log", "finish"]
+    settings = records[0][1]["settings"]
+    assert {k: settings.get(k) for k in ("project", "entity", "name", "group", "tags", "notes", "mode")} == {
+        "project": "tokenHSI", "entity": "lab", "name": "HumanoidTraj", "group": "ablation",
+        "tags": ["amp", "point", "multitask"], "notes": cfg_train["wandb"]["notes"], "mode": "offline"}
+    assert settings["config"]["horizon_length"] == cfg_train["params"]["config"]["horizon_length"]
+    assert records[1][1]["metrics"] == {"losses/a_loss": 0.25} and records[2][1]["exit_code"] == 0
+
+
+def test_observer_from_train_config_with_use_wandb_false_reports_nothing(tmp_path):
+    observer = observer_from_train_config({"use_wandb": False, "wandb": {"project": "p"}, "params": {}})
+    writer = ListWriter()
+    algo = FakeAlgo(writer, str(tmp_path))
+    observer.before_init("run", {}, "exp")
+    observer.after_init(algo)
+    assert observer.client is None and algo.writer is writer and "save" not in vars(algo)
+
+
+@pytest.mark.parametrize("cfg_train, message", [
+    ({"use_wandb": True, "wandb": {"projct": "x"}}, "amp.yaml: wandb: unknown key 'projct'"),
+    ({"use_wandb": True, "relay": {"endpiont": "tcp://h:5555"}}, "amp.yaml: relay: unknown key 'endpiont'"),
+    ({"use_wandb": "yes"}, "amp.yaml: use_wandb must be True or False, got 'yes'"),
+    ({"use_wandb": True, "wandb": {"tags": "amp"}}, "amp.yaml: wandb.tags must be a list of strings"),
+    ({"use_wandb": True, "wandb": {"mode": "sometimes"}}, "amp.yaml: wandb.mode must be online, offline or disabled"),
+    ({"use_wandb": True, "relay": {"finish_timeout": "30"}}, "amp.yaml: relay.finish_timeout has the wrong type"),
+    ({"use_wandb": True, "wandb": ["project"]}, "amp.yaml: wandb must be a mapping, got list"),
+])
+def test_observer_from_train_config_names_the_bad_key(cfg_train, message):
+    with pytest.raises(ValueError) as error:
+        observer_from_train_config(cfg_train, where="amp.yaml")
+    assert str(error.value).startswith(message), str(error.value)
 
 
 # -- end to end: rl_games Runner -> RelayAlgoObserver -> relay -> wandb SDK -> fake W&B ---------------

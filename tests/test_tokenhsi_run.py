@@ -87,3 +87,18 @@ def test_bad_training_config_names_the_key(tmp_path):
                              "--cfg_env", os.path.join(ROOT, "cfg", "env", "point_traj.yaml"), "--cfg_train", str(bad)],
                             capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert result.returncode == 2 and "unknown top-level key(s) ['use_wandbb']" in result.stderr
+
+
+def test_isaacgym_task_points_to_the_checkout_integration_without_importing_isaacgym(tmp_path):
+    probe = tmp_path / "isaacgym.py"   # importing it would leave a mark
+    probe.write_text("open(%r, 'w').write('imported')\n" % str(tmp_path / "imported"))
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "tokenhsi", "run.py"), "--task", "HumanoidTraj",
+                             "--cfg_env", os.path.join(ROOT, "cfg", "env", "point_traj.yaml"),
+                             "--cfg_train", os.path.join(ROOT, "cfg", "train", "amp_point_traj.yaml")],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: --task HumanoidTraj is not a built-in task "
+                                    "(PointTraj, PointCarry, PointMultiTask).")
+    assert '"Use with an existing TokenHSI checkout"' in result.stderr
+    assert not (tmp_path / "imported").exists(), "run.py imported isaacgym"

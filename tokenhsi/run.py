@@ -6,14 +6,16 @@
 
 Built-in tasks: PointTraj, PointCarry, PointMultiTask (tokenhsi/env/point_tasks.py). With
 `use_wandb: True` metrics, checkpoints and evaluation results go to W&B through the relay
-(RELAY_ENDPOINT); `WANDB_MODE=disabled` or `use_wandb: False` turns that off. `--task module:Class`
-loads an external IsaacGym task; isaacgym is imported only then.
+(RELAY_ENDPOINT); `WANDB_MODE=disabled` or `use_wandb: False` turns that off.
+
+IsaacGym tasks (HumanoidTraj, ...) train with a TokenHSI checkout's own run.py, its agents and its
+task configs; the relay plugs into that run.py with two lines (README, "Use with an existing
+TokenHSI checkout"). Nothing here imports isaacgym.
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import importlib
 import os
 import sys
 
@@ -21,10 +23,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tokenhsi import config as train_config  # noqa: E402
 
+BUILT_IN_TASKS = ("PointTraj", "PointCarry", "PointMultiTask")
+EXTERNAL_TASK = """error: --task %s is not a built-in task (%s).
+IsaacGym tasks such as HumanoidTraj train with your TokenHSI checkout's own tokenhsi/run.py, agents
+and configs. Report them through the relay by adding two lines to that run.py: see the README
+section "Use with an existing TokenHSI checkout"."""
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="TokenHSI training through tokenhsi-relay")
-    parser.add_argument("--task", required=True, help="PointTraj | PointCarry | PointMultiTask | module:Class")
+    parser.add_argument("--task", required=True, help="PointTraj | PointCarry | PointMultiTask")
     parser.add_argument("--cfg_env", required=True)
     parser.add_argument("--cfg_train", required=True)
     parser.add_argument("--num_envs", type=int)
@@ -39,13 +47,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_external_task(spec: str):
-    """`module:Class` from a TokenHSI checkout; needs IsaacGym, imported only here."""
-    import isaacgym  # noqa: F401  (must come before torch in IsaacGym programs)
-    module, _, name = spec.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
 def make_observer(cfg: train_config.TrainConfig, run_name: str):
     from rl_games.common.algo_observer import DefaultAlgoObserver
 
@@ -56,7 +57,7 @@ def make_observer(cfg: train_config.TrainConfig, run_name: str):
     w = cfg.wandb
     return RelayAlgoObserver(project=w.project, name=w.name or run_name, entity=w.entity, group=w.group,
                              tags=list(w.tags), notes=w.notes, mode=w.mode, endpoint=cfg.relay.endpoint,
-                             finish_timeout=cfg.relay.finish_timeout)
+                             spill_dir=cfg.relay.spill_dir, finish_timeout=cfg.relay.finish_timeout)
 
 
 def rl_games_params(cfg: train_config.TrainConfig, args: argparse.Namespace) -> dict:
@@ -83,9 +84,8 @@ def main(argv=None) -> int:
     except train_config.ConfigError as exc:
         print("error: %s" % exc, file=sys.stderr)
         return 2
-    if ":" in args.task:
-        load_external_task(args.task)
-        print("error: external IsaacGym tasks are loaded but not wired to a vecenv yet", file=sys.stderr)
+    if args.task not in BUILT_IN_TASKS:
+        print(EXTERNAL_TASK % (args.task, ", ".join(BUILT_IN_TASKS)), file=sys.stderr)
         return 2
     from rl_games.algos_torch.players import PpoPlayerContinuous
     from rl_games.torch_runner import Runner
