@@ -37,6 +37,8 @@ Tag mapping (TensorBoard tag -> W&B name; `S` is one of the axis suffixes `frame
     shaped_rewards{i}/S (i >= 1)          -> shaped_rewards/{i}
     episode_lengths/S                     -> episode_lengths/mean
     scores/S (and scores/mean)            -> scores/mean
+    successes/consecutive_successes/S (and /mean, TokenHSI's RLGPUAlgoObserver)
+                                          -> successes/consecutive_successes/mean
     any other X/S (X not one of the four
       prefixes below), e.g. reward_traj/frame -> X (suffix stripped: reward_traj)
     performance/*, losses/*, info/*, eval/*  -> unchanged, e.g. losses/a_loss, info/kl,
@@ -115,7 +117,7 @@ log = logging.getLogger("relay.rl_games")
 
 AXIS_SUFFIXES = ("frame", "step", "iter", "time")
 KEPT_PREFIXES = ("performance", "losses", "info", "eval")
-MEAN_NAMES = ("rewards", "shaped_rewards", "episode_lengths", "scores")
+MEAN_NAMES = ("rewards", "shaped_rewards", "episode_lengths", "scores", "successes/consecutive_successes")
 _INDEXED = re.compile(r"^(rewards|shaped_rewards)(\d+)$")
 
 CONFIG_MAX_LEVEL = 5          # deeper containers become str (the wire allows 8 levels per message)
@@ -668,8 +670,9 @@ def _as_int(value: Any) -> Optional[int]:
 
 
 class MultiObserver(AlgoObserver):
-    """Forward every rl_games observer hook to several observers, in order: TokenHSI's own
-    (scores, env infos) and RelayAlgoObserver side by side."""
+    """Forward every rl_games observer hook to several observers, in order. Put RelayAlgoObserver
+    first: observers that keep `algo.writer` at `after_init` (TokenHSI's RLGPUAlgoObserver) then
+    keep the relay's writer, so what they write is reported too."""
 
     def __init__(self, *observers):
         self.observers = list(observers)

@@ -56,6 +56,9 @@ KNOWN_NAMES = {"losses/a_loss", "losses/c_loss", "info/last_lr", "info/kl", "per
     ("eval/iter", "eval/iter"), ("Episode/distance", "Episode/distance"), ("consecutive_successes/iter",
                                                                             "consecutive_successes"),
     ("plain", "plain"), ("/frame", "/frame"),
+    ("successes/consecutive_successes/mean", "successes/consecutive_successes/mean"),
+    ("successes/consecutive_successes/iter", "successes/consecutive_successes/mean"),
+    ("successes/consecutive_successes/time", "successes/consecutive_successes/mean"),
     ("performance/step_inference_rl_update_fps", "performance/total_fps"),
     ("performance/rl_update_time", "performance/update_time"),
     ("performance/step_inference_time", "performance/play_time"),
@@ -520,6 +523,41 @@ def test_observer_from_train_config_names_the_bad_key(cfg_train, message):
     with pytest.raises(ValueError) as error:
         observer_from_train_config(cfg_train, where="amp.yaml")
     assert str(error.value).startswith(message), str(error.value)
+
+
+def test_multi_observer_relays_what_an_observer_holding_the_writer_writes(held_relay, tmp_path):
+    """TokenHSI's RLGPUAlgoObserver keeps `algo.writer` at after_init and writes its success rate
+    at after_print_stats; behind the relay's observer in MultiObserver that value is reported."""
+    from relay.rl_games import MultiObserver
+
+    relay, client = held_relay
+
+    class SuccessObserver:     # the shape of TokenHSI's RLGPUAlgoObserver
+        def after_init(self, algo):
+            self.writer = algo.writer
+
+        def after_print_stats(self, frame, epoch_num, total_time):
+            self.writer.add_scalar("successes/consecutive_successes/mean", 0.75, frame)
+            self.writer.add_scalar("successes/consecutive_successes/iter", 0.75, epoch_num)
+
+    relay_observer = RelayAlgoObserver(client=client, run_id="multi")
+    both = MultiObserver(relay_observer, SuccessObserver())
+    writer = ListWriter()
+    algo = FakeAlgo(writer, str(tmp_path))
+    both.before_init("run", {"name": "multi"}, "multi")
+    both.after_init(algo)
+    for epoch in (1, 2):
+        both.after_steps()
+        algo.writer.add_scalar("losses/a_loss", 0.5 * epoch, 100 * epoch)
+        both.after_print_stats(100 * epoch, epoch, 1.0)
+    algo.train()
+    assert [c[1:] for c in writer.calls if c[0].startswith("successes/")] == [(0.75, 100), (0.75, 1), (0.75, 200),
+                                                                                (0.75, 2)]
+    assert_spool_matches(relay, client)
+    logs = [body for kind, body in spooled(relay, "multi") if kind == "log"]
+    assert [(b["metrics"], b["frame"], b["epoch"]) for b in logs] == [
+        ({"losses/a_loss": 0.5, "successes/consecutive_successes/mean": 0.75}, 100, 1),
+        ({"losses/a_loss": 1.0, "successes/consecutive_successes/mean": 0.75}, 200, 2)]
 
 
 # -- end to end: rl_games Runner -> RelayAlgoObserver -> relay -> wandb SDK -> fake W&B ---------------
