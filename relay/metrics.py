@@ -153,7 +153,8 @@ class MetricsEndpoint:
                              "--metrics-bind)" % (bind, exc))
         if not is_loopback(host):
             log.warning("metrics endpoint on non-loopback address %s: anyone who can reach it sees run ids and "
-                        "counts (no secrets); bind 127.0.0.1 unless a scraper elsewhere needs it", bind)
+                        "counts (no secrets); bind 127.0.0.1 unless a scraper elsewhere needs it (in a container: publish "
+                        "the port on the host's loopback only)", bind)
         log.info("Prometheus metrics on http://%s/metrics", bind)
 
     def close(self) -> None:

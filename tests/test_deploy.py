@@ -211,8 +211,8 @@ def test_compose_restart_api_key_from_environment_port_on_one_interface(relay_se
     port = compose_config(relay_service).bind.rsplit(":", 1)[1]
     published = [str(p) for p in relay_service["ports"] if str(p).endswith(":%s" % port)]
     assert len(published) == 1, relay_service["ports"]
-    host_address = published[0].rsplit(":", 2)[0]
-    assert host_address and host_address not in ("0.0.0.0", "[::]"), \
+    parts = published[0].rsplit(":", 2)  # ADDRESS:HOST_PORT:CONTAINER_PORT; without ADDRESS: every interface
+    assert len(parts) == 3 and parts[0] not in ("", "0.0.0.0", "[::]", "::"), \
         "publish %s on the cluster interface only (ADDRESS:%s:%s), not on every interface" % (port, port, port)
     assert relay_service.get("init") is True, "an init process must reap wandb-core orphans of failed uploaders"
 
