@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -14,15 +15,15 @@ import time
 import urllib.request
 
 import pytest
+from harness import ROOT, wandb_env
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
+from test_e2e import assert_history
 
-from harness import ROOT, wandb_env
 from relay.client import RelayClient
 from relay.metrics import error_kind, is_loopback
 from relay.progress import BacklogProgress
 from relay.watch import render, upload_rates
-from test_e2e import assert_history
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -70,7 +71,7 @@ def test_status_watch_draws_every_refresh_with_the_exact_counts(fake_wandb, rela
     relay.wait_status(lambda s: s["wandb_down_since"] and s["runs"][0]["state"] == "retrying", 60, "a retrying run")
     env = dict(os.environ, COLUMNS="220", PYTHONPATH=ROOT)
     watch = subprocess.run([sys.executable, "-m", "relay", "status", "--endpoint", relay.endpoint, "--watch",
-                            "--count", "3", "--interval", "0.3"], env=env, capture_output=True, text=True,
+                            "--count", "3", "--interval", "0.3"], env=env, capture_output=True, text=True, check=False,
                            timeout=60, cwd=ROOT)
     assert watch.returncode == 0, watch.stderr
     out = watch.stdout
@@ -78,7 +79,7 @@ def test_status_watch_draws_every_refresh_with_the_exact_counts(fake_wandb, rela
     rows = watch_rows(out, "watched")
     assert len(rows) == 3, out
     for cells in rows:
-        run, name, state, _since, received, uploaded, pending, lag, rate, error = cells
+        run, name, state, _since, received, uploaded, pending, lag, _rate, error = cells
         assert (run, name, state, received, uploaded, pending) == ("watched", "tokenHSI/traj", "retrying",
                                                                    "202", "0", "202")
         assert lag.endswith(" s") and error
@@ -92,7 +93,7 @@ def test_status_watch_draws_every_refresh_with_the_exact_counts(fake_wandb, rela
 def test_status_watch_without_a_relay_says_so_and_fails(short_dir):
     endpoint = "ipc://%s/nobody.ipc" % short_dir
     watch = subprocess.run([sys.executable, "-m", "relay", "status", "--endpoint", endpoint, "--watch",
-                            "--timeout", "0.5"], env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True,
+                            "--timeout", "0.5"], env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, check=False,
                            text=True, timeout=60, cwd=ROOT)
     assert watch.returncode == 1
     assert "no relay answered at %s" % endpoint in watch.stderr
@@ -230,9 +231,21 @@ def test_replayed_spill_file_is_followed_by_progress_until_uploaded(fake_wandb, 
     relay.start()
     replay = subprocess.run([sys.executable, "-m", "relay", "replay", "--spool-dir", relay.spool_dir,
                              report["spill_file"]], env=wandb_env(fake_wandb, str(tmp_path / "home")),
-                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+                            capture_output=True, text=True, check=False, timeout=60, cwd=ROOT)
     assert replay.returncode == 0 and "402 records new" in replay.stdout, replay.stdout + replay.stderr
     relay.wait_log("run replayed: 402 records waiting to upload to W&B", 30)
     relay.wait_log("run replayed: backlog of 402 records uploaded in", 120)
     fake_wandb.wait_for(lambda: fake_wandb.complete("replayed"), 120)
     assert [row["step"] for row in fake_wandb.run("replayed").history] == list(range(400))
+
+
+def test_status_watch_on_a_terminal_redraws_in_place_and_reports_a_relay_that_stops():
+    from relay.watch import watch
+
+    replies = iter([_status(1000, 500), _status(1300, 200), None])
+    console = Console(file=io.StringIO(), width=200, force_terminal=True, color_system=None)
+    assert watch(lambda: next(replies), "tcp://x:5555", 0.1, None, console) is False
+    out = console.file.getvalue()
+    assert "\x1b[" in out, "a terminal gets cursor control codes (rich.live), not one table per refresh"
+    assert "1300" in out and re.search(r"│\s+\d+\.\d/s\s+│", out), out  # the second poll has a rate
+    assert "relay at tcp://x:5555 stopped answering" in out
