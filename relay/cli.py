@@ -181,8 +181,8 @@ def replay(config_path, spool_dir, files) -> None:
             path, counts["new"], counts["dup"], counts["error"],
             "; file is torn after its last whole record (%s)" % torn if torn else ""))
     spool.close()
-    click.echo("replayed %d files: %d new records in %s (a running relay uploads them within a second)"
-               % (len(files), totals["new"], cfg.spool_dir))
+    click.echo("replayed %d files: %d new records in %s (a running relay uploads them within a second; "
+               "follow with `relay status --watch`)" % (len(files), totals["new"], cfg.spool_dir))
 
 
 @main.command()

@@ -249,3 +249,19 @@ def test_status_watch_on_a_terminal_redraws_in_place_and_reports_a_relay_that_st
     assert "\x1b[" in out, "a terminal gets cursor control codes (rich.live), not one table per refresh"
     assert "1300" in out and re.search(r"│\s+\d+\.\d/s\s+│", out), out  # the second poll has a rate
     assert "relay at tcp://x:5555 stopped answering" in out
+
+
+def test_metrics_port_taken_stops_the_relay_and_a_wildcard_bind_is_warned_about(relay_factory):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        relay = relay_factory(None, ["--mode", "disabled", "--metrics-bind", "127.0.0.1:%d" % port], start=False)
+        relay.start(wait=False)
+        assert relay.proc.wait(timeout=60) == 1
+        assert "cannot serve metrics on 127.0.0.1:%d" % port in relay.log() and "is the port taken?" in relay.log()
+    port = free_port()
+    relay = relay_factory(None, ["--mode", "disabled", "--metrics-bind", "0.0.0.0:%d" % port], name="wildcard")
+    assert "metrics endpoint on non-loopback address 0.0.0.0:%d" % port in relay.log()
+    assert scrape(port)[("relay_received_total", ())] == 0
+    assert relay.stop() == 0
