@@ -58,6 +58,12 @@ def serve_params(argv: list[str]) -> dict:
         return dict(context.params)
 
 
+def status_timeout(argv: list[str]) -> float:
+    """click's own parse of `relay status ARGV`: how long it waits for the relay."""
+    with relay_cli.commands["status"].make_context("status", list(argv)) as context:
+        return context.params["timeout"]
+
+
 def effective_config(argv: list[str], environ: dict) -> relay_config.RelayConfig:
     """The relay configuration `relay serve ARGV` gets with these RELAY_* variables (the same
     merge as relay.cli.serve: defaults < environment < flags)."""
@@ -167,8 +173,7 @@ def test_compose_commands_exist_in_the_cli(relay_service):
         cli_problems(health[2:], "docker-compose.yml healthcheck")
     assert not problems, "\n".join(problems)
     serve_params(argv[1:])  # and click parses them (types, choices)
-    with relay_cli.commands["status"].make_context("status", list(health[3:])):
-        pass
+    status_timeout(health[3:])
 
 
 def test_compose_stop_grace_period_outlasts_the_drain(relay_service):
@@ -177,13 +182,8 @@ def test_compose_stop_grace_period_outlasts_the_drain(relay_service):
     assert grace > drain, "stop_grace_period %s s must exceed drain_timeout %s s" % (grace, drain)
     assert relay_service.get("stop_signal", "SIGTERM") == "SIGTERM"
     healthcheck = relay_service["healthcheck"]
-    status_timeout = serve_status_timeout(healthcheck["test"][3:])
-    assert seconds(healthcheck["timeout"]) > status_timeout, "the healthcheck must outwait `relay status`"
-
-
-def serve_status_timeout(args: list[str]) -> float:
-    with relay_cli.commands["status"].make_context("status", list(args)) as context:
-        return context.params["timeout"]
+    assert seconds(healthcheck["timeout"]) > status_timeout(healthcheck["test"][3:]), \
+        "the healthcheck's timeout must outwait `relay status --timeout`"
 
 
 def test_compose_spool_is_a_named_volume_and_keys_are_read_only(compose, relay_service):
