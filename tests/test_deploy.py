@@ -125,6 +125,18 @@ def exec_form(instruction: str) -> list[str]:
     return parsed
 
 
+# A `relay` command in a comment: at the start of the comment, after .../bin/, or after
+# `docker compose exec relay` (the service is called relay too); up to two spaces, &&, ; or ).
+COMMENT_COMMAND = re.compile(r"(?:^#\s*|bin/|compose exec relay )relay ((?:[^\s&;)#]+ ?)+)")
+
+
+def commented_commands(path: str) -> list[list[str]]:
+    """The argv (after `relay`) of every relay command shown in the file's comments."""
+    with open(path) as handle:
+        return [match.group(1).split() for line in handle if line.lstrip().startswith("#")
+                for match in COMMENT_COMMAND.finditer(line.strip())]
+
+
 @pytest.fixture(scope="module")
 def compose() -> dict:
     with open(COMPOSE) as handle:
@@ -215,6 +227,15 @@ def test_compose_restart_api_key_from_environment_port_on_one_interface(relay_se
     assert len(parts) == 3 and parts[0] not in ("", "0.0.0.0", "[::]", "::"), \
         "publish %s on the cluster interface only (ADDRESS:%s:%s), not on every interface" % (port, port, port)
     assert relay_service.get("init") is True, "an init process must reap wandb-core orphans of failed uploaders"
+
+
+def test_commands_shown_in_comments_exist_in_the_cli():
+    shown = {path: commented_commands(path) for path in (COMPOSE, DOCKERFILE, UNIT)}
+    assert [argv[:2] for argv in shown[COMPOSE]] == [["keys", "new"], ["status", "--watch"]]
+    assert [argv[:2] for argv in shown[UNIT]] == [["keys", "new"], ["status", "--watch"]]
+    problems = [problem for path, commands in shown.items() for argv in commands
+                for problem in cli_problems(argv, "%s comment `relay %s`" % (os.path.basename(path), " ".join(argv)))]
+    assert not problems, "\n".join(problems)
 
 
 # -- Dockerfile --------------------------------------------------------------------------------
