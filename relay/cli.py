@@ -46,12 +46,14 @@ def main() -> None:
               help="directory checkpoints may be read from (repeatable); nothing else is ever read")
 @click.option("--drain-timeout", type=float, help="seconds to keep uploading after SIGTERM [30]")
 @click.option("--init-timeout", type=float, help="seconds wandb.init may take before it is retried [60]")
+@click.option("--metrics-bind", help="HOST:PORT to serve Prometheus metrics on (/metrics) [off]")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
-def serve(config_path, bind, spool_dir, mode, artifact_roots, drain_timeout, init_timeout, log_level) -> None:
+def serve(config_path, bind, spool_dir, mode, artifact_roots, drain_timeout, init_timeout, metrics_bind,
+          log_level) -> None:
     """Run the relay until SIGTERM/SIGINT (first: drain with a deadline; second: stop now)."""
     cfg = _load_config(config_path, bind=bind, spool_dir=spool_dir, mode=mode,
                        artifact_roots=list(artifact_roots) or None, drain_timeout=drain_timeout,
-                       init_timeout=init_timeout, log_level=log_level)
+                       init_timeout=init_timeout, metrics_bind=metrics_bind, log_level=log_level)
     _setup_logging(cfg.log_level)
     from relay.server import RelayServer  # imports wandb: only for the commands that need it
     from relay.spool import SpoolError
@@ -92,12 +94,26 @@ def query_status(endpoint: str, timeout: float) -> dict | None:
 @click.option("--endpoint", envvar="RELAY_ENDPOINT", default=protocol.DEFAULT_ENDPOINT, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print the status as one JSON object")
 @click.option("--timeout", type=float, default=3.0, show_default=True, help="seconds to wait for the relay")
-def status(endpoint: str, as_json: bool, timeout: float) -> None:
+@click.option("--watch", "live", is_flag=True, help="keep polling and show a live view (Ctrl-C to stop)")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
+              help="seconds between polls with --watch")
+@click.option("--count", type=click.IntRange(min=1), help="with --watch: stop after this many refreshes")
+def status(endpoint: str, as_json: bool, timeout: float, live: bool, interval: float, count: int | None) -> None:
     """Per run: records received, uploaded, pending; W&B state; spool size."""
+    not_answering = ("no relay answered at %s within %.0f s (is `relay serve` running there? "
+                     "pass --endpoint or set RELAY_ENDPOINT)" % (endpoint, timeout))
+    if live:
+        if as_json:
+            raise click.UsageError("--watch draws a live view; for JSON poll `relay status --json` instead")
+        from rich.console import Console
+
+        from relay.watch import watch
+        if not watch(lambda: query_status(endpoint, timeout), endpoint, interval, count, Console()):
+            raise click.ClickException(not_answering)
+        return
     reply = query_status(endpoint, timeout)
     if reply is None:
-        raise click.ClickException("no relay answered at %s within %.0f s (is `relay serve` running there? "
-                                   "pass --endpoint or set RELAY_ENDPOINT)" % (endpoint, timeout))
+        raise click.ClickException(not_answering)
     if as_json:
         click.echo(json.dumps(reply, sort_keys=True))
         return
@@ -165,8 +181,8 @@ def replay(config_path, spool_dir, files) -> None:
             path, counts["new"], counts["dup"], counts["error"],
             "; file is torn after its last whole record (%s)" % torn if torn else ""))
     spool.close()
-    click.echo("replayed %d files: %d new records in %s (a running relay uploads them within a second)"
-               % (len(files), totals["new"], cfg.spool_dir))
+    click.echo("replayed %d files: %d new records in %s (a running relay uploads them within a second; "
+               "follow with `relay status --watch`)" % (len(files), totals["new"], cfg.spool_dir))
 
 
 @main.command()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from relay import protocol
 from relay.yamlfile import ConfigError, load_yaml  # noqa: F401 (ConfigError is part of this module's API)
@@ -48,7 +48,27 @@ class RelayConfig(BaseModel):
     silence_timeout: float = Field(600.0, ge=0, description="seconds without a record or heartbeat from a "
                                    "run's trainer before the run is finished in W&B with silence_exit_code; 0: never")
     silence_exit_code: int = Field(1, description="exit code W&B shows for a run whose trainer went silent")
+    metrics_bind: Optional[str] = Field(None, description="HOST:PORT for a Prometheus /metrics endpoint; null: off")
+    progress_backlog: int = Field(10000, gt=0, description="a run with this many records waiting to upload gets "
+                                  "progress lines in the log (count, rate, ETA) until its backlog is gone")
+    progress_every: float = Field(10.0, gt=0, description="seconds between backlog progress lines")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("metrics_bind")
+    @classmethod
+    def _host_port(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None:
+            parse_host_port(value)
+        return value
+
+
+def parse_host_port(bind: str) -> tuple[str, int]:
+    """'HOST:PORT' or '[IPv6]:PORT' -> (host, port); ValueError saying what is wrong."""
+    host, sep, port = bind.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("%r is not HOST:PORT (e.g. 127.0.0.1:9464)" % bind)
+    return host, int(port)
 
 
 def _from_environment(environ: dict) -> dict:

@@ -25,6 +25,8 @@ import zmq
 from relay import protocol
 from relay.artifacts import RefusedPath, resolve_checkpoint
 from relay.config import RelayConfig
+from relay.metrics import MetricsEndpoint, error_kind
+from relay.progress import BacklogProgress
 from relay.spool import Spool, SpoolError
 from relay.uploader import default_mode
 
@@ -92,6 +94,10 @@ class RelayServer:
         self.wandb_down_since: float | None = None
         self.holding = False   # spool over max_spool_bytes: records are not taken (policy "hold")
         self.spool_error: str | None = None  # the last failed spool write, until one succeeds
+        self.wandb_errors: Counter = Counter()  # W&B failures by kind (for metrics)
+        self.retrying_runs: set[str] = set()
+        self.progress = BacklogProgress(config.progress_backlog, config.progress_every)
+        self.metrics: MetricsEndpoint | None = None
         self.should_exit = False
         self.force_exit = False
         self.started = time.time()
@@ -138,6 +144,7 @@ class RelayServer:
         except zmq.ZMQError as exc:
             raise SystemExit("cannot listen on %s: %s (is another relay running there? choose another "
                              "address with --bind)" % (self.config.bind, exc))
+        self.start_metrics()
         status = self.spool.status()
         waiting = sum(run["pending"] for run in status["runs"])
         log.info("relay listening on %s, W&B mode %s, spool %s (%d records waiting), artifact roots: %s",
@@ -185,6 +192,8 @@ class RelayServer:
             if run["location"] and os.path.isdir(run["location"]):
                 log.info("offline run %s is in %s; upload it with: wandb sync %s",
                          run["run_id"], run["location"], run["location"])
+        if self.metrics is not None:
+            self.metrics.close()
         self.spool.close()
         self.context.term()
         return clean
@@ -301,6 +310,7 @@ class RelayServer:
         for run_id in self.spool.runs_with_work():
             self.ensure_uploader(run_id)
         self.watch_wandb()
+        self.report_backlogs()
 
     def ensure_uploader(self, run_id: str) -> None:
         uploader = self.uploaders.get(run_id)
@@ -327,6 +337,7 @@ class RelayServer:
                 self.restart_after.pop(run_id, None)
                 continue
             failures = uploader.failures + 1
+            self.wandb_errors["uploader_exit"] += 1
             delay = min(RESTART_BACKOFF_MAX, 2.0 ** failures)
             self.restart_after[run_id] = (time.monotonic() + delay, failures)
             log.warning("uploader for run %s exited with code %d; restarting it in %.0f s (records are kept)",
@@ -348,6 +359,7 @@ class RelayServer:
     def watch_wandb(self) -> None:
         """One log line when W&B becomes unreachable, one when it is back (not one per retry)."""
         retrying = self.spool.runs_in_state("retrying")
+        self.count_wandb_errors(retrying)
         if retrying and self.wandb_down_since is None:
             self.wandb_down_since = time.time()
             log.warning("W&B unreachable (%d runs retrying); records wait in the spool: %s",
@@ -355,6 +367,24 @@ class RelayServer:
         elif not retrying and self.wandb_down_since is not None:
             log.info("W&B reachable again after %.0f s", time.time() - self.wandb_down_since)
             self.wandb_down_since = None
+
+    def count_wandb_errors(self, retrying: list[tuple[str, str]]) -> None:
+        """One error per run that starts retrying, by the kind of exception it names."""
+        for run_id, error in retrying:
+            if run_id not in self.retrying_runs:
+                self.wandb_errors[error_kind(error)] += 1
+        self.retrying_runs = {run_id for run_id, _ in retrying}
+
+    def report_backlogs(self) -> None:
+        """Progress lines (count, rate, ETA) for runs with a large backlog to upload."""
+        for line in self.progress.update(time.monotonic(), self.spool.pending_counts()):
+            log.info(line)
+
+    # -- ops ----------------------------------------------------------------------------------
+
+    def start_metrics(self) -> None:
+        if self.config.metrics_bind:
+            self.metrics = MetricsEndpoint(self, self.config.metrics_bind)
 
     # -- status -------------------------------------------------------------------------------
 

@@ -376,6 +376,12 @@ class Spool:
             })
         return {"runs": runs, "spool_bytes": self.size_bytes(), "spool_path": self.path}
 
+    def pending_counts(self) -> dict[str, tuple[int, int]]:
+        """Run id -> (received, pending) for every unfinished run (what backlog progress follows)."""
+        return {run_id: (received, pending) for run_id, received, pending in self.conn.execute(
+            "SELECT run_id, received, (SELECT count(*) FROM records WHERE records.run_id = runs.run_id "
+            "AND records.id > runs.uploaded_id) FROM runs WHERE finished = 0")}
+
     def size_bytes(self) -> int:
         total = 0
         for suffix in ("", "-wal", "-shm"):

@@ -1,0 +1,166 @@
+"""Prometheus metrics of a running relay (`relay serve --metrics-bind HOST:PORT`).
+
+Nothing is counted on the ingest path for this: a custom collector reads the server's own
+counters and the spool's status at scrape time, from its own SQLite connection (WAL readers do
+not block the relay's writes). Exposed with prometheus_client's HTTP server on a registry of
+its own, in a daemon thread of the relay process.
+
+Per-run series (label `run`) exist for the runs not yet finished in W&B, as long as there are at
+most MAX_RUN_LABELS of them; past that only the relay-wide totals are exposed, so a relay with
+thousands of runs does not flood the metrics store.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import re
+import sqlite3
+import threading
+import time
+from typing import TYPE_CHECKING, Iterator
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from relay.config import parse_host_port
+from relay.spool import Spool
+
+if TYPE_CHECKING:
+    from relay.server import RelayServer
+
+log = logging.getLogger("relay.metrics")
+
+MAX_RUN_LABELS = 100
+SERVER_COUNTERS = {  # server counter -> (metric name without relay_ and _total, help)
+    "received": ("received", "records stored in the spool (new, not duplicates)"),
+    "acked": ("acked", "records acknowledged to trainers (new and duplicates)"),
+    "duplicates": ("duplicates", "re-sent records recognised and acked again, not stored twice"),
+    "refused": ("refused", "records refused with an error reply (e.g. a checkpoint outside the artifact roots)"),
+    "malformed": ("malformed", "frames that could not be read at all"),
+    "held": ("held", "records not taken while the spool was full or could not be written (each re-send "
+                     "counts again)"),
+    "out_of_order": ("out_of_order", "records past a gap in their stream, re-sent by the client later"),
+}
+
+
+class SpoolReader(Spool):
+    """A read-only view of a running relay's spool for another thread: no check, no recovery, no
+    schema changes (the relay did those at start), its own connection."""
+
+    def __init__(self, directory: str):  # not super().__init__: that checks, recovers, creates
+        self.directory = directory
+        self.path = os.path.join(directory, Spool.FILENAME)
+        self.conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+        self.conn.execute("PRAGMA query_only = 1")
+
+
+def error_kind(error: str | None) -> str:
+    """The exception class named in an uploader's last_error ('CommError: …', 'asking W&B for the
+    run failed: URLError: …'), or 'other'."""
+    match = re.search(r"([A-Za-z_][A-Za-z0-9_.]*(?:Error|Exception|Timeout|Exit)[A-Za-z0-9_]*)\s*:", error or "")
+    return match.group(1).rsplit(".", 1)[-1] if match else "other"
+
+
+class RelayCollector(Collector):
+    def __init__(self, server: RelayServer):
+        self.server = server
+        self.reader = SpoolReader(server.config.spool_dir)
+        self.lock = threading.Lock()  # scrapes may come in on several threads; one connection
+
+    def collect(self) -> Iterator[Metric]:
+        server = self.server
+        with self.lock:
+            status = self.reader.status()
+            live = self.reader.live_bytes()
+        counters = dict(server.counters)
+        for key, (name, text) in SERVER_COUNTERS.items():
+            yield CounterMetricFamily("relay_%s" % name, text, value=counters.get(key, 0))
+        errors = CounterMetricFamily("relay_wandb_errors", "W&B failures seen by the relay, by kind: a run "
+                                     "entering the retrying state (kind: the exception) or an uploader process "
+                                     "exiting with an error (kind: uploader_exit)", labels=["kind"])
+        for kind, count in sorted(dict(server.wandb_errors).items()):
+            errors.add_metric([kind], count)
+        yield errors
+
+        runs = status["runs"]
+        active = [run for run in runs if not run["finished"] or run["pending"]]
+        yield GaugeMetricFamily("relay_pending_records", "records not yet handed to W&B, all runs",
+                                value=sum(run["pending"] for run in runs))
+        yield CounterMetricFamily("relay_uploaded_records", "records handed to W&B, all runs known to the spool",
+                                  value=sum(run["uploaded"] for run in runs))
+        ages = [run["oldest_pending_age"] for run in runs if run["oldest_pending_age"] is not None]
+        yield GaugeMetricFamily("relay_oldest_pending_age_seconds", "age of the oldest record not yet handed "
+                                "to W&B (0 when none waits)", value=max(ages, default=0.0))
+        yield GaugeMetricFamily("relay_spool_bytes", "spool files on disk (database, WAL, shared memory)",
+                                value=status["spool_bytes"])
+        yield GaugeMetricFamily("relay_spool_live_bytes", "live data in the spool, compared to max_spool_bytes",
+                                value=live)
+        yield GaugeMetricFamily("relay_spool_max_bytes", "max_spool_bytes: past it the relay holds new records",
+                                value=server.config.max_spool_bytes)
+        yield GaugeMetricFamily("relay_holding", "1 while the relay takes no new records (spool full or not "
+                                "writable)", value=int(server.holding or server.spool_error is not None))
+        yield GaugeMetricFamily("relay_wandb_up", "0 while some run cannot reach W&B, else 1",
+                                value=int(server.wandb_down_since is None))
+        yield GaugeMetricFamily("relay_uploaders_running", "uploader processes alive",
+                                value=sum(1 for uploader in list(server.uploaders.values()) if uploader.alive()))
+        states = GaugeMetricFamily("relay_runs", "runs not finished in W&B, by uploader state", labels=["state"])
+        for state in sorted({run["state"] for run in active}):
+            states.add_metric([state], sum(1 for run in active if run["state"] == state))
+        yield states
+        yield GaugeMetricFamily("relay_uptime_seconds", "seconds since the relay started",
+                                value=time.time() - server.started)
+        if len(active) > MAX_RUN_LABELS:
+            return
+        pending = GaugeMetricFamily("relay_run_pending_records", "records of a run not yet handed to W&B",
+                                    labels=["run"])
+        uploaded = CounterMetricFamily("relay_run_uploaded_records", "records of a run handed to W&B",
+                                       labels=["run"])
+        received = CounterMetricFamily("relay_run_received_records", "records of a run stored in the spool",
+                                       labels=["run"])
+        lag = GaugeMetricFamily("relay_run_oldest_pending_age_seconds", "age of the run's oldest record not "
+                                "yet handed to W&B (0 when none waits)", labels=["run"])
+        for run in active:
+            pending.add_metric([run["run_id"]], run["pending"])
+            uploaded.add_metric([run["run_id"]], run["uploaded"])
+            received.add_metric([run["run_id"]], run["received"])
+            lag.add_metric([run["run_id"]], run["oldest_pending_age"] or 0.0)
+        yield from (pending, uploaded, received, lag)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class MetricsEndpoint:
+    """The HTTP server thread; `close()` stops it."""
+
+    def __init__(self, server: RelayServer, bind: str):
+        host, port = parse_host_port(bind)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.collector = RelayCollector(server)
+        self.registry.register(self.collector)
+        try:
+            self.httpd, self.thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            self.collector.reader.close()
+            raise SystemExit("cannot serve metrics on %s: %s (is the port taken? choose another with "
+                             "--metrics-bind)" % (bind, exc))
+        if not is_loopback(host):
+            log.warning("metrics endpoint on non-loopback address %s: anyone who can reach it sees run ids and "
+                        "counts (no secrets); bind 127.0.0.1 unless a scraper elsewhere needs it (in a container: publish "
+                        "the port on the host's loopback only)", bind)
+        log.info("Prometheus metrics on http://%s/metrics", bind)
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(5.0)
+        with self.collector.lock:
+            self.collector.reader.close()
