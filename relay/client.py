@@ -27,6 +27,7 @@ import msgpack
 import zmq
 
 from relay import protocol
+from relay.keys import CLIENT_KEYS_VARIABLE, ClientKeys, load_client_keys
 
 log = logging.getLogger("relay.client")
 
@@ -49,8 +50,13 @@ class RelayClient:
 
     def __init__(self, endpoint: Optional[str] = None, max_pending: int = 10000,
                  spill_dir: Optional[str] = None, resend_after: float = 1.0,
-                 warn_every: float = 30.0, stream: Optional[str] = None, heartbeat_every: float = 10.0):
+                 warn_every: float = 30.0, stream: Optional[str] = None, heartbeat_every: float = 10.0,
+                 keys: Optional[str] = None):
         self.endpoint = endpoint or os.environ.get("RELAY_ENDPOINT") or protocol.DEFAULT_ENDPOINT
+        # CurveZMQ keys (the DIR/<name>/ directory of `relay keys new`); a bad directory raises
+        # CurveKeyError here, at start: a configuration mistake, not a transport problem.
+        keys = keys or os.environ.get(CLIENT_KEYS_VARIABLE)
+        self.keys = load_client_keys(keys) if keys else None  # type: Optional[ClientKeys]
         self.max_pending = max(1, int(max_pending))
         self.spill_dir = spill_dir or default_spill_dir()
         self.resend_after = resend_after
@@ -99,7 +105,7 @@ class RelayClient:
         self.submit({"t": "open", "run": run_id, "settings": settings})
         if self.heartbeat_every > 0:
             if self._heartbeat is None or self._heartbeat.pid != os.getpid():
-                self._heartbeat = _Heartbeat(self.endpoint, self.stream, self.heartbeat_every)
+                self._heartbeat = _Heartbeat(self.endpoint, self.stream, self.heartbeat_every, self.keys)
                 self._heartbeat.start()
             self._heartbeat.runs.add(run_id)
         return run
@@ -205,6 +211,8 @@ class RelayClient:
             sock.setsockopt(zmq.RCVHWM, 10000)
             sock.setsockopt(zmq.RECONNECT_IVL, 100)
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+            if self.keys is not None:
+                self.keys.apply(sock)
             sock.connect(self.endpoint)
             self._socket, self._pid = sock, os.getpid()
             self._next_send = next(iter(self._pending), self._seq + 1)
@@ -364,9 +372,10 @@ class _Heartbeat(threading.Thread):
     its runs in W&B with a non-zero exit code after its `silence_timeout`.
     """
 
-    def __init__(self, endpoint: str, stream: str, every: float):
+    def __init__(self, endpoint: str, stream: str, every: float, keys: Optional[ClientKeys] = None):
         super().__init__(name="relay-heartbeat", daemon=True)
         self.endpoint = endpoint
+        self.keys = keys
         self.stream = stream
         self.every = every
         self.runs = set()  # type: set
@@ -382,6 +391,8 @@ class _Heartbeat(threading.Thread):
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.setsockopt(zmq.SNDHWM, 4)
+        if self.keys is not None:
+            self.keys.apply(sock)
         try:
             sock.connect(self.endpoint)
             while not self._stop_event.wait(self.every):
