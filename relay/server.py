@@ -73,14 +73,23 @@ def classify(frame: bytes, config: RelayConfig) -> tuple[dict, str]:
     return message, ""
 
 
+def _find_prctl():
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None  # not Linux: stdin EOF tells the uploader that the relay is gone
+
+
+# Looked up here, not in the forked child (the relay has a thread, the ZAP authenticator, and a
+# child of a threaded process should do as little as possible before exec).
+_PRCTL = _find_prctl()
+
+
 def _die_with_parent() -> None:
     """In the uploader child: be killed when the relay dies, so a SIGKILLed relay leaves no uploader
     behind (a restarted relay starts new ones that resume from the spool)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux); elsewhere stdin EOF does the job
-    except (OSError, AttributeError):
-        pass
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 class RelayServer:
