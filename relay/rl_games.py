@@ -360,7 +360,7 @@ class RelayAlgoObserver(AlgoObserver):
     def __init__(self, client: Any = None, project: str = "tokenHSI", name: Optional[str] = None,
                  entity: Optional[str] = None, group: Optional[str] = None, tags: Optional[List[str]] = None,
                  notes: Optional[str] = None, mode: Optional[str] = None, run_id: Optional[str] = None,
-                 endpoint: Optional[str] = None, finish_timeout: float = 10.0):
+                 endpoint: Optional[str] = None, finish_timeout: float = 10.0, keys: Optional[str] = None):
         self.client = client
         self._owns_client = False
         self.project = project
@@ -372,6 +372,7 @@ class RelayAlgoObserver(AlgoObserver):
         self.mode = mode
         self.run_id = run_id
         self.endpoint = endpoint
+        self.keys = keys           # CurveZMQ client key directory; None: $RELAY_CLIENT_KEYS, else no Curve
         self.finish_timeout = finish_timeout
         self.run = None            # the relay Run while reporting, else None
         self.report = None         # what run.finish() returned
@@ -407,7 +408,7 @@ class RelayAlgoObserver(AlgoObserver):
             return  # one W&B run per training: rank 0 reports
         if self.client is None:
             from relay.client import RelayClient
-            self.client = RelayClient(self.endpoint)
+            self.client = RelayClient(self.endpoint, keys=self.keys)
             self._owns_client = True
         config = self._config if self._config is not None else getattr(algo, "config", {})
         run = self.client.start_run(project=self.project, name=self.name or self._experiment_name,

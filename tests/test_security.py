@@ -311,3 +311,22 @@ def test_checkpoint_paths_outside_root_or_not_regular_files_are_refused_unread(f
     assert status["counters"]["refused"] == len(refused)
     assert [(r["run_id"], r["received"]) for r in status["runs"]] == [("paths", 3)]
     assert relay.stop() == 0
+
+
+def test_training_config_relay_keys_reach_the_trainers_client(tmp_path):
+    pytest.importorskip("rl_games")
+    from relay.rl_games import RelayAlgoObserver
+    from tokenhsi import config as train_config
+    from tokenhsi.run import make_observer
+
+    shipped = os.path.join(ROOT, "cfg", "train", "amp_point_traj.yaml")
+    cfg_train = tmp_path / "amp_point_traj.yaml"
+    missing = tmp_path / "no-such-keys"
+    with open(shipped) as handle:
+        cfg_train.write_text(handle.read().replace("  keys: null", "  keys: %s" % missing))
+    cfg = train_config.load(str(cfg_train), os.path.join(ROOT, "cfg", "env", "point_traj.yaml"))
+    assert cfg.relay.keys == str(missing)
+    observer = make_observer(cfg, "amp_point_traj")
+    assert isinstance(observer, RelayAlgoObserver)
+    with pytest.raises(CurveKeyError, match="%s is not a directory" % missing):  # the client got the keys
+        observer.after_init(type("Algo", (), {"rank": 0, "config": {}})())
