@@ -205,9 +205,12 @@ def test_curve_relay_takes_authorized_clients_only(fake_wandb, relay_factory, tm
     assert report["delivered"] is True and report["acked"] == 302 and report["errors"] == 0
     trainer.close()
 
+    reasons = {"stranger": "relay at %s refused this client's Curve key" % relay.endpoint,
+               "plain": "RELAY_CLIENT_KEYS on the trainer"}   # the trainer's log says why, not only "absent"
     for name, client in outsiders.items():
         stats = client.statistics()
         assert stats["acked"] == 0 and stats["pending"] == 51 and stats["errors"] == 0, (name, stats)
+        assert reasons[name] in stats["last_error"], (name, stats["last_error"])
         client.close()
         assert client.statistics()["spilled"] == 51   # kept on the trainer's disk, never lost
     fake_wandb.wait_for(lambda: fake_wandb.complete("curve1"), 120)
@@ -218,6 +221,34 @@ def test_curve_relay_takes_authorized_clients_only(fake_wandb, relay_factory, tm
     assert status["counters"]["received"] == 302 and status["counters"].get("malformed", 0) == 0
     assert relay.log().count(refusal) == 1
     assert relay.stop() == 0
+
+
+def test_refused_trainer_keeps_its_records_and_delivers_them_once_its_key_is_let_in(fake_wandb, relay_factory,
+                                                                                  tmp_path):
+    keys, late = tmp_path / "keys", tmp_path / "late"
+    make_keys(keys, "trainer")
+    make_keys(late, "node7")
+    (late / "node7" / "relay.key").write_bytes((keys / "relay.key").read_bytes())
+    relay = curve_relay(relay_factory, fake_wandb, keys)
+    client = RelayClient(relay.endpoint, keys=str(late / "node7"), spill_dir=str(tmp_path / "spill"),
+                         reconnect_after=1.0)
+    run = client.start_run(project="tokenHSI", run_id="late1")
+    for step in range(100):
+        run.log(row(12, step, 10), frame=frame(step), epoch=step + 1)
+    relay.wait_log("refused a client at 127.0.0.1", 30)
+    assert client.flush(4.0) is False
+    stats = client.statistics()
+    assert stats["acked"] == 0 and stats["pending"] == 101
+    assert "refused this client's Curve key" in stats["last_error"]
+
+    (keys / "authorized" / "node7.key").write_bytes((late / "node7" / "node7.key").read_bytes())
+    assert relay.stop() == 0
+    relay.start()                                      # the operator let the key in and restarted the relay
+    report = run.finish(exit_code=0, timeout=60)       # the client made its socket anew and re-sent
+    assert report["delivered"] is True and report["acked"] == 102 and report["spilled"] == 0
+    client.close()
+    fake_wandb.wait_for(lambda: fake_wandb.complete("late1"), 120)
+    assert_history(fake_wandb.run("late1").history, seed=12, steps=100, metrics=10)
 
 
 def test_status_of_a_curve_relay_needs_client_keys(fake_wandb, relay_factory, tmp_path):
