@@ -15,6 +15,7 @@ This module must stay importable on Python 3.8 (IsaacGym environments).
 from __future__ import annotations
 
 import logging
+import itertools
 import os
 import tempfile
 import threading
@@ -47,6 +48,8 @@ HANDSHAKE_FAILURES = {
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "broke off the connection handshake (a relay started with --curve needs "
                                           "RELAY_CLIENT_KEYS on the trainer, made for this relay: its relay.key)",
 }
+
+_MONITOR_NUMBERS = itertools.count()
 
 
 def default_spill_dir() -> str:
@@ -169,6 +172,9 @@ class RelayClient:
         if self._heartbeat is not None:
             self._heartbeat.stop()
         self._close_socket()
+        if self._context is not None and self._pid == os.getpid():
+            self._context.term()
+        self._context = None
         self._closed = True
         return spilled
 
@@ -217,8 +223,9 @@ class RelayClient:
 
     def _sock(self) -> zmq.Socket:
         # Contexts do not survive fork(): make a fresh one in a child process.
-        if self._socket is None or self._pid != os.getpid():
-            self._context = zmq.Context()
+        if self._context is None or self._pid != os.getpid():
+            self._context, self._socket, self._pid = zmq.Context(), None, os.getpid()
+        if self._socket is None:
             sock = self._context.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.IMMEDIATE, 1)       # no queueing into a pipe with no relay behind it
@@ -230,13 +237,13 @@ class RelayClient:
                 self.keys.apply(sock)
             self._monitor = self._watch_handshakes(sock)
             sock.connect(self.endpoint)
-            self._socket, self._pid = sock, os.getpid()
+            self._socket = sock
             self._opened_at = time.monotonic()
             self._next_send = next(iter(self._pending), self._seq + 1)
         return self._socket
 
     def _watch_handshakes(self, sock: zmq.Socket) -> zmq.Socket:
-        address = "inproc://relay-client-handshakes-%d" % id(sock)
+        address = "inproc://relay-client-handshakes-%d" % next(_MONITOR_NUMBERS)  # never reused in a context
         sock.monitor(address, sum(HANDSHAKE_FAILURES))
         monitor = self._context.socket(zmq.PAIR)
         monitor.setsockopt(zmq.LINGER, 0)
@@ -249,7 +256,6 @@ class RelayClient:
             self._socket.disable_monitor()
             self._monitor.close(linger=0)
             self._socket.close(linger=0)
-            self._context.term()
         self._socket = self._monitor = None
 
     def _read_handshakes(self) -> None:
