@@ -14,8 +14,8 @@ This module must stay importable on Python 3.8 (IsaacGym environments).
 """
 from __future__ import annotations
 
-import logging
 import itertools
+import logging
 import os
 import tempfile
 import threading
