@@ -28,6 +28,7 @@ log = logging.getLogger("relay.security")
 auth_log = logging.getLogger("zmq.auth")
 
 LOCAL_TRANSPORTS = ("ipc", "inproc")
+REMEMBER_REFUSED = 10000  # (address, key) pairs already logged as refused
 
 
 class BindRefused(Exception):
@@ -84,6 +85,8 @@ class RelayAuthenticator(ThreadAuthenticator):
         allowed, reason = await super()._authenticate_curve(domain, client_key)
         peer = (self._address, client_key)
         if not allowed and peer not in self._refused:
+            if len(self._refused) >= REMEMBER_REFUSED:
+                self._refused.clear()  # bounded memory against a peer that makes a new key per attempt
             self._refused.add(peer)
             auth_log.warning("refused a client at %s: its Curve public key %s is not in %s (%s); to let it in, "
                              "make its keys with `relay keys new` and restart the relay",

@@ -251,6 +251,22 @@ def test_refused_trainer_keeps_its_records_and_delivers_them_once_its_key_is_let
     assert_history(fake_wandb.run("late1").history, seed=12, steps=100, metrics=10)
 
 
+def test_trainer_with_keys_never_talks_to_a_relay_without_curve(relay_factory, tmp_path):
+    keys = tmp_path / "keys"
+    make_keys(keys, "trainer")
+    relay = relay_factory(None, ["--mode", "offline"])            # loopback ipc://, no --curve
+    client = RelayClient(relay.endpoint, keys=str(keys / "trainer"), spill_dir=str(tmp_path / "spill"))
+    run = client.start_run(project="tokenHSI", run_id="mismatch")
+    run.log({"a": 1.0}, frame=1)
+    assert client.flush(4.0) is False
+    stats = client.statistics()
+    assert stats["acked"] == 0 and stats["pending"] == 2
+    assert "relay at %s" % relay.endpoint in stats["last_error"] and "RELAY_CLIENT_KEYS" in stats["last_error"]
+    client.close()
+    assert relay.status()["runs"] == []
+    assert relay.stop() == 0
+
+
 def test_status_of_a_curve_relay_needs_client_keys(fake_wandb, relay_factory, tmp_path):
     keys = tmp_path / "keys"
     make_keys(keys, "trainer")
