@@ -201,6 +201,9 @@ def test_curve_relay_takes_authorized_clients_only(fake_wandb, relay_factory, tm
     run = trainer.start_run(project="tokenHSI", name="curve", run_id="curve1")
     for step in range(300):
         run.log(row(11, step, 20), frame=frame(step), epoch=step + 1)
+    assert trainer.flush(30.0) is True
+    seen = relay.run_status("curve1")["last_seen"]     # from now on only heartbeats (their own socket) move it
+    relay.wait_status(lambda s: s["runs"][0]["last_seen"] > seen + 0.5, 30, "heartbeats over Curve")
     report = run.finish(exit_code=0, timeout=60)
     assert report["delivered"] is True and report["acked"] == 302 and report["errors"] == 0
     trainer.close()
