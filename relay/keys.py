@@ -44,6 +44,12 @@ class ClientKeys(NamedTuple):
         sock.curve_serverkey = self.server
 
 
+def require_curve() -> None:
+    if not zmq.has("curve"):
+        raise CurveKeyError("this pyzmq (libzmq %s) was built without CURVE support; install pyzmq from its "
+                            "wheels (`pip install --force-reinstall pyzmq`), which include it" % zmq.zmq_version())
+
+
 def _valid_key(key: Optional[bytes]) -> bool:
     if key is None or len(key) != 40:
         return False
@@ -72,6 +78,7 @@ def read_key_file(path: str, secret: bool) -> Tuple[bytes, Optional[bytes]]:
 
 def load_client_keys(directory: str) -> ClientKeys:
     """A trainer's keys: the one <name>.key_secret in `directory` and the relay's relay.key."""
+    require_curve()
     if not os.path.isdir(directory):
         raise CurveKeyError("relay client keys: %s is not a directory (copy DIR/<name>/ made by "
                             "`relay keys new DIR` on the relay host, and point %s or `keys` at it)"
@@ -90,6 +97,7 @@ def load_client_keys(directory: str) -> ClientKeys:
 
 def load_relay_keys(directory: str) -> Tuple[bytes, bytes, List[str]]:
     """The relay's keypair and the authorized client key files, checked before the relay listens."""
+    require_curve()
     public, secret = read_key_file(os.path.join(directory, RELAY_NAME + ".key_secret"), secret=True)
     authorized = os.path.join(directory, AUTHORIZED)
     clients = sorted(glob.glob(os.path.join(authorized, "*.key")))
@@ -154,6 +162,7 @@ def create_keys(directory: str, clients: List[str], force: bool = False) -> dict
     Refuses, before writing anything, to replace an existing key file unless `force`.
     Returns {"relay": (public, secret) paths, "relay_created": bool, "clients": {name: dir}}.
     """
+    require_curve()
     bad = [name for name in clients if not valid_client_name(name)]
     if bad:
         raise CurveKeyError("client name(s) %s: use letters, digits, '-', '_' or '.', not 'relay' or 'authorized'"
