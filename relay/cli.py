@@ -213,7 +213,7 @@ def keys_new(directory: str, clients: tuple, force: bool) -> None:
         click.echo("  copy %s/ to the trainer nodes (keep it private) and set %s=<that directory> there"
                    % (client_dir, curve_keys.CLIENT_KEYS_VARIABLE))
     if not made["relay_created"]:
-        click.echo("restart a running relay to let the new clients in")
+        click.echo("a running relay started with --curve %s lets the new clients in within a second" % directory)
 
 
 @main.command()

@@ -41,8 +41,8 @@ DRAIN_EVERY = 0.001    # seconds between looks for acks on the hot path (flush()
 # the records.
 RECONNECT_AFTER = 30.0
 HANDSHAKE_FAILURES = {
-    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "refused this client's Curve key (it is not in the relay's authorized/ "
-                                     "directory: make the keys with `relay keys new` there and restart the relay)",
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "refused this client's Curve key (its <name>.key is not in the relay's "
+                                     "authorized/ directory; `relay keys new DIR --client NAME` puts one there)",
     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "and this client do not agree on encryption (a relay started with --curve "
                                          "needs RELAY_CLIENT_KEYS on the trainer; one without it needs none)",
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "broke off the connection handshake (a relay started with --curve needs "

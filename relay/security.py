@@ -7,6 +7,8 @@ can reach is a way into both. The policy:
 - Any other bind needs `--curve DIR` (CurveZMQ: encrypted, and only the client public keys in
   DIR/authorized are let in, checked by pyzmq's ZAP authenticator in a thread), or `--insecure`,
   which the relay warns about at start.
+- DIR/authorized is read again when it changes (checked every second): adding a client needs no
+  restart.
 - A client refused by ZAP (unknown key) is logged once per address and key. A client without
   Curve at all fails the handshake before ZAP is asked; those are counted and logged rate-limited.
 """
@@ -76,6 +78,27 @@ class RelayAuthenticator(ThreadAuthenticator):
         self.authorized = os.path.join(curve_dir, keys.AUTHORIZED)
         self._address = ""
         self._refused: set = set()
+        self._listing: tuple | None = None
+
+    def load_authorized(self) -> None:
+        """(Re)read the allowed client keys when DIR/authorized changed: a key added there lets that
+        client in at its next connection, without a restart. Removing one refuses new connections
+        (one already made stays until it drops or the relay restarts)."""
+        listing = self._list_keys()
+        if listing == self._listing:
+            return
+        first = self._listing is None
+        self._listing = listing
+        self.configure_curve(domain="*", location=self.authorized)  # a bad file: logged, old keys kept
+        if not first:
+            log.info("authorized client keys changed: %d keys in %s now let in", len(listing), self.authorized)
+
+    def _list_keys(self) -> tuple:
+        try:
+            names = sorted(name for name in os.listdir(self.authorized) if name.endswith(".key"))
+            return tuple((name, os.stat(os.path.join(self.authorized, name)).st_mtime_ns) for name in names)
+        except OSError:
+            return ()
 
     async def handle_zap_message(self, msg: list) -> None:
         self._address = msg[3].decode("utf-8", "replace") if len(msg) > 3 else "?"
@@ -89,7 +112,7 @@ class RelayAuthenticator(ThreadAuthenticator):
                 self._refused.clear()  # bounded memory against a peer that makes a new key per attempt
             self._refused.add(peer)
             auth_log.warning("refused a client at %s: its Curve public key %s is not in %s (%s); to let it in, "
-                             "make its keys with `relay keys new` and restart the relay",
+                             "put its <name>.key there (`relay keys new DIR --client NAME` makes one)",
                              self._address or "?", z85.encode(client_key).decode(), self.authorized,
                              reason.decode("utf-8", "replace"))
         return allowed, reason
@@ -132,7 +155,7 @@ def secure(sock: zmq.Socket, context: zmq.Context, curve_dir: str) -> RelayAuthe
     public, secret, clients = keys.load_relay_keys(curve_dir)
     authenticator = RelayAuthenticator(context, curve_dir)
     authenticator.start()
-    authenticator.configure_curve(domain="*", location=authenticator.authorized)
+    authenticator.load_authorized()
     sock.curve_server = True
     sock.curve_publickey = public
     sock.curve_secretkey = secret

@@ -324,6 +324,8 @@ class RelayServer:
     # -- uploaders ----------------------------------------------------------------------------
 
     def scan_runs(self) -> None:
+        if self.authenticator is not None:
+            self.authenticator.load_authorized()
         self.reap_uploaders()
         self.watch_spool_size()
         now = time.time()
