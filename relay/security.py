@@ -91,7 +91,7 @@ class RelayAuthenticator(ThreadAuthenticator):
         self._listing = listing
         self.configure_curve(domain="*", location=self.authorized)  # a bad file: logged, old keys kept
         if not first:
-            log.info("authorized client keys changed: %d keys in %s now let in", len(listing), self.authorized)
+            log.info("authorized client keys changed in %s: %d let in now", self.authorized, len(listing))
 
     def _list_keys(self) -> tuple:
         try:

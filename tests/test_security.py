@@ -245,7 +245,7 @@ def test_refused_trainer_keeps_its_records_and_delivers_them_once_its_key_is_let
     assert "refused this client's Curve key" in stats["last_error"]
 
     (keys / "authorized" / "node7.key").write_bytes((late / "node7" / "node7.key").read_bytes())
-    relay.wait_log("authorized client keys changed: 2 keys in %s now let in" % (keys / "authorized"), 30)
+    relay.wait_log("authorized client keys changed in %s: 2 let in now" % (keys / "authorized"), 30)
     report = run.finish(exit_code=0, timeout=60)       # the client made its socket anew and re-sent
     assert report["delivered"] is True and report["acked"] == 102 and report["spilled"] == 0
     client.close()
@@ -267,6 +267,23 @@ def test_trainer_with_keys_never_talks_to_a_relay_without_curve(relay_factory, t
     client.close()
     assert relay.status()["runs"] == []
     assert relay.stop() == 0
+
+
+def test_a_key_removed_from_authorized_is_refused_at_its_next_connection(fake_wandb, relay_factory, tmp_path):
+    keys = tmp_path / "keys"
+    make_keys(keys, "trainer", "revoked")
+    relay = curve_relay(relay_factory, fake_wandb, keys)
+    before = RelayClient(relay.endpoint, keys=str(keys / "revoked"), spill_dir=str(tmp_path / "spill"))
+    assert before.start_run(project="tokenHSI", run_id="before").finish(timeout=30)["acked"] == 2
+    before.close()
+    os.remove(keys / "authorized" / "revoked.key")
+    relay.wait_log("authorized client keys changed in %s: 1 let in now" % (keys / "authorized"), 30)
+    after = RelayClient(relay.endpoint, keys=str(keys / "revoked"), spill_dir=str(tmp_path / "spill"))
+    report = after.start_run(project="tokenHSI", run_id="after").finish(timeout=4)
+    assert report["delivered"] is False and report["acked"] == 0 and report["spilled"] == 2
+    after.close()
+    assert [r["run_id"] for r in relay.status()["runs"]] == ["before"]   # status itself uses the "trainer" key
+    relay.wait_log("refused a client at 127.0.0.1", 30)
 
 
 def test_status_of_a_curve_relay_needs_client_keys(fake_wandb, relay_factory, tmp_path):
