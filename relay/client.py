@@ -368,9 +368,11 @@ class RelayClient:
             return  # a connection being made
         if self._due("absent"):
             self._read_handshakes()
-            self._warn("absent", "%s; %d records pending (kept and re-sent)" % (
-                self._handshake or "relay at %s is not answering (start it with `relay serve`)" % self.endpoint,
-                len(self._pending)))
+            if self._handshake:
+                self._warn("absent", "%s; %d records pending (kept and re-sent)" % (self._handshake, len(self._pending)))
+            else:
+                self._warn("absent", "relay at %s is not answering; %d records pending (kept and re-sent; start "
+                           "it with `relay serve`)" % (self.endpoint, len(self._pending)))
         if now - self._opened_at > self.reconnect_after and now - self._stalled_since > self.reconnect_after:
             self._read_handshakes()
             self._close_socket()  # the next call connects anew and re-sends from the oldest unacked record
