@@ -396,3 +396,37 @@ def test_training_config_relay_keys_reach_the_trainers_client(tmp_path):
     assert isinstance(observer, RelayAlgoObserver)
     with pytest.raises(CurveKeyError, match="%s is not a directory" % missing):  # the client got the keys
         observer.after_init(type("Algo", (), {"rank": 0, "config": {}})())
+
+
+def test_uploader_open_checks_the_file_it_opened_not_the_name(tmp_path, monkeypatch):
+    """The uploader reads a checkpoint some time after the relay checked its path; a directory swapped
+    for a symlink (or a file for a FIFO) in between must gain nothing. Simulated by letting the
+    path check pass what it saw before the swap."""
+    from relay import artifacts
+
+    root, home = tmp_path / "output", tmp_path / "home"
+    (root / "ok").mkdir(parents=True)
+    home.mkdir()
+    (home / "ckpt.pth").write_text("machine api.wandb.ai password SECRET\n")
+    os.symlink(home, root / "nn")                                  # was a directory under the root
+    os.symlink(home / "ckpt.pth", root / "ok" / "last.pth")        # was a regular file
+    os.mkfifo(root / "ok" / "fifo.pth")                            # was a regular file
+    (root / "ok" / "good.pth").write_bytes(b"weights")
+    monkeypatch.setattr(artifacts, "resolve_checkpoint", lambda path, roots, max_bytes: path)
+    roots = [str(root)]
+    open_before = len(os.listdir("/proc/self/fd"))
+    cases = {
+        str(root / "nn" / "ckpt.pth"): "resolves to %s, outside every artifact root" % (home / "ckpt.pth"),
+        str(root / "ok" / "last.pth"): "Too many levels of symbolic links",
+        str(root / "ok" / "fifo.pth"): "not a regular file",
+    }
+    for path, reason in cases.items():
+        with pytest.raises(artifacts.RefusedPath, match=reason):
+            artifacts.open_checkpoint(path, roots, 1000)
+    assert len(os.listdir("/proc/self/fd")) == open_before, "a refused file was left open"
+    fd = artifacts.open_checkpoint(str(root / "ok" / "good.pth"), roots, 1000)
+    try:
+        with open("/proc/self/fd/%d" % fd, "rb") as handle:
+            assert handle.read() == b"weights"
+    finally:
+        os.close(fd)
