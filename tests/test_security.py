@@ -150,12 +150,15 @@ def test_insecure_network_bind_starts_with_a_warning(relay_factory):
 @pytest.mark.parametrize("damage, message", [
     ("relay.key_secret", "relay.key_secret is missing"),
     ("authorized", "no client keys in"),
+    ("garbage", "authorized/client.key holds no valid public key"),
 ])
 def test_curve_relay_with_missing_keys_names_the_file(tmp_path, damage, message):
     keys = tmp_path / "keys"
     make_keys(keys, "client")
     if damage == "authorized":
         os.remove(keys / "authorized" / "client.key")
+    elif damage == "garbage":
+        (keys / "authorized" / "client.key").write_text('curve\n    public-key = "not a key"\n')
     else:
         os.remove(keys / damage)
     env = wandb_env(None, str(tmp_path / "home"))
