@@ -196,7 +196,7 @@ def keys() -> None:
 @click.option("--client", "clients", multiple=True, help="name of a client keypair to make (repeatable) [client]")
 @click.option("--force", is_flag=True, help="replace existing key files (trainers holding the old keys are refused)")
 def keys_new(directory: str, clients: tuple, force: bool) -> None:
-    """Make the relay's keypair (kept if DIR has one) and a keypair per client in DIRECTORY."""
+    """Make the relay's keypair (kept if DIRECTORY has one) and a keypair per client in DIRECTORY."""
     directory = os.path.abspath(directory)
     try:
         made = curve_keys.create_keys(directory, list(clients) or [curve_keys.DEFAULT_CLIENT], force)
