@@ -3,6 +3,11 @@
 A client names a path; the relay resolves it on its own filesystem (symlinks and `..` included)
 and refuses anything outside the roots, anything that is not a regular file, and anything over
 the size limit. A client must not be able to make the relay upload ~/.netrc.
+
+Two steps use this: the relay checks the path when the record arrives (and refuses the record),
+and the uploader checks it again when it reads the file, with `open_checkpoint`: the file is opened
+(never following a final symlink, never blocking on a FIFO) and what was actually opened is checked
+against the same rules, so a directory swapped for a symlink in between gains nothing.
 """
 from __future__ import annotations
 
@@ -22,17 +27,53 @@ def resolve_checkpoint(path: str, roots: list[str], max_bytes: int) -> str:
     if not os.path.isabs(path):
         raise RefusedPath("checkpoint path %s refused: it must be absolute" % path)
     real = os.path.realpath(path)
-    real_roots = [os.path.realpath(root) for root in roots]
-    if not any(os.path.commonpath([real, root]) == root for root in real_roots):
-        raise RefusedPath("checkpoint %s refused: it resolves to %s, outside every artifact root (%s)"
-                          % (path, real, ", ".join(real_roots)))
+    _check_inside(path, real, roots)
     try:
         info = os.stat(real)
     except OSError as exc:
         raise RefusedPath("checkpoint %s refused: %s" % (path, exc.strerror)) from exc
+    _check_file(path, info, max_bytes)
+    return real
+
+
+def open_checkpoint(path: str, roots: list[str], max_bytes: int) -> int:
+    """Open an allowed checkpoint for reading; returns a file descriptor the caller closes.
+
+    Read the file through "/proc/self/fd/<fd>", the file that was checked, not by its name again.
+    """
+    real = resolve_checkpoint(path, roots, max_bytes)
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise RefusedPath("checkpoint %s refused: %s" % (path, exc.strerror)) from exc
+    try:
+        _check_file(path, os.fstat(fd), max_bytes)
+        _check_inside(path, _opened_name(path, fd), roots)
+    except RefusedPath:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _opened_name(path: str, fd: int) -> str:
+    """The kernel's name for the file behind `fd` (Linux /proc)."""
+    try:
+        return os.readlink("/proc/self/fd/%d" % fd)
+    except OSError as exc:
+        raise RefusedPath("checkpoint %s refused: cannot tell which file was opened (%s; the relay needs "
+                          "Linux /proc)" % (path, exc.strerror)) from exc
+
+
+def _check_inside(path: str, real: str, roots: list[str]) -> None:
+    real_roots = [os.path.realpath(root) for root in roots]
+    if not any(os.path.commonpath([real, root]) == root for root in real_roots):
+        raise RefusedPath("checkpoint %s refused: it resolves to %s, outside every artifact root (%s)"
+                          % (path, real, ", ".join(real_roots)))
+
+
+def _check_file(path: str, info: os.stat_result, max_bytes: int) -> None:
     if not stat.S_ISREG(info.st_mode):
         raise RefusedPath("checkpoint %s refused: not a regular file" % path)
     if info.st_size > max_bytes:
         raise RefusedPath("checkpoint %s refused: %d bytes is over the %d-byte limit (max_artifact_bytes)"
                           % (path, info.st_size, max_bytes))
-    return real

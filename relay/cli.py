@@ -1,4 +1,4 @@
-"""`relay` command line: serve, status, replay, demo."""
+"""`relay` command line: serve, status, replay, keys, demo."""
 from __future__ import annotations
 
 import json
@@ -12,6 +12,7 @@ import msgpack
 import zmq
 
 from relay import config as relay_config
+from relay import keys as curve_keys
 from relay import protocol
 
 
@@ -48,12 +49,18 @@ def main() -> None:
 @click.option("--init-timeout", type=float, help="seconds wandb.init may take before it is retried [60]")
 @click.option("--metrics-bind", help="HOST:PORT to serve Prometheus metrics on (/metrics) [off]")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+@click.option("--curve", "curve_dir", type=click.Path(file_okay=False),
+              help="directory made by `relay keys new`: encrypt with CurveZMQ and let in only the client keys "
+                   "in its authorized/ (required to bind a non-loopback address)")
+@click.option("--insecure", is_flag=True, default=None,
+              help="allow a non-loopback --bind without --curve (anyone on that network can send runs)")
 def serve(config_path, bind, spool_dir, mode, artifact_roots, drain_timeout, init_timeout, metrics_bind,
-          log_level) -> None:
+          log_level, curve_dir, insecure) -> None:
     """Run the relay until SIGTERM/SIGINT (first: drain with a deadline; second: stop now)."""
     cfg = _load_config(config_path, bind=bind, spool_dir=spool_dir, mode=mode,
                        artifact_roots=list(artifact_roots) or None, drain_timeout=drain_timeout,
-                       init_timeout=init_timeout, metrics_bind=metrics_bind, log_level=log_level)
+                       init_timeout=init_timeout, metrics_bind=metrics_bind, log_level=log_level,
+                       curve_dir=curve_dir, insecure=insecure)
     _setup_logging(cfg.log_level)
     from relay.server import RelayServer  # imports wandb: only for the commands that need it
     from relay.spool import SpoolError
@@ -64,11 +71,14 @@ def serve(config_path, bind, spool_dir, mode, artifact_roots, drain_timeout, ini
     sys.exit(code)
 
 
-def query_status(endpoint: str, timeout: float) -> dict | None:
-    """Ask a running relay for its status; None if nothing answers within `timeout`."""
+def query_status(endpoint: str, timeout: float, keys: str | None = None) -> dict | None:
+    """Ask a running relay for its status; None if nothing answers within `timeout`.
+    `keys`: a client key directory of `relay keys new`, for a relay started with --curve."""
     context = zmq.Context.instance()
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    if keys:
+        curve_keys.load_client_keys(keys).apply(sock)
     try:
         sock.connect(endpoint)
         request = {"v": protocol.VERSION, "t": "status", "stream": "status-%d" % os.getpid(), "seq": 0}
@@ -94,24 +104,34 @@ def query_status(endpoint: str, timeout: float) -> dict | None:
 @click.option("--endpoint", envvar="RELAY_ENDPOINT", default=protocol.DEFAULT_ENDPOINT, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print the status as one JSON object")
 @click.option("--timeout", type=float, default=3.0, show_default=True, help="seconds to wait for the relay")
+@click.option("--keys", envvar=curve_keys.CLIENT_KEYS_VARIABLE, type=click.Path(file_okay=False),
+              help="client key directory (DIR/<name> of `relay keys new`) for a relay started with --curve "
+                   "[$RELAY_CLIENT_KEYS]")
 @click.option("--watch", "live", is_flag=True, help="keep polling and show a live view (Ctrl-C to stop)")
 @click.option("--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
               help="seconds between polls with --watch")
 @click.option("--count", type=click.IntRange(min=1), help="with --watch: stop after this many refreshes")
-def status(endpoint: str, as_json: bool, timeout: float, live: bool, interval: float, count: int | None) -> None:
+def status(endpoint: str, as_json: bool, timeout: float, keys: str | None, live: bool, interval: float,
+           count: int | None) -> None:
     """Per run: records received, uploaded, pending; W&B state; spool size."""
-    not_answering = ("no relay answered at %s within %.0f s (is `relay serve` running there? "
-                     "pass --endpoint or set RELAY_ENDPOINT)" % (endpoint, timeout))
-    if live:
-        if as_json:
-            raise click.UsageError("--watch draws a live view; for JSON poll `relay status --json` instead")
-        from rich.console import Console
+    not_answering = ("no relay answered at %s within %.0f s (is `relay serve` running there? pass --endpoint "
+                     "or set RELAY_ENDPOINT; a relay started with --curve answers only with --keys DIR or "
+                     "RELAY_CLIENT_KEYS)" % (endpoint, timeout))
+    try:
+        if keys:
+            curve_keys.load_client_keys(keys)  # a bad key directory is said once, before any polling
+        if live:
+            if as_json:
+                raise click.UsageError("--watch draws a live view; for JSON poll `relay status --json` instead")
+            from rich.console import Console
 
-        from relay.watch import watch
-        if not watch(lambda: query_status(endpoint, timeout), endpoint, interval, count, Console()):
-            raise click.ClickException(not_answering)
-        return
-    reply = query_status(endpoint, timeout)
+            from relay.watch import watch
+            if not watch(lambda: query_status(endpoint, timeout, keys), endpoint, interval, count, Console()):
+                raise click.ClickException(not_answering)
+            return
+        reply = query_status(endpoint, timeout, keys)
+    except curve_keys.CurveKeyError as exc:
+        raise click.ClickException(str(exc))
     if reply is None:
         raise click.ClickException(not_answering)
     if as_json:
@@ -183,6 +203,36 @@ def replay(config_path, spool_dir, files) -> None:
     spool.close()
     click.echo("replayed %d files: %d new records in %s (a running relay uploads them within a second; "
                "follow with `relay status --watch`)" % (len(files), totals["new"], cfg.spool_dir))
+
+
+@main.group()
+def keys() -> None:
+    """CurveZMQ keys for a relay that listens on the network."""
+
+
+@keys.command("new")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--client", "clients", multiple=True, help="name of a client keypair to make (repeatable) [client]")
+@click.option("--force", is_flag=True, help="replace existing key files (trainers holding the old keys are refused)")
+def keys_new(directory: str, clients: tuple, force: bool) -> None:
+    """Make the relay's keypair (kept if DIRECTORY has one) and a keypair per client in DIRECTORY."""
+    directory = os.path.abspath(directory)
+    try:
+        made = curve_keys.create_keys(directory, list(clients) or [curve_keys.DEFAULT_CLIENT], force)
+    except (curve_keys.CurveKeyError, OSError) as exc:
+        raise click.ClickException(str(exc))
+    public, secret = made["relay"]
+    click.echo("relay keypair: %s (%s)" % (secret, "new" if made["relay_created"] else "kept"))
+    click.echo("  stays on the relay host; start it with: relay serve --curve %s --bind tcp://0.0.0.0:5555" % directory)
+    if made["relay_created"] and force:
+        click.echo("  a new relay keypair: every client directory made before needs this relay.key (%s)" % public)
+    for name, client_dir in made["clients"].items():
+        click.echo("client %s: public key %s accepted by the relay" % (
+            name, os.path.join(directory, curve_keys.AUTHORIZED, name + ".key")))
+        click.echo("  copy %s/ to the trainer nodes (keep it private) and set %s=<that directory> there"
+                   % (client_dir, curve_keys.CLIENT_KEYS_VARIABLE))
+    if not made["relay_created"]:
+        click.echo("a running relay started with --curve %s lets the new clients in within a second" % directory)
 
 
 @main.command()

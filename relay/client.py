@@ -14,6 +14,7 @@ This module must stay importable on Python 3.8 (IsaacGym environments).
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import tempfile
@@ -27,6 +28,7 @@ import msgpack
 import zmq
 
 from relay import protocol
+from relay.keys import CLIENT_KEYS_VARIABLE, ClientKeys, load_client_keys
 
 log = logging.getLogger("relay.client")
 
@@ -34,6 +36,20 @@ SEND_BUDGET = 256      # frames sent per call at most, so a call's cost stays bo
 RECV_BUDGET = 1024     # replies drained per call at most
 STALL_WARNING = 3.0    # seconds without a connection before the client warns
 DRAIN_EVERY = 0.001    # seconds between looks for acks on the hot path (flush() always looks)
+# A socket whose sends have failed this long is made anew: ZeroMQ never retries a connection whose
+# handshake the relay refused (a Curve key it did not know), and a relay fixed since should get
+# the records.
+RECONNECT_AFTER = 30.0
+HANDSHAKE_FAILURES = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "refused this client's Curve key (its <name>.key is not in the relay's "
+                                     "authorized/ directory; `relay keys new DIR --client NAME` puts one there)",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "and this client do not agree on encryption (a relay started with --curve "
+                                         "needs RELAY_CLIENT_KEYS on the trainer; one without it needs none)",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "broke off the connection handshake (a relay started with --curve needs "
+                                          "RELAY_CLIENT_KEYS on the trainer, made for this relay: its relay.key)",
+}
+
+_MONITOR_NUMBERS = itertools.count()
 
 
 def default_spill_dir() -> str:
@@ -49,8 +65,14 @@ class RelayClient:
 
     def __init__(self, endpoint: Optional[str] = None, max_pending: int = 10000,
                  spill_dir: Optional[str] = None, resend_after: float = 1.0,
-                 warn_every: float = 30.0, stream: Optional[str] = None, heartbeat_every: float = 10.0):
+                 warn_every: float = 30.0, stream: Optional[str] = None, heartbeat_every: float = 10.0,
+                 keys: Optional[str] = None, reconnect_after: float = RECONNECT_AFTER):
         self.endpoint = endpoint or os.environ.get("RELAY_ENDPOINT") or protocol.DEFAULT_ENDPOINT
+        # CurveZMQ keys (the DIR/<name>/ directory of `relay keys new`); a bad directory raises
+        # CurveKeyError here, at start: a configuration mistake, not a transport problem.
+        keys = keys or os.environ.get(CLIENT_KEYS_VARIABLE)
+        self.keys = load_client_keys(keys) if keys else None  # type: Optional[ClientKeys]
+        self.reconnect_after = reconnect_after
         self.max_pending = max(1, int(max_pending))
         self.spill_dir = spill_dir or default_spill_dir()
         self.resend_after = resend_after
@@ -63,6 +85,9 @@ class RelayClient:
         self._stalled_since = 0.0      # when sends started failing (no connection), 0 if they do not
         self._drained_at = 0.0         # last time replies were read
         self._socket = None
+        self._monitor = None           # handshake failures of _socket (read only while sends fail)
+        self._opened_at = 0.0
+        self._handshake = ""           # why the relay last refused the handshake, "" if it did not
         self._context = None
         self._pid = None
         self._warned_at = {}           # type: Dict[str, float]
@@ -99,7 +124,8 @@ class RelayClient:
         self.submit({"t": "open", "run": run_id, "settings": settings})
         if self.heartbeat_every > 0:
             if self._heartbeat is None or self._heartbeat.pid != os.getpid():
-                self._heartbeat = _Heartbeat(self.endpoint, self.stream, self.heartbeat_every)
+                self._heartbeat = _Heartbeat(self.endpoint, self.stream, self.heartbeat_every, self.keys,
+                                             max(self.reconnect_after, 3 * self.heartbeat_every))
                 self._heartbeat.start()
             self._heartbeat.runs.add(run_id)
         return run
@@ -145,9 +171,10 @@ class RelayClient:
         spilled = self.spill_pending()
         if self._heartbeat is not None:
             self._heartbeat.stop()
-        if self._socket is not None and self._pid == os.getpid():
-            self._socket.close(linger=0)
-        self._socket = None
+        self._close_socket()
+        if self._context is not None and self._pid == os.getpid():
+            self._context.term()
+        self._context = None
         self._closed = True
         return spilled
 
@@ -196,8 +223,9 @@ class RelayClient:
 
     def _sock(self) -> zmq.Socket:
         # Contexts do not survive fork(): make a fresh one in a child process.
-        if self._socket is None or self._pid != os.getpid():
-            self._context = zmq.Context()
+        if self._context is None or self._pid != os.getpid():
+            self._context, self._socket, self._pid = zmq.Context(), None, os.getpid()
+        if self._socket is None:
             sock = self._context.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.IMMEDIATE, 1)       # no queueing into a pipe with no relay behind it
@@ -205,10 +233,44 @@ class RelayClient:
             sock.setsockopt(zmq.RCVHWM, 10000)
             sock.setsockopt(zmq.RECONNECT_IVL, 100)
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+            if self.keys is not None:
+                self.keys.apply(sock)
+            self._monitor = self._watch_handshakes(sock)
             sock.connect(self.endpoint)
-            self._socket, self._pid = sock, os.getpid()
+            self._socket = sock
+            self._opened_at = time.monotonic()
             self._next_send = next(iter(self._pending), self._seq + 1)
         return self._socket
+
+    def _watch_handshakes(self, sock: zmq.Socket) -> zmq.Socket:
+        address = "inproc://relay-client-handshakes-%d" % next(_MONITOR_NUMBERS)  # never reused in a context
+        sock.monitor(address, sum(HANDSHAKE_FAILURES))
+        monitor = self._context.socket(zmq.PAIR)
+        monitor.setsockopt(zmq.LINGER, 0)
+        monitor.setsockopt(zmq.RCVHWM, 0)  # never full: ZeroMQ's I/O thread must not wait on this pipe
+        monitor.connect(address)
+        return monitor
+
+    def _close_socket(self) -> None:
+        if self._socket is not None and self._pid == os.getpid():
+            self._socket.disable_monitor()
+            self._monitor.close(linger=0)
+            self._socket.close(linger=0)
+        self._socket = self._monitor = None
+
+    def _read_handshakes(self) -> None:
+        """Why the relay refused the connection, if it did (only looked at while sends fail)."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        event = None
+        while self._monitor is not None and self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)["event"]
+        if event is None:
+            return
+        reason = "relay at %s %s" % (self.endpoint, HANDSHAKE_FAILURES.get(event, "refused the connection"))
+        if reason != self._handshake:
+            self._handshake = reason
+            self._error(reason)
 
     def _pump(self, force: bool = False) -> None:
         if self._closed:
@@ -292,14 +354,28 @@ class RelayClient:
                 try:
                     sock.send(frame, zmq.NOBLOCK)
                 except zmq.Again:
-                    now = time.monotonic()
-                    self._stalled_since = self._stalled_since or now
-                    if now - self._stalled_since > STALL_WARNING:  # not just a connection being made
-                        self._warn("absent", "relay at %s is not answering; %d records pending (kept and "
-                                   "re-sent; start it with `relay serve`)" % (self.endpoint, len(self._pending)))
+                    self._stalled()
                     return
                 self._stalled_since = 0.0
+                self._handshake = ""
             self._next_send += 1
+
+    def _stalled(self) -> None:
+        """A send found no connection: say why once it lasts, and make the socket anew now and then."""
+        now = time.monotonic()
+        self._stalled_since = self._stalled_since or now
+        if now - self._stalled_since <= STALL_WARNING:
+            return  # a connection being made
+        if self._due("absent"):
+            self._read_handshakes()
+            if self._handshake:
+                self._warn("absent", "%s; %d records pending (kept and re-sent)" % (self._handshake, len(self._pending)))
+            else:
+                self._warn("absent", "relay at %s is not answering; %d records pending (kept and re-sent; start "
+                           "it with `relay serve`)" % (self.endpoint, len(self._pending)))
+        if now - self._opened_at > self.reconnect_after and now - self._stalled_since > self.reconnect_after:
+            self._read_handshakes()
+            self._close_socket()  # the next call connects anew and re-sends from the oldest unacked record
 
     def _in_flight(self) -> bool:
         return bool(self._pending) and next(iter(self._pending)) < self._next_send
@@ -349,10 +425,12 @@ class RelayClient:
         self.errors = (self.errors + [text])[-20:]
         self._warn("error", text)
 
+    def _due(self, kind: str) -> bool:
+        return time.monotonic() - self._warned_at.get(kind, -1e9) >= self.warn_every
+
     def _warn(self, kind: str, text: str, force: bool = False) -> None:
-        now = time.monotonic()
-        if force or now - self._warned_at.get(kind, -1e9) >= self.warn_every:
-            self._warned_at[kind] = now
+        if force or self._due(kind):
+            self._warned_at[kind] = time.monotonic()
             log.warning(text)
 
 
@@ -364,11 +442,14 @@ class _Heartbeat(threading.Thread):
     its runs in W&B with a non-zero exit code after its `silence_timeout`.
     """
 
-    def __init__(self, endpoint: str, stream: str, every: float):
+    def __init__(self, endpoint: str, stream: str, every: float, keys: Optional[ClientKeys] = None,
+                 reconnect_after: float = RECONNECT_AFTER):
         super().__init__(name="relay-heartbeat", daemon=True)
         self.endpoint = endpoint
+        self.keys = keys
         self.stream = stream
         self.every = every
+        self.reconnect_after = reconnect_after
         self.runs = set()  # type: set
         self.pid = os.getpid()
         self._stop_event = threading.Event()
@@ -378,23 +459,35 @@ class _Heartbeat(threading.Thread):
 
     def run(self) -> None:
         context = zmq.Context()
+        sock = self._connect(context)
+        failing_since = 0.0
+        try:
+            while not self._stop_event.wait(self.every):
+                runs = sorted(self.runs)
+                if not runs:
+                    continue
+                try:
+                    sock.send(protocol.encode({"v": protocol.VERSION, "t": "heartbeat", "stream": self.stream,
+                                               "seq": 0, "runs": runs}), zmq.NOBLOCK)
+                    failing_since = 0.0
+                except zmq.ZMQError:  # relay away: the main socket warns about that
+                    failing_since = failing_since or time.monotonic()
+                    if time.monotonic() - failing_since > self.reconnect_after:  # see RECONNECT_AFTER
+                        sock.close(linger=0)
+                        sock, failing_since = self._connect(context), 0.0
+        finally:
+            sock.close(linger=0)
+            context.term()
+
+    def _connect(self, context: zmq.Context) -> zmq.Socket:
         sock = context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.setsockopt(zmq.SNDHWM, 4)
-        try:
-            sock.connect(self.endpoint)
-            while not self._stop_event.wait(self.every):
-                runs = sorted(self.runs)
-                if runs:
-                    try:
-                        sock.send(protocol.encode({"v": protocol.VERSION, "t": "heartbeat", "stream": self.stream,
-                                                   "seq": 0, "runs": runs}), zmq.NOBLOCK)
-                    except zmq.ZMQError:
-                        pass  # relay away: the main socket warns about that
-        finally:
-            sock.close(linger=0)
-            context.term()
+        if self.keys is not None:
+            self.keys.apply(sock)
+        sock.connect(self.endpoint)
+        return sock
 
 
 class Run:

@@ -15,7 +15,9 @@ from relay import protocol
 from relay.yamlfile import ConfigError, load_yaml  # noqa: F401 (ConfigError is part of this module's API)
 
 # Variables the trainer side reads; harmless when the relay's environment has them too.
-CLIENT_VARIABLES = {"RELAY_ENDPOINT", "RELAY_SPILL_DIR"}
+CLIENT_VARIABLES = {"RELAY_ENDPOINT", "RELAY_SPILL_DIR", "RELAY_CLIENT_KEYS"}
+TRUE_WORDS = {"1", "true", "yes", "on"}
+FALSE_WORDS = {"0", "false", "no", "off", ""}
 
 
 def default_spool_dir() -> str:
@@ -27,6 +29,9 @@ class RelayConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     bind: str = Field(protocol.DEFAULT_ENDPOINT, description="ZeroMQ endpoint the relay listens on")
+    curve_dir: Optional[str] = Field(None, description="directory made by `relay keys new`: CurveZMQ with only "
+                                     "the client keys in its authorized/ let in; required for a non-loopback bind")
+    insecure: bool = Field(False, description="allow a non-loopback bind without CurveZMQ (logged as a warning)")
     spool_dir: str = Field(default_factory=default_spool_dir, description="where the spool and offline runs live")
     mode: Optional[Literal["online", "offline", "disabled"]] = Field(
         None, description="W&B mode for runs that do not ask for one; default online if an API key is configured")
@@ -83,7 +88,9 @@ def _from_environment(environ: dict) -> dict:
                               % (name, ", ".join("RELAY_" + k.upper() for k in fields)))
         annotation = fields[key].annotation
         try:
-            if annotation is int:
+            if annotation is bool:
+                values[key] = _boolean(raw)
+            elif annotation is int:
                 values[key] = int(raw)
             elif annotation is float:
                 values[key] = float(raw)
@@ -94,6 +101,13 @@ def _from_environment(environ: dict) -> dict:
         except ValueError as exc:
             raise ConfigError("variable %s=%r: %s" % (name, raw, exc)) from exc
     return values
+
+
+def _boolean(raw: str) -> bool:
+    word = raw.strip().lower()
+    if word in TRUE_WORDS or word in FALSE_WORDS:
+        return word in TRUE_WORDS
+    raise ValueError("expected one of %s" % ", ".join(sorted(TRUE_WORDS | FALSE_WORDS - {""})))
 
 
 def load(path: Optional[str] = None, overrides: Optional[dict] = None,

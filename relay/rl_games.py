@@ -92,7 +92,7 @@ import re
 import sys
 import time
 import uuid
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple  # noqa: F401 (Tuple: type comments)
 
 try:  # rl_games (and so torch) present: be a real AlgoObserver
     from rl_games.common.algo_observer import AlgoObserver
@@ -362,7 +362,8 @@ class RelayAlgoObserver(AlgoObserver):
     def __init__(self, client: Any = None, project: str = "tokenHSI", name: Optional[str] = None,
                  entity: Optional[str] = None, group: Optional[str] = None, tags: Optional[List[str]] = None,
                  notes: Optional[str] = None, mode: Optional[str] = None, run_id: Optional[str] = None,
-                 endpoint: Optional[str] = None, finish_timeout: float = 10.0, spill_dir: Optional[str] = None):
+                 endpoint: Optional[str] = None, finish_timeout: float = 10.0, spill_dir: Optional[str] = None,
+                 keys: Optional[str] = None):
         self.client = client
         self._owns_client = False
         self.project = project
@@ -374,6 +375,7 @@ class RelayAlgoObserver(AlgoObserver):
         self.mode = mode
         self.run_id = run_id
         self.endpoint = endpoint
+        self.keys = keys           # CurveZMQ client key directory; None: $RELAY_CLIENT_KEYS, else no Curve
         self.finish_timeout = finish_timeout
         self.spill_dir = spill_dir
         self.run = None            # the relay Run while reporting, else None
@@ -410,7 +412,7 @@ class RelayAlgoObserver(AlgoObserver):
             return  # one W&B run per training: rank 0 reports
         if self.client is None:
             from relay.client import RelayClient
-            self.client = RelayClient(self.endpoint, spill_dir=self.spill_dir)
+            self.client = RelayClient(self.endpoint, spill_dir=self.spill_dir, keys=self.keys)
             self._owns_client = True
         config = self._config if self._config is not None else getattr(algo, "config", {})
         run = self.client.start_run(project=self.project, name=self.name or self._experiment_name,

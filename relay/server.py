@@ -22,9 +22,10 @@ from typing import Any
 
 import zmq
 
-from relay import protocol
+from relay import protocol, security
 from relay.artifacts import RefusedPath, resolve_checkpoint
 from relay.config import RelayConfig
+from relay.keys import CurveKeyError
 from relay.metrics import MetricsEndpoint, error_kind
 from relay.progress import BacklogProgress
 from relay.spool import Spool, SpoolError
@@ -74,14 +75,23 @@ def classify(frame: bytes, config: RelayConfig) -> tuple[dict, str]:
     return message, ""
 
 
+def _find_prctl():
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None  # not Linux: stdin EOF tells the uploader that the relay is gone
+
+
+# Looked up here, not in the forked child (the relay has a thread, the ZAP authenticator, and a
+# child of a threaded process should do as little as possible before exec).
+_PRCTL = _find_prctl()
+
+
 def _die_with_parent() -> None:
     """In the uploader child: be killed when the relay dies, so a SIGKILLed relay leaves no uploader
     behind (a restarted relay starts new ones that resume from the spool)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux); elsewhere stdin EOF does the job
-    except (OSError, AttributeError):
-        pass
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 class RelayServer:
@@ -104,6 +114,8 @@ class RelayServer:
         self.spool: Spool | None = None
         self.socket: zmq.Socket | None = None
         self.context: zmq.Context | None = None
+        self.authenticator: security.RelayAuthenticator | None = None
+        self.handshakes: security.HandshakeWatch | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -129,6 +141,10 @@ class RelayServer:
         self.should_exit = True
 
     def startup(self) -> None:
+        try:
+            security.check_bind(self.config)
+        except security.BindRefused as exc:
+            raise SystemExit(str(exc))
         self.spool = Spool(self.config.spool_dir)
         if self.spool.recovery:
             log.error("%s; records that could not be read are lost", self.spool.recovery)
@@ -139,6 +155,8 @@ class RelayServer:
         self.socket.setsockopt(zmq.MAXMSGSIZE, self.config.max_frame_bytes * 2)
         self.socket.setsockopt(zmq.RCVHWM, 100000)
         self.socket.setsockopt(zmq.SNDHWM, 100000)
+        if self.config.curve_dir:
+            self.start_curve()
         try:
             self.socket.bind(self.config.bind)
         except zmq.ZMQError as exc:
@@ -147,24 +165,39 @@ class RelayServer:
         self.start_metrics()
         status = self.spool.status()
         waiting = sum(run["pending"] for run in status["runs"])
-        log.info("relay listening on %s, W&B mode %s, spool %s (%d records waiting), artifact roots: %s",
-                 self.config.bind, self.mode, self.spool.path, waiting,
+        log.info("relay listening on %s (%s), W&B mode %s, spool %s (%d records waiting), artifact roots: %s",
+                 self.config.bind, "CurveZMQ" if self.config.curve_dir else "no encryption", self.mode,
+                 self.spool.path, waiting,
                  ", ".join(self.config.artifact_roots) or "none (checkpoints will be refused)")
         self.scan_runs()
+
+    def start_curve(self) -> None:
+        try:
+            self.authenticator = security.secure(self.socket, self.context, self.config.curve_dir)
+        except CurveKeyError as exc:
+            raise SystemExit("cannot start CurveZMQ from --curve %s: %s" % (self.config.curve_dir, exc))
+        self.handshakes = security.HandshakeWatch(self.socket)
 
     def main_loop(self) -> None:
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
+        if self.handshakes is not None:
+            poller.register(self.handshakes.monitor, zmq.POLLIN)
         next_scan = time.monotonic() + SCAN_EVERY
         while not self.should_exit:
-            if poller.poll(100):
+            events = dict(poller.poll(100))
+            if self.socket in events:
                 self.handle_batch(self.receive_batch())
+            if self.handshakes is not None and self.handshakes.monitor in events:
+                self.handshakes.read()
             if time.monotonic() >= next_scan:
                 self.scan_runs()
                 next_scan = time.monotonic() + SCAN_EVERY
 
     def shutdown(self) -> bool:
         """Stop intake, let uploaders drain until the deadline, say what is left."""
+        if self.handshakes is not None:
+            self.handshakes.close(self.socket)
         self.socket.close(linger=0)  # clients keep what is unacked and re-send to the next relay
         deadline = time.monotonic() + self.config.drain_timeout
         uploaders = [u for u in self.uploaders.values() if u.alive()]
@@ -195,6 +228,8 @@ class RelayServer:
         if self.metrics is not None:
             self.metrics.close()
         self.spool.close()
+        if self.authenticator is not None:
+            self.authenticator.stop()
         self.context.term()
         return clean
 
@@ -298,6 +333,8 @@ class RelayServer:
     # -- uploaders ----------------------------------------------------------------------------
 
     def scan_runs(self) -> None:
+        if self.authenticator is not None:
+            self.authenticator.load_authorized()
         self.reap_uploaders()
         self.watch_spool_size()
         now = time.time()

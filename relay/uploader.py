@@ -38,7 +38,7 @@ from urllib.parse import urlparse
 import tenacity
 import wandb
 
-from relay.artifacts import RefusedPath, resolve_checkpoint
+from relay.artifacts import RefusedPath, open_checkpoint
 from relay.config import RelayConfig
 from relay.spool import Record, Spool
 
@@ -348,12 +348,15 @@ class RunUploader:
 
     def _log_checkpoint(self, body: dict) -> None:
         try:
-            real = resolve_checkpoint(body["path"], self.config.artifact_roots, self.config.max_artifact_bytes)
+            fd = open_checkpoint(body["path"], self.config.artifact_roots, self.config.max_artifact_bytes)
         except RefusedPath as exc:
             log.error("%s (run %s)", exc, self.run_id)
             return
         artifact = wandb.Artifact("model-%s" % self.run_id, type="model", metadata=body.get("metadata") or {})
-        artifact.add_file(real, name=os.path.basename(body["path"]))
+        try:  # add_file copies it now (policy "mutable"), from the file that was checked, not from its name
+            artifact.add_file("/proc/self/fd/%d" % fd, name=os.path.basename(body["path"]), policy="mutable")
+        finally:
+            os.close(fd)
         self._wb.log_artifact(artifact, aliases=body.get("aliases") or None)
         log.info("run %s: checkpoint %s logged as a model artifact", self.run_id, body["path"])
 

@@ -39,13 +39,14 @@ def relay_factory(tmp_path, short_dir):
     os.makedirs(home, exist_ok=True)
 
     def make(fake: "FakeWandb | None" = None, args: list[str] = (), spool_dir: str | None = None,
-             name: str = "relay", start: bool = True, env: dict | None = None) -> RelayProcess:
-        endpoint = "ipc://%s/%s.ipc" % (short_dir, name)
+             name: str = "relay", start: bool = True, env: dict | None = None, endpoint: str | None = None,
+             bind: str | None = None, client_keys: str | None = None, prefix: list[str] = ()) -> RelayProcess:
+        endpoint = endpoint or "ipc://%s/%s.ipc" % (short_dir, name)
         relay_env = wandb_env(fake, home)
         relay_env.update(FAST_RETRIES)
         relay_env.update(env or {})
         relay = RelayProcess(endpoint, spool_dir or str(tmp_path / "spool"), relay_env, list(args),
-                             str(tmp_path / ("%s.log" % name)))
+                             str(tmp_path / ("%s.log" % name)), bind=bind, client_keys=client_keys, prefix=prefix)
         started.append(relay)
         return relay.start() if start else relay
 
@@ -60,11 +61,12 @@ def relay_factory(tmp_path, short_dir):
 def trainer_factory(tmp_path):
     started: list[TrainerProcess] = []
 
-    def make(args: dict) -> TrainerProcess:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "RELAY_"))}
-        env["PYTHONPATH"] = ROOT
+    def make(args: dict, env: dict | None = None, prefix: list[str] = ()) -> TrainerProcess:
+        trainer_env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "RELAY_"))}
+        trainer_env["PYTHONPATH"] = ROOT
+        trainer_env.update(env or {})
         args.setdefault("spill_dir", str(tmp_path / "spill"))
-        trainer = TrainerProcess(args, env)
+        trainer = TrainerProcess(args, trainer_env, prefix)
         started.append(trainer)
         return trainer
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,6 +22,13 @@ FAST_RETRIES = {"RELAY_BACKOFF_MAX": "1", "RELAY_REQUEST_TIMEOUT": "5", "RELAY_C
                 "RELAY_INIT_TIMEOUT": "5"}
 
 
+def free_tcp_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now (the relay binds it a moment later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
 def wandb_env(fake: "FakeWandb | None", home: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "RELAY_"))}
     env.update({"WANDB_SILENT": "true", "HOME": home, "WANDB_CONFIG_DIR": os.path.join(home, ".config", "wandb"),
@@ -34,18 +42,22 @@ def wandb_env(fake: "FakeWandb | None", home: str) -> dict:
 class RelayProcess:
     """`relay serve` as a real subprocess; its log goes to a file the test can read afterwards."""
 
-    def __init__(self, endpoint: str, spool_dir: str, env: dict, args: list[str], log_path: str):
-        self.endpoint = endpoint
+    def __init__(self, endpoint: str, spool_dir: str, env: dict, args: list[str], log_path: str,
+                 bind: str | None = None, client_keys: str | None = None, prefix: list[str] = ()):
+        self.endpoint = endpoint          # where clients (and status requests) connect
+        self.bind = bind or endpoint      # what the relay listens on (e.g. tcp://0.0.0.0:PORT)
         self.spool_dir = spool_dir
         self.env = env
         self.args = args
         self.log_path = log_path
+        self.client_keys = client_keys    # for status requests to a relay started with --curve
+        self.prefix = list(prefix)        # e.g. ["ip", "netns", "exec", NAME]: run the relay in there
         self.proc: subprocess.Popen | None = None
 
     def start(self, wait: bool = True) -> "RelayProcess":
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "relay", "serve", "--bind", self.endpoint, "--spool-dir", self.spool_dir,
+            [*self.prefix, sys.executable, "-m", "relay", "serve", "--bind", self.bind, "--spool-dir", self.spool_dir,
              "--log-level", "DEBUG", *self.args], env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         log.close()
         if wait:
@@ -56,13 +68,13 @@ class RelayProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, "relay exited with %s:\n%s" % (self.proc.returncode, self.log())
-            status = query_status(self.endpoint, 1.0)  # waits on the socket, not a sleep
+            status = query_status(self.endpoint, 1.0, self.client_keys)  # waits on the socket, not a sleep
             if status:
                 return status
         raise AssertionError("relay did not answer within %.0f s:\n%s" % (timeout, self.log()))
 
     def status(self) -> dict:
-        status = query_status(self.endpoint, 10.0)
+        status = query_status(self.endpoint, 10.0, self.client_keys)
         assert status is not None, "relay did not answer a status request:\n" + self.log()
         return status
 
@@ -113,8 +125,8 @@ class RelayProcess:
 
 
 class TrainerProcess:
-    def __init__(self, args: dict, env: dict):
-        self.proc = subprocess.Popen([sys.executable, os.path.join(TESTS, "trainer.py"), json.dumps(args)],
+    def __init__(self, args: dict, env: dict, prefix: list[str] = ()):
+        self.proc = subprocess.Popen([*prefix, sys.executable, os.path.join(TESTS, "trainer.py"), json.dumps(args)],
                                      env=env, stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True, cwd=ROOT)
 
     def event(self, name: str, timeout: float = 120.0) -> dict:

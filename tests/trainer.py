@@ -18,7 +18,7 @@ from relay.client import RelayClient  # noqa: E402
 
 def main(args: dict) -> int:
     client = RelayClient(args["endpoint"], spill_dir=args.get("spill_dir"), max_pending=args.get("max_pending", 10000),
-                         heartbeat_every=args.get("heartbeat_every", 10.0))
+                         heartbeat_every=args.get("heartbeat_every", 10.0), keys=args.get("keys"))
     run = client.start_run(project=args.get("project", "relay-tests"), name=args.get("name"), run_id=args["run_id"],
                            group=args.get("group"), tags=args.get("tags"), notes=args.get("notes"),
                            config=args.get("config"))

@@ -57,7 +57,8 @@ def make_observer(cfg: train_config.TrainConfig, run_name: str):
     w = cfg.wandb
     return RelayAlgoObserver(project=w.project, name=w.name or run_name, entity=w.entity, group=w.group,
                              tags=list(w.tags), notes=w.notes, mode=w.mode, endpoint=cfg.relay.endpoint,
-                             spill_dir=cfg.relay.spill_dir, finish_timeout=cfg.relay.finish_timeout)
+                             spill_dir=cfg.relay.spill_dir, finish_timeout=cfg.relay.finish_timeout,
+                             keys=cfg.relay.keys)
 
 
 def rl_games_params(cfg: train_config.TrainConfig, args: argparse.Namespace) -> dict:
