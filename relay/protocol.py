@@ -72,14 +72,9 @@ class ProtocolError(ValueError):
 
 
 def encode(message: Dict[str, Any]) -> bytes:
-    """Pack a message. Values msgpack does not know (numpy scalars, 0-d tensors) go through
-    `to_scalar`; anything else unsupported raises TypeError naming the value, and an integer
-    msgpack cannot carry (beyond 64 bits) raises ValueError."""
-    try:
-        return msgpack.packb(message, use_bin_type=True, default=to_scalar)
-    except OverflowError:
-        raise ValueError("an integer in the %s message is outside the 64-bit range the wire carries"
-                         % message.get("t")) from None
+    """Pack a message. Values msgpack does not know (numpy scalars, 0-d tensors, integers beyond
+    64 bits) go through `to_scalar`; anything unsupported raises TypeError naming the value."""
+    return msgpack.packb(message, use_bin_type=True, default=to_scalar)
 
 
 def decode_raw(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Dict[str, Any]:
@@ -296,6 +291,8 @@ def to_scalar(value: Any) -> Any:
     Numpy scalars and 0-d torch tensors are converted with `.item()` (for CUDA tensors that is a
     device sync: batch them first, as relay.rl_games does). Anything else raises TypeError.
     """
+    if isinstance(value, int):  # msgpack hands over the integers it cannot carry
+        raise TypeError("integer metric value %d is outside the 64-bit range the wire carries" % value)
     item = getattr(value, "item", None)
     if item is not None and getattr(value, "ndim", 0) == 0:
         converted = item()
