@@ -14,8 +14,17 @@ import tempfile
 
 import msgpack
 import pytest
-from fuzzing import (FLOATS, INT64, fuzz_settings, hostile_values, mutated_frames, mutated_messages, pack, same,
-                     valid_messages)
+from fuzzing import (
+    FLOATS,
+    INT64,
+    fuzz_settings,
+    hostile_values,
+    mutated_frames,
+    mutated_messages,
+    pack,
+    same,
+    valid_messages,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
