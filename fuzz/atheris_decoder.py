@@ -8,8 +8,8 @@ msgpack and edit it as a structure (replace, drop or add a field anywhere, chang
 type), so that inputs get past the msgpack layer into the schema checks.
 
     .venv/bin/pip install atheris
-    nice -n 10 .venv/bin/python fuzz/atheris_decoder.py -max_total_time=480 -max_len=65536 \
-        -print_final_stats=1 /tmp/relay-corpus fuzz/corpus
+    nice -n 10 .venv/bin/python fuzz/atheris_decoder.py -max_total_time=480 -print_final_stats=1 \
+        /tmp/relay-corpus fuzz/corpus
 
 The seed corpus (fuzz/corpus/) holds one valid frame of each kind; `--write-seeds DIR` writes it.
 `--line-coverage DIR...` runs a corpus once and says which lines of the decoder it reached.
@@ -80,7 +80,7 @@ def TestOneInput(data: bytes) -> None:
 
 ODD_VALUES = [None, True, 0, -1, 1 << 31, 1 << 63, (1 << 64) - 1, -(1 << 63), math.nan, math.inf, -0.0, "",
               "\x00", "/\x00", "x" * 300, "a/b:c", b"bytes", msgpack.ExtType(1, b"e"), [], {}, [[[[[[[[[1]]]]]]]]],
-              {"k%d" % i: i for i in range(101)}, [[0] * 7000] * 3, [{"t": 1}], ["x" * 65]]
+              {"k%d" % i: i for i in range(101)}, [{"t": 1}], ["x" * 65]]
 
 
 def _mutate_structure(value, rng: random.Random, depth: int = 0):
