@@ -40,6 +40,11 @@ CHECKPOINT = os.path.join(ROOT, "artifacts", "model.pth")
 os.makedirs(os.path.dirname(CHECKPOINT))
 with open(CHECKPOINT, "wb") as handle:
     handle.write(b"weights")
+SECRET = os.path.join(ROOT, "secret.netrc")  # outside the artifact root, reachable by a symlink inside it
+with open(SECRET, "wb") as handle:
+    handle.write(b"machine api.wandb.ai password hunter2")
+os.symlink(SECRET, os.path.join(os.path.dirname(CHECKPOINT), "escape"))
+os.symlink(ROOT, os.path.join(os.path.dirname(CHECKPOINT), "up"))
 CONFIG = RelayConfig(spool_dir=os.path.join(ROOT, "spool"), artifact_roots=[os.path.dirname(CHECKPOINT)])
 
 
@@ -118,6 +123,19 @@ def test_nan_inf_and_negative_zero_are_kept_bit_for_bit(floats, ints):
             assert struct.pack("<d", decoded[name]) == struct.pack("<d", value), name
         else:
             assert decoded[name] == value
+
+
+@fuzz_settings(0.3)
+@given(st.lists(st.sampled_from(["model.pth", "escape", "up", "..", ".", "", "secret.netrc", "artifacts", "/",
+                                 "model.pth\x00", "model.pth\n"]) | st.text(max_size=12), max_size=5))
+def test_a_checkpoint_is_taken_only_if_it_resolves_to_a_regular_file_inside_a_root(parts):
+    path = os.path.join(os.path.dirname(CHECKPOINT), *parts) if parts else os.path.dirname(CHECKPOINT)
+    message, refusal = classify(pack({"v": 1, "t": "checkpoint", "stream": "s", "seq": 1, "run": "r",
+                                      "path": path}), CONFIG)
+    if refusal:
+        assert "refused" in refusal or refusal == "field 'path' contains a control character", refusal
+    else:
+        assert os.path.realpath(path) == os.path.realpath(CHECKPOINT)  # the one regular file in the root
 
 
 def test_whatever_classify_returns_the_spool_can_store(tmp_path):
