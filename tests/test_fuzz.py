@@ -130,8 +130,8 @@ def test_nan_inf_and_negative_zero_are_kept_bit_for_bit(floats, ints):
                                  "model.pth\x00", "model.pth\n"]) | st.text(max_size=12), max_size=5))
 def test_a_checkpoint_is_taken_only_if_it_resolves_to_a_regular_file_inside_a_root(parts):
     path = os.path.join(os.path.dirname(CHECKPOINT), *parts) if parts else os.path.dirname(CHECKPOINT)
-    message, refusal = classify(pack({"v": 1, "t": "checkpoint", "stream": "s", "seq": 1, "run": "r",
-                                      "path": path}), CONFIG)
+    _, refusal = classify(pack({"v": 1, "t": "checkpoint", "stream": "s", "seq": 1, "run": "r",
+                                "path": path}), CONFIG)
     if refusal:
         assert "refused" in refusal or refusal == "field 'path' contains a control character", refusal
     else:
