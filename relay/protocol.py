@@ -36,7 +36,7 @@ import msgpack
 
 VERSION = 1
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
-MAX_FRAME_BYTES = 1 << 20  # 1 MiB; the relay also sets ZMQ_MAXMSGSIZE a little above this
+MAX_FRAME_BYTES = 1 << 20  # 1 MiB; the relay sets ZMQ_MAXMSGSIZE to twice this (ZeroMQ drops bigger)
 
 # Structural limits: a frame within the size limit can still be hostile.
 MAX_KEYS = 10000          # entries of one map or array
