@@ -36,13 +36,24 @@ import msgpack
 
 VERSION = 1
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
-MAX_FRAME_BYTES = 1 << 20  # 1 MiB; the relay also sets ZMQ_MAXMSGSIZE a little above this
+MAX_FRAME_BYTES = 1 << 20  # 1 MiB; the relay sets ZMQ_MAXMSGSIZE to twice this (ZeroMQ drops bigger)
 
 # Structural limits: a frame within the size limit can still be hostile.
-MAX_KEYS = 10000
+MAX_KEYS = 10000          # entries of one map or array
+MAX_ITEMS = 20000         # map entries and array items of a whole message, all levels together
 MAX_KEY_LEN = 256
 MAX_STR_LEN = 65536
 MAX_DEPTH = 8
+INT_MIN, INT_MAX = -(1 << 63), (1 << 63) - 1   # SQLite and wandb-core hold signed 64-bit integers
+EXIT_CODE_MIN, EXIT_CODE_MAX = -(1 << 31), (1 << 31) - 1  # W&B's exit code is an int32
+
+# What W&B itself refuses (wandb 0.31's own checks): refused here, where the trainer is told why,
+# rather than in an uploader that would fail on the record for ever.
+MAX_PROJECT_LEN = 128
+PROJECT_FORBIDDEN = "/\\#?%:"
+MAX_TAG_LEN = 64
+ALIAS_FORBIDDEN = "/:"
+MAX_METADATA_KEYS = 100
 
 RECORD_KINDS = ("open", "log", "checkpoint", "summary", "finish")
 UNSPOOLED_KINDS = ("status", "heartbeat")
@@ -61,8 +72,8 @@ class ProtocolError(ValueError):
 
 
 def encode(message: Dict[str, Any]) -> bytes:
-    """Pack a message. Values msgpack does not know (numpy scalars, 0-d tensors) go through
-    `to_scalar`; anything else unsupported raises TypeError naming the value."""
+    """Pack a message. Values msgpack does not know (numpy scalars, 0-d tensors, integers beyond
+    64 bits) go through `to_scalar`; anything unsupported raises TypeError naming the value."""
     return msgpack.packb(message, use_bin_type=True, default=to_scalar)
 
 
@@ -76,6 +87,10 @@ def decode_raw(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Dict[str, Any]
             max_str_len=MAX_STR_LEN, max_bin_len=max_bytes,
             max_array_len=MAX_KEYS, max_map_len=MAX_KEYS,
         )
+    except msgpack.StackError:
+        raise ProtocolError("frame is not valid msgpack (nested deeper than the unpacker's stack)")
+    except msgpack.ExtraData:
+        raise ProtocolError("frame is not valid msgpack (bytes after the end of the first value)")
     except Exception as exc:  # msgpack raises a zoo of types for bad input
         raise ProtocolError("frame is not valid msgpack (%s: %s)" % (type(exc).__name__, exc))
     if not isinstance(message, dict):
@@ -88,8 +103,8 @@ def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Dict[str, Any]:
     message = decode_raw(frame, max_bytes)
     stream = message.get("stream")
     seq = message.get("seq")
-    stream = stream if isinstance(stream, str) and 0 < len(stream) <= MAX_KEY_LEN else None
-    seq = seq if isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0 else None
+    stream = stream if _valid_stream(stream) else None
+    seq = seq if _is_int(seq) and 0 <= seq <= INT_MAX else None
     try:
         validate(message)
     except ProtocolError as exc:
@@ -98,15 +113,17 @@ def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Dict[str, Any]:
 
 
 def validate(message: Dict[str, Any]) -> None:
-    if message.get("v") != VERSION:
-        raise ProtocolError("unsupported protocol version %r (this relay speaks %d)" % (message.get("v"), VERSION))
+    version = message.get("v")
+    if not _is_int(version) or version != VERSION:
+        raise ProtocolError("unsupported protocol version %s (this relay speaks %d)" % (_show(version), VERSION))
     kind = message.get("t")
-    if kind not in CLIENT_KINDS:
-        raise ProtocolError("unknown message kind %r" % (kind,))
+    if not isinstance(kind, str) or kind not in CLIENT_KINDS:
+        raise ProtocolError("unknown message kind %s" % _show(kind))
     _require(message, "stream", str)
-    if not 0 < len(message["stream"]) <= MAX_KEY_LEN:
-        raise ProtocolError("field 'stream' must be 1..%d characters" % MAX_KEY_LEN)
+    if not _valid_stream(message["stream"]):
+        raise ProtocolError("field 'stream' must be 1..%d printable characters" % MAX_KEY_LEN)
     _require(message, "seq", int)
+    _check_value(message, "message", 0, [MAX_ITEMS])
     if kind == "status":
         return
     if kind == "heartbeat":
@@ -119,8 +136,8 @@ def validate(message: Dict[str, Any]) -> None:
         raise ProtocolError("field 'seq' must be >= 1")
     _require(message, "run", str)
     if not valid_run_id(message["run"]):
-        raise ProtocolError("run id %r must be 1..64 characters of letters, digits, '-' or '_'" % message["run"])
-    _check_value(message, "message", 0)
+        raise ProtocolError("run id %s must be 1..64 characters of letters, digits, '-' or '_'"
+                            % _show(message["run"]))
     if kind == "open":
         _require(message, "settings", dict)
         validate_settings(message["settings"])
@@ -136,16 +153,25 @@ def validate(message: Dict[str, Any]) -> None:
         _require(message, "path", str)
         if not message["path"]:
             raise ProtocolError("field 'path' is empty")
+        if not message["path"].isprintable():
+            raise ProtocolError("field 'path' contains a control character")
         if message.get("metadata") is not None:
             _require(message, "metadata", dict)
+            _check_metadata(message["metadata"])
         aliases = message.get("aliases") or []
         if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
             raise ProtocolError("field 'aliases' must be a list of non-empty strings")
+        for alias in aliases:
+            if any(c in alias for c in ALIAS_FORBIDDEN):
+                raise ProtocolError("alias %s contains %s (W&B forbids '/' and ':' in aliases)"
+                                    % (_show(alias), " or ".join(repr(c) for c in ALIAS_FORBIDDEN if c in alias)))
     elif kind == "summary":
         _require(message, "values", dict)
         _check_scalars(message["values"], "values")
     elif kind == "finish":
         _require(message, "exit_code", int)
+        if not EXIT_CODE_MIN <= message["exit_code"] <= EXIT_CODE_MAX:
+            raise ProtocolError("field 'exit_code' %d is outside the 32-bit range W&B stores" % message["exit_code"])
 
 
 SETTINGS_FIELDS = {
@@ -161,16 +187,41 @@ def validate_settings(settings: Dict[str, Any]) -> None:
         if value is not None and not isinstance(value, SETTINGS_FIELDS[key]):
             raise ProtocolError("run setting %r must be %s, got %s"
                                 % (key, SETTINGS_FIELDS[key].__name__, type(value).__name__))
-    if not settings.get("project"):
+    project = settings.get("project")
+    if not project:
         raise ProtocolError("run setting 'project' is required")
-    if not all(isinstance(tag, str) for tag in settings.get("tags") or []):
-        raise ProtocolError("run setting 'tags' must be a list of strings")
+    if len(project) > MAX_PROJECT_LEN:
+        raise ProtocolError("run setting 'project' is %d characters; W&B allows at most %d"
+                            % (len(project), MAX_PROJECT_LEN))
+    bad = sorted(set(PROJECT_FORBIDDEN) & set(project))
+    if bad:
+        raise ProtocolError("run setting 'project' %s contains %s, which W&B forbids in project names"
+                            % (_show(project), ", ".join(repr(c) for c in bad)))
+    for tag in settings.get("tags") or []:
+        if not isinstance(tag, str):
+            raise ProtocolError("run setting 'tags' must be a list of strings, got a %s" % type(tag).__name__)
+        if not 0 < len(tag) <= MAX_TAG_LEN:
+            raise ProtocolError("tag %s is %d characters; W&B tags are 1..%d" % (_show(tag), len(tag), MAX_TAG_LEN))
     if settings.get("mode") is not None and settings["mode"] not in WANDB_MODES:
         raise ProtocolError("run setting 'mode' must be one of %s" % ", ".join(WANDB_MODES))
 
 
 def valid_run_id(run_id: str) -> bool:
     return 0 < len(run_id) <= 64 and all(c.isascii() and (c.isalnum() or c in "-_") for c in run_id)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _valid_stream(stream: Any) -> bool:
+    return isinstance(stream, str) and 0 < len(stream) <= MAX_KEY_LEN and stream.isprintable()
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    """repr() of a client-sent value for an error message: control characters escaped, cut short."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "...(%d characters)" % len(text)
 
 
 def _require(message: Dict[str, Any], field: str, kind: type) -> None:
@@ -182,23 +233,56 @@ def _require(message: Dict[str, Any], field: str, kind: type) -> None:
 def _check_scalars(values: Dict[str, Any], where: str) -> None:
     for key, value in values.items():
         if not isinstance(value, (int, float, str, bool)):
-            raise ProtocolError("%s[%r] must be int, float, bool or str, got %s" % (where, key, type(value).__name__))
+            raise ProtocolError("%s[%s] must be int, float, bool or str, got %s"
+                                % (where, _show(key), type(value).__name__))
 
 
-def _check_value(value: Any, where: str, depth: int) -> None:
-    """Limits on nesting, key length and string length for any value in a message."""
+def _check_metadata(metadata: Dict[str, Any]) -> None:
+    """W&B artifact metadata: JSON without infinities, at most MAX_METADATA_KEYS keys."""
+    if len(metadata) > MAX_METADATA_KEYS:
+        raise ProtocolError("checkpoint metadata has %d keys; W&B allows at most %d"
+                            % (len(metadata), MAX_METADATA_KEYS))
+    pending = list(metadata.items())
+    while pending:
+        key, value = pending.pop()
+        if isinstance(value, float) and value in (float("inf"), float("-inf")):
+            raise ProtocolError("checkpoint metadata %s is %r; W&B artifact metadata cannot hold infinities"
+                                % (_show(key), value))
+        if isinstance(value, dict):
+            pending.extend(value.items())
+        elif isinstance(value, list):
+            pending.extend((key, item) for item in value)
+
+
+def _check_value(value: Any, where: str, depth: int, budget: list) -> None:
+    """Limits for any value in a message: types (msgpack's nil, bool, int, float, str, array and
+    map; no bin or ext), nesting, map and array entries in all, key, string and integer sizes.
+    `budget` is [entries left] for the whole message."""
     if depth > MAX_DEPTH:
         raise ProtocolError("%s is nested deeper than %d levels" % (where, MAX_DEPTH))
+    if isinstance(value, (dict, list)):
+        budget[0] -= len(value)
+        if budget[0] < 0:
+            raise ProtocolError("message has more than %d map entries and array items in all (at %s)"
+                                % (MAX_ITEMS, where))
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str) or not 0 < len(key) <= MAX_KEY_LEN:
-                raise ProtocolError("%s has a key that is not a 1..%d character string" % (where, MAX_KEY_LEN))
-            _check_value(item, "%s.%s" % (where, key), depth + 1)
+                raise ProtocolError("%s has a key that is not a 1..%d character string: %s"
+                                    % (where, MAX_KEY_LEN, _show(key)))
+            _check_value(item, "%s.%s" % (where, key if key.isprintable() else repr(key)), depth + 1, budget)
     elif isinstance(value, list):
         for index, item in enumerate(value):
-            _check_value(item, "%s[%d]" % (where, index), depth + 1)
-    elif isinstance(value, (str, bytes)) and len(value) > MAX_STR_LEN:
-        raise ProtocolError("%s is longer than %d" % (where, MAX_STR_LEN))
+            _check_value(item, "%s[%d]" % (where, index), depth + 1, budget)
+    elif isinstance(value, str):
+        if len(value) > MAX_STR_LEN:
+            raise ProtocolError("%s is a string of %d characters, over the %d limit" % (where, len(value), MAX_STR_LEN))
+    elif _is_int(value):
+        if not INT_MIN <= value <= INT_MAX:
+            raise ProtocolError("%s is an integer outside the signed 64-bit range" % where)
+    elif value is not None and not isinstance(value, (bool, float)):
+        raise ProtocolError("%s is a msgpack %s; only nil, bool, int, float, str, arrays and maps are accepted"
+                            % (where, "bin" if isinstance(value, bytes) else "ext (%s)" % type(value).__name__))
 
 
 def to_scalar(value: Any) -> Any:
@@ -207,6 +291,8 @@ def to_scalar(value: Any) -> Any:
     Numpy scalars and 0-d torch tensors are converted with `.item()` (for CUDA tensors that is a
     device sync: batch them first, as relay.rl_games does). Anything else raises TypeError.
     """
+    if isinstance(value, int):  # msgpack hands over the integers it cannot carry
+        raise TypeError("integer metric value %d is outside the 64-bit range the wire carries" % value)
     item = getattr(value, "item", None)
     if item is not None and getattr(value, "ndim", 0) == 0:
         converted = item()

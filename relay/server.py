@@ -35,6 +35,7 @@ log = logging.getLogger("relay.server")
 
 SCAN_EVERY = 1.0  # seconds between looks at the spool for runs that need an uploader
 RESTART_BACKOFF_MAX = 60.0  # longest wait before restarting an uploader that failed
+BATCH_BYTES_FRAMES = 8  # one batch reads at most this many max_frame_bytes of frames
 
 
 @dataclass
@@ -236,17 +237,29 @@ class RelayServer:
     # -- intake -------------------------------------------------------------------------------
 
     def receive_batch(self) -> list[tuple[bytes, bytes]]:
+        """Up to batch_max messages, and at most BATCH_BYTES_FRAMES frames' worth of bytes, so that
+        a burst of large frames does not pile up in memory. A message of several frames is answered
+        with an error; its extra frames are read one by one and let go."""
         batch = []
-        for _ in range(self.config.batch_max):
+        budget = self.config.max_frame_bytes * BATCH_BYTES_FRAMES
+        while len(batch) < self.config.batch_max and budget > 0:
             try:
-                parts = self.socket.recv_multipart(zmq.NOBLOCK, copy=True)
+                identity = self.socket.recv(zmq.NOBLOCK)
             except zmq.Again:
                 break
-            if len(parts) != 2:
-                self.counters["malformed"] += 1
-                log.warning("dropped a message of %d frames from %s (expected one)", len(parts) - 1, parts[0].hex())
+            frames = 0
+            frame = b""
+            while self.socket.getsockopt(zmq.RCVMORE):
+                part = self.socket.recv()  # the rest of a message is already here: never blocks
+                frames += 1
+                if frames == 1:
+                    frame = part
+            if frames != 1:
+                self.refuse(identity, protocol.ProtocolError(
+                    "message of %d frames refused: send each message as exactly one frame" % frames))
                 continue
-            batch.append((parts[0], parts[1]))
+            budget -= len(frame)
+            batch.append((identity, frame))
         return batch
 
     def handle_batch(self, batch: list[tuple[bytes, bytes]]) -> None:
