@@ -207,7 +207,7 @@ def test_compose_spool_is_a_named_volume_and_keys_are_read_only(compose, relay_s
     assert config.spool_dir in mounts, "no volume mounted at the spool dir %s" % config.spool_dir
     source, _ = mounts[config.spool_dir]
     assert source in (compose.get("volumes") or {}), "the spool must be a named volume, not %r" % source
-    curve = serve_params(compose_argv(relay_service)[1:]).get("curve")
+    curve = serve_params(compose_argv(relay_service)[1:]).get("curve_dir")
     assert curve in mounts and mounts[curve][1] == ["ro"], "the keys dir %s must be mounted read-only" % curve
     for root in config.artifact_roots:
         assert root in mounts and mounts[root][1] == ["ro"], "artifact root %s must be mounted read-only" % root
