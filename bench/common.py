@@ -31,10 +31,11 @@ def metrics_row(rng: random.Random, count: int = 40) -> dict:
     return {"group%d/metric%02d" % (i % 4, i): rng.random() for i in range(count)}
 
 
-def bench_env(extra: dict | None = None) -> dict:
-    """The environment for a relay (and its uploaders) under benchmark: no W&B account, quiet."""
+def bench_env(extra: dict | None = None, code: str = ROOT) -> dict:
+    """The environment for a relay (and its uploaders) under benchmark: no W&B account, quiet.
+    `code`: the directory whose `relay` package runs (another checkout, for before/after)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "RELAY_"))}
-    env.update({"WANDB_SILENT": "true", "PYTHONPATH": ROOT})
+    env.update({"WANDB_SILENT": "true", "PYTHONPATH": code})
     env.update(extra or {})
     return env
 
@@ -66,13 +67,13 @@ class Relay:
     """`relay serve` as a subprocess on a free TCP port, for one measurement."""
 
     def __init__(self, spool_dir: str, mode: str = "offline", env: dict | None = None, args: list[str] = (),
-                 log_path: str | None = None):
+                 log_path: str | None = None, code: str = ROOT):
         self.endpoint = free_endpoint()
         self.spool_dir = spool_dir
         out = open(log_path, "ab") if log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "relay", "serve", "--bind", self.endpoint, "--spool-dir", spool_dir,
-             "--mode", mode, "--log-level", "WARNING", *args], env=env or bench_env(), cwd=ROOT,
+             "--mode", mode, "--log-level", "WARNING", *args], env=env or bench_env(code=code), cwd=code,
             stdout=out, stderr=subprocess.STDOUT if log_path else None)
         if log_path:
             out.close()

@@ -17,6 +17,7 @@ same rows into an offline run, then `finish()`.
     python bench/throughput.py                 # 100,000 messages per ingest case, 100,000 rows per upload case
     python bench/throughput.py --quick         # 20,000 / 20,000
     python bench/throughput.py --quick --dry-run   # tiny sizes, 1 and 2 clients/runs: checks it still works
+    python bench/throughput.py --compare /tmp/old  # each relay case also with the `relay` of /tmp/old
 
 The last line is a JSON summary. Targets (issue 6): ingest >= 20,000 acked messages/s; upload
 >= 5,000 rows/s of 40 metrics across 16 runs (>= 70 % of the SDK's ceiling).
@@ -181,9 +182,9 @@ def start_workers(kind: str, jobs: list[dict]) -> list[dict]:
 
 # -- ingest -------------------------------------------------------------------------------------
 
-def measure_ingest(kind: str, clients: int, messages: int, workdir: str) -> dict:
+def measure_ingest(kind: str, clients: int, messages: int, workdir: str, code: str = ROOT) -> dict:
     spool = os.path.join(workdir, "ingest-%s-%d" % (kind, clients))
-    relay = Relay(os.path.join(spool, "spool"), mode="offline")
+    relay = Relay(os.path.join(spool, "spool"), mode="offline", code=code)
     try:
         relay.wait_ready()
         each = max(1, messages // clients)
@@ -231,11 +232,11 @@ def fill_spool(spool_dir: str, runs: list[str], rows_per_run: int, seed: int = 0
     return len(runs) * rows_per_run
 
 
-def measure_upload(runs: int, total_rows: int, workdir: str) -> dict:
-    spool = os.path.join(workdir, "upload-%d" % runs, "spool")
+def measure_upload(runs: int, total_rows: int, workdir: str, code: str = ROOT) -> dict:
+    spool = os.path.join(workdir, "upload-%d-%d" % (runs, len(os.listdir(workdir))), "spool")
     run_ids = ["up%02d" % i for i in range(runs)]
     rows = fill_spool(spool, run_ids, max(1, total_rows // runs))
-    relay = Relay(spool, mode="offline", log_path=os.path.join(workdir, "upload-%d.log" % runs))
+    relay = Relay(spool, mode="offline", code=code)
     samples = []  # (seconds since ready, rows handed to the SDK)
     peak_rss = 0
     try:
@@ -250,7 +251,7 @@ def measure_upload(runs: int, total_rows: int, workdir: str) -> dict:
                 break
             if now > 900:
                 raise TimeoutError("upload of %d rows over %d runs not done after 900 s" % (rows, runs))
-            time.sleep(0.2)
+            time.sleep(0.5)
         seconds = time.monotonic() - ready
     finally:
         relay.stop()
@@ -280,6 +281,9 @@ def main() -> int:
     parser.add_argument("--runs", default="1,16,64")
     parser.add_argument("--kinds", default="raw,client")
     parser.add_argument("--only", choices=("ingest", "upload"))
+    parser.add_argument("--compare", metavar="DIR",
+                        help="also run every relay case with the relay package of DIR (e.g. an export of the "
+                             "previous commit), alternating with this one: before/after side by side")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
     if args.worker:
@@ -290,32 +294,39 @@ def main() -> int:
     if args.dry_run:
         args.messages, args.rows, args.clients, args.runs = 200, 100, "1,2", "1,2"
     workdir = tempfile.mkdtemp(prefix="relay-throughput-")
+    codes = [("this", ROOT)] + ([("compare", os.path.abspath(args.compare))] if args.compare else [])
     summary: dict = {"ingest": [], "upload": []}
+    if args.compare:
+        summary["compare"] = os.path.abspath(args.compare)
     try:
         if args.only in (None, "ingest"):
-            print("%-7s %8s %10s %9s %14s %10s" % ("client", "clients", "acked", "seconds", "messages/s", "relay RSS"))
+            print("%-8s %-7s %8s %10s %9s %14s %10s" % ("relay", "client", "clients", "acked", "seconds",
+                                                      "messages/s", "relay RSS"))
             for kind in args.kinds.split(","):
                 for clients in [int(n) for n in args.clients.split(",")]:
-                    result = measure_ingest(kind, clients, args.messages, workdir)
-                    summary["ingest"].append(result)
-                    print("%-7s %8d %10d %9.2f %14d %8.0f MiB%s" % (
-                        kind, clients, result["acked"], result["seconds"], result["messages_per_s"],
-                        result["relay_rss_mib"], "" if result["all_delivered"] else "  NOT ALL DELIVERED"),
-                        flush=True)
+                    for name, code in codes:
+                        result = dict(measure_ingest(kind, clients, args.messages, workdir, code), relay=name)
+                        summary["ingest"].append(result)
+                        print("%-8s %-7s %8d %10d %9.2f %14d %8.0f MiB%s" % (
+                            name, kind, clients, result["acked"], result["seconds"], result["messages_per_s"],
+                            result["relay_rss_mib"], "" if result["all_delivered"] else "  NOT ALL DELIVERED"),
+                            flush=True)
         if args.only in (None, "upload"):
             sdk = measure_sdk(args.rows, workdir)
             summary["sdk_ceiling"] = sdk
             print("wandb SDK alone, one process: %d rows/s (%.1f s run.log + %.1f s finish)"
                   % (sdk["rows_per_s"], sdk["log_s"], sdk["finish_s"]), flush=True)
-            print("%5s %8s %9s %9s %16s %10s" % ("runs", "rows", "seconds", "rows/s", "rows/s 10-90%", "RSS"))
+            print("%-8s %5s %8s %9s %9s %14s %10s" % ("relay", "runs", "rows", "seconds", "rows/s", "rows/s 10-90%",
+                                                    "peak RSS"))
             for runs in [int(n) for n in args.runs.split(",")]:
-                result = measure_upload(runs, args.rows, workdir)
-                result["of_sdk_ceiling"] = round(result["rows_per_s"] / sdk["rows_per_s"], 2)
-                summary["upload"].append(result)
-                print("%5d %8d %9.2f %9d %16s %7d MiB  (%.0f%% of the SDK alone)" % (
-                    runs, result["rows"], result["seconds"], result["rows_per_s"],
-                    result["rows_per_s_10_to_90pct"], result["peak_rss_mib_with_uploaders"],
-                    100 * result["of_sdk_ceiling"]), flush=True)
+                for name, code in codes:
+                    result = dict(measure_upload(runs, args.rows, workdir, code), relay=name)
+                    result["of_sdk_ceiling"] = round(result["rows_per_s"] / sdk["rows_per_s"], 2)
+                    summary["upload"].append(result)
+                    print("%-8s %5d %8d %9.2f %9d %14s %7d MiB  (%.0f%% of the SDK alone)" % (
+                        name, runs, result["rows"], result["seconds"], result["rows_per_s"],
+                        result["rows_per_s_10_to_90pct"], result["peak_rss_mib_with_uploaders"],
+                        100 * result["of_sdk_ceiling"]), flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(json.dumps(summary))

@@ -8,13 +8,13 @@ uploads it.
 """
 from __future__ import annotations
 
-import ctypes
-import fcntl
 import logging
+import multiprocessing
+import multiprocessing.context
+import multiprocessing.forkserver
+import multiprocessing.process
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -23,6 +23,7 @@ from typing import Any
 import zmq
 
 from relay import protocol
+from relay import uploader as uploader_module
 from relay.artifacts import RefusedPath, resolve_checkpoint
 from relay.config import RelayConfig
 from relay.spool import Spool, SpoolError
@@ -36,19 +37,36 @@ RESTART_BACKOFF_MAX = 60.0  # longest wait before restarting an uploader that fa
 
 @dataclass
 class Uploader:
-    """The server's handle on one uploader process."""
+    """The server's handle on one uploader process (forked by the uploader fork server)."""
     run_id: str
-    proc: subprocess.Popen
+    process: multiprocessing.process.BaseProcess
+    wake_fd: int          # write end of the uploader's wake pipe; closing it tells the uploader we are gone
     failures: int = 0
 
     def wake(self) -> None:
         try:
-            os.write(self.proc.stdin.fileno(), b"w")
-        except (BlockingIOError, BrokenPipeError, ValueError):
+            os.write(self.wake_fd, b"w")
+        except OSError:
             pass  # already awake with bytes to read, or exiting: the next scan sees it
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        return self.process.is_alive()
+
+    def release(self) -> None:
+        """After the process ended: close our end of its pipes."""
+        os.close(self.wake_fd)
+        self.process.close()
+
+
+def uploader_context() -> multiprocessing.context.BaseContext:
+    """Uploaders are forked from a fork server that imported relay.uploader (and so wandb) once.
+
+    Each run still gets a process of its own (see relay/uploader.py for why), but it starts as a
+    fork of an interpreter that already holds the wandb SDK: starting one costs a fork, not the
+    half second of CPU that importing wandb takes, and the imported code's pages are shared."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["relay.uploader"])
+    return context
 
 
 def classify(frame: bytes, config: RelayConfig) -> tuple[dict, str]:
@@ -72,16 +90,6 @@ def classify(frame: bytes, config: RelayConfig) -> tuple[dict, str]:
     return message, ""
 
 
-def _die_with_parent() -> None:
-    """In the uploader child: be killed when the relay dies, so a SIGKILLed relay leaves no uploader
-    behind (a restarted relay starts new ones that resume from the spool)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux); elsewhere stdin EOF does the job
-    except (OSError, AttributeError):
-        pass
-
-
 class RelayServer:
     def __init__(self, config: RelayConfig):
         self.config = config
@@ -98,6 +106,7 @@ class RelayServer:
         self.spool: Spool | None = None
         self.socket: zmq.Socket | None = None
         self.context: zmq.Context | None = None
+        self.uploader_context = uploader_context()
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -143,6 +152,7 @@ class RelayServer:
         log.info("relay listening on %s, W&B mode %s, spool %s (%d records waiting), artifact roots: %s",
                  self.config.bind, self.mode, self.spool.path, waiting,
                  ", ".join(self.config.artifact_roots) or "none (checkpoints will be refused)")
+        multiprocessing.forkserver.ensure_running()  # wandb is imported there now, not when the first run comes
         self.scan_runs()
 
     def main_loop(self) -> None:
@@ -163,18 +173,15 @@ class RelayServer:
         uploaders = [u for u in self.uploaders.values() if u.alive()]
         log.info("relay stopping: draining %d runs for at most %.0f s", len(uploaders), self.config.drain_timeout)
         for uploader in uploaders:
-            uploader.proc.send_signal(signal.SIGTERM)
+            uploader.process.terminate()  # SIGTERM: upload what is spooled, close the W&B run
         for uploader in uploaders:
             while uploader.alive() and not self.force_exit and time.monotonic() < deadline:
-                try:
-                    uploader.proc.wait(0.1)
-                except subprocess.TimeoutExpired:
-                    pass
+                uploader.process.join(0.1)
         clean = not any(uploader.alive() for uploader in uploaders)
         for uploader in uploaders:
             if uploader.alive():
-                uploader.proc.kill()  # its records are in the spool; the next start resumes the run
-                uploader.proc.wait()
+                uploader.process.kill()  # its records are in the spool; the next start resumes the run
+                uploader.process.join()
         status = self.spool.status()
         left = sum(run["pending"] for run in status["runs"])
         log.info("relay stopped: received=%d acked=%d duplicates=%d refused=%d malformed=%d left_in_spool=%d%s",
@@ -310,19 +317,26 @@ class RelayServer:
         not_before, failures = self.restart_after.get(run_id, (0.0, 0))
         if self.should_exit or time.monotonic() < not_before:
             return
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "relay.uploader", run_id, self.mode, self.config.model_dump_json()],
-            stdin=subprocess.PIPE, close_fds=True, preexec_fn=_die_with_parent)
-        fcntl.fcntl(proc.stdin.fileno(), fcntl.F_SETFL, os.O_NONBLOCK)
-        self.uploaders[run_id] = Uploader(run_id, proc, failures)
+        wake_reader, wake_writer = self.uploader_context.Pipe(duplex=False)
+        process = self.uploader_context.Process(
+            target=uploader_module.child_main, name="relay-uploader-" + run_id,
+            args=(run_id, self.mode, self.config.model_dump_json(), wake_reader))
+        try:
+            process.start()
+        finally:
+            wake_reader.close()  # the child has its own copy; the write end stays with us only
+        wake_fd = os.dup(wake_writer.fileno())
+        wake_writer.close()
+        os.set_blocking(wake_fd, False)
+        self.uploaders[run_id] = Uploader(run_id, process, wake_fd, failures)
 
     def reap_uploaders(self) -> None:
         for run_id, uploader in list(self.uploaders.items()):
-            code = uploader.proc.poll()
+            code = uploader.process.exitcode
             if code is None:
                 continue
             del self.uploaders[run_id]
-            uploader.proc.stdin.close()
+            uploader.release()
             if code == 0:
                 self.restart_after.pop(run_id, None)
                 continue

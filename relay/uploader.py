@@ -5,8 +5,10 @@ wandb 0.31 a timed-out `wandb.init` leaves its run id registered in wandb-core (
 use") until the whole service is torn down, and a dead wandb-core breaks every run of the process.
 A process per run keeps each run's failures its own; the server restarts a failed uploader, which
 resumes the W&B run by id (nothing is lost or doubled: see spool.py). One uploader per run is
-enforced by an flock on `<spool>/locks/<run>.lock`. The server wakes an uploader by writing a
-byte to its stdin; end of file there means the server is gone, and the uploader exits at once.
+enforced by an flock on `<spool>/locks/<run>.lock`. The processes are forked from a fork server
+that imported this module (and wandb) once, so starting one costs a fork, not an import of wandb.
+The server wakes an uploader by writing a byte to its wake pipe; end of file there means the
+server is gone, and the uploader exits at once.
 
 The uploader owns W&B's step: every row it logs gets the next value of a per-run counter, and
 the (record, step) pairing is committed to the spool before the row goes to the SDK (see the
@@ -21,6 +23,7 @@ the records wait in the spool; the relay keeps accepting from trainers meanwhile
 from __future__ import annotations
 
 import base64
+import ctypes
 import fcntl
 import json
 import logging
@@ -389,8 +392,26 @@ def _lock(spool_dir: str, run_id: str) -> int | None:
     return fd
 
 
-def main(argv: list[str]) -> int:
-    """`python -m relay.uploader RUN_ID MODE CONFIG_JSON`, started by the server, stdin = wake pipe."""
+def _die_with_parent() -> None:
+    """Be killed when our parent dies, so a SIGKILLed relay leaves no uploader behind (a restarted
+    relay starts new ones that resume from the spool). The parent is the relay's uploader fork
+    server, which exits when the relay does; the wake pipe's end of file says the same."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux); elsewhere the wake pipe's EOF does the job
+    except (OSError, AttributeError):
+        pass
+
+
+def child_main(run_id: str, mode: str, config_json: str, wake: Any) -> None:
+    """Entry point of an uploader forked by the relay's fork server (relay.server.uploader_context):
+    `wake` is the read end of the wake pipe (a multiprocessing Connection, read as a plain fd)."""
+    _die_with_parent()
+    main([run_id, mode, config_json], wake_fd=wake.fileno())
+
+
+def main(argv: list[str], wake_fd: int | None = None) -> int:
+    """`python -m relay.uploader RUN_ID MODE CONFIG_JSON`: the wake pipe is stdin (or `wake_fd`)."""
     run_id, mode, config_json = argv
     config = RelayConfig.model_validate_json(config_json)
     logging.basicConfig(level=getattr(logging, config.log_level), stream=sys.stderr,
@@ -400,7 +421,7 @@ def main(argv: list[str]) -> int:
         log.info("another uploader already serves run %s; exiting", run_id)
         return 0
     os.environ.setdefault("WANDB_SILENT", "true")
-    uploader = RunUploader(run_id, config, mode, wake_fd=sys.stdin.fileno())
+    uploader = RunUploader(run_id, config, mode, wake_fd=sys.stdin.fileno() if wake_fd is None else wake_fd)
 
     def on_term(signum: int, frame: Any) -> None:
         (uploader.stop if uploader.drain.is_set() else uploader.drain).set()
