@@ -4,6 +4,7 @@ Not a test helper: the benchmarks import it by path (`bench/` is put on sys.path
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -19,7 +20,8 @@ if ROOT not in sys.path:
 from relay.cli import query_status  # noqa: E402
 from relay.demo import free_endpoint  # noqa: E402
 
-__all__ = ["ROOT", "Relay", "rss_kib", "children", "metrics_row", "percentile", "bench_env", "free_endpoint"]
+__all__ = ["ROOT", "Relay", "bench_env", "descendants", "free_endpoint", "metrics_row", "percentile", "ready_wait",
+           "rss_kib", "run_workers"]
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -49,17 +51,22 @@ def rss_kib(pid: int) -> int:
         return 0
 
 
-def children(pid: int) -> list[int]:
-    """Direct children of a process (the relay's uploader processes)."""
-    found = []
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`: the relay's uploader fork server, its uploaders, their wandb-core."""
+    parents: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open("/proc/%s/stat" % entry) as handle:
-                    if int(handle.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        found.append(int(entry))
+                    parent = int(handle.read().rsplit(")", 1)[1].split()[1])
             except (OSError, ValueError, IndexError):
-                pass
+                continue
+            parents.setdefault(parent, []).append(int(entry))
+    found, todo = [], list(parents.get(pid, []))
+    while todo:
+        child = todo.pop()
+        found.append(child)
+        todo.extend(parents.get(child, []))
     return found
 
 
@@ -107,3 +114,36 @@ class Relay:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+def ready_wait() -> None:
+    """In a worker process: say we are ready, wait for the go (so that all workers start together)."""
+    print(json.dumps({"ready": True}), flush=True)
+    sys.stdin.readline()
+
+
+def run_workers(script: str, kind: str, jobs: list[dict], env: dict | None = None) -> list[dict]:
+    """Start `script --worker KIND JOB` once per job, wait until every one is ready, let them all go
+    at once, and return each one's last stdout line (JSON)."""
+    procs = [subprocess.Popen([sys.executable, script, "--worker", kind, json.dumps(job)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=env or bench_env(), cwd=ROOT)
+             for job in jobs]
+    try:
+        for proc in procs:
+            if not proc.stdout.readline():
+                raise RuntimeError("a %s worker died before it was ready (exit %s)" % (kind, proc.wait()))
+        for proc in procs:
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        results = []
+        for proc in procs:
+            out, _ = proc.communicate(timeout=900)
+            if proc.returncode != 0:
+                raise RuntimeError("a %s worker failed with exit code %d" % (kind, proc.returncode))
+            results.append(json.loads(out.strip().splitlines()[-1]))
+        return results
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

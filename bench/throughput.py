@@ -29,7 +29,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +36,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from common import ROOT, Relay, bench_env, children, metrics_row, rss_kib  # noqa: E402
+from common import ROOT, Relay, descendants, metrics_row, ready_wait, rss_kib, run_workers  # noqa: E402
 
 from relay import protocol  # noqa: E402
 
@@ -57,7 +56,7 @@ def worker_client(args: dict) -> dict:
     client.submit({"t": "open", "run": INGEST_RUN, "settings": {"project": "bench", "mode": "disabled"}})
     run_log = _run(client)
     client.flush(30.0)
-    _ready_wait()
+    ready_wait()
     started = time.monotonic()
     for i in range(args["messages"]):
         run_log(rows[i % 100], frame=i, epoch=i)
@@ -119,7 +118,7 @@ def worker_raw(args: dict) -> dict:
                 sent = acked  # lost in a full queue: send again from the first unacked (the relay dedupes)
 
     pump(1, time.monotonic() + 30)
-    _ready_wait()
+    ready_wait()
     started = time.monotonic()
     pump(len(frames), time.monotonic() + 120)
     ended = time.monotonic()
@@ -138,7 +137,7 @@ def worker_sdk(args: dict) -> dict:
     run = wandb.init(project="bench", mode="offline", dir=args["dir"], id="sdk-ceiling",
                      settings=wandb.Settings(console="off", x_disable_stats=True, disable_git=True, silent=True,
                                              x_disable_machine_info=True, save_code=False))
-    _ready_wait()
+    ready_wait()
     started = time.monotonic()
     for i in range(args["rows"]):
         row = dict(rows[i % 100])
@@ -151,33 +150,11 @@ def worker_sdk(args: dict) -> dict:
     return {"started": started, "logged": logged, "ended": ended}
 
 
-def _ready_wait() -> None:
-    print(json.dumps({"ready": True}), flush=True)
-    sys.stdin.readline()
-
-
 WORKERS = {"client": worker_client, "raw": worker_raw, "sdk": worker_sdk}
 
 
 def start_workers(kind: str, jobs: list[dict]) -> list[dict]:
-    """Start one process per job, wait until all are ready, let them go together, collect results."""
-    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", kind, json.dumps(job)],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=bench_env(), cwd=ROOT)
-             for job in jobs]
-    for proc in procs:
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError("a %s worker died before it was ready (exit %s)" % (kind, proc.wait()))
-    for proc in procs:
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
-    results = []
-    for proc in procs:
-        out, _ = proc.communicate(timeout=600)
-        if proc.returncode != 0:
-            raise RuntimeError("a %s worker failed with exit code %d" % (kind, proc.returncode))
-        results.append(json.loads(out.strip().splitlines()[-1]))
-    return results
+    return run_workers(os.path.abspath(__file__), kind, jobs)
 
 
 # -- ingest -------------------------------------------------------------------------------------
@@ -246,7 +223,7 @@ def measure_upload(runs: int, total_rows: int, workdir: str, code: str = ROOT) -
             status = relay.status(30.0)
             now = time.monotonic() - ready
             samples.append((now, sum(r["uploaded"] for r in status["runs"])))
-            peak_rss = max(peak_rss, rss_kib(relay.pid) + sum(rss_kib(c) for c in children(relay.pid)))
+            peak_rss = max(peak_rss, rss_kib(relay.pid) + sum(rss_kib(c) for c in descendants(relay.pid)))
             if all(r["finished"] for r in status["runs"]):
                 break
             if now > 900:
