@@ -228,7 +228,7 @@ def measure_upload(runs: int, total_rows: int, workdir: str, code: str = ROOT) -
                 break
             if now > 900:
                 raise TimeoutError("upload of %d rows over %d runs not done after 900 s" % (rows, runs))
-            time.sleep(0.5)
+            time.sleep(1.0)
         seconds = time.monotonic() - ready
     finally:
         relay.stop()

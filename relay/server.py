@@ -62,10 +62,11 @@ def uploader_context() -> multiprocessing.context.BaseContext:
     """Uploaders are forked from a fork server that imported relay.uploader (and so wandb) once.
 
     Each run still gets a process of its own (see relay/uploader.py for why), but it starts as a
-    fork of an interpreter that already holds the wandb SDK: starting one costs a fork, not the
-    half second of CPU that importing wandb takes, and the imported code's pages are shared."""
+    fork of an interpreter that already holds the wandb SDK (and what wandb.init imports lazily,
+    uploader.SDK_PRELOAD): starting one costs a fork, not the ~0.7 s of CPU those imports take, and
+    the imported code's pages are shared. The fork server starts no thread before it forks."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["relay.uploader"])
+    context.set_forkserver_preload(["relay.uploader", *uploader_module.SDK_PRELOAD])
     return context
 
 

@@ -120,13 +120,15 @@ class Spool:
 
     FILENAME = "spool.sqlite"
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, check: bool = True):
+        """`check`: look the file over first (PRAGMA quick_check reads all of it) and recover it if
+        damaged. The server does, once at start; its uploaders open the spool it checked."""
         self.directory = directory
         self.path = os.path.join(directory, self.FILENAME)
         self.recovery: str | None = None   # what happened if the spool was found damaged
         try:
             os.makedirs(directory, exist_ok=True)
-            problem = self._check()
+            problem = self._check() if check else None
             if problem:
                 self.recovery = self._recover(problem)
             self.conn = _connect(self.path)
