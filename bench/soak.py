@@ -8,6 +8,7 @@ relay RSS (server process, and with its uploader processes and their wandb-core)
 
     python bench/soak.py --clients 8 --minutes 10
     python bench/soak.py --quick          # 2 clients, 1 minute
+    python bench/soak.py --quick --dry-run    # 1 client, one 3 s wave: checks it still runs
 """
 from __future__ import annotations
 
@@ -55,9 +56,12 @@ def main() -> int:
     parser.add_argument("--wave-seconds", type=float, default=60.0)
     parser.add_argument("--seed", type=int, default=random.SystemRandom().randrange(1 << 30))
     parser.add_argument("--quick", action="store_true", help="2 clients, 1 minute, 30 s waves")
+    parser.add_argument("--dry-run", action="store_true", help="1 client, one 3 s wave: does it still run")
     args = parser.parse_args()
     if args.quick:
         args.clients, args.minutes, args.wave_seconds = 2, 1.0, 30.0
+    if args.dry_run:
+        args.clients, args.minutes, args.wave_seconds = 1, 0.05, 3.0
     print("soak: %d clients, %.1f minutes, seed %d" % (args.clients, args.minutes, args.seed), flush=True)
     rng = random.Random(args.seed)
     workdir = tempfile.mkdtemp(prefix="relay-soak-")
