@@ -214,7 +214,7 @@ class RelayServer:
         return batch
 
     def handle_batch(self, batch: list[tuple[bytes, bytes]]) -> None:
-        items = []             # (message, refusal) for the spool
+        items = []             # (message, refusal, frame) for the spool
         senders = {}           # stream -> ROUTER identity to answer
         status_requests = []
         alive = set()
@@ -235,7 +235,7 @@ class RelayServer:
                 continue
             if refusal:
                 log.warning("refused record seq=%d of stream %s: %s", message["seq"], message["stream"], refusal)
-            items.append((message, refusal))
+            items.append((message, refusal, frame))
             senders[message["stream"]] = identity
         if items:
             self.commit(items, senders)
@@ -244,7 +244,7 @@ class RelayServer:
         for identity in status_requests:
             self.reply(identity, dict(self.status(), t="status"))
 
-    def commit(self, items: list[tuple[dict, str]], senders: dict[str, bytes]) -> None:
+    def commit(self, items: list[tuple[dict, str, bytes]], senders: dict[str, bytes]) -> None:
         try:
             outcomes = self.spool.ingest(items)
         except SpoolError as exc:  # disk full, I/O error: nothing acked, clients keep and re-send
@@ -259,7 +259,7 @@ class RelayServer:
             self.spool_error = None
         committed: dict[str, list[int]] = {}
         runs = set()
-        for (message, _), outcome in zip(items, outcomes):
+        for (message, _, _), outcome in zip(items, outcomes):
             if outcome.status == "gap":
                 self.counters["out_of_order"] += 1
                 committed.setdefault(outcome.stream, [])  # answer with `upto`: the client re-sends from there
