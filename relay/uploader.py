@@ -220,6 +220,9 @@ class RunUploader:
             settings=wandb.Settings(
                 init_timeout=self.config.init_timeout, silent=True, console="off", save_code=False,
                 disable_git=True, x_disable_stats=True, x_disable_machine_info=True,
+                # The relay host's pip packages say nothing about the trainer's run (and listing
+                # them read every installed package's metadata: a tenth of an uploader's CPU).
+                x_save_requirements=False,
                 # wandb-core must never give up on a row it accepted: the spool has already let go
                 # of the choice. It retries forever, waiting at most backoff_max between tries.
                 x_file_stream_retry_max=RETRY_FOREVER, x_graphql_retry_max=RETRY_FOREVER,
