@@ -40,7 +40,8 @@ class Uploader:
     """The server's handle on one uploader process (forked by the uploader fork server)."""
     run_id: str
     process: multiprocessing.process.BaseProcess
-    wake_fd: int          # write end of the uploader's wake pipe; closing it tells the uploader we are gone
+    wake_fd: int          # write end of the uploader's wake pipe
+    lifeline_fd: int      # write end of a pipe never written to: its end of file tells the uploader we are gone
     failures: int = 0
 
     def wake(self) -> None:
@@ -55,6 +56,7 @@ class Uploader:
     def release(self) -> None:
         """After the process ended: close our end of its pipes."""
         os.close(self.wake_fd)
+        os.close(self.lifeline_fd)
         self.process.close()
 
 
@@ -318,18 +320,23 @@ class RelayServer:
         not_before, failures = self.restart_after.get(run_id, (0.0, 0))
         if self.should_exit or time.monotonic() < not_before:
             return
+        # The write ends stay in this process only: the fork server gets the read ends (to hand
+        # them to the child) and nothing else of ours, so they reach end of file when we die.
         wake_reader, wake_writer = self.uploader_context.Pipe(duplex=False)
+        life_reader, life_writer = self.uploader_context.Pipe(duplex=False)
         process = self.uploader_context.Process(
-            target=uploader_module.child_main, name="relay-uploader-" + run_id,
-            args=(run_id, self.mode, self.config.model_dump_json(), wake_reader))
+            target=uploader_module.child_main, name="relay-uploader-" + run_id, daemon=True,
+            args=(run_id, self.mode, self.config.model_dump_json(), wake_reader, life_reader))
         try:
             process.start()
         finally:
-            wake_reader.close()  # the child has its own copy; the write end stays with us only
-        wake_fd = os.dup(wake_writer.fileno())
+            wake_reader.close()
+            life_reader.close()
+        wake_fd, lifeline_fd = os.dup(wake_writer.fileno()), os.dup(life_writer.fileno())
         wake_writer.close()
+        life_writer.close()
         os.set_blocking(wake_fd, False)
-        self.uploaders[run_id] = Uploader(run_id, process, wake_fd, failures)
+        self.uploaders[run_id] = Uploader(run_id, process, wake_fd, lifeline_fd, failures)
 
     def reap_uploaders(self) -> None:
         for run_id, uploader in list(self.uploaders.items()):

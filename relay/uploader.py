@@ -23,7 +23,6 @@ the records wait in the spool; the relay keeps accepting from trainers meanwhile
 from __future__ import annotations
 
 import base64
-import ctypes
 import fcntl
 import json
 import logging
@@ -403,21 +402,31 @@ def _lock(spool_dir: str, run_id: str) -> int | None:
     return fd
 
 
-def _die_with_parent() -> None:
-    """Be killed when our parent dies, so a SIGKILLed relay leaves no uploader behind (a restarted
-    relay starts new ones that resume from the spool). The parent is the relay's uploader fork
-    server, which exits when the relay does; the wake pipe's end of file says the same."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux); elsewhere the wake pipe's EOF does the job
-    except (OSError, AttributeError):
-        pass
+def _exit_with_relay(lifeline_fd: int) -> None:
+    """Exit at once when the relay server dies, so a SIGKILLed relay leaves no uploader behind (a
+    restarted relay starts new ones, which resume from the spool; an orphan would hold the run's
+    lock). The server holds the only write end of the lifeline and never writes: end of file there
+    means it is gone, whatever this process is doing. (Our parent is the fork server, which
+    outlives the relay while any uploader lives, so PR_SET_PDEATHSIG cannot tell.)"""
+    def watch() -> None:
+        while True:
+            try:
+                if not os.read(lifeline_fd, 1):
+                    break
+            except InterruptedError:
+                continue
+            except OSError:
+                break
+        log.warning("the relay server is gone; uploader exits (records stay in the spool)")
+        os._exit(3)
+
+    threading.Thread(target=watch, name="relay-lifeline", daemon=True).start()
 
 
-def child_main(run_id: str, mode: str, config_json: str, wake: Any) -> None:
-    """Entry point of an uploader forked by the relay's fork server (relay.server.uploader_context):
-    `wake` is the read end of the wake pipe (a multiprocessing Connection, read as a plain fd)."""
-    _die_with_parent()
+def child_main(run_id: str, mode: str, config_json: str, wake: Any, lifeline: Any) -> None:
+    """Entry point of an uploader forked by the relay's fork server (relay.server.uploader_context).
+    `wake` and `lifeline` are the read ends of two pipes (multiprocessing Connections, read as fds)."""
+    _exit_with_relay(lifeline.fileno())
     main([run_id, mode, config_json], wake_fd=wake.fileno())
 
 
