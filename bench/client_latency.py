@@ -110,7 +110,8 @@ def main() -> int:
         p50, p99, worst = (percentile(samples, 0.5) * 1e6, percentile(samples, 0.99) * 1e6, max(samples) * 1e6)
         print("%-26s %10.1f %10.1f %10.1f" % (name, p50, p99, worst))
         key = name.split()[0].lower()
-        summary.update({key + "_p50_us": round(p50, 2), key + "_p99_us": round(p99, 2), key + "_max_us": round(worst, 1)})
+        summary.update({key + "_p50_us": round(p50, 2), key + "_p99_us": round(p99, 2),
+                        key + "_max_us": round(worst, 1)})
     summary["ratio_p50"] = round(summary["wandb_p50_us"] / summary["relay_p50_us"], 1)
     summary["ratio_p99"] = round(summary["wandb_p99_us"] / summary["relay_p99_us"], 1)
     summary["tensorboardx_ratio_p50"] = round(summary["tensorboardx_p50_us"] / summary["relay_p50_us"], 1)

@@ -20,8 +20,8 @@ if ROOT not in sys.path:
 from relay.cli import query_status  # noqa: E402
 from relay.demo import free_endpoint  # noqa: E402
 
-__all__ = ["ROOT", "Relay", "bench_env", "descendants", "free_endpoint", "metrics_row", "percentile", "ready_wait",
-           "rss_kib", "run_workers"]
+__all__ = ["ROOT", "Relay", "bench_env", "descendants", "free_endpoint", "metrics_row", "percentile", "pss_kib",
+           "ready_wait", "rss_kib", "run_workers"]
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -47,6 +47,16 @@ def rss_kib(pid: int) -> int:
     try:
         with open("/proc/%d/status" % pid) as handle:
             return next(int(line.split()[1]) for line in handle if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return 0
+
+
+def pss_kib(pid: int) -> int:
+    """Proportional set size in KiB: shared pages (the uploaders share what their fork server
+    imported) counted once across processes, where a sum of RSS would count them in each."""
+    try:
+        with open("/proc/%d/smaps_rollup" % pid) as handle:
+            return next(int(line.split()[1]) for line in handle if line.startswith("Pss:"))
     except (OSError, StopIteration):
         return 0
 

@@ -36,7 +36,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from common import ROOT, Relay, descendants, metrics_row, ready_wait, rss_kib, run_workers  # noqa: E402
+from common import ROOT, Relay, descendants, metrics_row, pss_kib, ready_wait, rss_kib, run_workers  # noqa: E402
 
 from relay import protocol  # noqa: E402
 
@@ -223,7 +223,7 @@ def measure_upload(runs: int, total_rows: int, workdir: str, code: str = ROOT) -
             status = relay.status(30.0)
             now = time.monotonic() - ready
             samples.append((now, sum(r["uploaded"] for r in status["runs"])))
-            peak_rss = max(peak_rss, rss_kib(relay.pid) + sum(rss_kib(c) for c in descendants(relay.pid)))
+            peak_rss = max(peak_rss, pss_kib(relay.pid) + sum(pss_kib(c) for c in descendants(relay.pid)))
             if all(r["finished"] for r in status["runs"]):
                 break
             if now > 900:
@@ -238,7 +238,7 @@ def measure_upload(runs: int, total_rows: int, workdir: str, code: str = ROOT) -
     steady = 0.8 * handed / (last - first) if last > first else None
     return {"runs": runs, "rows": rows, "seconds": round(seconds, 2), "rows_per_s": round(rows / seconds),
             "rows_per_s_10_to_90pct": round(steady) if steady else None,
-            "peak_rss_mib_with_uploaders": round(peak_rss / 1024)}
+            "peak_pss_mib_with_uploaders": round(peak_rss / 1024)}
 
 
 def measure_sdk(rows: int, workdir: str) -> dict:
@@ -294,7 +294,7 @@ def main() -> int:
             print("wandb SDK alone, one process: %d rows/s (%.1f s run.log + %.1f s finish)"
                   % (sdk["rows_per_s"], sdk["log_s"], sdk["finish_s"]), flush=True)
             print("%-8s %5s %8s %9s %9s %14s %10s" % ("relay", "runs", "rows", "seconds", "rows/s", "rows/s 10-90%",
-                                                    "peak RSS"))
+                                                    "peak PSS"))
             for runs in [int(n) for n in args.runs.split(",")]:
                 for name, code in codes:
                     result = dict(measure_upload(runs, args.rows, workdir, code), relay=name)
@@ -302,7 +302,7 @@ def main() -> int:
                     summary["upload"].append(result)
                     print("%-8s %5d %8d %9.2f %9d %14s %7d MiB  (%.0f%% of the SDK alone)" % (
                         name, runs, result["rows"], result["seconds"], result["rows_per_s"],
-                        result["rows_per_s_10_to_90pct"], result["peak_rss_mib_with_uploaders"],
+                        result["rows_per_s_10_to_90pct"], result["peak_pss_mib_with_uploaders"],
                         100 * result["of_sdk_ceiling"]), flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
