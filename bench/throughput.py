@@ -9,8 +9,8 @@ All clients log into one run opened in mode `disabled`, so a single uploader dro
 would be measured instead).
 
 Upload: the spool is filled beforehand (open, rows of 40 metrics, finish) for R runs (1, 16, 64),
-then a relay in offline mode is started and rows/s = rows / (relay up -> every run finished in
-W&B), the run start-up (a process, `wandb.init`) and `run.finish()` included. Next to it, in the
+then a relay in offline mode is started and rows/s = rows / (relay started -> every run finished
+in W&B), the relay's and the runs' start-up (processes, `wandb.init`) and `run.finish()` included. Next to it, in the
 same invocation, the wandb SDK's own ceiling on this machine: one process doing `run.log` of the
 same rows into an offline run, then `finish()`.
 
@@ -213,12 +213,12 @@ def measure_upload(runs: int, total_rows: int, workdir: str, code: str = ROOT) -
     spool = os.path.join(workdir, "upload-%d-%d" % (runs, len(os.listdir(workdir))), "spool")
     run_ids = ["up%02d" % i for i in range(runs)]
     rows = fill_spool(spool, run_ids, max(1, total_rows // runs))
+    ready = time.monotonic()  # from the relay's start: it starts the uploaders before it answers anyone
     relay = Relay(spool, mode="offline", code=code)
-    samples = []  # (seconds since ready, rows handed to the SDK)
+    samples = []  # (seconds since the relay started, rows handed to the SDK)
     peak_rss = 0
     try:
         relay.wait_ready()
-        ready = time.monotonic()
         while True:
             status = relay.status(30.0)
             now = time.monotonic() - ready
