@@ -12,7 +12,6 @@ import subprocess
 import sys
 
 import pytest
-
 from harness import ROOT
 
 SCRIPTS = {
