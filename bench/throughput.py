@@ -297,7 +297,12 @@ def main() -> int:
                                                     "peak PSS"))
             for runs in [int(n) for n in args.runs.split(",")]:
                 for name, code in codes:
-                    result = dict(measure_upload(runs, args.rows, workdir, code), relay=name)
+                    try:
+                        result = dict(measure_upload(runs, args.rows, workdir, code), relay=name)
+                    except (TimeoutError, RuntimeError) as exc:  # say so, and go on with the other cases
+                        summary["upload"].append({"runs": runs, "relay": name, "error": str(exc)})
+                        print("%-8s %5d  failed: %s" % (name, runs, exc), flush=True)
+                        continue
                     result["of_sdk_ceiling"] = round(result["rows_per_s"] / sdk["rows_per_s"], 2)
                     summary["upload"].append(result)
                     print("%-8s %5d %8d %9.2f %9d %14s %7d MiB  (%.0f%% of the SDK alone)" % (
