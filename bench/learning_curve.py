@@ -5,6 +5,8 @@ TensorBoard scalars rl_games wrote, and plots the per-task rewards and the discr
 accuracy on agent transitions against epoch. Prints the first and last values as JSON.
 
     python bench/learning_curve.py --epochs 100      # about a minute on 2 CPU cores
+    python bench/learning_curve.py --quick           # 20 epochs
+    python bench/learning_curve.py --quick --dry-run # 2 epochs, no plot: checks it still runs
 """
 from __future__ import annotations
 
@@ -25,7 +27,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--png", default=os.path.join(HERE, "learning_curve.png"))
+    parser.add_argument("--quick", action="store_true", help="20 epochs")
+    parser.add_argument("--dry-run", action="store_true", help="2 epochs, no plot")
     args = parser.parse_args()
+    if args.quick:
+        args.epochs = 20
+    if args.dry_run:
+        args.epochs, args.png = 2, None
     output = tempfile.mkdtemp(prefix="relay-learning-")
     env = dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=ROOT)
     started = time.monotonic()
@@ -53,8 +61,9 @@ def main() -> int:
     axis.set_title("AMP on PointMultiTask, CPU, %d epochs in %.0f s" % (args.epochs, seconds))
     axis.legend()
     figure.tight_layout()
-    figure.savefig(args.png, dpi=110)
-    print("plot written to %s" % args.png)
+    if args.png:
+        figure.savefig(args.png, dpi=110)
+        print("plot written to %s" % args.png)
     print(json.dumps({"epochs": args.epochs, "seconds": round(seconds),
                       **{tag: [round(points[0][1], 3), round(points[-1][1], 3)] for tag, points in curves.items()}}))
     return 0

@@ -8,6 +8,7 @@ step time over wall time for both and prints the longest stall of each.
 
     python bench/outage.py                 # 60 s hang, ~3 minutes, writes bench/outage.png
     python bench/outage.py --quick         # 10 s hang
+    python bench/outage.py --quick --dry-run   # a 1 s hang 1 s in, no plot: checks it still runs
 """
 from __future__ import annotations
 
@@ -68,14 +69,14 @@ def schedule_hang(fake: FakeWandb, start: float, length: float) -> threading.Tim
     return timer
 
 
-def in_process(fake: FakeWandb, workdir: str, seconds: float, hang: float) -> list:
+def in_process(fake: FakeWandb, workdir: str, seconds: float, hang_at: float, hang: float) -> list:
     import wandb
 
     os.environ.update(fake.env())
     os.environ["WANDB_SILENT"] = "true"
     run = wandb.init(project="outage", id="inprocess", dir=workdir,
                      settings=wandb.Settings(console="off", x_disable_stats=True, disable_git=True))
-    schedule_hang(fake, 5.0, hang)
+    schedule_hang(fake, hang_at, hang)
 
     def checkpoint(path, step):
         artifact = wandb.Artifact("model-inprocess", type="model", metadata={"step": step})
@@ -85,7 +86,7 @@ def in_process(fake: FakeWandb, workdir: str, seconds: float, hang: float) -> li
     return training_loop(lambda row, step: run.log(row, step=step), checkpoint, run.finish, seconds, workdir)
 
 
-def through_relay(fake: FakeWandb, workdir: str, seconds: float, hang: float) -> list:
+def through_relay(fake: FakeWandb, workdir: str, seconds: float, hang_at: float, hang: float) -> list:
     from relay.client import RelayClient
 
     env = wandb_env(fake, os.path.join(workdir, "home"))
@@ -96,7 +97,7 @@ def through_relay(fake: FakeWandb, workdir: str, seconds: float, hang: float) ->
     relay.start()
     client = RelayClient(relay.endpoint, spill_dir=os.path.join(workdir, "spill"))
     run = client.start_run(project="outage", run_id="relayed")
-    schedule_hang(fake, 5.0, hang)
+    schedule_hang(fake, hang_at, hang)
     try:
         return training_loop(lambda row, step: run.log(row, frame=step, epoch=step),
                              lambda path, step: run.log_checkpoint(path, metadata={"step": step}),
@@ -111,16 +112,19 @@ def main() -> int:
     parser.add_argument("--hang", type=float, default=60.0, help="seconds W&B hangs, starting 5 s in")
     parser.add_argument("--quick", action="store_true", help="a 10 s hang")
     parser.add_argument("--png", default=os.path.join(HERE, "outage.png"))
+    parser.add_argument("--dry-run", action="store_true", help="a 1 s hang 1 s in, 3 s loops, no plot")
     args = parser.parse_args()
-    hang = 10.0 if args.quick else args.hang
-    seconds = 5.0 + hang + 15.0
+    hang_at, hang = 5.0, 10.0 if args.quick else args.hang
+    seconds = hang_at + hang + 15.0
+    if args.dry_run:
+        hang_at, hang, seconds = 1.0, 1.0, 3.0
     results = {}
     for name, function in (("relay client", through_relay), ("wandb in-process", in_process)):
         fake = FakeWandb()
         fake.start()
         workdir = tempfile.mkdtemp(prefix="relay-outage-")
         try:
-            results[name] = function(fake, workdir, seconds, hang)
+            results[name] = function(fake, workdir, seconds, hang_at, hang)
         finally:
             fake.set_fault("ok")
             fake.stop()
@@ -129,12 +133,14 @@ def main() -> int:
         worst = max(steps, key=lambda sample: sample[1])
         print("%-17s %6d steps, longest step stall %8.1f ms at t=%.1f s, finish took %.1f s"
               % (name, len(steps), worst[1] * 1e3, worst[0], finish), flush=True)
+    if args.dry_run:
+        args.png = None
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(9, 4.5))
-    axis.axvspan(5.0, 5.0 + hang, color="0.9", label="W&B hangs")
+    axis.axvspan(hang_at, hang_at + hang, color="0.9", label="W&B hangs")
     for name, samples in results.items():
         axis.plot([t for t, _ in samples], [d * 1e3 for _, d in samples], ".", markersize=2, label=name)
     axis.set_yscale("log")
@@ -143,8 +149,9 @@ def main() -> int:
     axis.set_title("Training step time through a %.0f s W&B outage (5 ms of work per step)" % hang)
     axis.legend(loc="upper right")
     figure.tight_layout()
-    figure.savefig(args.png, dpi=110)
-    print("plot written to %s" % args.png)
+    if args.png:
+        figure.savefig(args.png, dpi=110)
+        print("plot written to %s" % args.png)
     summary = {}
     for name, samples in results.items():
         key = name.split()[0]

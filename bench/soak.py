@@ -4,10 +4,11 @@ The relay is SIGKILLed and restarted at random moments (every 0.5-4 s something 
 and restart, or the fake W&B backend flipping between ok, hang and 503; tests/chaos.py). Trainers come in waves of N, each logging 20 metrics every
 10 ms for about a minute; after each wave every run's W&B history is checked against what its
 trainer logged. Prints per wave: sent / delivered / lost / duplicated / max client latency /
-relay RSS (server process, and with its uploader processes), then a JSON summary.
+relay RSS (server process, and with its uploader processes and their wandb-core), then a JSON summary.
 
     python bench/soak.py --clients 8 --minutes 10
     python bench/soak.py --quick          # 2 clients, 1 minute
+    python bench/soak.py --quick --dry-run    # 1 client, one 3 s wave: checks it still runs
 """
 from __future__ import annotations
 
@@ -24,31 +25,12 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
 
 from chaos import Outcome, chaos_round, check_history  # noqa: E402
+from common import descendants, rss_kib  # noqa: E402
 from fakewandb import FakeWandb  # noqa: E402
 from harness import FAST_RETRIES, ROOT, RelayProcess, TrainerProcess, wandb_env  # noqa: E402
-
-
-def rss_kib(pid: int) -> int:
-    try:
-        with open("/proc/%d/status" % pid) as handle:
-            return next(int(line.split()[1]) for line in handle if line.startswith("VmRSS:"))
-    except (OSError, StopIteration):
-        return 0
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open("/proc/%s/stat" % entry) as handle:
-                    if int(handle.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        found.append(int(entry))
-            except (OSError, ValueError, IndexError):
-                pass
-    return found
 
 
 class RssSampler(threading.Thread):
@@ -63,7 +45,7 @@ class RssSampler(threading.Thread):
         while not self.stop.wait(5.0):
             pid = self.relay.proc.pid
             server = rss_kib(pid)
-            total = server + sum(rss_kib(child) for child in children(pid))
+            total = server + sum(rss_kib(child) for child in descendants(pid))
             self.samples.append((time.monotonic() - self.started, server, total))
 
 
@@ -74,9 +56,12 @@ def main() -> int:
     parser.add_argument("--wave-seconds", type=float, default=60.0)
     parser.add_argument("--seed", type=int, default=random.SystemRandom().randrange(1 << 30))
     parser.add_argument("--quick", action="store_true", help="2 clients, 1 minute, 30 s waves")
+    parser.add_argument("--dry-run", action="store_true", help="1 client, one 3 s wave: does it still run")
     args = parser.parse_args()
     if args.quick:
         args.clients, args.minutes, args.wave_seconds = 2, 1.0, 30.0
+    if args.dry_run:
+        args.clients, args.minutes, args.wave_seconds = 1, 0.05, 3.0
     print("soak: %d clients, %.1f minutes, seed %d" % (args.clients, args.minutes, args.seed), flush=True)
     rng = random.Random(args.seed)
     workdir = tempfile.mkdtemp(prefix="relay-soak-")

@@ -9,6 +9,11 @@ Invariants (DESIGN.md §3):
 - There is no background thread: each call does a bounded amount of socket work (drain acks,
   send what is queued, rewind for a re-send when acks stopped). `finish()` is the only call that
   waits, for at most its `timeout`.
+- Values on an accelerator (0-d CUDA tensors) are never read one by one with `.item()`, which
+  waits for the GPU each time: a row's device values go to the host in one non-blocking copy
+  (relay.tensors) and the row waits in `_deferred`, in order, until the copy has landed (looked
+  at, without waiting, at every later call; waited for by flush/finish/close, or when more than
+  MAX_DEFERRED rows are waiting).
 
 This module must stay importable on Python 3.8 (IsaacGym environments).
 """
@@ -21,13 +26,13 @@ import tempfile
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Any, Dict, List, Optional
 
 import msgpack
 import zmq
 
-from relay import protocol
+from relay import protocol, tensors
 from relay.keys import CLIENT_KEYS_VARIABLE, ClientKeys, load_client_keys
 
 log = logging.getLogger("relay.client")
@@ -50,6 +55,21 @@ HANDSHAKE_FAILURES = {
 }
 
 _MONITOR_NUMBERS = itertools.count()
+MAX_DEFERRED = 64      # rows waiting for their device values' copy before a call waits for the oldest
+VALUE_FIELDS = {"log": "metrics", "summary": "values"}   # the fields whose device values are batched
+
+
+class _OnDevice(Exception):
+    """Raised while packing at the first value that lives on an accelerator."""
+
+
+def _host_value(value: Any) -> Any:
+    """msgpack's `default` on the hot path: like protocol.to_scalar, but a value on an accelerator
+    stops the packing (its `.item()` would wait for the device) so the row can take the batched path."""
+    device = getattr(value, "device", None)
+    if device is not None and getattr(device, "type", "cpu") != "cpu":
+        raise _OnDevice()
+    return protocol.to_scalar(value)
 
 
 def default_spill_dir() -> str:
@@ -80,6 +100,7 @@ class RelayClient:
         self.stream = stream or uuid.uuid4().hex
         self._seq = 0
         self._pending = OrderedDict()  # type: OrderedDict[int, bytes]  (seq -> frame, in seq order)
+        self._deferred = deque()       # type: deque  ((message, Transfer or None), waiting for device values)
         self._next_send = 1            # lowest seq not yet handed to ZeroMQ
         self._last_progress = 0.0      # last time an ack removed something or a send started a window
         self._stalled_since = 0.0      # when sends started failing (no connection), 0 if they do not
@@ -136,9 +157,10 @@ class RelayClient:
             self._heartbeat.runs.discard(run_id)
 
     def statistics(self) -> Dict[str, Any]:
+        self._release_deferred(wait=False)
         self._pump(force=True)
         stats = dict(self._stats)
-        stats["pending"] = len(self._pending)
+        stats["pending"] = len(self._pending) + len(self._deferred)
         stats["last_error"] = self.errors[-1] if self.errors else None
         stats["spill_files"] = list(self.spill_files)
         return stats
@@ -146,6 +168,7 @@ class RelayClient:
     def flush(self, timeout: float) -> bool:
         """Wait at most `timeout` seconds for every pending record to be acked."""
         deadline = time.monotonic() + timeout
+        self._release_deferred(wait=True)
         self._pump(force=True)
         while self._pending and not self._closed:
             remaining = deadline - time.monotonic()
@@ -160,6 +183,7 @@ class RelayClient:
 
     def spill_pending(self) -> Optional[str]:
         """Write every pending record to a new spill file now; returns its path (None if none)."""
+        self._release_deferred(wait=True)
         return self._spill(list(self._pending))
 
     def close(self, timeout: float = 0.0) -> Optional[str]:
@@ -181,11 +205,53 @@ class RelayClient:
     # -- records ------------------------------------------------------------------------------
 
     def submit(self, message: Dict[str, Any]) -> None:
-        """Queue one record and do a bounded amount of socket work. Never blocks."""
+        """Queue one record and do a bounded amount of socket work. Never blocks (a row with device
+        values waits only when more than MAX_DEFERRED such rows are still being copied)."""
         if self._closed:
             self._stats["dropped"] += 1
             self._warn("closed", "record after close() dropped: %s" % message.get("t"))
             return
+        if self._deferred:
+            self._release_deferred(wait=len(self._deferred) >= MAX_DEFERRED)
+        if not self._deferred:
+            try:
+                self._queue(message, _host_value)
+                return
+            except _OnDevice:
+                pass
+        self._deferred.append((message, self._start_transfer(message)))  # behind the rows still waiting
+
+    def _start_transfer(self, message: Dict[str, Any]) -> Optional[tensors.Transfer]:
+        """For a record that must wait: start the copy of its device values (None if it has none).
+        Raises TypeError at once for a value the wire cannot carry, as `_queue` does."""
+        try:  # the packing of _queue, without taking a seq
+            msgpack.packb(message, use_bin_type=True, default=_host_value)
+            return None
+        except _OnDevice:
+            pass
+        field = VALUE_FIELDS.get(message.get("t"))
+        if field is None or not isinstance(message.get(field), dict):
+            return None  # device values elsewhere (checkpoint metadata): read one by one when sent
+        transfer = tensors.start_transfer(message[field])
+        if transfer.skipped:
+            raise TypeError("metric values %s are not numbers, bools, strs or 1-element tensors"
+                            % ", ".join(repr(name) for name in transfer.skipped))
+        return transfer
+
+    def _release_deferred(self, wait: bool) -> None:
+        """Queue the waiting rows whose device values have landed, oldest first; `wait`: all of them."""
+        while self._deferred:
+            message, transfer = self._deferred[0]
+            if transfer is not None:
+                if not wait and not transfer.ready():
+                    return
+                message[VALUE_FIELDS[message["t"]]] = transfer.values()
+            self._deferred.popleft()
+            self._queue(message, protocol.to_scalar)
+
+    def _queue(self, message: Dict[str, Any], default: Any) -> None:
+        """Give the record its seq, pack it, add it to the pending buffer and pump. Raises _OnDevice
+        (with `_host_value`) before taking a seq when a value lives on an accelerator."""
         if len(self._pending) >= self.max_pending:
             self._overflow()
         self._seq += 1
@@ -193,7 +259,11 @@ class RelayClient:
         message["stream"] = self.stream
         message["seq"] = self._seq
         try:
-            frame = protocol.encode(message)
+            # protocol.encode's packing, with `default` chosen by the caller (see _host_value)
+            frame = msgpack.packb(message, use_bin_type=True, default=default)
+        except _OnDevice:
+            self._seq -= 1
+            raise
         except (TypeError, ValueError):
             self._seq -= 1  # a value of a type the wire cannot carry: the caller's bug, said at once
             raise
@@ -216,8 +286,8 @@ class RelayClient:
         self.stream = uuid.uuid4().hex
         self._seq = 0
         self._next_send = 1
-        for run_id, settings in self._open_runs.items():  # the new stream names its runs again
-            self.submit({"t": "open", "run": run_id, "settings": settings})
+        for run_id, settings in self._open_runs.items():  # the new stream names its runs again, first
+            self._queue({"t": "open", "run": run_id, "settings": settings}, protocol.to_scalar)
 
     # -- socket work --------------------------------------------------------------------------
 
@@ -502,7 +572,8 @@ class Run:
             namespace: Optional[str] = None) -> None:
         if not isinstance(metrics, dict):
             raise TypeError("metrics must be a dict of name -> number, got %s" % type(metrics).__name__)
-        # Values are converted while packing (protocol.encode): no per-metric Python work here.
+        # Values are converted while packing: no per-metric Python work here. A row with values on
+        # an accelerator takes the batched path (one copy per row, see submit).
         message = {"t": "log", "run": self.id, "time": time.time(), "metrics": metrics}
         if frame is not None:
             message["frame"] = int(frame)

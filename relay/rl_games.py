@@ -92,7 +92,9 @@ import re
 import sys
 import time
 import uuid
-from typing import Any, Callable, Dict, List, Optional, Tuple  # noqa: F401 (Tuple: type comments)
+from typing import Any, Callable, Dict, List, Optional, Tuple  # noqa: F401 (Tuple: in type comments)
+
+from relay.tensors import Transfer, batch_to_python, start_transfer  # noqa: F401 (part of this module's API)
 
 try:  # rl_games (and so torch) present: be a real AlgoObserver
     from rl_games.common.algo_observer import AlgoObserver
@@ -202,104 +204,6 @@ def _is_single_number(value: Any) -> bool:
     if torch is not None and isinstance(value, torch.Tensor):
         return value.numel() == 1
     return type(value).__module__ == "numpy" and getattr(value, "size", None) == 1
-
-
-# -- values: one batched device-to-host transfer per row ---------------------------------------------
-
-class Transfer(object):
-    """One row's values on their way to the host. `ready()` never waits; `values()` waits at most
-    for this row's copies (which an epoch of later work has normally finished long before)."""
-
-    __slots__ = ("order", "plain", "parts", "events", "skipped")
-
-    def __init__(self) -> None:
-        self.order = []    # type: List[str]
-        self.plain = {}    # type: Dict[str, Any]
-        self.parts = []    # type: List[Tuple[List[str], Any]]  (names, host tensor)
-        self.events = []   # type: List[Any]  (CUDA events recorded after the copies)
-        self.skipped = []  # type: List[str]  (names whose value is not a single number)
-
-    def ready(self) -> bool:
-        return all(event.query() for event in self.events)
-
-    def values(self) -> Dict[str, Any]:
-        for event in self.events:
-            event.synchronize()
-        self.events = []
-        got = dict(self.plain)
-        for names, host in self.parts:
-            got.update(zip(names, host.tolist()))
-        return {name: got[name] for name in self.order if name in got}
-
-
-def start_transfer(row: Dict[str, Any]) -> Transfer:
-    """Start moving a row of metric values to the host: numbers pass through, the 1-element
-    tensors are stacked per device and copied in one go (non-blocking into pinned memory from
-    CUDA). No `.item()` is called on any tensor."""
-    transfer = Transfer()
-    torch = sys.modules.get("torch")  # a tensor in the row means torch is imported already
-    tensor_type = torch.Tensor if torch is not None else None
-    groups = {}  # type: Dict[Any, Tuple[List[str], List[Any]]]
-    for name, value in row.items():
-        transfer.order.append(name)
-        kind = type(value)
-        if kind is float or kind is int or kind is bool or kind is str:
-            transfer.plain[name] = value
-        elif tensor_type is not None and isinstance(value, tensor_type):
-            if value.numel() != 1:
-                transfer.skipped.append(name)
-                continue
-            group = groups.get(value.device)
-            if group is None:
-                group = groups[value.device] = ([], [])
-            group[0].append(name)
-            group[1].append(value)
-        else:
-            plain = _plain_number(value)
-            if plain is None:
-                transfer.skipped.append(name)
-            else:
-                transfer.plain[name] = plain
-    for device, (names, tensors) in groups.items():
-        wide = torch.float64 if device.type in ("cpu", "cuda") else torch.float32
-        stacked = torch.stack([t.detach().reshape(()).to(wide) for t in tensors])
-        if device.type == "cpu":
-            host = stacked
-        elif device.type == "cuda":
-            host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
-            host.copy_(stacked, non_blocking=True)
-            with torch.cuda.device(device):
-                event = torch.cuda.Event()
-                event.record()
-            transfer.events.append(event)
-        else:  # other accelerators: one blocking copy per row
-            host = stacked.to("cpu")
-        transfer.parts.append((names, host))
-    return transfer
-
-
-def batch_to_python(row: Dict[str, Any]) -> Dict[str, Any]:
-    """`start_transfer(row).values()`: the row with every value a Python number (or str)."""
-    return start_transfer(row).values()
-
-
-def _plain_number(value: Any) -> Any:
-    if isinstance(value, bool):
-        return bool(value)
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        return float(value)
-    if isinstance(value, str):
-        return str(value)
-    item = getattr(value, "item", None)  # numpy scalars and 1-element arrays (host memory)
-    if item is not None and getattr(value, "size", 1) == 1:
-        try:
-            got = item()
-        except Exception:
-            return None
-        return got if isinstance(got, (bool, int, float, str)) else None
-    return None
 
 
 # -- the writer --------------------------------------------------------------------------------------

@@ -8,13 +8,13 @@ uploads it.
 """
 from __future__ import annotations
 
-import ctypes
-import fcntl
 import logging
+import multiprocessing
+import multiprocessing.context
+import multiprocessing.forkserver
+import multiprocessing.process
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -23,6 +23,7 @@ from typing import Any
 import zmq
 
 from relay import protocol, security
+from relay import uploader as uploader_module
 from relay.artifacts import RefusedPath, resolve_checkpoint
 from relay.config import RelayConfig
 from relay.keys import CurveKeyError
@@ -40,19 +41,39 @@ BATCH_BYTES_FRAMES = 8  # one batch reads at most this many max_frame_bytes of f
 
 @dataclass
 class Uploader:
-    """The server's handle on one uploader process."""
+    """The server's handle on one uploader process (forked by the uploader fork server)."""
     run_id: str
-    proc: subprocess.Popen
+    process: multiprocessing.process.BaseProcess
+    wake_fd: int          # write end of the uploader's wake pipe
+    lifeline_fd: int      # write end of a pipe never written to: its end of file tells the uploader we are gone
     failures: int = 0
 
     def wake(self) -> None:
         try:
-            os.write(self.proc.stdin.fileno(), b"w")
-        except (BlockingIOError, BrokenPipeError, ValueError):
+            os.write(self.wake_fd, b"w")
+        except OSError:
             pass  # already awake with bytes to read, or exiting: the next scan sees it
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        return self.process.is_alive()
+
+    def release(self) -> None:
+        """After the process ended: close our end of its pipes."""
+        os.close(self.wake_fd)
+        os.close(self.lifeline_fd)
+        self.process.close()
+
+
+def uploader_context() -> multiprocessing.context.BaseContext:
+    """Uploaders are forked from a fork server that imported relay.uploader (and so wandb) once.
+
+    Each run still gets a process of its own (see relay/uploader.py for why), but it starts as a
+    fork of an interpreter that already holds the wandb SDK (and what wandb.init imports lazily,
+    uploader.SDK_PRELOAD): starting one costs a fork, not the ~0.7 s of CPU those imports take, and
+    the imported code's pages are shared. The fork server starts no thread before it forks."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["relay.uploader", *uploader_module.SDK_PRELOAD])
+    return context
 
 
 def classify(frame: bytes, config: RelayConfig) -> tuple[dict, str]:
@@ -74,25 +95,6 @@ def classify(frame: bytes, config: RelayConfig) -> tuple[dict, str]:
         except RefusedPath as exc:
             return message, str(exc)
     return message, ""
-
-
-def _find_prctl():
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None  # not Linux: stdin EOF tells the uploader that the relay is gone
-
-
-# Looked up here, not in the forked child (the relay has a thread, the ZAP authenticator, and a
-# child of a threaded process should do as little as possible before exec).
-_PRCTL = _find_prctl()
-
-
-def _die_with_parent() -> None:
-    """In the uploader child: be killed when the relay dies, so a SIGKILLed relay leaves no uploader
-    behind (a restarted relay starts new ones that resume from the spool)."""
-    if _PRCTL is not None:
-        _PRCTL(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 class RelayServer:
@@ -117,6 +119,7 @@ class RelayServer:
         self.context: zmq.Context | None = None
         self.authenticator: security.RelayAuthenticator | None = None
         self.handshakes: security.HandshakeWatch | None = None
+        self.uploader_context = uploader_context()
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -170,6 +173,7 @@ class RelayServer:
                  self.config.bind, "CurveZMQ" if self.config.curve_dir else "no encryption", self.mode,
                  self.spool.path, waiting,
                  ", ".join(self.config.artifact_roots) or "none (checkpoints will be refused)")
+        multiprocessing.forkserver.ensure_running()  # wandb is imported there now, not when the first run comes
         self.scan_runs()
 
     def start_curve(self) -> None:
@@ -204,18 +208,15 @@ class RelayServer:
         uploaders = [u for u in self.uploaders.values() if u.alive()]
         log.info("relay stopping: draining %d runs for at most %.0f s", len(uploaders), self.config.drain_timeout)
         for uploader in uploaders:
-            uploader.proc.send_signal(signal.SIGTERM)
+            uploader.process.terminate()  # SIGTERM: upload what is spooled, close the W&B run
         for uploader in uploaders:
             while uploader.alive() and not self.force_exit and time.monotonic() < deadline:
-                try:
-                    uploader.proc.wait(0.1)
-                except subprocess.TimeoutExpired:
-                    pass
+                uploader.process.join(0.1)
         clean = not any(uploader.alive() for uploader in uploaders)
         for uploader in uploaders:
             if uploader.alive():
-                uploader.proc.kill()  # its records are in the spool; the next start resumes the run
-                uploader.proc.wait()
+                uploader.process.kill()  # its records are in the spool; the next start resumes the run
+                uploader.process.join()
         status = self.spool.status()
         left = sum(run["pending"] for run in status["runs"])
         log.info("relay stopped: received=%d acked=%d duplicates=%d refused=%d malformed=%d left_in_spool=%d%s",
@@ -263,7 +264,7 @@ class RelayServer:
         return batch
 
     def handle_batch(self, batch: list[tuple[bytes, bytes]]) -> None:
-        items = []             # (message, refusal) for the spool
+        items = []             # (message, refusal, frame) for the spool
         senders = {}           # stream -> ROUTER identity to answer
         status_requests = []
         alive = set()
@@ -284,7 +285,7 @@ class RelayServer:
                 continue
             if refusal:
                 log.warning("refused record seq=%d of stream %s: %s", message["seq"], message["stream"], refusal)
-            items.append((message, refusal))
+            items.append((message, refusal, frame))
             senders[message["stream"]] = identity
         if items:
             self.commit(items, senders)
@@ -293,7 +294,7 @@ class RelayServer:
         for identity in status_requests:
             self.reply(identity, dict(self.status(), t="status"))
 
-    def commit(self, items: list[tuple[dict, str]], senders: dict[str, bytes]) -> None:
+    def commit(self, items: list[tuple[dict, str, bytes]], senders: dict[str, bytes]) -> None:
         try:
             outcomes = self.spool.ingest(items)
         except SpoolError as exc:  # disk full, I/O error: nothing acked, clients keep and re-send
@@ -308,7 +309,7 @@ class RelayServer:
             self.spool_error = None
         committed: dict[str, list[int]] = {}
         runs = set()
-        for (message, _), outcome in zip(items, outcomes):
+        for (message, _, _), outcome in zip(items, outcomes):
             if outcome.status == "gap":
                 self.counters["out_of_order"] += 1
                 committed.setdefault(outcome.stream, [])  # answer with `upto`: the client re-sends from there
@@ -370,19 +371,31 @@ class RelayServer:
         not_before, failures = self.restart_after.get(run_id, (0.0, 0))
         if self.should_exit or time.monotonic() < not_before:
             return
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "relay.uploader", run_id, self.mode, self.config.model_dump_json()],
-            stdin=subprocess.PIPE, close_fds=True, preexec_fn=_die_with_parent)
-        fcntl.fcntl(proc.stdin.fileno(), fcntl.F_SETFL, os.O_NONBLOCK)
-        self.uploaders[run_id] = Uploader(run_id, proc, failures)
+        # The write ends stay in this process only: the fork server gets the read ends (to hand
+        # them to the child) and nothing else of ours, so they reach end of file when we die.
+        wake_reader, wake_writer = self.uploader_context.Pipe(duplex=False)
+        life_reader, life_writer = self.uploader_context.Pipe(duplex=False)
+        process = self.uploader_context.Process(
+            target=uploader_module.child_main, name="relay-uploader-" + run_id, daemon=True,
+            args=(run_id, self.mode, self.config.model_dump_json(), wake_reader, life_reader))
+        try:
+            process.start()
+        finally:
+            wake_reader.close()
+            life_reader.close()
+        wake_fd, lifeline_fd = os.dup(wake_writer.fileno()), os.dup(life_writer.fileno())
+        wake_writer.close()
+        life_writer.close()
+        os.set_blocking(wake_fd, False)
+        self.uploaders[run_id] = Uploader(run_id, process, wake_fd, lifeline_fd, failures)
 
     def reap_uploaders(self) -> None:
         for run_id, uploader in list(self.uploaders.items()):
-            code = uploader.proc.poll()
+            code = uploader.process.exitcode
             if code is None:
                 continue
             del self.uploaders[run_id]
-            uploader.proc.stdin.close()
+            uploader.release()
             if code == 0:
                 self.restart_after.pop(run_id, None)
                 continue

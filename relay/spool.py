@@ -120,13 +120,15 @@ class Spool:
 
     FILENAME = "spool.sqlite"
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, check: bool = True):
+        """`check`: look the file over first (PRAGMA quick_check reads all of it) and recover it if
+        damaged. The server does, once at start; its uploaders open the spool it checked."""
         self.directory = directory
         self.path = os.path.join(directory, self.FILENAME)
         self.recovery: str | None = None   # what happened if the spool was found damaged
         try:
             os.makedirs(directory, exist_ok=True)
-            problem = self._check()
+            problem = self._check() if check else None
             if problem:
                 self.recovery = self._recover(problem)
             self.conn = _connect(self.path)
@@ -183,8 +185,10 @@ class Spool:
                 "SELECT r.stream, r.seq FROM records r JOIN streams s ON s.stream = r.stream WHERE r.seq > s.upto"):
             self._above.setdefault(stream, set()).add(seq)
 
-    def ingest(self, messages: Iterable[tuple[dict, str]], allow_gaps: bool = False) -> list[Outcome]:
-        """Store a batch in one transaction. Each item: (validated message, refusal reason or '').
+    def ingest(self, messages: Iterable[tuple], allow_gaps: bool = False) -> list[Outcome]:
+        """Store a batch in one transaction. Each item: (validated message, refusal reason or '') or
+        (validated message, refusal, the frame it was decoded from): the frame is stored as it came,
+        not packed again. The runs table gets one update per run per batch, not one per record.
 
         A refused message with a readable (stream, seq) consumes that seq, so the client stops
         re-sending it. Live traffic is taken in seq order only: a message past a gap (its
@@ -194,9 +198,11 @@ class Spool:
         outcomes = []
         now = time.time()
         touched: set[str] = set()
+        runs: dict[str, list] = {}   # run -> [records stored, last open's settings, a record other than finish]
         try:
             self.conn.execute("BEGIN IMMEDIATE")
-            for message, refusal in messages:
+            for item in messages:
+                message, refusal = item[0], item[1]
                 stream, seq = message["stream"], message["seq"]
                 upto = self._upto.get(stream, 0)
                 if seq <= upto:
@@ -207,7 +213,10 @@ class Spool:
                     continue
                 run_id = "" if refusal else message["run"]
                 kind = "rejected" if refusal else message["t"]
-                body = refusal.encode() if refusal else protocol.encode(message)
+                if refusal:
+                    body = refusal.encode()
+                else:
+                    body = item[2] if len(item) > 2 else protocol.encode(message)
                 cursor = self.conn.execute(
                     "INSERT OR IGNORE INTO records (run_id, stream, seq, kind, body, received) VALUES (?,?,?,?,?,?)",
                     (run_id, stream, seq, kind, body, now))
@@ -219,14 +228,22 @@ class Spool:
                 if refusal:
                     outcomes.append(Outcome(stream, seq, "error", refusal))
                     continue
-                settings = protocol.encode(message["settings"]) if kind == "open" else None
-                self.conn.execute(
-                    "INSERT INTO runs (run_id, settings, received, created, last_seen) VALUES (?,?,1,?,?) "
-                    "ON CONFLICT (run_id) DO UPDATE SET received = received + 1, last_seen = excluded.last_seen, "
-                    "settings = coalesce(excluded.settings, settings), "
-                    "finished = CASE WHEN ? = 'finish' THEN finished ELSE 0 END",
-                    (run_id, settings, now, now, kind))
+                run = runs.get(run_id)
+                if run is None:
+                    run = runs[run_id] = [0, None, False]
+                run[0] += 1
+                if kind == "open":
+                    run[1] = protocol.encode(message["settings"])
+                if kind != "finish":
+                    run[2] = True   # the run goes on: not finished (any more)
                 outcomes.append(Outcome(stream, seq, "new"))
+            for run_id, (stored, settings, goes_on) in runs.items():
+                self.conn.execute(
+                    "INSERT INTO runs (run_id, settings, received, created, last_seen) VALUES (?,?,?,?,?) "
+                    "ON CONFLICT (run_id) DO UPDATE SET received = received + excluded.received, "
+                    "last_seen = excluded.last_seen, settings = coalesce(excluded.settings, settings), "
+                    "finished = CASE WHEN ? THEN 0 ELSE finished END",
+                    (run_id, settings, stored, now, now, goes_on))
             for stream in touched:
                 self.conn.execute("INSERT INTO streams (stream, upto) VALUES (?, ?) "
                                   "ON CONFLICT (stream) DO UPDATE SET upto = excluded.upto",

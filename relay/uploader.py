@@ -5,8 +5,10 @@ wandb 0.31 a timed-out `wandb.init` leaves its run id registered in wandb-core (
 use") until the whole service is torn down, and a dead wandb-core breaks every run of the process.
 A process per run keeps each run's failures its own; the server restarts a failed uploader, which
 resumes the W&B run by id (nothing is lost or doubled: see spool.py). One uploader per run is
-enforced by an flock on `<spool>/locks/<run>.lock`. The server wakes an uploader by writing a
-byte to its stdin; end of file there means the server is gone, and the uploader exits at once.
+enforced by an flock on `<spool>/locks/<run>.lock`. The processes are forked from a fork server
+that imported this module (and wandb) once, so starting one costs a fork, not an import of wandb.
+The server wakes an uploader by writing a byte to its wake pipe; end of file there means the
+server is gone, and the uploader exits at once.
 
 The uploader owns W&B's step: every row it logs gets the next value of a per-run counter, and
 the (record, step) pairing is committed to the spool before the row goes to the SDK (see the
@@ -51,6 +53,14 @@ SERVER_STEP_QUERY = """query RelayServerStep($entity: String, $project: String!,
   model(name: $project, entityName: $entity) { bucket(name: $name) { historyLineCount } }
 }"""
 
+# Modules the wandb SDK (0.31) imports lazily inside wandb.init / log / finish. The uploader fork
+# server imports them once, with this module, so that each uploader does not: they were about half
+# of an uploader's start-up CPU. A name that fails to import is skipped (another wandb version).
+SDK_PRELOAD = ("wandb.sdk.launch", "wandb.apis.public", "wandb._analytics", "wandb.sdk.lib.gitlib", "requests",
+               "psutil", "opentelemetry.sdk.metrics", "opentelemetry.sdk._logs", "opentelemetry.sdk.resources",
+               "opentelemetry.exporter.otlp.proto.http.metric_exporter",
+               "opentelemetry.exporter.otlp.proto.http._log_exporter")
+
 # What a W&B outage looks like from wandb.init; anything else is a bug and is not retried.
 RETRYABLE = (wandb.errors.CommError, ConnectionError, TimeoutError, OSError)
 
@@ -92,7 +102,7 @@ class RunUploader:
     # -- process ------------------------------------------------------------------------------
 
     def run(self) -> int:
-        self._spool = Spool(self.config.spool_dir)
+        self._spool = Spool(self.config.spool_dir, check=False)  # the server checked it at its start
         try:
             self._loop()
             return 0
@@ -209,6 +219,9 @@ class RunUploader:
             settings=wandb.Settings(
                 init_timeout=self.config.init_timeout, silent=True, console="off", save_code=False,
                 disable_git=True, x_disable_stats=True, x_disable_machine_info=True,
+                # The relay host's pip packages say nothing about the trainer's run (and listing
+                # them read every installed package's metadata: a tenth of an uploader's CPU).
+                x_save_requirements=False,
                 # wandb-core must never give up on a row it accepted: the spool has already let go
                 # of the choice. It retries forever, waiting at most backoff_max between tries.
                 x_file_stream_retry_max=RETRY_FOREVER, x_graphql_retry_max=RETRY_FOREVER,
@@ -392,8 +405,36 @@ def _lock(spool_dir: str, run_id: str) -> int | None:
     return fd
 
 
-def main(argv: list[str]) -> int:
-    """`python -m relay.uploader RUN_ID MODE CONFIG_JSON`, started by the server, stdin = wake pipe."""
+def _exit_with_relay(lifeline_fd: int) -> None:
+    """Exit at once when the relay server dies, so a SIGKILLed relay leaves no uploader behind (a
+    restarted relay starts new ones, which resume from the spool; an orphan would hold the run's
+    lock). The server holds the only write end of the lifeline and never writes: end of file there
+    means it is gone, whatever this process is doing. (Our parent is the fork server, which
+    outlives the relay while any uploader lives, so PR_SET_PDEATHSIG cannot tell.)"""
+    def watch() -> None:
+        while True:
+            try:
+                if not os.read(lifeline_fd, 1):
+                    break
+            except InterruptedError:
+                continue
+            except OSError:
+                break
+        log.warning("the relay server is gone; uploader exits (records stay in the spool)")
+        os._exit(3)
+
+    threading.Thread(target=watch, name="relay-lifeline", daemon=True).start()
+
+
+def child_main(run_id: str, mode: str, config_json: str, wake: Any, lifeline: Any) -> None:
+    """Entry point of an uploader forked by the relay's fork server (relay.server.uploader_context).
+    `wake` and `lifeline` are the read ends of two pipes (multiprocessing Connections, read as fds)."""
+    _exit_with_relay(lifeline.fileno())
+    main([run_id, mode, config_json], wake_fd=wake.fileno())
+
+
+def main(argv: list[str], wake_fd: int | None = None) -> int:
+    """`python -m relay.uploader RUN_ID MODE CONFIG_JSON`: the wake pipe is stdin (or `wake_fd`)."""
     run_id, mode, config_json = argv
     config = RelayConfig.model_validate_json(config_json)
     logging.basicConfig(level=getattr(logging, config.log_level), stream=sys.stderr,
@@ -403,7 +444,10 @@ def main(argv: list[str]) -> int:
         log.info("another uploader already serves run %s; exiting", run_id)
         return 0
     os.environ.setdefault("WANDB_SILENT", "true")
-    uploader = RunUploader(run_id, config, mode, wake_fd=sys.stdin.fileno())
+    # wandb-core is a Go program: with one run to serve, one OS thread running Go code is plenty, and
+    # with many uploaders on few cores the Go schedulers' spinning cost a quarter of its CPU.
+    os.environ.setdefault("GOMAXPROCS", "1")
+    uploader = RunUploader(run_id, config, mode, wake_fd=sys.stdin.fileno() if wake_fd is None else wake_fd)
 
     def on_term(signum: int, frame: Any) -> None:
         (uploader.stop if uploader.drain.is_set() else uploader.drain).set()

@@ -1,0 +1,159 @@
+"""Shared pieces of the benchmarks: a relay subprocess, RSS readings, a row of 40 metrics.
+
+Not a test helper: the benchmarks import it by path (`bench/` is put on sys.path by each script).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from relay.cli import query_status  # noqa: E402
+from relay.demo import free_endpoint  # noqa: E402
+
+__all__ = ["ROOT", "Relay", "bench_env", "descendants", "free_endpoint", "metrics_row", "percentile", "pss_kib",
+           "ready_wait", "rss_kib", "run_workers"]
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def metrics_row(rng: random.Random, count: int = 40) -> dict:
+    return {"group%d/metric%02d" % (i % 4, i): rng.random() for i in range(count)}
+
+
+def bench_env(extra: dict | None = None, code: str = ROOT) -> dict:
+    """The environment for a relay (and its uploaders) under benchmark: no W&B account, quiet.
+    `code`: the directory whose `relay` package runs (another checkout, for before/after)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "RELAY_"))}
+    env.update({"WANDB_SILENT": "true", "PYTHONPATH": code})
+    env.update(extra or {})
+    return env
+
+
+def rss_kib(pid: int) -> int:
+    """VmRSS of a process in KiB (0 when it is gone)."""
+    try:
+        with open("/proc/%d/status" % pid) as handle:
+            return next(int(line.split()[1]) for line in handle if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return 0
+
+
+def pss_kib(pid: int) -> int:
+    """Proportional set size in KiB: shared pages (the uploaders share what their fork server
+    imported) counted once across processes, where a sum of RSS would count them in each."""
+    try:
+        with open("/proc/%d/smaps_rollup" % pid) as handle:
+            return next(int(line.split()[1]) for line in handle if line.startswith("Pss:"))
+    except (OSError, StopIteration):
+        return 0
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`: the relay's uploader fork server, its uploaders, their wandb-core."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open("/proc/%s/stat" % entry) as handle:
+                    parent = int(handle.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            parents.setdefault(parent, []).append(int(entry))
+    found, todo = [], list(parents.get(pid, []))
+    while todo:
+        child = todo.pop()
+        found.append(child)
+        todo.extend(parents.get(child, []))
+    return found
+
+
+class Relay:
+    """`relay serve` as a subprocess on a free TCP port, for one measurement."""
+
+    def __init__(self, spool_dir: str, mode: str = "offline", env: dict | None = None, args: list[str] = (),
+                 log_path: str | None = None, code: str = ROOT):
+        self.endpoint = free_endpoint()
+        self.spool_dir = spool_dir
+        out = open(log_path, "ab") if log_path else subprocess.DEVNULL
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "relay", "serve", "--bind", self.endpoint, "--spool-dir", spool_dir,
+             "--mode", mode, "--log-level", "WARNING", *args], env=env or bench_env(code=code), cwd=code,
+            stdout=out, stderr=subprocess.STDOUT if log_path else None)
+        if log_path:
+            out.close()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait_ready(self, timeout: float = 60.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("relay exited with code %s" % self.proc.returncode)
+            status = query_status(self.endpoint, 1.0)
+            if status:
+                return status
+        raise TimeoutError("relay did not answer within %.0f s" % timeout)
+
+    def status(self, timeout: float = 10.0) -> dict:
+        status = query_status(self.endpoint, timeout)
+        if status is None:
+            raise TimeoutError("relay did not answer a status request")
+        return status
+
+    def stop(self, timeout: float = 120.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def ready_wait() -> None:
+    """In a worker process: say we are ready, wait for the go (so that all workers start together)."""
+    print(json.dumps({"ready": True}), flush=True)
+    sys.stdin.readline()
+
+
+def run_workers(script: str, kind: str, jobs: list[dict], env: dict | None = None) -> list[dict]:
+    """Start `script --worker KIND JOB` once per job, wait until every one is ready, let them all go
+    at once, and return each one's last stdout line (JSON)."""
+    procs = [subprocess.Popen([sys.executable, script, "--worker", kind, json.dumps(job)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=env or bench_env(), cwd=ROOT)
+             for job in jobs]
+    try:
+        for proc in procs:
+            if not proc.stdout.readline():
+                raise RuntimeError("a %s worker died before it was ready (exit %s)" % (kind, proc.wait()))
+        for proc in procs:
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        results = []
+        for proc in procs:
+            out, _ = proc.communicate(timeout=900)
+            if proc.returncode != 0:
+                raise RuntimeError("a %s worker failed with exit code %d" % (kind, proc.returncode))
+            results.append(json.loads(out.strip().splitlines()[-1]))
+        return results
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

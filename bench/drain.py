@@ -1,0 +1,224 @@
+"""A backlog built up during a W&B outage, and how fast it drains once W&B is back.
+
+W&B is the suite's fake backend (tests/fakewandb.py), answering 503 to everything at first. The
+relay runs online (retry waits capped at 2 s, as an operator who expects outages would set). 16
+trainer processes (RelayClient, one run each) log rows of 40 metrics as fast as the relay acks
+them, and finish; everything is acked into the spool while W&B is down. Then W&B comes back and
+the drain is timed: rows/s = backlog / (W&B back -> every row of every run in W&B and every run
+finished). The relay's memory is sampled throughout: the server process's RSS, and the PSS of
+the server, its uploader fork server, uploaders and their wandb-core together (PSS counts the
+pages the uploaders share with their fork server once).
+
+Then the memory part: the same, but with a small and a large backlog (1,000 and 1,000,000 rows)
+and the server's RSS compared once each backlog is spooled and while it drains for a while: the
+backlog lives on disk, so the relay's memory must not grow with it. (The highest RSS while the
+large backlog is being taken in is printed too: that is intake, not the backlog.)
+
+    python bench/drain.py                  # 100,000-row drain; RSS at 1,000 vs 1,000,000 rows
+    python bench/drain.py --quick          # 20,000-row drain; RSS at 1,000 vs 100,000 rows
+    python bench/drain.py --quick --dry-run    # 2 runs, a few hundred rows: checks it still runs
+
+Writes bench/drain.png (rows in W&B and relay RSS over time) unless --dry-run; the last line is a
+JSON summary. Targets (issue 6): >= 5,000 rows/s; server RSS within +-20 % between the backlogs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+
+from common import Relay, bench_env, descendants, metrics_row, pss_kib, ready_wait, rss_kib, run_workers  # noqa: E402
+
+WINDOW = 500   # records in flight per trainer at most: the relay's socket buffers hold 16 x this, whatever the backlog
+ONLINE = {"RELAY_BACKOFF_MAX": "2", "RELAY_INIT_TIMEOUT": "10", "RELAY_REQUEST_TIMEOUT": "10",
+          "RELAY_CONFIRM_EVERY": "5"}
+
+
+def worker_trainer(args: dict) -> dict:
+    """One trainer: a run of `rows` rows of 40 metrics, as fast as the relay acks, then finish."""
+    from relay.client import RelayClient
+
+    rng = random.Random(args["seed"])
+    rows = [metrics_row(rng) for _ in range(100)]
+    client = RelayClient(args["endpoint"], spill_dir=args["spill_dir"], heartbeat_every=0)
+    run = client.start_run(project="drain", run_id=args["run_id"], mode="online")
+    client.flush(30.0)
+    ready_wait()
+    started = time.monotonic()
+    for i in range(args["rows"]):
+        run.log(rows[i % 100], frame=i, epoch=i)
+        if i % 64 == 63:
+            while client.statistics()["pending"] > WINDOW:
+                client.flush(0.005)
+    report = run.finish(timeout=300.0)
+    client.close()
+    return {"started": started, "ended": time.monotonic(), "delivered": report["delivered"]}
+
+
+class Sampler(threading.Thread):
+    """Every 0.5 s: (seconds, rows in W&B, server RSS KiB, PSS of server + uploaders + wandb-core KiB)."""
+
+    def __init__(self, relay: Relay, fake, started: float):
+        super().__init__(daemon=True)
+        self.relay, self.fake, self.started = relay, fake, started
+        self.samples: list[tuple[float, int, int, int]] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            server = rss_kib(self.relay.pid)
+            total = pss_kib(self.relay.pid) + sum(pss_kib(pid) for pid in descendants(self.relay.pid))
+            rows = sum(self.fake.history_rows().values())
+            self.samples.append((time.monotonic() - self.started, rows, server, total))
+            if self.stop.wait(0.5):
+                return
+
+
+def backlog(fake, workdir: str, name: str, runs: int, rows: int, drain_for: float | None) -> dict:
+    """Spool `rows` rows over `runs` runs while W&B is down, then bring it back; drain everything
+    (drain_for None) or for `drain_for` seconds. Returns timings, RSS samples and counts."""
+    fake.set_fault("503")
+    env = bench_env(fake.env())
+    env.update(ONLINE)
+    env["HOME"] = os.path.join(workdir, name, "home")
+    relay = Relay(os.path.join(workdir, name, "spool"), mode="online", env=env,
+                  log_path=os.path.join(workdir, name + ".log"))
+    started = time.monotonic()
+    sampler = Sampler(relay, fake, started)
+    run_ids = ["%s%02d" % (name, i) for i in range(runs)]
+    try:
+        relay.wait_ready()
+        sampler.start()
+        jobs = [{"endpoint": relay.endpoint, "run_id": run_id, "rows": max(1, rows // runs), "seed": i,
+                 "spill_dir": os.path.join(workdir, name, "spill")} for i, run_id in enumerate(run_ids)]
+        results = run_workers(os.path.abspath(__file__), "trainer", jobs, env=bench_env())
+        spooled = time.monotonic()
+        spooled_rss = rss_kib(relay.pid)
+        pending = sum(run["pending"] for run in relay.status()["runs"])
+        fake.set_fault("ok")
+        back = time.monotonic()
+        deadline = back + (drain_for if drain_for is not None else 1800)
+        while time.monotonic() < deadline:
+            if drain_for is None and all(fake.complete(run_id) for run_id in run_ids):
+                break
+            time.sleep(0.2)
+        done = time.monotonic()
+    finally:
+        sampler.stop.set()
+        sampler.join()
+        fake.set_fault("ok")
+        relay.stop()
+    delivered = sum(fake.history_rows().get(run_id, 0) for run_id in run_ids)
+    during = [s for s in sampler.samples if s[0] >= back - started]
+    return {"runs": runs, "rows": sum(job["rows"] for job in jobs), "spooled_rows": pending,
+            "all_acked": all(r["delivered"] for r in results), "fill_s": round(spooled - started, 1),
+            "drain_s": round(done - back, 2), "delivered": delivered,
+            "rows_per_s": round(delivered / (done - back)),
+            "server_rss_mib_spooled": round(spooled_rss / 1024, 1),
+            "server_rss_mib_max": round(max(s[2] for s in sampler.samples) / 1024, 1),
+            "server_rss_mib_max_draining": round(max((s[2] for s in during), default=0) / 1024, 1),
+            "total_pss_mib_max": round(max(s[3] for s in sampler.samples) / 1024),
+            "back_at_s": round(back - started, 2), "samples": sampler.samples}
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    samples = result["samples"]
+    back = result["back_at_s"]
+    times = [s[0] - back for s in samples]
+    figure, (rows_axis, rss_axis) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    rows_axis.axvspan(min(times), 0, color="0.9", label="W&B down (503)")
+    rows_axis.plot(times, [s[1] for s in samples], label="rows in W&B")
+    rows_axis.axhline(result["rows"], color="0.5", linestyle=":", label="rows logged")
+    rows_axis.set_ylabel("rows")
+    rows_axis.set_title("%d runs: %d rows spooled during the outage, drained at %d rows/s once W&B is back"
+                        % (result["runs"], result["rows"], result["rows_per_s"]))
+    rows_axis.legend(loc="upper left")
+    rss_axis.plot(times, [s[2] / 1024 for s in samples], label="relay server")
+    rss_axis.plot(times, [s[3] / 1024 for s in samples], label="with uploaders + wandb-core (PSS)")
+    rss_axis.set_ylabel("memory (MiB)")
+    rss_axis.set_xlabel("seconds since W&B came back")
+    rss_axis.legend(loc="upper left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="20,000-row drain; RSS at 1,000 vs 100,000 rows")
+    parser.add_argument("--dry-run", action="store_true", help="tiny sizes: does it still run")
+    parser.add_argument("--rows", type=int, default=100000, help="backlog drained, rows over all runs")
+    parser.add_argument("--runs", type=int, default=16)
+    parser.add_argument("--rss-rows", default="1000,1000000", help="small and large backlog for the RSS check")
+    parser.add_argument("--rss-drain-seconds", type=float, default=20.0,
+                        help="how long the RSS backlogs drain before the relay is stopped")
+    parser.add_argument("--png", default=os.path.join(HERE, "drain.png"))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args, rest = parser.parse_known_args()
+    if args.worker:
+        print(json.dumps(worker_trainer(json.loads(rest[0]))), flush=True)
+        return 0
+    if args.quick:
+        args.rows, args.rss_rows = 20000, "1000,100000"
+    if args.dry_run:
+        args.rows, args.runs, args.rss_rows, args.rss_drain_seconds = 200, 2, "100,400", 2.0
+    from fakewandb import FakeWandb
+
+    workdir = tempfile.mkdtemp(prefix="relay-drain-")
+    fake = FakeWandb()
+    fake.start()
+    try:
+        drain = backlog(fake, workdir, "drain", args.runs, args.rows, None)
+        print("drain: %d rows over %d runs spooled in %.1f s while W&B answered 503; %d rows in W&B %.1f s after it "
+              "came back: %d rows/s (server RSS max %.0f MiB, PSS with uploaders %.0f MiB)" % (
+                  drain["rows"], drain["runs"], drain["fill_s"], drain["delivered"], drain["drain_s"],
+                  drain["rows_per_s"], drain["server_rss_mib_max"], drain["total_pss_mib_max"]), flush=True)
+        sizes = [int(n) for n in args.rss_rows.split(",")]
+        memory = []
+        for size in sizes:
+            result = backlog(fake, workdir, "rss%d" % size, args.runs, size, args.rss_drain_seconds)
+            memory.append(result)
+            print("backlog of %d rows: server RSS %.1f MiB once spooled, at most %.1f MiB while draining "
+                  "(%d rows drained in %.0f s); PSS with uploaders at most %d MiB" % (
+                      result["rows"], result["server_rss_mib_spooled"], result["server_rss_mib_max_draining"],
+                      result["delivered"], result["drain_s"], result["total_pss_mib_max"]), flush=True)
+    finally:
+        fake.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    if not args.dry_run:
+        plot(drain, args.png)
+        print("plot written to %s" % args.png)
+    small, large = memory[0], memory[-1]
+
+    def held(result: dict) -> float:  # the server's RSS while it holds the backlog: spooled, and draining
+        return max(result["server_rss_mib_spooled"], result["server_rss_mib_max_draining"])
+
+    growth = held(large) / held(small) - 1
+    summary = {"drain_rows": drain["rows"], "drain_runs": drain["runs"], "drain_delivered": drain["delivered"],
+               "drain_s": drain["drain_s"], "drain_rows_per_s": drain["rows_per_s"],
+               "drain_server_rss_mib_max": drain["server_rss_mib_max"],
+               "drain_total_pss_mib_max": drain["total_pss_mib_max"],
+               "rss_backlogs": [{k: v for k, v in m.items() if k != "samples"} for m in memory],
+               "server_rss_growth_small_to_large": round(growth, 3)}
+    print("server RSS %+.0f %% from a %d-row to a %d-row backlog, spooled and draining (target within +-20 %%); "
+          "highest while the large one was being taken in: %.0f MiB" % (100 * growth, small["rows"], large["rows"],
+                                                                        large["server_rss_mib_max"]))
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

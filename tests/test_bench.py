@@ -1,0 +1,63 @@
+"""Every benchmark still runs: `bench/X.py --quick --dry-run` exits 0 and ends with its JSON summary.
+
+Not a speed test: the dry runs use tiny sizes, and only what they did is checked (everything
+delivered, the keys the README's table is filled from). The scripts run side by side (most of their
+time is spent waiting on relays and sockets), so the whole module takes about a minute.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from harness import ROOT
+
+SCRIPTS = {
+    "client_latency": ["relay_p50_us", "relay_p99_us", "wandb_p50_us", "tensorboardx_p50_us", "ratio_p50", "ratio_p99"],
+    "throughput": ["ingest", "upload", "sdk_ceiling"],
+    "drain": ["drain_rows_per_s", "drain_s", "rss_backlogs", "server_rss_growth_small_to_large"],
+    "gpu_overhead": ["overhead_item", "overhead_relay", "step_ms"],
+    "outage": ["relay_max_step_stall_ms", "wandb_max_step_stall_ms"],
+    "soak": ["sent", "delivered", "lost", "duplicated"],
+    "learning_curve": ["epochs"],
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Start every script at once; each test waits for its own."""
+    started = {}
+    for name in SCRIPTS:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "RELAY_"))}
+        env.update(PYTHONPATH=ROOT, HOME=str(tmp_path_factory.mktemp("home-" + name)), WANDB_SILENT="true",
+                   MPLBACKEND="Agg")
+        started[name] = subprocess.Popen([sys.executable, os.path.join(ROOT, "bench", name + ".py"), "--quick",
+                                          "--dry-run"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                         env=env, cwd=ROOT)
+    yield started
+    for proc in started.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_bench_script_runs(runs, name):
+    output, _ = runs[name].communicate(timeout=230)
+    assert runs[name].returncode == 0, "bench/%s.py --quick --dry-run failed:\n%s" % (name, output[-4000:])
+    summary = json.loads(output.strip().splitlines()[-1])
+    missing = [key for key in SCRIPTS[name] if key not in summary]
+    assert not missing, "bench/%s.py's JSON summary lacks %s:\n%s" % (name, missing, summary)
+    if name == "throughput":
+        assert all(case["all_delivered"] for case in summary["ingest"])
+        assert summary["upload"] and all(case["rows"] > 0 for case in summary["upload"])
+    elif name == "drain":
+        assert summary["drain_delivered"] == summary["drain_rows"]
+        assert all(backlog["all_acked"] for backlog in summary["rss_backlogs"])
+    elif name in ("client_latency", "gpu_overhead"):
+        assert summary["relay_delivered"] is True
+    elif name == "soak":
+        assert summary["delivered"] == summary["sent"] and summary["lost"] == summary["duplicated"] == 0
