@@ -104,7 +104,9 @@ def backlog(fake, workdir: str, name: str, runs: int, rows: int, drain_for: floa
         results = run_workers(os.path.abspath(__file__), "trainer", jobs, env=bench_env())
         spooled = time.monotonic()
         spooled_rss = rss_kib(relay.pid)
-        pending = sum(run["pending"] for run in relay.status()["runs"])
+        status = relay.status()
+        pending = sum(run["pending"] for run in status["runs"])
+        duplicates = status["counters"].get("duplicates", 0)  # re-sent by trainers whose acks were late
         fake.set_fault("ok")
         back = time.monotonic()
         deadline = back + (drain_for if drain_for is not None else 1800)
@@ -122,6 +124,7 @@ def backlog(fake, workdir: str, name: str, runs: int, rows: int, drain_for: floa
     during = [s for s in sampler.samples if s[0] >= back - started]
     return {"runs": runs, "rows": sum(job["rows"] for job in jobs), "spooled_rows": pending,
             "all_acked": all(r["delivered"] for r in results), "fill_s": round(spooled - started, 1),
+            "duplicates_during_fill": duplicates,
             "drain_s": round(done - back, 2), "delivered": delivered,
             "rows_per_s": round(delivered / (done - back)),
             "server_rss_mib_spooled": round(spooled_rss / 1024, 1),
