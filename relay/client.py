@@ -6,9 +6,12 @@ Invariants (DESIGN.md §3):
 - A record the client accepted is at every moment in exactly one place: the bounded pending
   buffer (re-sent until acked), a spill file (written on overflow or at finish/close, ingested
   later by `relay replay`), or the relay's spool (which acks only after its commit).
-- There is no background thread: each call does a bounded amount of socket work (drain acks,
-  send what is queued, rewind for a re-send when acks stopped). `finish()` is the only call that
-  waits, for at most its `timeout`.
+- Each call does a bounded amount of socket work (drain acks, send what is queued, rewind for a
+  re-send when acks stopped). `finish()` is the only call that waits, for at most its `timeout`.
+  While the trainer is quiet (a long evaluation, a save), the heartbeat thread does the same work
+  about once a second, so records waiting for a relay that came back are sent without another call
+  (a trainer killed during that quiet time then loses nothing the relay could have taken). It only
+  ever *tries* the client's lock: it never makes a trainer's call wait.
 - Values on an accelerator (0-d CUDA tensors) are never read one by one with `.item()`, which
   waits for the GPU each time: a row's device values go to the host in one non-blocking copy
   (relay.tensors) and the row waits in `_deferred`, in order, until the copy has landed (looked
@@ -19,6 +22,7 @@ This module must stay importable on Python 3.8 (IsaacGym environments).
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -26,6 +30,7 @@ import tempfile
 import threading
 import time
 import uuid
+import weakref
 from collections import OrderedDict, deque
 from typing import Any, Dict, List, Optional
 
@@ -40,6 +45,7 @@ log = logging.getLogger("relay.client")
 SEND_BUDGET = 256      # frames sent per call at most, so a call's cost stays bounded
 RECV_BUDGET = 1024     # replies drained per call at most
 STALL_WARNING = 3.0    # seconds without a connection before the client warns
+PUMP_EVERY = 1.0       # seconds between the heartbeat thread's looks at a quiet client's records
 DRAIN_EVERY = 0.001    # seconds between looks for acks on the hot path (flush() always looks)
 # A socket whose sends have failed this long is made anew: ZeroMQ never retries a connection whose
 # handshake the relay refused (a Curve key it did not know), and a relay fixed since should get
@@ -80,8 +86,18 @@ def default_spill_dir() -> str:
     return os.path.join(cache, "tokenhsi-relay", "spill")
 
 
+def _locked(method):
+    """Run a RelayClient method holding the client's lock (the heartbeat thread pumps under it too)."""
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return call
+
+
 class RelayClient:
-    """One connection to a relay. Not thread-safe (like the ZeroMQ socket under it)."""
+    """One connection to a relay. Its methods may be called from any one thread at a time; the
+    heartbeat thread works the socket only between them (the client's lock)."""
 
     def __init__(self, endpoint: Optional[str] = None, max_pending: int = 10000,
                  spill_dir: Optional[str] = None, resend_after: float = 1.0,
@@ -119,9 +135,11 @@ class RelayClient:
         self.heartbeat_every = heartbeat_every
         self._heartbeat = None         # type: Optional[_Heartbeat]
         self._open_runs = {}           # type: Dict[str, Dict[str, Any]]  (run id -> settings)
+        self._lock = threading.RLock()  # the trainer's calls; the heartbeat thread only tries it
 
     # -- public API ---------------------------------------------------------------------------
 
+    @_locked
     def start_run(self, project: str, name: Optional[str] = None, entity: Optional[str] = None,
                   group: Optional[str] = None, tags: Optional[List[str]] = None, notes: Optional[str] = None,
                   config: Optional[Dict[str, Any]] = None, mode: Optional[str] = None,
@@ -146,16 +164,19 @@ class RelayClient:
         if self.heartbeat_every > 0:
             if self._heartbeat is None or self._heartbeat.pid != os.getpid():
                 self._heartbeat = _Heartbeat(self.endpoint, self.stream, self.heartbeat_every, self.keys,
-                                             max(self.reconnect_after, 3 * self.heartbeat_every))
+                                             max(self.reconnect_after, 3 * self.heartbeat_every),
+                                             weakref.ref(self))
                 self._heartbeat.start()
             self._heartbeat.runs.add(run_id)
         return run
 
+    @_locked
     def _run_finished(self, run_id: str) -> None:
         self._open_runs.pop(run_id, None)
         if self._heartbeat is not None:
             self._heartbeat.runs.discard(run_id)
 
+    @_locked
     def statistics(self) -> Dict[str, Any]:
         self._release_deferred(wait=False)
         self._pump(force=True)
@@ -165,6 +186,7 @@ class RelayClient:
         stats["spill_files"] = list(self.spill_files)
         return stats
 
+    @_locked
     def flush(self, timeout: float) -> bool:
         """Wait at most `timeout` seconds for every pending record to be acked."""
         deadline = time.monotonic() + timeout
@@ -181,11 +203,13 @@ class RelayClient:
             self._pump(force=True)
         return not self._pending
 
+    @_locked
     def spill_pending(self) -> Optional[str]:
         """Write every pending record to a new spill file now; returns its path (None if none)."""
         self._release_deferred(wait=True)
         return self._spill(list(self._pending))
 
+    @_locked
     def close(self, timeout: float = 0.0) -> Optional[str]:
         """Wait up to `timeout` for acks, spill whatever is still pending, close the socket."""
         if self._closed:
@@ -204,6 +228,20 @@ class RelayClient:
 
     # -- records ------------------------------------------------------------------------------
 
+    def pump_if_idle(self) -> None:
+        """The heartbeat thread's call, about once a second: send, re-send and read acks when no
+        trainer call is running and something is waiting. Never waits for the lock."""
+        if not self._lock.acquire(False):
+            return  # a trainer call is doing this work right now
+        try:
+            if self._closed or self._pid != os.getpid() or not (self._pending or self._deferred):
+                return
+            self._release_deferred(wait=False)
+            self._pump(force=True)
+        finally:
+            self._lock.release()
+
+    @_locked
     def submit(self, message: Dict[str, Any]) -> None:
         """Queue one record and do a bounded amount of socket work. Never blocks (a row with device
         values waits only when more than MAX_DEFERRED such rows are still being copied)."""
@@ -513,7 +551,7 @@ class _Heartbeat(threading.Thread):
     """
 
     def __init__(self, endpoint: str, stream: str, every: float, keys: Optional[ClientKeys] = None,
-                 reconnect_after: float = RECONNECT_AFTER):
+                 reconnect_after: float = RECONNECT_AFTER, client: Any = None):
         super().__init__(name="relay-heartbeat", daemon=True)
         self.endpoint = endpoint
         self.keys = keys
@@ -521,6 +559,7 @@ class _Heartbeat(threading.Thread):
         self.every = every
         self.reconnect_after = reconnect_after
         self.runs = set()  # type: set
+        self.client = client  # weakref to the RelayClient, pumped while its trainer is quiet
         self.pid = os.getpid()
         self._stop_event = threading.Event()
 
@@ -531,8 +570,13 @@ class _Heartbeat(threading.Thread):
         context = zmq.Context()
         sock = self._connect(context)
         failing_since = 0.0
+        next_beat = time.monotonic() + self.every
         try:
-            while not self._stop_event.wait(self.every):
+            while not self._stop_event.wait(min(PUMP_EVERY, self.every)):
+                self._pump_client()
+                if time.monotonic() < next_beat:
+                    continue
+                next_beat = time.monotonic() + self.every
                 runs = sorted(self.runs)
                 if not runs:
                     continue
@@ -548,6 +592,15 @@ class _Heartbeat(threading.Thread):
         finally:
             sock.close(linger=0)
             context.term()
+
+    def _pump_client(self) -> None:
+        client = self.client() if self.client is not None else None
+        if client is None:
+            return
+        try:
+            client.pump_if_idle()
+        except Exception as exc:  # never let the trainer's records or this thread die of it
+            log.warning("relay client: background send failed: %s", exc)
 
     def _connect(self, context: zmq.Context) -> zmq.Socket:
         sock = context.socket(zmq.DEALER)

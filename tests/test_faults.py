@@ -66,6 +66,25 @@ def test_trainer_sigkill_run_is_finished_with_nonzero_exit_after_silence(fake_wa
     assert "no record or heartbeat from its trainer" in relay.log()
 
 
+def test_quiet_trainer_hands_records_to_a_relay_that_came_back_without_another_call(fake_wandb, relay_factory,
+                                                                                    trainer_factory):
+    """Rows logged while no relay listened reach the relay once it is up although the trainer makes
+    no further call (its client's heartbeat thread sends them), so killing the trainer then loses none."""
+    relay = relay_factory(fake_wandb, ["--mode", "online"], start=False, env={"RELAY_SILENCE_TIMEOUT": "3"})
+    trainer = trainer_factory({"endpoint": relay.endpoint, "run_id": "quiet", "steps": 50, "metrics": 5,
+                               "seed": 21, "wait_stdin": True, "heartbeat_every": 0.5})
+    trainer.event("logged")   # 50 rows handed to the client, no relay to take them; then it waits, quiet
+    relay.start()
+    relay.wait_status(lambda s: any(r["run_id"] == "quiet" and r["received"] == 51 for r in s["runs"]), 30,
+                      "the quiet trainer's open and 50 rows")
+    trainer.proc.kill()
+    trainer.proc.wait()
+    fake_wandb.wait_for(complete(fake_wandb, "quiet"), 60)
+    run = fake_wandb.run("quiet")
+    assert run.exit_code == 1  # killed: finished after the silence timeout
+    assert_history(run.history, seed=21, steps=50, metrics=5)
+
+
 def test_trainer_restarted_from_older_checkpoint_keeps_every_row(fake_wandb, relay_factory, trainer_factory):
     relay = relay_factory(fake_wandb, ["--mode", "online"])
     first = trainer_factory({"endpoint": relay.endpoint, "run_id": "again", "steps": 200, "metrics": 6, "seed": 13,
