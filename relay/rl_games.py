@@ -611,13 +611,13 @@ class MultiObserver(AlgoObserver):
 # -- TokenHSI's training config ----------------------------------------------------------------------
 
 WANDB_KEYS = ("project", "entity", "name", "group", "tags", "notes", "mode")
-RELAY_KEYS = ("endpoint", "spill_dir", "finish_timeout")
+RELAY_KEYS = ("endpoint", "spill_dir", "keys", "finish_timeout")
 
 
 def observer_from_train_config(cfg_train, where="cfg_train"):
     # type: (Dict[str, Any], str) -> RelayAlgoObserver
     """The observer a TokenHSI `cfg_train` dict asks for: its `use_wandb` flag, `wandb:` block
-    (project, entity, name, group, tags, notes, mode) and `relay:` block (endpoint, spill_dir,
+    (project, entity, name, group, tags, notes, mode) and `relay:` block (endpoint, spill_dir, keys,
     finish_timeout). The run's name defaults to `params.config.name` (the config's name). With
     `use_wandb` false (or absent) the observer reports nothing. Unknown keys and wrong types raise
     ValueError naming the key; `where` names the file in that message."""
@@ -636,6 +636,7 @@ def observer_from_train_config(cfg_train, where="cfg_train"):
         raise ValueError("%s: wandb.mode must be online, offline or disabled, got %r" % (where, wandb["mode"]))
     _check_type(relay, "endpoint", str, where + ": relay")
     _check_type(relay, "spill_dir", str, where + ": relay")
+    _check_type(relay, "keys", str, where + ": relay")
     _check_type(relay, "finish_timeout", (int, float), where + ": relay")
     if not use_wandb:
         return RelayAlgoObserver(mode="disabled")
@@ -644,7 +645,7 @@ def observer_from_train_config(cfg_train, where="cfg_train"):
     return RelayAlgoObserver(project=wandb.get("project") or "tokenHSI", name=name, entity=wandb.get("entity"),
                              group=wandb.get("group"), tags=wandb.get("tags"), notes=wandb.get("notes"),
                              mode=wandb.get("mode"), endpoint=relay.get("endpoint"), spill_dir=relay.get("spill_dir"),
-                             finish_timeout=float(relay.get("finish_timeout") or 30.0))
+                             keys=relay.get("keys"), finish_timeout=float(relay.get("finish_timeout") or 30.0))
 
 
 def _settings_block(cfg_train, block, known, where):

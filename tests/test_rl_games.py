@@ -479,8 +479,7 @@ def test_observer_from_train_config_opens_the_run_its_yaml_describes(held_relay,
     with open(os.path.join(ROOT, "cfg", "train", "amp_point_multitask.yaml")) as handle:
         cfg_train = yaml.safe_load(handle)
     cfg_train["wandb"].update(entity="lab", group="ablation", name=None, mode="offline")
-    cfg_train["relay"] = {"endpoint": relay.endpoint, "spill_dir": str(tmp_path / "spill-here"),
-                          "finish_timeout": 20}
+    cfg_train["relay"].update(endpoint=relay.endpoint, spill_dir=str(tmp_path / "spill-here"), finish_timeout=20)
     cfg_train["params"]["config"]["name"] = "HumanoidTraj"
     observer = observer_from_train_config(cfg_train)
     algo = FakeAlgo(ListWriter(), str(tmp_path))
@@ -499,6 +498,17 @@ def test_observer_from_train_config_opens_the_run_its_yaml_describes(held_relay,
         "tags": ["amp", "point", "multitask"], "notes": cfg_train["wandb"]["notes"], "mode": "offline"}
     assert settings["config"]["horizon_length"] == cfg_train["params"]["config"]["horizon_length"]
     assert records[1][1]["metrics"] == {"losses/a_loss": 0.25} and records[2][1]["exit_code"] == 0
+
+
+def test_observer_from_train_config_knows_the_keys_run_py_knows():
+    """The checkout's helper and tokenhsi/config.py read the same wandb: and relay: blocks."""
+    from dataclasses import fields
+
+    from relay.rl_games import RELAY_KEYS, WANDB_KEYS
+    from tokenhsi import config
+
+    assert set(WANDB_KEYS) == {f.name for f in fields(config.WandbSettings)}
+    assert set(RELAY_KEYS) == {f.name for f in fields(config.RelaySettings)}
 
 
 def test_observer_from_train_config_with_use_wandb_false_reports_nothing(tmp_path):
