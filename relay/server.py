@@ -36,6 +36,7 @@ log = logging.getLogger("relay.server")
 
 SCAN_EVERY = 1.0  # seconds between looks at the spool for runs that need an uploader
 RESTART_BACKOFF_MAX = 60.0  # longest wait before restarting an uploader that failed
+CORE_RESTART_EVERY = 60.0  # at most one new shared wandb-core a minute, should one keep dying
 BATCH_BYTES_FRAMES = 8  # one batch reads at most this many max_frame_bytes of frames
 
 
@@ -120,6 +121,9 @@ class RelayServer:
         self.authenticator: security.RelayAuthenticator | None = None
         self.handshakes: security.HandshakeWatch | None = None
         self.uploader_context = uploader_context()
+        self.core = uploader_module.SharedCore()
+        self.core_started_at = 0.0
+        self.core_lost = False
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -174,6 +178,7 @@ class RelayServer:
                  self.spool.path, waiting,
                  ", ".join(self.config.artifact_roots) or "none (checkpoints will be refused)")
         multiprocessing.forkserver.ensure_running()  # wandb is imported there now, not when the first run comes
+        self.start_core()
         self.scan_runs()
 
     def start_curve(self) -> None:
@@ -217,6 +222,7 @@ class RelayServer:
             if uploader.alive():
                 uploader.process.kill()  # its records are in the spool; the next start resumes the run
                 uploader.process.join()
+        self.core.stop()
         status = self.spool.status()
         left = sum(run["pending"] for run in status["runs"])
         log.info("relay stopped: received=%d acked=%d duplicates=%d refused=%d malformed=%d left_in_spool=%d%s",
@@ -350,6 +356,7 @@ class RelayServer:
         if self.authenticator is not None:
             self.authenticator.load_authorized()
         self.reap_uploaders()
+        self.watch_core()
         self.watch_spool_size()
         now = time.time()
         # Silence counts from this relay's start at the earliest: trainers reconnect when it is back.
@@ -377,7 +384,7 @@ class RelayServer:
         life_reader, life_writer = self.uploader_context.Pipe(duplex=False)
         process = self.uploader_context.Process(
             target=uploader_module.child_main, name="relay-uploader-" + run_id, daemon=True,
-            args=(run_id, self.mode, self.config.model_dump_json(), wake_reader, life_reader))
+            args=(run_id, self.mode, self.config.model_dump_json(), wake_reader, life_reader, self.core.token))
         try:
             process.start()
         finally:
@@ -388,6 +395,24 @@ class RelayServer:
         life_writer.close()
         os.set_blocking(wake_fd, False)
         self.uploaders[run_id] = Uploader(run_id, process, wake_fd, lifeline_fd, failures)
+
+    def start_core(self) -> None:
+        """The wandb-core the uploaders share (relay/uploader.py says why and how)."""
+        self.core_started_at = time.monotonic()
+        self.core_lost = False
+        if self.core.start():
+            log.debug("shared wandb-core started: %s", self.core.token)
+
+    def watch_core(self) -> None:
+        if not self.core.ended():
+            return
+        if not self.core_lost:
+            self.core_lost = True
+            log.warning("the shared wandb-core exited (code %s): uploaders that used it restart and resume their "
+                        "runs from the spool; new uploaders start a wandb-core of their own until another shared "
+                        "one starts", self.core.exit_code)
+        if time.monotonic() >= self.core_started_at + CORE_RESTART_EVERY:
+            self.start_core()
 
     def reap_uploaders(self) -> None:
         for run_id, uploader in list(self.uploaders.items()):

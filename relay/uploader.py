@@ -1,14 +1,25 @@
 """One uploader process per run: spool -> wandb SDK -> W&B. The only module that imports wandb.
 
-Why a process and not a thread: the wandb SDK keeps per-process state that a failure poisons. In
-wandb 0.31 a timed-out `wandb.init` leaves its run id registered in wandb-core ("run ID … is in
-use") until the whole service is torn down, and a dead wandb-core breaks every run of the process.
-A process per run keeps each run's failures its own; the server restarts a failed uploader, which
+Why a process and not a thread: the wandb SDK keeps per-process state that a failure poisons, so
+each run's Python side lives in a process of its own; the server restarts a failed uploader, which
 resumes the W&B run by id (nothing is lost or doubled: see spool.py). One uploader per run is
 enforced by an flock on `<spool>/locks/<run>.lock`. The processes are forked from a fork server
 that imported this module (and wandb) once, so starting one costs a fork, not an import of wandb.
 The server wakes an uploader by writing a byte to its wake pipe; end of file there means the
 server is gone, and the uploader exits at once.
+
+The uploaders share one wandb-core (the SDK's Go service), which the server starts (SharedCore)
+and hands to each uploader as a WANDB_SERVICE token: one Go process instead of one per run, and a
+run starts without starting a service (with 16 runs, sharing cut the CPU per row by a third and
+the first row of a drain came 10 s sooner; see README, Performance). Sharing has one trap in
+wandb 0.31: a run whose stream was left open in the core (its `wandb.init` failed, or its uploader
+died) keeps its id "in use" there until the core stops. So an uploader
+- asks W&B whether it answers before `wandb.init` in online mode (an outage fails there, not in
+  wandb-core);
+- closes a stream left open for its run (it attaches to it, marks it preempted and finishes it:
+  what it held goes to W&B first) and starts the run again;
+- and when the shared core fails it twice, or cannot be reached, goes on with a wandb-core of its
+  own, as every uploader did before sharing.
 
 The uploader owns W&B's step: every row it logs gets the next value of a per-run counter, and
 the (record, step) pairing is committed to the spool before the row goes to the SDK (see the
@@ -33,6 +44,7 @@ import signal
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from typing import Any
 from urllib.parse import urlparse
@@ -65,19 +77,82 @@ SDK_PRELOAD = ("wandb.sdk.launch", "wandb.apis.public", "wandb._analytics", "wan
 RETRYABLE = (wandb.errors.CommError, ConnectionError, TimeoutError, OSError)
 
 
-def api_key_configured() -> bool:
-    """True when wandb would find an API key: WANDB_API_KEY or a netrc entry for the W&B host."""
+def base_url() -> str:
+    return os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai"
+
+
+def api_key() -> str | None:
+    """The API key wandb would use: WANDB_API_KEY, or the netrc entry for the W&B host."""
     if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or ""
+        return os.environ["WANDB_API_KEY"]
     try:
-        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+        entry = netrc.netrc(os.environ.get("NETRC")).authenticators(urlparse(base_url()).hostname or "")
     except (OSError, netrc.NetrcParseError):
-        return False
+        return None
+    return entry[2] if entry else None
+
+
+def api_key_configured() -> bool:
+    return api_key() is not None
 
 
 def default_mode() -> str:
     return "online" if api_key_configured() else "offline"
+
+
+def history_count(url: str, key: str, entity: str | None, project: str, run_id: str, timeout: float) -> int:
+    """How many history rows W&B holds for a run (0 for a run it does not know)."""
+    query = {"operationName": "RelayServerStep", "query": SERVER_STEP_QUERY,
+             "variables": {"entity": entity, "project": project, "name": run_id}}
+    token = base64.b64encode(("api:%s" % key).encode()).decode()
+    request = urllib.request.Request(url.rstrip("/") + "/graphql", data=json.dumps(query).encode(),
+                                     headers={"Content-Type": "application/json", "Authorization": "Basic " + token})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        answer = json.load(response)
+    bucket = answer["data"]["model"]["bucket"]
+    return int(bucket["historyLineCount"] or 0) if bucket else 0
+
+
+class Unreachable(ConnectionError):
+    """W&B did not answer the relay's own query (raised before wandb.init is tried)."""
+
+
+class SharedCore:
+    """The wandb-core that the relay's uploaders share: the server starts it, and passes its
+    token to each uploader it starts (see the module docstring). It exits with the server
+    (wandb-core watches its parent's pid); if it ends before, the server starts another."""
+
+    def __init__(self) -> None:
+        self.token: str | None = None   # WANDB_SERVICE for uploaders; None while there is no core
+        self.exit_code: int | None = None
+        self._process: Any = None
+
+    def start(self) -> bool:
+        from wandb.sdk.lib.service import service_process  # not public: wandb is pinned (pyproject)
+
+        try:
+            process = service_process.start(wandb.Settings())
+        except Exception as exc:  # wandb-core missing or broken: uploaders start their own (and say why)
+            log.warning("could not start the shared wandb-core (%s); each run's uploader starts its own",
+                        _short(exc))
+            return False
+        self._process, self.token, self.exit_code = process, process.token.env_value, None
+        threading.Thread(target=self._watch, args=(process,), name="relay-wandb-core", daemon=True).start()
+        return True
+
+    def _watch(self, process: Any) -> None:
+        code = process.join()
+        if process is self._process:
+            self.token, self.exit_code = None, code
+
+    def ended(self) -> bool:
+        return self._process is not None and self.token is None
+
+    def stop(self) -> None:
+        """After the uploaders have exited: stop wandb-core now rather than when it sees us gone."""
+        if self._process is not None and self.token is not None:
+            self.token = None
+            self._process._process.terminate()  # the Popen inside wandb's handle (no public stop)
 
 
 class RunUploader:
@@ -98,6 +173,8 @@ class RunUploader:
         self._next_confirm = 0.0           # monotonic time of the next server-step query
         self._unreachable = False          # the last server-step query failed
         self._spool: Spool | None = None
+        self.shared_core = bool(os.environ.get("WANDB_SERVICE"))  # on the relay's wandb-core (SharedCore)
+        self.shared_core_failures = 0
 
     # -- process ------------------------------------------------------------------------------
 
@@ -202,12 +279,58 @@ class RunUploader:
         return True
 
     def _init_once(self, settings: dict) -> Any:
+        if self.mode == "online":
+            self._probe(settings)
+        if self.shared_core:
+            try:
+                return self._init_on_shared_core(settings)
+            except Exception as exc:
+                self.shared_core_failures += 1
+                if isinstance(exc, RETRYABLE) and self.shared_core_failures < 2:
+                    raise  # an outage that began after the probe; the next try closes the stream it left
+                self._leave_shared_core(exc)
         try:
             return self._init_sdk(settings)
         except RETRYABLE:
             # The failed run id stays registered in this process's wandb-core: start a fresh one.
             wandb.teardown()
             raise
+
+    def _probe(self, settings: dict) -> None:
+        """Raise Unreachable unless W&B answers (any answer but 5xx, 408 or 429 counts)."""
+        key = api_key()
+        if key is None:
+            return  # wandb.init will say what is missing
+        try:
+            history_count(base_url(), key, settings.get("entity"), settings["project"], self.run_id,
+                          self.config.request_timeout)
+        except urllib.error.HTTPError as exc:
+            if exc.code >= 500 or exc.code in (408, 429):
+                raise Unreachable("W&B at %s answered HTTP %d" % (base_url(), exc.code)) from None
+        except (OSError, ValueError) as exc:
+            raise Unreachable("W&B at %s did not answer: %s" % (base_url(), _short(exc))) from None
+
+    def _init_on_shared_core(self, settings: dict) -> Any:
+        try:
+            return self._init_sdk(settings)
+        except Exception as exc:
+            if "is in use" not in str(exc):
+                raise
+        # The core holds a stream of this run: its uploader died, or a wandb.init failed. Close it
+        # (what it holds goes to W&B first) and start the run again: it resumes after those rows.
+        log.info("run %s: closing its stream left open in the shared wandb-core (by an uploader that died or a "
+                 "wandb.init that failed); the run resumes after what that stream held", self.run_id)
+        stale = wandb._attach(attach_id=self.run_id)
+        stale.mark_preempting()
+        stale.finish()
+        return self._init_sdk(settings)
+
+    def _leave_shared_core(self, error: BaseException) -> None:
+        log.warning("run %s: the shared wandb-core failed it (%s); this run goes on with a wandb-core of its own",
+                    self.run_id, _short(error))
+        self.shared_core = False
+        wandb.teardown()  # this process's connection only: the shared core runs on for the others
+        os.environ.pop("WANDB_SERVICE", None)
 
     def _init_sdk(self, settings: dict) -> Any:
         return wandb.init(
@@ -258,7 +381,8 @@ class RunUploader:
         quietly, this query does not."""
         self._next_confirm = time.monotonic() + self.config.confirm_every
         try:
-            server_step = self._server_history_count()
+            server_step = history_count(self._wb.settings.base_url, self._wb.settings.api_key, self._wb.entity,
+                                        self._wb.project, self.run_id, self.config.request_timeout)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             self._unreachable = True
             self._spool.set_state(self.run_id, "retrying", "asking W&B for the run failed: %s" % _short(exc))
@@ -269,19 +393,6 @@ class RunUploader:
             confirmed = self._spool.confirm_logged(self.run_id, server_step)
             log.debug("run %s: W&B holds %d rows; %d spooled records let go", self.run_id, server_step, confirmed)
             self._confirmed_step = server_step
-
-    def _server_history_count(self) -> int:
-        settings = self._wb.settings
-        query = {"operationName": "RelayServerStep", "query": SERVER_STEP_QUERY,
-                 "variables": {"entity": self._wb.entity, "project": self._wb.project, "name": self.run_id}}
-        token = base64.b64encode(("api:%s" % settings.api_key).encode()).decode()
-        request = urllib.request.Request(settings.base_url.rstrip("/") + "/graphql", data=json.dumps(query).encode(),
-                                         headers={"Content-Type": "application/json",
-                                                  "Authorization": "Basic " + token})
-        with urllib.request.urlopen(request, timeout=self.config.request_timeout) as response:
-            answer = json.load(response)
-        bucket = answer["data"]["model"]["bucket"]
-        return int(bucket["historyLineCount"] or 0) if bucket else 0
 
     def _finish(self, exit_code: int | None, through_id: int | None = None) -> None:
         """Close the W&B run; once finish() returns, everything logged is confirmed."""
@@ -426,10 +537,15 @@ def _exit_with_relay(lifeline_fd: int) -> None:
     threading.Thread(target=watch, name="relay-lifeline", daemon=True).start()
 
 
-def child_main(run_id: str, mode: str, config_json: str, wake: Any, lifeline: Any) -> None:
+def child_main(run_id: str, mode: str, config_json: str, wake: Any, lifeline: Any, core: str | None) -> None:
     """Entry point of an uploader forked by the relay's fork server (relay.server.uploader_context).
-    `wake` and `lifeline` are the read ends of two pipes (multiprocessing Connections, read as fds)."""
+    `wake` and `lifeline` are the read ends of two pipes (multiprocessing Connections, read as fds);
+    `core` is the shared wandb-core's token (None: start a wandb-core of its own)."""
     _exit_with_relay(lifeline.fileno())
+    if core:
+        os.environ["WANDB_SERVICE"] = core
+    else:
+        os.environ.pop("WANDB_SERVICE", None)
     main([run_id, mode, config_json], wake_fd=wake.fileno())
 
 
@@ -444,8 +560,9 @@ def main(argv: list[str], wake_fd: int | None = None) -> int:
         log.info("another uploader already serves run %s; exiting", run_id)
         return 0
     os.environ.setdefault("WANDB_SILENT", "true")
-    # wandb-core is a Go program: with one run to serve, one OS thread running Go code is plenty, and
-    # with many uploaders on few cores the Go schedulers' spinning cost a quarter of its CPU.
+    # For a wandb-core of the uploader's own (not the shared one): with one run to serve, one OS
+    # thread running Go code is plenty, and with many of them on few cores the Go schedulers'
+    # spinning cost a quarter of their CPU.
     os.environ.setdefault("GOMAXPROCS", "1")
     uploader = RunUploader(run_id, config, mode, wake_fd=sys.stdin.fileno() if wake_fd is None else wake_fd)
 

@@ -32,7 +32,9 @@ Deliberately not emulated: wandb.Api() and read queries generally, sweeps, launc
 downloads/use_artifact of stored files, reference artifacts, auth failures, rate limits,
 "stopped" runs.
 
-Faults (``set_fault``) apply to requests that arrive while set: "503" answers 503; "reset" reads
+Faults (``set_fault``) apply to requests that arrive while set, to all of them or to one path (paths
+"graphql", "file_stream", "upload", or "run_init": the two queries of wandb.init that start a run,
+not the relay's own RelayServerStep): "503" answers 503; "reset" reads
 the request and closes the TCP connection with RST; "hang" reads it and never answers (the
 connection is closed unanswered once the fault is cleared, the client gives up, or the fake stops).
 Extra mode "lost_reply": the request is processed and recorded, then the connection is reset, so
@@ -62,7 +64,8 @@ from typing import Any, Callable
 from urllib.parse import quote, unquote
 
 FAULT_MODES = ("ok", "hang", "503", "reset", "lost_reply")
-FAULT_PATHS = ("all", "graphql", "file_stream", "upload")
+FAULT_PATHS = ("all", "graphql", "file_stream", "upload", "run_init")
+RUN_INIT = ("graphql:UpsertBucket", "graphql:RunResumeStatus")  # what wandb.init asks W&B
 HISTORY, SUMMARY, EVENTS, OUTPUT = "wandb-history.jsonl", "wandb-summary.json", "wandb-events.jsonl", "output.log"
 
 
@@ -608,7 +611,7 @@ class _Handler(BaseHTTPRequestHandler):
             if what != kind:
                 fake.requests_seen[what] += 1
             mode, paths = fake._fault
-            if mode != "ok" and paths in ("all", kind):
+            if mode != "ok" and (paths in ("all", kind) or (paths == "run_init" and what in RUN_INIT)):
                 fake.requests_seen["fault:" + mode] += 1
             else:
                 mode = "ok"

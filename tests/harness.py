@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -143,3 +144,59 @@ class TrainerProcess:
     def go_on(self) -> None:
         self.proc.stdin.write("\n")
         self.proc.stdin.flush()
+
+
+def process_tree(root_pid: int) -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, executable name) of every process under root_pid (not root_pid itself)."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as handle:
+                stat = handle.read()
+        except OSError:
+            continue  # it ended while we looked
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        table[int(entry)] = (int(stat[stat.rindex(")") + 2:].split()[1]), name)
+    tree = {}
+    for pid, (parent, name) in table.items():
+        ancestor = parent
+        while ancestor > 1 and ancestor != root_pid:
+            ancestor = table.get(ancestor, (0, ""))[0]
+        if ancestor == root_pid:
+            tree[pid] = (parent, name)
+    return tree
+
+
+def wandb_cores(root_pid: int) -> dict[int, int]:
+    """pid -> parent pid of every wandb-core process under root_pid."""
+    return {pid: parent for pid, (parent, name) in process_tree(root_pid).items() if name == "wandb-core"}
+
+
+def lock_holder(spool_dir: str, run_id: str) -> int:
+    """The pid of the uploader that holds the run's lock file (what makes it that run's uploader)."""
+    lock = os.path.realpath(os.path.join(spool_dir, "locks", run_id + ".lock"))
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fds = os.listdir("/proc/%s/fd" % entry)
+            if any(os.readlink("/proc/%s/fd/%s" % (entry, fd)) == lock for fd in fds):
+                return int(entry)
+        except OSError:
+            continue
+    raise AssertionError("no process holds %s" % lock)
+
+
+def wait_gone(pid: int, timeout: float) -> None:
+    """Wait until process `pid` has exited (its pidfd becomes readable), however it is parented."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        readable, _, _ = select.select([fd], [], [], timeout)
+        assert readable, "process %d still running after %.0f s" % (pid, timeout)
+    finally:
+        os.close(fd)

@@ -1,0 +1,111 @@
+"""The uploaders share one wandb-core, and a failure of it, or within it, loses and doubles nothing.
+
+See relay/uploader.py (module docstring) for the design: one wandb-core started by the server,
+streams left open in it closed by the next uploader of their run, and a wandb-core of its own
+for a run that the shared one fails. Real relay, real wandb-core, the fake W&B backend, real
+signals; outcomes are exact histories.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+
+import pytest
+
+from harness import lock_holder, wait_gone, wandb_cores
+from test_e2e import assert_history
+
+pytestmark = pytest.mark.timeout(240)
+
+LEFT_OPEN = "left open in the shared wandb-core"
+OWN_CORE = "goes on with a wandb-core of its own"
+
+
+def paused_trainer(trainer_factory, relay, run_id, steps, seed):
+    """A trainer that logs `steps` rows, hands them to the relay and waits for go_on() to finish."""
+    trainer = trainer_factory({"endpoint": relay.endpoint, "run_id": run_id, "steps": steps, "metrics": 6,
+                               "seed": seed, "wait_stdin": True, "flush_before_wait": True})
+    trainer.event("logged")
+    return trainer
+
+
+def finish(trainer, fake, run_id, steps, seed):
+    trainer.go_on()
+    assert trainer.event("finished")["report"]["delivered"] is True
+    fake.wait_for(lambda: fake.complete(run_id), 120)
+    assert_history(fake.run(run_id).history, seed=seed, steps=steps, metrics=6)
+    assert fake.run(run_id).exit_code == 0
+
+
+def steps_assigned(relay, run_id) -> int:
+    """How many of the run's rows the uploader has handed to the SDK (their step is committed first)."""
+    conn = sqlite3.connect("file:%s?mode=ro" % os.path.join(relay.spool_dir, "spool.sqlite"), uri=True)
+    try:
+        return conn.execute("SELECT count(*) FROM records WHERE run_id = ? AND kind = 'log' AND step IS NOT NULL",
+                            (run_id,)).fetchone()[0]
+    finally:
+        conn.close()
+
+
+def test_runs_share_one_wandb_core_started_by_the_relay(fake_wandb, relay_factory, trainer_factory):
+    relay = relay_factory(fake_wandb, ["--mode", "online"])
+    trainers = {run_id: paused_trainer(trainer_factory, relay, run_id, 40, seed)
+                for run_id, seed in (("share-a", 31), ("share-b", 32))}
+    relay.wait_status(lambda s: sorted((r["run_id"], r["state"], r["pending"]) for r in s["runs"])
+                      == [("share-a", "uploading", 0), ("share-b", "uploading", 0)], 60, "both runs in W&B")
+    cores = wandb_cores(relay.proc.pid)
+    assert list(cores.values()) == [relay.proc.pid], "expected one wandb-core, the relay's child: %s" % cores
+    for (run_id, trainer), seed in zip(trainers.items(), (31, 32)):
+        finish(trainer, fake_wandb, run_id, 40, seed)
+    assert relay.stop() == 0
+    wait_gone(next(iter(cores)), 10)  # the relay stops its wandb-core too
+    assert OWN_CORE not in relay.log() and LEFT_OPEN not in relay.log()
+
+
+def test_uploader_killed_mid_run_its_stream_is_closed_and_the_run_resumes_exactly_once(fake_wandb, relay_factory,
+                                                                                       trainer_factory):
+    # file_stream hangs: the rows the uploader hands over stay in the shared core's stream for the run.
+    fake_wandb.set_fault("hang", "file_stream")
+    relay = relay_factory(fake_wandb, ["--mode", "online"])
+    trainer = paused_trainer(trainer_factory, relay, "orphan", 120, 33)
+    relay.wait_status(lambda s: s["runs"] and s["runs"][0]["state"] == "uploading"
+                      and steps_assigned(relay, "orphan") == 120, 60, "120 rows handed to wandb-core")
+    uploader = lock_holder(relay.spool_dir, "orphan")
+    os.kill(uploader, signal.SIGKILL)
+    relay.wait_log("uploader for run orphan exited with code -9", 30)
+    fake_wandb.set_fault("ok")
+    relay.wait_log(LEFT_OPEN, 60)
+    finish(trainer, fake_wandb, "orphan", 120, 33)
+    log = relay.log()
+    assert OWN_CORE not in log
+    assert list(wandb_cores(relay.proc.pid).values()) == [relay.proc.pid]
+
+
+def test_init_failed_on_the_shared_core_then_wandb_back_resumes_there(fake_wandb, relay_factory, trainer_factory):
+    # W&B answers the relay's own query but fails the run's start: wandb.init fails inside the shared
+    # core and leaves the run's id registered there, which the next try must clear.
+    fake_wandb.set_fault("503", "run_init")
+    relay = relay_factory(fake_wandb, ["--mode", "online"], env={"RELAY_INIT_TIMEOUT": "2"})
+    trainer = paused_trainer(trainer_factory, relay, "flaky", 30, 34)
+    relay.wait_status(lambda s: s["runs"] and s["runs"][0]["state"] == "retrying", 60, "init retrying")
+    fake_wandb.set_fault("ok")
+    relay.wait_log(LEFT_OPEN, 60)
+    finish(trainer, fake_wandb, "flaky", 30, 34)
+    assert OWN_CORE not in relay.log()
+    assert list(wandb_cores(relay.proc.pid).values()) == [relay.proc.pid]
+
+
+def test_shared_core_killed_mid_run_runs_go_on_with_their_own_and_lose_nothing(fake_wandb, relay_factory,
+                                                                               trainer_factory):
+    relay = relay_factory(fake_wandb, ["--mode", "online"])
+    trainer = paused_trainer(trainer_factory, relay, "corekill", 80, 35)
+    relay.wait_status(lambda s: s["runs"] and s["runs"][0]["state"] == "uploading"
+                      and steps_assigned(relay, "corekill") == 80, 60, "80 rows handed to wandb-core")
+    (core,) = wandb_cores(relay.proc.pid)
+    os.kill(core, signal.SIGKILL)
+    relay.wait_log("the shared wandb-core exited", 30)
+    finish(trainer, fake_wandb, "corekill", 80, 35)  # the finish meets the dead core: the uploader restarts
+    log = relay.log()
+    assert "uploader for run corekill exited with code 1" in log
+    assert fake_wandb.run("corekill").exit_code == 0
