@@ -49,9 +49,9 @@ class Uploader:
     lifeline_fd: int      # write end of a pipe never written to: its end of file tells the uploader we are gone
     failures: int = 0
 
-    def wake(self) -> None:
+    def wake(self, news: bytes = uploader_module.WAKE) -> None:
         try:
-            os.write(self.wake_fd, b"w")
+            os.write(self.wake_fd, news)
         except OSError:
             pass  # already awake with bytes to read, or exiting: the next scan sees it
 
@@ -110,6 +110,7 @@ class RelayServer:
         self.spool_error: str | None = None  # the last failed spool write, until one succeeds
         self.wandb_errors: Counter = Counter()  # W&B failures by kind (for metrics)
         self.retrying_runs: set[str] = set()
+        self.wandb_checked_at = 0.0  # time.time() of the last watch_wandb
         self.progress = BacklogProgress(config.progress_backlog, config.progress_every)
         self.metrics: MetricsEndpoint | None = None
         self.should_exit = False
@@ -445,8 +446,16 @@ class RelayServer:
         self.holding = full
 
     def watch_wandb(self) -> None:
-        """One log line when W&B becomes unreachable, one when it is back (not one per retry)."""
+        """One log line when W&B becomes unreachable, one when it is back (not one per retry). When
+        an online run gets through to W&B, the runs still retrying retry at once rather than at the
+        end of their backoff (up to backoff_max: a minute by default)."""
+        now = time.time()
         retrying = self.spool.runs_in_state("retrying")
+        if retrying and self.spool.reached_wandb_since(self.wandb_checked_at):
+            for run_id, _ in retrying:
+                if run_id in self.uploaders:
+                    self.uploaders[run_id].wake(uploader_module.RETRY_NOW)
+        self.wandb_checked_at = now
         self.count_wandb_errors(retrying)
         if retrying and self.wandb_down_since is None:
             self.wandb_down_since = time.time()

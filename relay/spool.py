@@ -307,6 +307,13 @@ class Spool:
     def runs_in_state(self, state: str) -> list[tuple[str, str]]:
         return list(self.conn.execute("SELECT run_id, coalesce(last_error, '') FROM runs WHERE state = ?", (state,)))
 
+    def reached_wandb_since(self, since: float) -> bool:
+        """Did W&B answer an online run's uploader at `since` or later: did one start uploading (a
+        wandb.init, or a query after failed ones, went through), finish or pause there?"""
+        return self.conn.execute(
+            "SELECT 1 FROM runs WHERE state IN ('uploading', 'finished', 'paused') AND state_since >= ? "
+            "AND location LIKE 'http%' LIMIT 1", (since,)).fetchone() is not None
+
     def settings(self, run_id: str) -> dict | None:
         row = self.conn.execute("SELECT settings FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         return msgpack.unpackb(row[0], raw=False) if row and row[0] is not None else None

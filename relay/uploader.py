@@ -59,6 +59,7 @@ from relay.spool import Record, Spool
 log = logging.getLogger("relay.uploader")
 
 RETRY_FOREVER = 1_000_000_000
+WAKE, RETRY_NOW = b"w", b"r"  # what the server writes to an uploader's wake pipe
 
 # How many history rows W&B holds for a run (the field wandb-core itself reads when it resumes).
 SERVER_STEP_QUERY = """query RelayServerStep($entity: String, $project: String!, $name: String!) {
@@ -224,17 +225,32 @@ class RunUploader:
 
     def _idle(self) -> None:
         """Wait up to a second for the server's wake-up byte."""
+        self._wait_for_server(1.0, RETRY_NOW + WAKE)
+
+    def _wait_for_server(self, seconds: float, wake_on: bytes) -> None:
+        """Wait `seconds`, less if the server sends one of the bytes in `wake_on` (WAKE: records
+        came; RETRY_NOW: W&B answers another uploader again) or we are told to stop."""
         if self.wake_fd is None:
-            self.interrupt.wait(1.0)
+            self.interrupt.wait(seconds)
             return
-        try:
-            readable, _, _ = select.select([self.wake_fd], [], [], 1.0)
-            if readable and not os.read(self.wake_fd, 4096):
+        deadline = time.monotonic() + seconds
+        while not self.interrupt.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            try:
+                readable, _, _ = select.select([self.wake_fd], [], [], min(left, 1.0))
+                if not readable:
+                    continue
+                news = os.read(self.wake_fd, 4096)
+            except InterruptedError:
+                continue
+            if not news:
                 log.warning("run %s: the relay server is gone; uploader exits (records stay in the spool)",
                             self.run_id)
                 os._exit(3)
-        except InterruptedError:
-            pass
+            if any(byte in wake_on for byte in news):
+                return
 
     # -- W&B run lifecycle --------------------------------------------------------------------
 
@@ -249,7 +265,7 @@ class RunUploader:
             retry=tenacity.retry_if_exception_type(RETRYABLE),
             wait=tenacity.wait_exponential_jitter(initial=1.0, max=self.config.backoff_max),
             stop=lambda state: self.interrupt.is_set(),
-            sleep=lambda seconds: self.interrupt.wait(seconds) or None,
+            sleep=lambda seconds: self._wait_for_server(seconds, RETRY_NOW),  # records coming in do not cut it
             before_sleep=self._on_retry,
             reraise=True,
         )
@@ -371,7 +387,7 @@ class RunUploader:
             return
         self._confirm()
         while self._unreachable and not self.interrupt.is_set():
-            self.interrupt.wait(self.config.backoff_max)
+            self._wait_for_server(self.config.backoff_max, RETRY_NOW)
             self._confirm()
 
     def _confirm(self) -> None:

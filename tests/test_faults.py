@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -123,6 +124,32 @@ def test_wandb_outage_mid_run_keeps_acking_and_drains_in_order(fault, fake_wandb
     relay.wait_status(lambda s: s["wandb_down_since"] is None, 30, "the relay to see W&B back")
     log = relay.log()
     assert log.count("W&B unreachable") == 1 and log.count("W&B reachable again") == 1
+
+
+def test_when_one_run_gets_through_to_wandb_the_runs_retrying_retry_at_once(fake_wandb, relay_factory,
+                                                                           trainer_factory):
+    fake_wandb.set_fault("503")
+    relay = relay_factory(fake_wandb, ["--mode", "online"], env={"RELAY_BACKOFF_MAX": "120"})
+    patient = trainer_factory({"endpoint": relay.endpoint, "run_id": "patient", "steps": 20, "metrics": 6,
+                               "seed": 37})
+    assert patient.event("finished")["report"]["delivered"] is True
+    # Let its backoff grow (1, 2, 4, 8 s, with jitter) until its next try is at least 15 s away.
+    deadline = time.monotonic() + 90
+    while not any(float(wait) >= 15 for wait in re.findall(r"run patient: wandb.init failed .*; retry in ([\d.]+) s",
+                                                              relay.log())):
+        assert time.monotonic() < deadline, relay.log()
+        relay.wait_log("run patient: wandb.init failed", 30, seen=relay.log().count("run patient: wandb.init failed"))
+    fake_wandb.set_fault("ok")
+    eager = trainer_factory({"endpoint": relay.endpoint, "run_id": "eager", "steps": 20, "metrics": 6, "seed": 38})
+    assert eager.event("finished")["report"]["delivered"] is True
+    relay.wait_status(lambda s: {r["run_id"]: r["state"] for r in s["runs"]}["eager"] in ("uploading", "finished"),
+                      30, "the new run to get through to W&B")
+    # The relay wakes the retrying run: it goes on within seconds, not at the end of its backoff.
+    relay.wait_status(lambda s: {r["run_id"]: r["state"] for r in s["runs"]}["patient"] in ("uploading", "finished"),
+                      10, "the retrying run to retry at once")
+    for run_id, seed in (("patient", 37), ("eager", 38)):
+        fake_wandb.wait_for(complete(fake_wandb, run_id), 60)
+        assert_history(fake_wandb.run(run_id).history, seed=seed, steps=20, metrics=6)
 
 
 def test_wandb_refusing_connections_at_start_then_listening_delivers(relay_factory, trainer_factory):
