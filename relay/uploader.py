@@ -323,6 +323,8 @@ class RunUploader:
         except urllib.error.HTTPError as exc:
             if exc.code >= 500 or exc.code in (408, 429):
                 raise Unreachable("W&B at %s answered HTTP %d" % (base_url(), exc.code)) from None
+        except (KeyError, TypeError):
+            pass  # a GraphQL error (no such entity, no permission): W&B answers; wandb.init will say more
         except (OSError, ValueError) as exc:
             raise Unreachable("W&B at %s did not answer: %s" % (base_url(), _short(exc))) from None
 

@@ -109,3 +109,17 @@ def test_shared_core_killed_mid_run_runs_go_on_with_their_own_and_lose_nothing(f
     log = relay.log()
     assert "uploader for run corekill exited with code 1" in log
     assert fake_wandb.run("corekill").exit_code == 0
+
+
+def test_init_failing_twice_on_the_shared_core_the_run_goes_on_with_its_own(fake_wandb, relay_factory,
+                                                                            trainer_factory):
+    fake_wandb.set_fault("503", "run_init")
+    relay = relay_factory(fake_wandb, ["--mode", "online"], env={"RELAY_INIT_TIMEOUT": "2"})
+    trainer = paused_trainer(trainer_factory, relay, "twice", 30, 36)
+    relay.wait_log(OWN_CORE, 60)  # failed, closed the stream it left, failed again
+    assert relay.log().count(LEFT_OPEN) == 1
+    fake_wandb.set_fault("ok")
+    relay.wait_log("run twice started in W&B mode online", 60)
+    uploader = lock_holder(relay.spool_dir, "twice")
+    assert sorted(wandb_cores(relay.proc.pid).values()) == sorted([relay.proc.pid, uploader])
+    finish(trainer, fake_wandb, "twice", 30, 36)
