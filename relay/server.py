@@ -38,6 +38,38 @@ SCAN_EVERY = 1.0  # seconds between looks at the spool for runs that need an upl
 RESTART_BACKOFF_MAX = 60.0  # longest wait before restarting an uploader that failed
 CORE_RESTART_EVERY = 60.0  # at most one new shared wandb-core a minute, should one keep dying
 BATCH_BYTES_FRAMES = 8  # one batch reads at most this many max_frame_bytes of frames
+REFUSALS_LOGGED = 20  # refusal warnings logged per minute at most; the rest are counted
+
+
+class RefusalLog:
+    """Refusal warnings, at most `limit` a minute, so that a client sending garbage in a loop does
+    not fill the log (or the disk under it). What is left out is counted, and one line says how
+    many when the minute is over (or the relay stops); `relay status` counts every refusal."""
+
+    def __init__(self, limit: int = REFUSALS_LOGGED, window: float = 60.0):
+        self.limit = limit
+        self.window = window
+        self.window_end = 0.0
+        self.logged = 0
+        self.left_out = 0
+
+    def warn(self, message: str, *args: Any) -> None:
+        self.roll()
+        if self.logged < self.limit:
+            self.logged += 1
+            log.warning(message, *args)
+        else:
+            self.left_out += 1
+
+    def roll(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now < self.window_end:
+            return
+        if self.left_out:
+            log.warning("%d more refusals in the last %.0f s were not logged (the first %d were; `relay status` "
+                        "counts them all)", self.left_out, min(self.window, now - self.window_end + self.window),
+                        self.limit)
+        self.window_end, self.logged, self.left_out = now + self.window, 0, 0
 
 
 @dataclass
@@ -112,6 +144,7 @@ class RelayServer:
         self.retrying_runs: set[str] = set()
         self.wandb_checked_at = 0.0  # time.time() of the last watch_wandb
         self.progress = BacklogProgress(config.progress_backlog, config.progress_every)
+        self.refusals = RefusalLog()
         self.metrics: MetricsEndpoint | None = None
         self.should_exit = False
         self.force_exit = False
@@ -224,6 +257,7 @@ class RelayServer:
                 uploader.process.kill()  # its records are in the spool; the next start resumes the run
                 uploader.process.join()
         self.core.stop()
+        self.refusals.roll(force=True)
         status = self.spool.status()
         left = sum(run["pending"] for run in status["runs"])
         log.info("relay stopped: received=%d acked=%d duplicates=%d refused=%d malformed=%d left_in_spool=%d%s",
@@ -281,6 +315,14 @@ class RelayServer:
             except protocol.ProtocolError as exc:
                 self.refuse(identity, exc)
                 continue
+            except Exception:  # a bug in our validation must not stop the relay for every other client
+                if not self.counters["unreadable"]:
+                    log.exception("could not read a frame from client %s (a relay bug: please report it with "
+                                  "this traceback); it is refused", identity.hex()[:16])
+                self.counters["unreadable"] += 1
+                self.refuse(identity, protocol.ProtocolError("the relay could not read this frame (a relay bug, "
+                                                             "logged there)"))
+                continue
             if message["t"] == "status":
                 status_requests.append(identity)
                 continue
@@ -291,7 +333,8 @@ class RelayServer:
                 self.counters["held"] += 1  # not acked: the client keeps it, re-sends it, spills it
                 continue
             if refusal:
-                log.warning("refused record seq=%d of stream %s: %s", message["seq"], message["stream"], refusal)
+                self.refusals.warn("refused record seq=%d of stream %s: %s", message["seq"], message["stream"],
+                                   refusal)
             items.append((message, refusal, frame))
             senders[message["stream"]] = identity
         if items:
@@ -341,7 +384,7 @@ class RelayServer:
     def refuse(self, identity: bytes, error: protocol.ProtocolError) -> None:
         """A frame without a readable (stream, seq): nothing to store or ack, only an answer."""
         self.counters["malformed"] += 1
-        log.warning("refused a frame from client %s: %s", identity.hex()[:16], error.reason)
+        self.refusals.warn("refused a frame from client %s: %s", identity.hex()[:16], error.reason)
         self.reply(identity, {"t": "error", "seq": None, "reason": error.reason})
 
     def reply(self, identity: bytes, message: dict) -> None:
@@ -356,6 +399,7 @@ class RelayServer:
     def scan_runs(self) -> None:
         if self.authenticator is not None:
             self.authenticator.load_authorized()
+        self.refusals.roll()
         self.reap_uploaders()
         self.watch_core()
         self.watch_spool_size()

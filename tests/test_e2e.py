@@ -4,6 +4,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import re
 import subprocess
 import sys
 import time
@@ -173,6 +174,21 @@ def test_malformed_frames_get_errors_while_other_clients_are_served(relay_factor
     log = relay.log()
     assert log.count("refused") >= len(frames)
     bad.close()
+
+
+def test_refusal_warnings_are_limited_and_the_rest_counted(relay_factory):
+    relay = relay_factory(None, ["--mode", "offline"])
+    bad = _raw_socket(relay.endpoint)
+    for index in range(100):
+        bad.send(b"\xc1 not msgpack %d" % index)
+    for _ in range(100):
+        assert _reply(bad)["t"] == "error"  # every frame is still answered
+    assert relay.status()["counters"]["malformed"] == 100
+    bad.close()
+    assert relay.stop() == 0
+    log = relay.log()
+    assert log.count("refused a frame from client") == 20
+    assert re.search(r"80 more refusals in the last \d+ s were not logged", log), log
 
 
 def test_relay_absent_log_is_fast_finish_spills_and_replay_delivers_once(fake_wandb, relay_factory, tmp_path):
