@@ -178,6 +178,14 @@ class Spool:
 
     # -- ingest (the server's thread, and `relay replay`) -------------------------------------
 
+    def forget_refusals(self) -> int:
+        """Delete the refused records that the watermarks have passed (a refusal is only stored
+        when it came past a gap, to keep its seq used up until the gap is filled)."""
+        with self._transaction():
+            return self.conn.execute(
+                "DELETE FROM records WHERE run_id = '' AND seq <= "
+                "(SELECT upto FROM streams WHERE streams.stream = records.stream)").rowcount
+
     def load_watermarks(self) -> None:
         self._upto = dict(self.conn.execute("SELECT stream, upto FROM streams"))
         self._above = {}
@@ -210,6 +218,11 @@ class Spool:
                     continue
                 if seq > upto + 1 and not allow_gaps and not refusal:  # a refusal takes its seq anyway
                     outcomes.append(Outcome(stream, seq, "gap"))
+                    continue
+                if refusal and seq == upto + 1:  # the watermark alone makes a re-send a duplicate: keep nothing
+                    self._advance(stream, seq)
+                    touched.add(stream)
+                    outcomes.append(Outcome(stream, seq, "error", refusal))
                     continue
                 run_id = "" if refusal else message["run"]
                 kind = "rejected" if refusal else message["t"]

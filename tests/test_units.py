@@ -126,6 +126,32 @@ def test_spool_refusal_consumes_the_seq(tmp_path):
     assert [r.body["seq"] for r in spool.records("r1", 0, 10)] == [1, 3]
 
 
+def _stored(spool, stream="s1"):
+    return [seq for (seq,) in spool.conn.execute("SELECT seq FROM records WHERE stream = ? ORDER BY seq", (stream,))]
+
+
+def test_spool_keeps_nothing_of_refusals_the_watermark_passes(tmp_path):
+    spool = Spool(str(tmp_path))
+    spool.load_watermarks()
+    refused = [({"stream": "s1", "seq": seq}, "bad metric") for seq in range(1, 101)]
+    assert [o.status for o in spool.ingest(refused)] == ["error"] * 100
+    assert spool.upto("s1") == 100 and _stored(spool) == []   # a misbehaving client grows nothing but one row
+    assert [o.status for o in spool.ingest([refused[0], _log(101)])] == ["dup", "new"]
+    # A refusal past a gap (the seqs before it died with a relay) is kept until the gap is filled ...
+    outcomes = spool.ingest([({"stream": "s1", "seq": 104}, "bad metric")])
+    assert [o.status for o in outcomes] == ["error"] and _stored(spool) == [101, 104]
+    spool.close()
+    reopened = Spool(str(tmp_path))
+    reopened.load_watermarks()
+    assert reopened.forget_refusals() == 0 and _stored(reopened) == [101, 104]
+    assert [o.status for o in reopened.ingest([_log(102), _log(103), ({"stream": "s1", "seq": 104}, "x")])] == \
+        ["new", "new", "dup"]
+    assert reopened.upto("s1") == 104
+    # ... and let go of at the next start.
+    assert reopened.forget_refusals() == 1 and _stored(reopened) == [101, 102, 103]
+    assert [r.body["seq"] for r in reopened.records("r1", 0, 10)] == [101, 102, 103]
+
+
 def test_spool_confirms_by_step_and_by_finish(tmp_path):
     spool = Spool(str(tmp_path))
     spool.load_watermarks()
