@@ -363,6 +363,10 @@ class RunUploader:
                 # The relay host's pip packages say nothing about the trainer's run (and listing
                 # them read every installed package's metadata: a tenth of an uploader's CPU).
                 x_save_requirements=False,
+                # An online run's transaction log (`run-*.wandb`: every row again, on the relay's disk,
+                # never cleaned up) would duplicate what the spool holds until W&B confirms it; it also
+                # cost a quarter of wandb-core's CPU in a drain. An offline run is its transaction log.
+                x_skip_transaction_log=self.mode == "online",
                 # wandb-core must never give up on a row it accepted: the spool has already let go
                 # of the choice. It retries forever, waiting at most backoff_max between tries.
                 x_file_stream_retry_max=RETRY_FOREVER, x_graphql_retry_max=RETRY_FOREVER,

@@ -7,6 +7,7 @@ signals; outcomes are exact histories.
 """
 from __future__ import annotations
 
+import glob
 import os
 import signal
 import sqlite3
@@ -61,6 +62,10 @@ def test_runs_share_one_wandb_core_started_by_the_relay(fake_wandb, relay_factor
     assert relay.stop() == 0
     wait_gone(next(iter(cores)), 10)  # the relay stops its wandb-core too
     assert OWN_CORE not in relay.log() and LEFT_OPEN not in relay.log()
+    # No transaction log of an online run (the spool holds what W&B has not confirmed), only its logs.
+    runs = glob.glob(os.path.join(relay.spool_dir, "wandb", "run-*"))
+    assert sorted(path.rsplit("-", 2)[-2:] for path in runs) == [["share", "a"], ["share", "b"]]
+    assert glob.glob(os.path.join(relay.spool_dir, "wandb", "run-*", "*.wandb")) == []
 
 
 def test_uploader_killed_mid_run_its_stream_is_closed_and_the_run_resumes_exactly_once(fake_wandb, relay_factory,
