@@ -540,6 +540,10 @@ class _Server(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
+class _ClientGone(Exception):
+    """The request's body ended before its Content-Length: nothing to process, no one to answer."""
+
+
 class _GraphQLError(Exception):
     pass
 
@@ -578,7 +582,10 @@ class _Handler(BaseHTTPRequestHandler):
                 self.rfile.readline()
             body = b"".join(chunks)
         else:
-            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length)
+            if len(body) < length:  # the client died while sending (a relay stopped mid-upload)
+                raise _ClientGone("%d of %d bytes" % (len(body), length))
         if self.headers.get("Content-Encoding", "").lower() == "gzip":
             body = gzip.decompress(body)
         return body
@@ -594,7 +601,13 @@ class _Handler(BaseHTTPRequestHandler):
             kind = "upload"
         else:
             kind = "other"
-        body = self._read_body()
+        try:
+            body = self._read_body()
+        except _ClientGone:
+            with fake._cond:
+                fake.requests_seen["cut off by the client"] += 1
+            self.close_connection = True
+            return
         what = kind
         if kind == "graphql":
             try:
