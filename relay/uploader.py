@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import base64
 import fcntl
+import gc
 import json
 import logging
 import netrc
@@ -564,6 +565,7 @@ def child_main(run_id: str, mode: str, config_json: str, wake: Any, lifeline: An
     `wake` and `lifeline` are the read ends of two pipes (multiprocessing Connections, read as fds);
     `core` is the shared wandb-core's token (None: start a wandb-core of its own)."""
     _exit_with_relay(lifeline.fileno())
+    gc.freeze()  # what the fork server imported (wandb, ...) stays out of this process's collections
     if core:
         os.environ["WANDB_SERVICE"] = core
     else:
