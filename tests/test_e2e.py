@@ -200,7 +200,12 @@ def test_relay_absent_log_is_fast_finish_spills_and_replay_delivers_once(fake_wa
         started = time.perf_counter()
         run.log(row(6, step, 40), frame=frame(step), epoch=step + 1)
         latencies.append(time.perf_counter() - started)
-    assert max(latencies) < 0.005, "slowest log call %.2f ms" % (max(latencies) * 1e3)
+    # No call waits for the absent relay: a send that waited for a peer would block for good, and one
+    # with a timeout would take all of it. (How fast a call is, is bench/client_latency.py's business:
+    # a 5 ms bound on the slowest call failed once in a clean-clone CI run here, at 8.2 ms.)
+    assert max(latencies) < 0.1, "slowest log call %.2f ms" % (max(latencies) * 1e3)
+    assert sorted(latencies)[len(latencies) // 2] < 0.001, "median log call %.2f ms" % (
+        sorted(latencies)[len(latencies) // 2] * 1e3)
     started = time.monotonic()
     report = run.finish(exit_code=0, timeout=1.0)
     assert time.monotonic() - started < 1.5
