@@ -49,7 +49,7 @@ class RefusalLog:
     def __init__(self, limit: int = REFUSALS_LOGGED, window: float = 60.0):
         self.limit = limit
         self.window = window
-        self.window_end = 0.0
+        self.window_start = -window  # the first warning opens a window
         self.logged = 0
         self.left_out = 0
 
@@ -63,13 +63,12 @@ class RefusalLog:
 
     def roll(self, force: bool = False) -> None:
         now = time.monotonic()
-        if not force and now < self.window_end:
+        if not force and now < self.window_start + self.window:
             return
         if self.left_out:
             log.warning("%d more refusals in the last %.0f s were not logged (the first %d were; `relay status` "
-                        "counts them all)", self.left_out, min(self.window, now - self.window_end + self.window),
-                        self.limit)
-        self.window_end, self.logged, self.left_out = now + self.window, 0, 0
+                        "counts them all)", self.left_out, min(self.window, now - self.window_start), self.limit)
+        self.window_start, self.logged, self.left_out = now, 0, 0
 
 
 @dataclass
@@ -503,7 +502,7 @@ class RelayServer:
         self.wandb_checked_at = now
         self.count_wandb_errors(retrying)
         if retrying and self.wandb_down_since is None:
-            self.wandb_down_since = time.time()
+            self.wandb_down_since = now
             log.warning("W&B unreachable (%d runs retrying); records wait in the spool: %s",
                         len(retrying), retrying[0][1])
         elif not retrying and self.wandb_down_since is not None:

@@ -146,19 +146,21 @@ class TrainerProcess:
         self.proc.stdin.flush()
 
 
+def _pids() -> list[int]:
+    return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
+
+
 def process_tree(root_pid: int) -> dict[int, tuple[int, str]]:
     """pid -> (parent pid, executable name) of every process under root_pid (not root_pid itself)."""
     table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for pid in _pids():
         try:
-            with open("/proc/%s/stat" % entry) as handle:
+            with open("/proc/%d/stat" % pid) as handle:
                 stat = handle.read()
         except OSError:
             continue  # it ended while we looked
         name = stat[stat.index("(") + 1:stat.rindex(")")]
-        table[int(entry)] = (int(stat[stat.rindex(")") + 2:].split()[1]), name)
+        table[pid] = (int(stat[stat.rindex(")") + 2:].split()[1]), name)
     tree = {}
     for pid, (parent, name) in table.items():
         ancestor = parent
@@ -177,15 +179,12 @@ def wandb_cores(root_pid: int) -> dict[int, int]:
 def lock_holder(spool_dir: str, run_id: str) -> int:
     """The pid of the uploader that holds the run's lock file (what makes it that run's uploader)."""
     lock = os.path.realpath(os.path.join(spool_dir, "locks", run_id + ".lock"))
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for pid in _pids():
         try:
-            fds = os.listdir("/proc/%s/fd" % entry)
-            if any(os.readlink("/proc/%s/fd/%s" % (entry, fd)) == lock for fd in fds):
-                return int(entry)
+            if any(os.readlink("/proc/%d/fd/%s" % (pid, fd)) == lock for fd in os.listdir("/proc/%d/fd" % pid)):
+                return pid
         except OSError:
-            continue
+            continue  # it ended while we looked, or is not ours to read
     raise AssertionError("no process holds %s" % lock)
 
 
