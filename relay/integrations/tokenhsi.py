@@ -98,7 +98,7 @@ def reporting_from_train_config(cfg_train, where="cfg_train"):
     ValueError naming the key; `where` names the file in that message."""
     if not isinstance(cfg_train, dict):
         raise ValueError("%s must be a mapping, got %s" % (where, type(cfg_train).__name__))
-    _refuse_misplaced(cfg_train.get("params"), "params", where)
+    refuse_misplaced(cfg_train.get("params"), "params", where)
     use_wandb = cfg_train.get("use_wandb", False)
     if not isinstance(use_wandb, bool):
         raise ValueError("%s: use_wandb must be True or False, got %r" % (where, use_wandb))
@@ -130,7 +130,7 @@ def observer_from_train_config(cfg_train, where="cfg_train", experiment=None, co
     return reporting.observer(reporting.run_name(where, experiment, config_name), config)
 
 
-def _refuse_misplaced(value, path, where):
+def refuse_misplaced(value, path, where):
     # type: (Any, str, str) -> None
     """`use_wandb`, `wandb` and `relay` anywhere under `params:` are refused: rl_games would carry
     them silently and reporting would be off."""
@@ -139,7 +139,7 @@ def _refuse_misplaced(value, path, where):
             if key in ("use_wandb", "wandb", "relay"):
                 raise ValueError("%s: %s.%s is misplaced: `%s` belongs at the top level of the training yaml, "
                                  "next to `params:` (move it there)" % (where, path, key, key))
-            _refuse_misplaced(item, "%s.%s" % (path, key), where)
+            refuse_misplaced(item, "%s.%s" % (path, key), where)
 
 
 def _settings_block(cfg_train, block, known, where):
