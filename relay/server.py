@@ -363,7 +363,7 @@ class RelayServer:
                     continue
                 if opened is not None:  # copied off this thread; the record is committed when the copy is done
                     self.copying[message["stream"]] = message["seq"]
-                    self.copier.submit(opened, (message, frame, identity))
+                    self.copier.submit(opened, (message, frame, identity, opened.size, time.monotonic()))
                     continue
             if refusal:
                 self.refusals.warn("refused record seq=%d of stream %s: %s", message["seq"], message["stream"],
@@ -390,7 +390,7 @@ class RelayServer:
 
     def finish_copies(self) -> None:
         """Commit (and ack) the checkpoint records whose copies are done; their streams go on."""
-        for (message, frame, identity), error in self.copier.finished():
+        for (message, frame, identity, size, started), error in self.copier.finished():
             self.copying.pop(message["stream"], None)
             if isinstance(error, SnapshotError):
                 self.counters["held"] += 1
@@ -400,6 +400,10 @@ class RelayServer:
             if refusal:
                 self.refusals.warn("refused record seq=%d of stream %s: %s", message["seq"], message["stream"],
                                    refusal)
+            else:
+                log.info("copied checkpoint %s into the spool (%d bytes in %.0f ms: it is on another filesystem than "
+                         "the spool, so it cannot be linked)", message["path"], size,
+                         (time.monotonic() - started) * 1e3)
             if self.holding:  # the spool filled up while copying: not acked (the client re-sends it)
                 self.snapshots.discard(message)
                 self.counters["held"] += 1
