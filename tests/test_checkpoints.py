@@ -6,9 +6,11 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import sys
 
 import pytest
 
+from harness import wandb_env
 from relay.client import RelayClient
 
 pytestmark = pytest.mark.timeout(240)
@@ -156,6 +158,37 @@ def test_checkpoint_missing_or_replaced_before_the_relay_took_it_is_refused_to_t
     log = relay.log()
     assert "checkpoint %s refused: it changed after it was logged" % path in log
     assert "checkpoint %s refused: No such file or directory" % gone in log
+    relay.wait_status(lambda s: s["runs"][0]["finished"] and snapshot_files(relay) == [], 30,
+                      "the run finished and its snapshots deleted")
+    assert relay.stop() == 0
+
+
+def test_replayed_spill_file_snapshots_its_checkpoints_and_refuses_a_replaced_one(fake_wandb, relay_factory,
+                                                                                 tmp_path):
+    root = tmp_path / "output"
+    (root / "nn").mkdir(parents=True)
+    path = root / "nn" / "Humanoid.pth"
+    relay = relay_factory(fake_wandb, ["--mode", "online", "--artifact-root", str(root)], start=False)
+    client = RelayClient(relay.endpoint, spill_dir=str(tmp_path / "spill"))
+    run = client.start_run(project="tokenHSI", run_id="spilled")
+    save(path, b"first" * 1000)
+    run.log_checkpoint(str(path), metadata={"epoch": 1})
+    save(path, b"second" * 1000)
+    run.log_checkpoint(str(path), metadata={"epoch": 2}, aliases=["latest"])
+    report = run.finish(exit_code=0, timeout=0.5)           # no relay: all of it goes to the spill file
+    client.close()
+    assert report["delivered"] is False
+    relay.start()
+    env = dict(wandb_env(fake_wandb, str(tmp_path / "home")), RELAY_ARTIFACT_ROOTS=str(root))
+    replay = subprocess.run([sys.executable, "-m", "relay", "replay", "--spool-dir", relay.spool_dir,
+                             report["spill_file"]], env=env, capture_output=True, text=True, timeout=60)
+    assert replay.returncode == 0, replay.stderr
+    assert "refused seq 2: checkpoint %s refused: it changed after it was logged" % path in replay.stderr
+    assert "3 records new, 0 already delivered, 1 refused" in replay.stdout
+    path.unlink()                                            # the snapshot taken by the replay is what uploads
+    fake_wandb.wait_for(lambda: fake_wandb.complete("spilled"), 120)
+    assert [(a.metadata, a.files["Humanoid.pth"]) for a in fake_wandb.artifacts()] == [
+        ({"epoch": 2}, b"second" * 1000)]
     relay.wait_status(lambda s: s["runs"][0]["finished"] and snapshot_files(relay) == [], 30,
                       "the run finished and its snapshots deleted")
     assert relay.stop() == 0
