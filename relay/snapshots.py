@@ -179,6 +179,9 @@ class SnapshotDir:
     def _publish(self, partial: str, final: str) -> None:
         try:
             os.replace(partial, final, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+            # A record taken twice (re-sent before its first copy was committed) links the same
+            # file again: rename(2) between two links of one file does nothing and leaves `partial`.
+            self._discard(partial)
             os.fsync(self.fd)
         except OSError as exc:
             self._discard(partial)
