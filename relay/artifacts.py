@@ -4,10 +4,11 @@ A client names a path; the relay resolves it on its own filesystem (symlinks and
 and refuses anything outside the roots, anything that is not a regular file, and anything over
 the size limit. A client must not be able to make the relay upload ~/.netrc.
 
-Two steps use this: the relay checks the path when the record arrives (and refuses the record),
-and the uploader checks it again when it reads the file, with `open_checkpoint`: the file is opened
-(never following a final symlink, never blocking on a FIFO) and what was actually opened is checked
-against the same rules, so a directory swapped for a symlink in between gains nothing.
+The relay checks the path when the record arrives (`resolve_checkpoint`, and refuses the
+record), then opens it to take its snapshot (`open_checkpoint`, relay/snapshots.py): the file is
+opened (never following a final symlink, never blocking on a FIFO) and what was actually opened is
+checked against the same rules, so a directory swapped for a symlink in between gains nothing;
+the snapshot is linked or copied from that open file. The uploader reads only the snapshot.
 """
 from __future__ import annotations
 

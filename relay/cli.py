@@ -165,12 +165,14 @@ def replay(config_path, spool_dir, files) -> None:
     cfg = _load_config(config_path, spool_dir=spool_dir)
     _setup_logging(cfg.log_level)
     from relay.server import classify
+    from relay.snapshots import SnapshotDir
     from relay.spool import Spool, SpoolError
     try:
         spool = Spool(cfg.spool_dir)
     except SpoolError as exc:
         raise click.ClickException(str(exc))
     spool.load_watermarks()
+    snapshot_dir = SnapshotDir(cfg.spool_dir, cfg.artifact_roots, cfg.max_artifact_bytes, cfg.max_spool_bytes)
     totals = {"new": 0, "dup": 0, "error": 0, "unreadable": 0}
     for path in files:
         items, torn = [], None
@@ -188,10 +190,14 @@ def replay(config_path, spool_dir, files) -> None:
                         click.echo("%s: skipped an unreadable record: %s" % (path, exc.reason), err=True)
             except (msgpack.OutOfData, ValueError) as exc:
                 torn = exc
-        items = [item for item in items if item[0].get("t") != "status"]
+        items = [_snapshot(item, snapshot_dir, spool) for item in items if item[0].get("t") != "status"]
         counts = {"new": 0, "dup": 0, "error": 0}
         for start in range(0, len(items), cfg.batch_max):
-            for outcome in spool.ingest(items[start:start + cfg.batch_max], allow_gaps=True):
+            batch = items[start:start + cfg.batch_max]
+            for item, outcome in zip(batch, spool.ingest(batch, allow_gaps=True)):
+                if item[0].get("t") == "checkpoint" and outcome.status != "new" and not item[1] and \
+                        not spool.has_record(outcome.stream, outcome.seq):
+                    snapshot_dir.discard(item[0])
                 counts[outcome.status] += 1
                 if outcome.status == "error":
                     click.echo("%s: refused seq %d: %s" % (path, outcome.seq, outcome.reason), err=True)
@@ -201,8 +207,33 @@ def replay(config_path, spool_dir, files) -> None:
             path, counts["new"], counts["dup"], counts["error"],
             "; file is torn after its last whole record (%s)" % torn if torn else ""))
     spool.close()
+    snapshot_dir.close()
     click.echo("replayed %d files: %d new records in %s (a running relay uploads them within a second; "
                "follow with `relay status --watch`)" % (len(files), totals["new"], cfg.spool_dir))
+
+
+def _snapshot(item: tuple, snapshot_dir, spool) -> tuple:
+    """A replayed checkpoint record gets its snapshot as the relay's intake would give it (a copy
+    is made here, in this process): the file as it is now, refused if it changed since it was logged."""
+    from relay.artifacts import RefusedPath
+    from relay.snapshots import SnapshotError
+
+    message, refusal = item[0], item[1]
+    if message.get("t") != "checkpoint" or refusal or message["seq"] <= spool.upto(message["stream"]):
+        return item
+    try:
+        opened = snapshot_dir.take(message)
+        if opened is not None:
+            try:
+                snapshot_dir.copy(opened)
+            finally:
+                opened.close()
+    except RefusedPath as exc:
+        return (message, str(exc))
+    except SnapshotError as exc:
+        raise click.ClickException("%s; this spill file was not replayed (files before it were): run `relay replay` "
+                                   "again once the spool's disk has room" % exc)
+    return item
 
 
 @main.group()

@@ -638,9 +638,16 @@ class Run:
 
     def log_checkpoint(self, path: str, metadata: Optional[Dict[str, Any]] = None,
                        aliases: Optional[List[str]] = None) -> None:
-        self.client.submit({"t": "checkpoint", "run": self.id, "time": time.time(),
-                            "path": os.path.abspath(os.fspath(path)), "metadata": dict(metadata or {}),
-                            "aliases": list(aliases or [])})
+        """The relay uploads the file as it finds it when it takes the record (it snapshots it then);
+        the size and mtime seen here let it refuse a file that a later save replaced meanwhile."""
+        message = {"t": "checkpoint", "run": self.id, "time": time.time(), "path": os.path.abspath(os.fspath(path)),
+                   "metadata": dict(metadata or {}), "aliases": list(aliases or [])}
+        try:
+            info = os.stat(message["path"])
+            message["stat"] = {"size": info.st_size, "mtime_ns": info.st_mtime_ns}
+        except OSError:
+            pass  # the relay says what is wrong with the path
+        self.client.submit(message)
 
     def summary(self, values: Dict[str, Any]) -> None:
         self.client.submit({"t": "summary", "run": self.id, "values": dict(values)})

@@ -39,8 +39,8 @@ SERVER_COUNTERS = {  # server counter -> (metric name without relay_ and _total,
     "duplicates": ("duplicates", "re-sent records recognised and acked again, not stored twice"),
     "refused": ("refused", "records refused with an error reply (e.g. a checkpoint outside the artifact roots)"),
     "malformed": ("malformed", "frames that could not be read at all"),
-    "held": ("held", "records not taken while the spool was full or could not be written (each re-send "
-                     "counts again)"),
+    "held": ("held", "records not taken while the spool was full or could not be written, or while their "
+                     "stream waited for a checkpoint copy (each re-send counts again)"),
     "out_of_order": ("out_of_order", "records past a gap in their stream, re-sent by the client later"),
 }
 

@@ -11,7 +11,8 @@ Client -> relay kinds and their own fields:
 
     open        run, settings {project, entity, name, group, tags, notes, config, mode}
     log         run, metrics {name: scalar}, frame?, epoch?, ns?, time
-    checkpoint  run, path, metadata {..}, aliases [..], time
+    checkpoint  run, path, metadata {..}, aliases [..], time, stat? {size, mtime_ns}: the file as
+                the client saw it when it was logged (the relay refuses it if it has changed since)
     summary     run, values {name: scalar}
     finish      run, exit_code, time
     status      (nothing else; answered, never spooled)
@@ -158,6 +159,10 @@ def validate(message: Dict[str, Any]) -> None:
         if message.get("metadata") is not None:
             _require(message, "metadata", dict)
             _check_metadata(message["metadata"])
+        seen = message.get("stat")
+        if seen is not None and not (isinstance(seen, dict) and set(seen) == {"size", "mtime_ns"}
+                                     and all(_is_int(value) for value in seen.values())):
+            raise ProtocolError("field 'stat' must be {size: int, mtime_ns: int}")
         aliases = message.get("aliases") or []
         if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
             raise ProtocolError("field 'aliases' must be a list of non-empty strings")

@@ -15,6 +15,7 @@ import multiprocessing.forkserver
 import multiprocessing.process
 import os
 import signal
+import sqlite3
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -22,13 +23,14 @@ from typing import Any
 
 import zmq
 
-from relay import protocol, security
+from relay import protocol, security, snapshots
 from relay import uploader as uploader_module
 from relay.artifacts import RefusedPath, resolve_checkpoint
 from relay.config import RelayConfig
 from relay.keys import CurveKeyError
 from relay.metrics import MetricsEndpoint, error_kind
 from relay.progress import BacklogProgress
+from relay.snapshots import CopyThread, SnapshotDir, SnapshotError
 from relay.spool import Spool, SpoolError
 from relay.uploader import default_mode
 
@@ -149,6 +151,9 @@ class RelayServer:
         self.force_exit = False
         self.started = time.time()
         self.spool: Spool | None = None
+        self.snapshots: SnapshotDir | None = None
+        self.copier: CopyThread | None = None
+        self.copying: dict[str, int] = {}  # stream -> seq of its checkpoint being copied: the stream waits
         self.socket: zmq.Socket | None = None
         self.context: zmq.Context | None = None
         self.authenticator: security.RelayAuthenticator | None = None
@@ -191,6 +196,16 @@ class RelayServer:
             log.error("%s; records that could not be read are lost", self.spool.recovery)
         self.spool.load_watermarks()
         self.spool.forget_refusals()
+        swept = self.spool.sweep_snapshots()
+        if swept:
+            log.info("deleted %d checkpoint snapshots no spooled record holds (left by a crash)", swept)
+        try:
+            self.snapshots = SnapshotDir(self.config.spool_dir, self.config.artifact_roots,
+                                         self.config.max_artifact_bytes, self.config.max_spool_bytes)
+        except OSError as exc:
+            raise SystemExit("cannot open the checkpoint snapshot directory %s: %s"
+                             % (snapshots.directory(self.config.spool_dir), exc))
+        self.copier = CopyThread(self.snapshots)
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
@@ -227,6 +242,7 @@ class RelayServer:
         poller.register(self.socket, zmq.POLLIN)
         if self.handshakes is not None:
             poller.register(self.handshakes.monitor, zmq.POLLIN)
+        poller.register(self.copier.wake_fd, zmq.POLLIN)
         next_scan = time.monotonic() + SCAN_EVERY
         while not self.should_exit:
             events = dict(poller.poll(100))
@@ -234,6 +250,8 @@ class RelayServer:
                 self.handle_batch(self.receive_batch())
             if self.handshakes is not None and self.handshakes.monitor in events:
                 self.handshakes.read()
+            if self.copier.wake_fd in events:
+                self.finish_copies()
             if time.monotonic() >= next_scan:
                 self.scan_runs()
                 next_scan = time.monotonic() + SCAN_EVERY
@@ -243,6 +261,7 @@ class RelayServer:
         if self.handshakes is not None:
             self.handshakes.close(self.socket)
         self.socket.close(linger=0)  # clients keep what is unacked and re-send to the next relay
+        self.copier.stop()           # copies not acked: their clients re-send those checkpoints too
         deadline = time.monotonic() + self.config.drain_timeout
         uploaders = [u for u in self.uploaders.values() if u.alive()]
         log.info("relay stopping: draining %d runs for at most %.0f s", len(uploaders), self.config.drain_timeout)
@@ -271,6 +290,7 @@ class RelayServer:
         if self.metrics is not None:
             self.metrics.close()
         self.spool.close()
+        self.snapshots.close()
         if self.authenticator is not None:
             self.authenticator.stop()
         self.context.term()
@@ -309,6 +329,7 @@ class RelayServer:
         senders = {}           # stream -> ROUTER identity to answer
         status_requests = []
         alive = set()
+        unsnapped = set()      # streams whose checkpoint could not be snapshotted in this batch
         for identity, frame in batch:
             try:
                 message, refusal = classify(frame, self.config)
@@ -329,9 +350,21 @@ class RelayServer:
             if message["t"] == "heartbeat":
                 alive.update(message["runs"])
                 continue
-            if self.holding:
+            if self.holding or message["stream"] in self.copying or message["stream"] in unsnapped:
                 self.counters["held"] += 1  # not acked: the client keeps it, re-sends it, spills it
                 continue
+            if message["t"] == "checkpoint" and not refusal:
+                try:
+                    refusal, opened = self.snapshot(message)
+                except SnapshotError as exc:
+                    self.counters["held"] += 1
+                    self.refusals.warn("%s; not acking the record (its client sends it again)", exc)
+                    unsnapped.add(message["stream"])  # what the stream sent after it waits too
+                    continue
+                if opened is not None:  # copied off this thread; the record is committed when the copy is done
+                    self.copying[message["stream"]] = message["seq"]
+                    self.copier.submit(opened, (message, frame, identity, opened.size, time.monotonic()))
+                    continue
             if refusal:
                 self.refusals.warn("refused record seq=%d of stream %s: %s", message["seq"], message["stream"],
                                    refusal)
@@ -344,10 +377,44 @@ class RelayServer:
         for identity in status_requests:
             self.reply(identity, dict(self.status(), t="status"))
 
+    def snapshot(self, message: dict) -> tuple[str, "snapshots.Opened | None"]:
+        """Take the snapshot of a checkpoint before its record is committed (relay/snapshots.py).
+        Returns (refusal reason or '', the opened file when it must be copied); raises
+        SnapshotError when the relay cannot take it for a reason of its own (its disk)."""
+        if message["seq"] <= self.spool.upto(message["stream"]):
+            return "", None  # a re-sent record already spooled: its snapshot was taken then
+        try:
+            return "", self.snapshots.take(message)
+        except RefusedPath as exc:
+            return str(exc), None
+
+    def finish_copies(self) -> None:
+        """Commit (and ack) the checkpoint records whose copies are done; their streams go on."""
+        for (message, frame, identity, size, started), error in self.copier.finished():
+            self.copying.pop(message["stream"], None)
+            if isinstance(error, SnapshotError):
+                self.counters["held"] += 1
+                self.refusals.warn("%s; not acking the record (its client sends it again)", error)
+                continue
+            refusal = str(error) if error else ""
+            if refusal:
+                self.refusals.warn("refused record seq=%d of stream %s: %s", message["seq"], message["stream"],
+                                   refusal)
+            else:
+                log.info("copied checkpoint %s into the spool (%d bytes in %.0f ms: it is on another filesystem than "
+                         "the spool, so it cannot be linked)", message["path"], size,
+                         (time.monotonic() - started) * 1e3)
+            if self.holding:  # the spool filled up while copying: not acked (the client re-sends it)
+                self.snapshots.discard(message)
+                self.counters["held"] += 1
+                continue
+            self.commit([(message, refusal, frame)], {message["stream"]: identity})
+
     def commit(self, items: list[tuple[dict, str, bytes]], senders: dict[str, bytes]) -> None:
         try:
             outcomes = self.spool.ingest(items)
         except SpoolError as exc:  # disk full, I/O error: nothing acked, clients keep and re-send
+            self.discard_snapshots(items, ["error"] * len(items))
             self.counters["held"] += len(items)
             if self.spool_error is None:
                 log.error("%s; holding records (not acked: trainers keep them, spill them if it lasts) "
@@ -357,6 +424,7 @@ class RelayServer:
         if self.spool_error is not None:
             log.info("spool writable again: taking records")
             self.spool_error = None
+        self.discard_snapshots(items, [outcome.status for outcome in outcomes])
         committed: dict[str, list[int]] = {}
         runs = set()
         for (message, _, _), outcome in zip(items, outcomes):
@@ -380,6 +448,18 @@ class RelayServer:
                                          "seqs": protocol.ranges(sorted(seqs))})
         for run_id in runs:
             self.ensure_uploader(run_id)
+
+    def discard_snapshots(self, items: list[tuple[dict, str, bytes]], statuses: list[str]) -> None:
+        """Delete the snapshots taken for checkpoint records that were not stored after all (a gap,
+        a failed commit), unless a stored record holds that name (an earlier copy of the record)."""
+        for (message, refusal, _), status in zip(items, statuses):
+            if message["t"] != "checkpoint" or refusal or status == "new":
+                continue
+            try:
+                if not self.spool.has_record(message["stream"], message["seq"]):
+                    self.snapshots.discard(message)
+            except sqlite3.Error:
+                pass  # the spool cannot be read now: the next start sweeps what no record holds
 
     def refuse(self, identity: bytes, error: protocol.ProtocolError) -> None:
         """A frame without a readable (stream, seq): nothing to store or ack, only an answer."""
@@ -479,7 +559,7 @@ class RelayServer:
     def watch_spool_size(self) -> None:
         """Policy 'hold': over max_spool_bytes, take no new records until uploads make room.
         Nothing is dropped: unacked records stay with their clients, which spill them to disk."""
-        live = self.spool.live_bytes()
+        live = self.spool.live_bytes() + snapshots.held_bytes(self.config.spool_dir)
         full = live > self.config.max_spool_bytes
         if full and not self.holding:
             log.warning("spool full (%.1f MB of %.1f MB): holding new records until W&B uploads make room; "

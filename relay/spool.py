@@ -10,7 +10,9 @@ Invariants:
   After a restart, the W&B run is resumed and reports its next step S: records whose step is below
   S are on the server (W&B stores history as a prefix) and are deleted; the rest are logged again.
 - Records leave the spool only once W&B has confirmed them: the run finished (`run.finish()`
-  returned) or a resume reported a server step past them.
+  returned), a resume reported a server step past them, or (a checkpoint) W&B committed its artifact.
+- A checkpoint record's snapshot (`snapshots/`, relay/snapshots.py) is deleted right after the
+  transaction that deleted the record; what a crash in between left is swept at the relay's start.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from typing import Any, Iterable
 
 import msgpack
 
-from relay import protocol
+from relay import protocol, snapshots
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS streams (
@@ -370,10 +372,60 @@ class Spool:
                         finished: bool = False) -> int:
         """W&B confirmed everything of this run up to record_id (run.finish() returned)."""
         with self._transaction():
+            checkpoints = self.conn.execute(
+                "SELECT stream, seq FROM records WHERE run_id = ? AND id <= ? AND kind = 'checkpoint'",
+                (run_id, record_id)).fetchall()
             cursor = self.conn.execute("DELETE FROM records WHERE run_id = ? AND id <= ?", (run_id, record_id))
             if finished:
                 self.conn.execute("UPDATE runs SET finished = 1, exit_code = ? WHERE run_id = ?", (exit_code, run_id))
+        self._delete_snapshots(checkpoints)
         return cursor.rowcount
+
+    def confirm_checkpoint(self, run_id: str, record_id: int) -> None:
+        """W&B committed the artifact of this checkpoint record (or can never take it): let it go,
+        and its snapshot with it."""
+        with self._transaction():
+            checkpoint = self.conn.execute(
+                "SELECT stream, seq FROM records WHERE run_id = ? AND id = ? AND kind = 'checkpoint'",
+                (run_id, record_id)).fetchall()
+            self.conn.execute("DELETE FROM records WHERE run_id = ? AND id = ? AND kind = 'checkpoint'",
+                              (run_id, record_id))
+        self._delete_snapshots(checkpoint)
+
+    def has_record(self, stream: str, seq: int) -> bool:
+        return self.conn.execute("SELECT 1 FROM records WHERE stream = ? AND seq = ?", (stream, seq)).fetchone() \
+            is not None
+
+    def sweep_snapshots(self) -> int:
+        """At the relay's start: delete the snapshots no record holds (their record was deleted or
+        never committed before a crash). Only names whose seq is at or under its stream's watermark
+        (or a temporary name) are touched: a snapshot above it may belong to a `relay replay` that
+        has not committed yet."""
+        held = {snapshots.name(stream, seq) for stream, seq in self.conn.execute(
+            "SELECT stream, seq FROM records WHERE kind = 'checkpoint'")}
+        watermarks = {snapshots.name(stream, 0).rsplit("-", 1)[0]: upto
+                      for stream, upto in self.conn.execute("SELECT stream, upto FROM streams")}
+        swept = 0
+        try:
+            entries = os.listdir(snapshots.directory(self.directory))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            if entry in held:
+                continue
+            stream_hash, _, seq = entry.partition(snapshots.PARTIAL)[0].rpartition("-")
+            if not entry.endswith(snapshots.PARTIAL) and not (seq.isdigit() and int(seq) <= watermarks.get(
+                    stream_hash, -1)):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(snapshots.directory(self.directory), entry))
+                swept += 1
+        return swept
+
+    def _delete_snapshots(self, checkpoints: list[tuple[str, int]]) -> None:
+        for stream, seq in checkpoints:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(snapshots.directory(self.directory), snapshots.name(stream, seq)))
 
     def set_state(self, run_id: str, state: str, error: str | None = None, location: str | None = None) -> None:
         with self._transaction():

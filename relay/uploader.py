@@ -40,6 +40,7 @@ import json
 import logging
 import netrc
 import os
+import queue
 import select
 import signal
 import sys
@@ -53,8 +54,8 @@ from urllib.parse import urlparse
 import tenacity
 import wandb
 
-from relay.artifacts import RefusedPath, open_checkpoint
 from relay.config import RelayConfig
+from relay.snapshots import open_snapshot
 from relay.spool import Record, Spool
 
 log = logging.getLogger("relay.uploader")
@@ -177,6 +178,7 @@ class RunUploader:
         self._spool: Spool | None = None
         self.shared_core = bool(os.environ.get("WANDB_SERVICE"))  # on the relay's wandb-core (SharedCore)
         self.shared_core_failures = 0
+        self._artifacts = ArtifactWatch(run_id)  # checkpoints logged, until W&B commits them
 
     # -- process ------------------------------------------------------------------------------
 
@@ -195,6 +197,8 @@ class RunUploader:
     def _loop(self) -> None:
         spool = self._spool
         while not self.stop.is_set():
+            for record_id in self._artifacts.committed():
+                spool.confirm_checkpoint(self.run_id, record_id)
             online = self._wb is not None and self.mode == "online"
             if online and time.monotonic() >= self._next_confirm and self._next_step > self._confirmed_step:
                 self._confirm()
@@ -488,24 +492,78 @@ class RunUploader:
             self._wb.config.update(body["settings"].get("config") or {}, allow_val_change=True)
         elif record.kind == "checkpoint":
             self._wait_for_wandb()  # log_artifact talks to W&B in this thread, and raises when it cannot
-            self._log_checkpoint(body)
+            self._log_checkpoint(record)
         elif record.kind == "finish":
             self._wait_for_wandb()
             self._finish(body["exit_code"], through_id=record.id)
 
-    def _log_checkpoint(self, body: dict) -> None:
+    def _log_checkpoint(self, record: Record) -> None:
+        """Log the checkpoint's snapshot, taken when the relay took the record (relay/snapshots.py)."""
+        body = record.body
         try:
-            fd = open_checkpoint(body["path"], self.config.artifact_roots, self.config.max_artifact_bytes)
-        except RefusedPath as exc:
-            log.error("%s (run %s)", exc, self.run_id)
+            fd = open_snapshot(self.config.spool_dir, body)
+        except OSError as exc:
+            log.error("checkpoint %s of run %s (seq %d) is not uploaded: its snapshot in the spool cannot be read "
+                      "(%s); the record is let go", body["path"], self.run_id, body["seq"], exc)
+            self._spool.confirm_checkpoint(self.run_id, record.id)
             return
         artifact = wandb.Artifact("model-%s" % self.run_id, type="model", metadata=body.get("metadata") or {})
-        try:  # add_file copies it now (policy "mutable"), from the file that was checked, not from its name
+        try:  # add_file copies it now (policy "mutable") into wandb's staging area
             artifact.add_file("/proc/self/fd/%d" % fd, name=os.path.basename(body["path"]), policy="mutable")
         finally:
             os.close(fd)
-        self._wb.log_artifact(artifact, aliases=body.get("aliases") or None)
+        logged = self._wb.log_artifact(artifact, aliases=body.get("aliases") or None)
+        self._artifacts.watch(record.id, logged, body["path"])
         log.info("run %s: checkpoint %s logged as a model artifact", self.run_id, body["path"])
+
+
+class ArtifactWatch:
+    """Waits, on a thread of its own, for W&B to commit each logged artifact, in order, so the
+    spool can let go of the checkpoint record and its snapshot then rather than at the run's end.
+    (wandb-core retries an upload for ever: during an outage the wait lasts as long.) A run
+    finished, or an uploader gone, leaves the rest to the spool: `confirm_through` at the finish,
+    a re-upload after a restart."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+        self._waiting: queue.Queue = queue.Queue()
+        self._committed: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, record_id: int, artifact: Any, path: str) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._wait, name="relay-artifact-watch", daemon=True)
+            self._thread.start()
+        self._waiting.put((record_id, artifact, path))
+
+    def committed(self) -> list[int]:
+        """Record ids whose artifacts W&B committed (or refused for good) since the last call."""
+        done = []
+        while True:
+            try:
+                done.append(self._committed.get_nowait())
+            except queue.Empty:
+                return done
+
+    def _wait(self) -> None:
+        while True:
+            record_id, artifact, path = self._waiting.get()
+            # wandb 0.31 (pinned): what Artifact.wait() waits on, without the query it then makes.
+            handle = getattr(artifact, "_save_handle", None)
+            if handle is None:
+                continue  # offline: nothing is committed until `wandb sync`; the run's finish lets go of it
+            try:
+                result = handle.wait_or(timeout=None)
+            except Exception as exc:  # the run was finished or the SDK torn down: the spool decides
+                log.debug("run %s: stopped waiting for the artifact of checkpoint %s (%s)", self.run_id, path,
+                          _short(exc))
+                continue
+            error = result.response.log_artifact_response.error_message
+            if error:
+                log.error("run %s: W&B did not take checkpoint %s: %s", self.run_id, path, error)
+            else:
+                log.debug("run %s: W&B committed the artifact of checkpoint %s", self.run_id, path)
+            self._committed.put(record_id)
 
 
 def _row(body: dict) -> dict:
