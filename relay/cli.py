@@ -1,19 +1,46 @@
-"""`relay` command line: serve, status, replay, keys, demo."""
+"""`relay` command line: serve, status, replay, keys, demo.
+
+This module is trainer side (relay/sides.py): a base install (no extras, Python 3.8+) runs `relay
+status` and `relay keys`. The commands that need the server extra (`serve`, `replay`, `demo`,
+`status --watch`) import the relay-side modules inside themselves, through `relay_side()`, which
+turns a missing server extra into one line saying what to install (exit code 2).
+"""
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import click
 import msgpack
 import zmq
 
-from relay import config as relay_config
 from relay import keys as curve_keys
-from relay import protocol
+from relay import protocol, sides
+
+if TYPE_CHECKING:
+    from relay.config import RelayConfig
+
+
+class MissingExtra(click.ClickException):
+    """A command that needs an extra the install lacks; exit code 2, like a usage error."""
+    exit_code = 2
+
+
+def relay_side(command: str, *modules: str) -> list:
+    """Import the relay-side modules `command` needs. Without the server extra: MissingExtra naming
+    the command and the pip line. Any other ImportError (a broken install) propagates as it is."""
+    try:
+        return [importlib.import_module(name) for name in modules]
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] not in sides.SERVER_EXTRA_MODULES:
+            raise
+        raise MissingExtra("relay %s needs the relay's server extra (module %s is not installed): %s"
+                           % (command, exc.name, sides.SERVER_EXTRA_INSTALL)) from None
 
 
 def _setup_logging(level: str) -> None:
@@ -21,7 +48,8 @@ def _setup_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
 
 
-def _load_config(path: str | None, **flags) -> relay_config.RelayConfig:
+def _load_config(command: str, path: str | None, **flags) -> RelayConfig:
+    relay_config, = relay_side(command, "relay.config")
     try:
         return relay_config.load(path, flags)
     except relay_config.ConfigError as exc:
@@ -57,16 +85,15 @@ def main() -> None:
 def serve(config_path, bind, spool_dir, mode, artifact_roots, drain_timeout, init_timeout, metrics_bind,
           log_level, curve_dir, insecure) -> None:
     """Run the relay until SIGTERM/SIGINT (first: drain with a deadline; second: stop now)."""
-    cfg = _load_config(config_path, bind=bind, spool_dir=spool_dir, mode=mode,
+    server, spool = relay_side("serve", "relay.server", "relay.spool")
+    cfg = _load_config("serve", config_path, bind=bind, spool_dir=spool_dir, mode=mode,
                        artifact_roots=list(artifact_roots) or None, drain_timeout=drain_timeout,
                        init_timeout=init_timeout, metrics_bind=metrics_bind, log_level=log_level,
                        curve_dir=curve_dir, insecure=insecure)
     _setup_logging(cfg.log_level)
-    from relay.server import RelayServer  # imports wandb: only for the commands that need it
-    from relay.spool import SpoolError
     try:
-        code = RelayServer(cfg).serve()
-    except SpoolError as exc:
+        code = server.RelayServer(cfg).serve()
+    except spool.SpoolError as exc:
         raise click.ClickException(str(exc))
     sys.exit(code)
 
@@ -123,10 +150,8 @@ def status(endpoint: str, as_json: bool, timeout: float, keys: str | None, live:
         if live:
             if as_json:
                 raise click.UsageError("--watch draws a live view; for JSON poll `relay status --json` instead")
-            from rich.console import Console
-
-            from relay.watch import watch
-            if not watch(lambda: query_status(endpoint, timeout, keys), endpoint, interval, count, Console()):
+            console, relay_watch = relay_side("status --watch", "rich.console", "relay.watch")
+            if not relay_watch.watch(lambda: query_status(endpoint, timeout, keys), endpoint, interval, count, console.Console()):
                 raise click.ClickException(not_answering)
             return
         reply = query_status(endpoint, timeout, keys)
@@ -159,13 +184,19 @@ def status(endpoint: str, as_json: bool, timeout: float, keys: str | None, live:
 @main.command()
 @config_option
 @click.option("--spool-dir", help="spool of the relay that should upload these records")
+@click.option("--artifact-root", "artifact_roots", multiple=True,
+              help="directory the spilled checkpoints may be read from (repeatable), as for `relay serve`; "
+                   "a checkpoint outside every root is refused")
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-def replay(config_path, spool_dir, files) -> None:
-    """Ingest client spill files into the spool, exactly once (a running relay uploads them)."""
-    cfg = _load_config(config_path, spool_dir=spool_dir)
+def replay(config_path, spool_dir, artifact_roots, files) -> None:
+    """Ingest client spill files into the spool, exactly once (a running relay uploads them).
+
+    Reads the configuration `relay serve` reads (--config, RELAY_* variables, flags): a spilled
+    checkpoint is checked against the same artifact roots and size limit as a live one."""
+    server, spool_module = relay_side("replay", "relay.server", "relay.spool")
+    cfg = _load_config("replay", config_path, spool_dir=spool_dir, artifact_roots=list(artifact_roots) or None)
     _setup_logging(cfg.log_level)
-    from relay.server import classify
-    from relay.spool import Spool, SpoolError
+    classify, Spool, SpoolError = server.classify, spool_module.Spool, spool_module.SpoolError
     try:
         spool = Spool(cfg.spool_dir)
     except SpoolError as exc:
@@ -203,6 +234,10 @@ def replay(config_path, spool_dir, files) -> None:
     spool.close()
     click.echo("replayed %d files: %d new records in %s (a running relay uploads them within a second; "
                "follow with `relay status --watch`)" % (len(files), totals["new"], cfg.spool_dir))
+    if totals["error"]:
+        click.echo("%d records were refused (said above) and will not be uploaded; the others were taken"
+                   % totals["error"], err=True)
+        sys.exit(1)
 
 
 @main.group()
@@ -241,8 +276,9 @@ def keys_new(directory: str, clients: tuple, force: bool) -> None:
 @click.option("--steps", default=200, show_default=True, help="training steps the demo client logs")
 def demo(directory: str, steps: int) -> None:
     """Start a relay (offline mode), send a demo run through it from another process, stop it."""
-    from relay.demo import run_demo
-    sys.exit(run_demo(os.path.abspath(directory), steps))
+    relay_side("demo", "relay.server")  # the demo starts `relay serve`
+    relay_demo, = relay_side("demo", "relay.demo")
+    sys.exit(relay_demo.run_demo(os.path.abspath(directory), steps))
 
 
 if __name__ == "__main__":
