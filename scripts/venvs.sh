@@ -28,9 +28,10 @@ install_base() {
 
 install_rlg114() {
   # rl-games 1.1.4 asks for an unpinned torch and ray: its own requirements are left out and what its
-  # modules import is pinned here (torch unpinned would pull a multi-GB CUDA build; ray is imported
-  # by rl_games.common.vecenv at module level).
-  pip install -q torch==2.13.0 "numpy<1.24" gym==0.26.2 ray==2.58.0 tensorboardX==2.6.5 pyyaml
+  # modules import is pinned here (torch unpinned would pull a multi-GB CUDA build; ray is imported by
+  # rl_games.common.vecenv, tensorboard by sac_agent through torch.utils.tensorboard, both at module
+  # level; its psutil and setproctitle are imported nowhere).
+  pip install -q torch==2.13.0 "numpy<1.24" gym==0.26.2 ray==2.58.0 tensorboard==2.21.0 tensorboardX==2.6.5 pyyaml
   pip install -q --no-deps rl-games==1.1.4
   pip install -q -e .
 }
