@@ -151,7 +151,8 @@ def status(endpoint: str, as_json: bool, timeout: float, keys: str | None, live:
             if as_json:
                 raise click.UsageError("--watch draws a live view; for JSON poll `relay status --json` instead")
             console, relay_watch = relay_side("status --watch", "rich.console", "relay.watch")
-            if not relay_watch.watch(lambda: query_status(endpoint, timeout, keys), endpoint, interval, count, console.Console()):
+            poll = lambda: query_status(endpoint, timeout, keys)  # noqa: E731
+            if not relay_watch.watch(poll, endpoint, interval, count, console.Console()):
                 raise click.ClickException(not_answering)
             return
         reply = query_status(endpoint, timeout, keys)

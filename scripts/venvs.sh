@@ -39,11 +39,18 @@ install_rlg114() {
 find_python38() {
   local candidate
   if [ -n "${RELAY_PYTHON38:-}" ]; then
+    if ! "$RELAY_PYTHON38" -c 'import sys; assert sys.version_info[:2] == (3, 8)' 2>/dev/null; then
+      echo "venvs: RELAY_PYTHON38=$RELAY_PYTHON38 is not a Python 3.8 interpreter (unset it, or name one)" >&2
+      return 1
+    fi
     echo "$RELAY_PYTHON38"
     return
   fi
-  for candidate in "$(command -v python3.8 || true)" "$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")"/versions/3.8*/bin/python3.8; do
-    if [ -n "$candidate" ] && [ -x "$candidate" ] && "$candidate" -c 'import sys; assert sys.version_info[:2] == (3, 8)' 2>/dev/null; then
+  local pyenv_root
+  pyenv_root=$(pyenv root 2>/dev/null || echo "${PYENV_ROOT:-$HOME/.pyenv}")
+  for candidate in "$(command -v python3.8 || true)" "$pyenv_root"/versions/3.8*/bin/python3.8; do
+    if [ -n "$candidate" ] && [ -x "$candidate" ] \
+        && "$candidate" -c 'import sys; assert sys.version_info[:2] == (3, 8)' 2>/dev/null; then
       echo "$candidate"
       return
     fi
@@ -51,8 +58,9 @@ find_python38() {
 }
 
 build() {  # build DIR PYTHON INSTALL_FUNCTION
-  local dir=$1 python=$2 install=$3 stamp started
-  stamp=$({ "$python" -c 'import sys; print(sys.version)'; cat pyproject.toml; declare -f "$install"; } | sha256sum | cut -c1-64)
+  local dir=$1 python=$2 install=$3 version stamp started
+  version=$("$python" -c 'import sys; print(sys.version)')
+  stamp=$({ echo "$version"; cat pyproject.toml; declare -f "$install"; } | sha256sum | cut -c1-64)
   if [ -f "$dir/.stamp" ] && [ "$(cat "$dir/.stamp")" = "$stamp" ] && [ -x "$dir/bin/python" ]; then
     echo "venvs: $dir is up to date"
     return
@@ -70,13 +78,15 @@ names=("$@")
 for name in "${names[@]}"; do
   case "$name" in
     py38)
-      python38=$(find_python38)
+      python38=$(find_python38) || exit 1
       if [ -z "$python38" ]; then
         if [ -n "${CI:-}" ]; then
-          echo "venvs: no Python 3.8 found (python3.8, pyenv's 3.8, or RELAY_PYTHON38): CI must test the trainer side on it" >&2
+          echo "venvs: no Python 3.8 found (python3.8, pyenv's 3.8, or RELAY_PYTHON38):" \
+            "CI must test the trainer side on it" >&2
           exit 1
         fi
-        echo "venvs: no Python 3.8 found (python3.8, pyenv's 3.8, or RELAY_PYTHON38); the Python 3.8 tests will be skipped" >&2
+        echo "venvs: no Python 3.8 found (python3.8, pyenv's 3.8, or RELAY_PYTHON38);" \
+          "the Python 3.8 tests will be skipped" >&2
         continue
       fi
       build .venv-py38 "$python38" install_py38 ;;

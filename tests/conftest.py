@@ -64,7 +64,8 @@ def relay_factory(tmp_path, short_dir):
 def trainer_factory(tmp_path):
     started: list[TrainerProcess] = []
 
-    def make(args: dict, env: dict | None = None, prefix: list[str] = (), python: str = sys.executable) -> TrainerProcess:
+    def make(args: dict, env: dict | None = None, prefix: list[str] = (),
+             python: str = sys.executable) -> TrainerProcess:
         trainer_env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "RELAY_"))}
         trainer_env["PYTHONPATH"] = ROOT
         trainer_env.update(env or {})
