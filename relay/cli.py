@@ -62,7 +62,10 @@ config_option = click.option("--config", "config_path", type=click.Path(dir_okay
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
-    """tokenhsi-relay: training metrics and checkpoints to W&B without slowing the trainer."""
+    """tokenhsi-relay: training metrics and checkpoints to W&B without slowing the trainer.
+
+    `serve`, `replay`, `demo` and `status --watch` need the server extra (pip install
+    'tokenhsi-relay[server]'); `status` and `keys` run on the base install."""
 
 
 @main.command()
