@@ -23,8 +23,9 @@ class RefusedPath(ValueError):
 def resolve_checkpoint(path: str, roots: list[str], max_bytes: int) -> str:
     """Return the real path of an allowed checkpoint file, or raise RefusedPath saying why."""
     if not roots:
-        raise RefusedPath("checkpoint %s refused: the relay has no --artifact-root configured "
-                          "(start it with --artifact-root DIR for the directory holding checkpoints)" % path)
+        raise RefusedPath("checkpoint %s refused: no artifact root is configured (give `relay serve` and "
+                          "`relay replay` the directory holding checkpoints: --artifact-root DIR, "
+                          "RELAY_ARTIFACT_ROOTS=DIR or artifact_roots in the --config file)" % path)
     if not os.path.isabs(path):
         raise RefusedPath("checkpoint path %s refused: it must be absolute" % path)
     real = os.path.realpath(path)

@@ -1,19 +1,46 @@
-"""`relay` command line: serve, status, replay, keys, demo."""
+"""`relay` command line: serve, status, replay, keys, demo.
+
+This module is trainer side (relay/sides.py): a base install (no extras, Python 3.8+) runs `relay
+status` and `relay keys`. The commands that need the server extra (`serve`, `replay`, `demo`,
+`status --watch`) import the relay-side modules inside themselves, through `relay_side()`, which
+turns a missing server extra into one line saying what to install (exit code 2).
+"""
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import click
 import msgpack
 import zmq
 
-from relay import config as relay_config
 from relay import keys as curve_keys
-from relay import protocol
+from relay import protocol, sides
+
+if TYPE_CHECKING:
+    from relay.config import RelayConfig
+
+
+class MissingExtra(click.ClickException):
+    """A command that needs an extra the install lacks; exit code 2, like a usage error."""
+    exit_code = 2
+
+
+def relay_side(command: str, *modules: str) -> list:
+    """Import the relay-side modules `command` needs. Without the server extra: MissingExtra naming
+    the command and the pip line. Any other ImportError (a broken install) propagates as it is."""
+    try:
+        return [importlib.import_module(name) for name in modules]
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] not in sides.SERVER_EXTRA_MODULES:
+            raise
+        raise MissingExtra("relay %s needs the relay's server extra (module %s is not installed): %s"
+                           % (command, exc.name, sides.SERVER_EXTRA_INSTALL)) from None
 
 
 def _setup_logging(level: str) -> None:
@@ -21,7 +48,8 @@ def _setup_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
 
 
-def _load_config(path: str | None, **flags) -> relay_config.RelayConfig:
+def _load_config(command: str, path: str | None, **flags) -> RelayConfig:
+    relay_config, = relay_side(command, "relay.config")
     try:
         return relay_config.load(path, flags)
     except relay_config.ConfigError as exc:
@@ -34,7 +62,10 @@ config_option = click.option("--config", "config_path", type=click.Path(dir_okay
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
-    """tokenhsi-relay: training metrics and checkpoints to W&B without slowing the trainer."""
+    """tokenhsi-relay: training metrics and checkpoints to W&B without slowing the trainer.
+
+    `serve`, `replay`, `demo` and `status --watch` need the server extra (pip install
+    'tokenhsi-relay[server]'); `status` and `keys` run on the base install."""
 
 
 @main.command()
@@ -57,16 +88,15 @@ def main() -> None:
 def serve(config_path, bind, spool_dir, mode, artifact_roots, drain_timeout, init_timeout, metrics_bind,
           log_level, curve_dir, insecure) -> None:
     """Run the relay until SIGTERM/SIGINT (first: drain with a deadline; second: stop now)."""
-    cfg = _load_config(config_path, bind=bind, spool_dir=spool_dir, mode=mode,
+    server, spool = relay_side("serve", "relay.server", "relay.spool")
+    cfg = _load_config("serve", config_path, bind=bind, spool_dir=spool_dir, mode=mode,
                        artifact_roots=list(artifact_roots) or None, drain_timeout=drain_timeout,
                        init_timeout=init_timeout, metrics_bind=metrics_bind, log_level=log_level,
                        curve_dir=curve_dir, insecure=insecure)
     _setup_logging(cfg.log_level)
-    from relay.server import RelayServer  # imports wandb: only for the commands that need it
-    from relay.spool import SpoolError
     try:
-        code = RelayServer(cfg).serve()
-    except SpoolError as exc:
+        code = server.RelayServer(cfg).serve()
+    except spool.SpoolError as exc:
         raise click.ClickException(str(exc))
     sys.exit(code)
 
@@ -123,10 +153,9 @@ def status(endpoint: str, as_json: bool, timeout: float, keys: str | None, live:
         if live:
             if as_json:
                 raise click.UsageError("--watch draws a live view; for JSON poll `relay status --json` instead")
-            from rich.console import Console
-
-            from relay.watch import watch
-            if not watch(lambda: query_status(endpoint, timeout, keys), endpoint, interval, count, Console()):
+            console, relay_watch = relay_side("status --watch", "rich.console", "relay.watch")
+            poll = lambda: query_status(endpoint, timeout, keys)  # noqa: E731
+            if not relay_watch.watch(poll, endpoint, interval, count, console.Console()):
                 raise click.ClickException(not_answering)
             return
         reply = query_status(endpoint, timeout, keys)
@@ -159,21 +188,27 @@ def status(endpoint: str, as_json: bool, timeout: float, keys: str | None, live:
 @main.command()
 @config_option
 @click.option("--spool-dir", help="spool of the relay that should upload these records")
+@click.option("--artifact-root", "artifact_roots", multiple=True,
+              help="directory the spilled checkpoints may be read from (repeatable), as for `relay serve`; "
+                   "a checkpoint outside every root is refused")
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-def replay(config_path, spool_dir, files) -> None:
-    """Ingest client spill files into the spool, exactly once (a running relay uploads them)."""
-    cfg = _load_config(config_path, spool_dir=spool_dir)
+def replay(config_path, spool_dir, artifact_roots, files) -> None:
+    """Ingest client spill files into the spool, exactly once (a running relay uploads them).
+
+    Reads the configuration `relay serve` reads (--config, RELAY_* variables, flags): a spilled
+    checkpoint is checked against the same artifact roots and size limit as a live one."""
+    server, spool_module, snapshots = relay_side("replay", "relay.server", "relay.spool", "relay.snapshots")
+    cfg = _load_config("replay", config_path, spool_dir=spool_dir, artifact_roots=list(artifact_roots) or None)
     _setup_logging(cfg.log_level)
-    from relay.server import classify
-    from relay.snapshots import SnapshotDir
-    from relay.spool import Spool, SpoolError
+    classify, Spool, SpoolError = server.classify, spool_module.Spool, spool_module.SpoolError
+    SnapshotDir = snapshots.SnapshotDir
     try:
         spool = Spool(cfg.spool_dir)
     except SpoolError as exc:
         raise click.ClickException(str(exc))
     spool.load_watermarks()
     snapshot_dir = SnapshotDir(cfg.spool_dir, cfg.artifact_roots, cfg.max_artifact_bytes, cfg.max_spool_bytes)
-    totals = {"new": 0, "dup": 0, "error": 0, "unreadable": 0}
+    totals = {"new": 0, "dup": 0, "error": 0, "unreadable": 0, "skipped": 0}
     for path in files:
         items, torn = [], None
         with open(path, "rb") as handle:
@@ -190,7 +225,16 @@ def replay(config_path, spool_dir, files) -> None:
                         click.echo("%s: skipped an unreadable record: %s" % (path, exc.reason), err=True)
             except (msgpack.OutOfData, ValueError) as exc:
                 torn = exc
-        items = [_snapshot(item, snapshot_dir, spool) for item in items if item[0].get("t") != "status"]
+        items = [item for item in items if item[0].get("t") != "status"]
+        checkpoints = sum(1 for item in items if item[0].get("t") == "checkpoint")
+        if checkpoints and not cfg.artifact_roots:
+            # a checkpoint refused for want of a root would use up its record: take nothing from this file
+            click.echo("%s: not replayed: it holds %d checkpoints and no artifact root is configured; give "
+                       "`relay replay` the relay's --artifact-root DIR (or RELAY_ARTIFACT_ROOTS=DIR, or "
+                       "--config) and run it again" % (path, checkpoints), err=True)
+            totals["skipped"] += 1
+            continue
+        items = [_snapshot(item, snapshot_dir, spool) for item in items]
         counts = {"new": 0, "dup": 0, "error": 0}
         for start in range(0, len(items), cfg.batch_max):
             batch = items[start:start + cfg.batch_max]
@@ -210,6 +254,11 @@ def replay(config_path, spool_dir, files) -> None:
     snapshot_dir.close()
     click.echo("replayed %d files: %d new records in %s (a running relay uploads them within a second; "
                "follow with `relay status --watch`)" % (len(files), totals["new"], cfg.spool_dir))
+    if totals["error"]:
+        click.echo("%d records were refused (said above) and will not be uploaded; the others were taken"
+                   % totals["error"], err=True)
+    if totals["error"] or totals["skipped"]:
+        sys.exit(1)
 
 
 def _snapshot(item: tuple, snapshot_dir, spool) -> tuple:
@@ -311,8 +360,9 @@ def tokenhsi_patch(path: str, check: bool, revert: bool) -> None:
 @click.option("--steps", default=200, show_default=True, help="training steps the demo client logs")
 def demo(directory: str, steps: int) -> None:
     """Start a relay (offline mode), send a demo run through it from another process, stop it."""
-    from relay.demo import run_demo
-    sys.exit(run_demo(os.path.abspath(directory), steps))
+    relay_side("demo", "relay.server")  # the demo starts `relay serve`
+    relay_demo, = relay_side("demo", "relay.demo")
+    sys.exit(relay_demo.run_demo(os.path.abspath(directory), steps))
 
 
 if __name__ == "__main__":

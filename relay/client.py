@@ -523,7 +523,8 @@ class RelayClient:
             return None
         self._stats["spilled"] += len(frames)
         self.spill_files.append(path)
-        self._warn("spill", "%d records spilled to %s; deliver them with: relay replay %s"
+        self._warn("spill", "%d records spilled to %s; deliver them with: relay replay %s (with the relay's "
+                   "--config or --artifact-root, so that its checkpoints are taken too)"
                    % (len(frames), path, path), force=True)
         return path
 

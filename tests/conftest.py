@@ -1,14 +1,17 @@
-"""Shared fixtures: the fake W&B backend, the relay as a real subprocess, trainer processes."""
+"""Shared fixtures: the fake W&B backend, the relay as a real subprocess, trainer processes, and the
+extra interpreters of tests/venvs.py."""
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from typing import TYPE_CHECKING
 
 import pytest
 
 from harness import FAST_RETRIES, ROOT, RelayProcess, TrainerProcess, wandb_env  # noqa: F401 (re-exported)
+from venvs import base_python, py38_python, rlg114_python  # noqa: F401 (fixtures)
 
 if TYPE_CHECKING:
     from fakewandb import FakeWandb
@@ -61,12 +64,13 @@ def relay_factory(tmp_path, short_dir):
 def trainer_factory(tmp_path):
     started: list[TrainerProcess] = []
 
-    def make(args: dict, env: dict | None = None, prefix: list[str] = ()) -> TrainerProcess:
+    def make(args: dict, env: dict | None = None, prefix: list[str] = (),
+             python: str = sys.executable) -> TrainerProcess:
         trainer_env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "RELAY_"))}
         trainer_env["PYTHONPATH"] = ROOT
         trainer_env.update(env or {})
         args.setdefault("spill_dir", str(tmp_path / "spill"))
-        trainer = TrainerProcess(args, trainer_env, prefix)
+        trainer = TrainerProcess(args, trainer_env, prefix, python)
         started.append(trainer)
         return trainer
 

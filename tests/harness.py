@@ -126,8 +126,10 @@ class RelayProcess:
 
 
 class TrainerProcess:
-    def __init__(self, args: dict, env: dict, prefix: list[str] = ()):
-        self.proc = subprocess.Popen([*prefix, sys.executable, os.path.join(TESTS, "trainer.py"), json.dumps(args)],
+    """tests/trainer.py as a real subprocess, run by `python` (this interpreter unless told)."""
+
+    def __init__(self, args: dict, env: dict, prefix: list[str] = (), python: str = sys.executable):
+        self.proc = subprocess.Popen([*prefix, python, os.path.join(TESTS, "trainer.py"), json.dumps(args)],
                                      env=env, stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True, cwd=ROOT)
 
     def event(self, name: str, timeout: float = 120.0) -> dict:

@@ -27,6 +27,10 @@ def main(args: dict) -> int:
     for step in range(start, start + args["steps"]):
         started = time.perf_counter()
         run.log(row(args["seed"], step, args["metrics"]), frame=frame(step), epoch=step + 1)
+        for checkpoint in args.get("checkpoints", ()):  # [{"path", "after_step", "metadata", "aliases"}]
+            if checkpoint["after_step"] == step:
+                run.log_checkpoint(checkpoint["path"], metadata=checkpoint.get("metadata"),
+                                   aliases=checkpoint.get("aliases"))
         latencies.append(time.perf_counter() - started)
         if args.get("interval"):
             time.sleep(args["interval"])  # the simulated training step

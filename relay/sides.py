@@ -1,0 +1,35 @@
+"""Which modules run where: the trainer side (a base install on a GPU node) and the relay side.
+
+The trainer side is what `pip install tokenhsi-relay` (no extras) runs: the client a training loop
+imports, the rl_games/TokenHSI integrations, and the `relay` command's trainer-side subcommands
+(`status`, `keys`, `tokenhsi patch`). It runs on Python 3.8
+(IsaacGym environments) and imports only the base requirements (pyzmq, msgpack, click) and the
+standard library. Every other module of the package is relay side and may use the server extra.
+The test suite imports each trainer-side module on a real Python 3.8 and checks that none of them
+imports a relay-side module; scripts/test.sh runs vermin over their files.
+"""
+
+TRAINER_SIDE = (
+    "relay",
+    "relay.sides",
+    "relay.protocol",
+    "relay.tensors",
+    "relay.keys",
+    "relay.client",
+    "relay.rl_games",
+    "relay.cli",
+    "relay.integrations",
+    "relay.integrations.tokenhsi",
+    "relay.integrations.tokenhsi_patch",
+)
+
+# Top-level modules the server extra (`pip install 'tokenhsi-relay[server]'`) provides.
+SERVER_EXTRA_MODULES = ("wandb", "pydantic", "yaml", "tenacity", "rich", "prometheus_client")
+
+SERVER_EXTRA_INSTALL = "pip install 'tokenhsi-relay[server]'"
+
+
+def source_file(module: str) -> str:
+    """The file of a module of this package, relative to the checkout: relay.cli -> relay/cli.py."""
+    parts = module.split(".")
+    return "/".join(parts) + ("/__init__.py" if len(parts) == 1 else ".py")
