@@ -216,8 +216,8 @@ def test_relay_survives_hostile_clients_and_delivers_the_trainer_exactly(fake_wa
     assert len(sent) >= 10 * FRAMES_PER_EXAMPLE and expected["unreadable"] + expected.get("error", 0) >= len(sent) // 2
     # The attacker's valid records (odd names, NaN, nested config, finish and resume) reach W&B
     # too, without failing the uploader.
-    status = relay.wait_status(lambda s: all(run["pending"] == 0 for run in s["runs"]), 120,
-                               "every spooled record uploaded")
+    status = relay.wait_status(lambda s: all(run["unsent"] == 0 for run in s["runs"]), 120,
+                               "every spooled record handed to W&B")
     runs = {run["run_id"]: run for run in status["runs"]}
     assert runs[TRAINER_RUN]["received"] == steps + 2
     assert set(runs) == ({TRAINER_RUN, ATTACK_RUN} if expected.get("new") else {TRAINER_RUN})
