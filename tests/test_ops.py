@@ -148,6 +148,7 @@ def test_metrics_endpoint_counts_exactly_through_an_outage_and_after(fake_wandb,
     assert down[("relay_duplicates_total", ())] == 0 and down[("relay_refused_total", ())] == 0
     assert down[("relay_malformed_total", ())] == 0
     assert down[("relay_pending_records", ())] == 152
+    assert down[("relay_unsent_records", ())] == 152 and down[("relay_unconfirmed_records", ())] == 0
     assert down[("relay_uploaded_records_total", ())] == 0
     assert down[("relay_run_pending_records", (("run", "scraped"),))] == 152
     assert down[("relay_run_received_records_total", (("run", "scraped"),))] == 152
@@ -163,6 +164,7 @@ def test_metrics_endpoint_counts_exactly_through_an_outage_and_after(fake_wandb,
     after = wait_metrics(port, lambda m: m[("relay_wandb_up", ())] == 1 and m[("relay_uploaders_running", ())] == 0
                          and m[("relay_pending_records", ())] == 0, 60, "the run uploaded and its uploader gone")
     assert after[("relay_uploaded_records_total", ())] == 152
+    assert after[("relay_unsent_records", ())] == 0 and after[("relay_unconfirmed_records", ())] == 0
     assert after[("relay_received_total", ())] == 152 and after[("relay_oldest_pending_age_seconds", ())] == 0
     assert not [key for key in after if key[0].startswith("relay_run_")]  # finished runs leave the labels
     assert after[("relay_wandb_errors_total", (("kind", kind),))] == 1
