@@ -26,9 +26,10 @@ Relay -> client kinds:
     ack     upto (highest contiguous seq committed), seqs [[lo, hi], ...] (ranges committed
             by this batch, including ones above `upto` and re-acked duplicates)
     error   seq, reason: the message can never be accepted; its seq is consumed (also acked)
-    status  runs [...], records {totals}, run_counts {...}, next (with `page`), spool_bytes, ...
-            (the reply to `status`; relay/spool.py's Spool.status says what each holds). One
-            client gets one reply per batch the relay reads, however many requests it sent.
+    status  stream, runs [...], records {totals}, run_counts {...}, next (with `page`),
+            spool_bytes, ... (the reply to `status`; relay/spool.py's Spool.status says what each
+            holds). One client gets one reply per batch the relay reads, however many requests
+            it sent: to the last of them, whose `stream` the reply carries.
 
 This module must stay importable on Python 3.8 (IsaacGym environments).
 """

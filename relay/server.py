@@ -309,7 +309,7 @@ class RelayServer:
     def handle_batch(self, batch: list[tuple[bytes, bytes]]) -> None:
         items = []             # (message, refusal, frame) for the spool
         senders = {}           # stream -> ROUTER identity to answer
-        status_requests = {}   # ROUTER identity -> the page it asks for (None: the summary); one each
+        status_requests = {}   # ROUTER identity -> its last status request (one answer each)
         alive = set()
         for identity, frame in batch:
             try:
@@ -327,7 +327,7 @@ class RelayServer:
                 continue
             if message["t"] == "status":
                 self.counters["status_requests"] += 1
-                status_requests[identity] = message.get("page")
+                status_requests[identity] = message
                 continue
             if message["t"] == "heartbeat":
                 alive.update(message["runs"])
@@ -389,14 +389,16 @@ class RelayServer:
         self.refusals.warn("refused a frame from client %s: %s", identity.hex()[:16], error.reason)
         self.reply(identity, {"t": "error", "seq": None, "reason": error.reason})
 
-    def answer_status(self, requests: dict[bytes, int | None]) -> None:
-        """One reply per client that asked in this batch, however often it asked; each status (the
-        summary, or a page) is read from the spool and packed once for all who asked for it."""
-        frames: dict[int | None, bytes] = {}
-        for identity, page in requests.items():
-            if page not in frames:
-                frames[page] = protocol.encode(dict(self.status(page), t="status", v=protocol.VERSION))
-            self.send(identity, frames[page])
+    def answer_status(self, requests: dict[bytes, dict]) -> None:
+        """One reply per client that asked in this batch, however often it asked: to its last
+        request, whose stream the reply carries. Each status (the summary, or a page) is read from
+        the spool once for all who asked for it."""
+        statuses: dict[int | None, dict] = {}
+        for identity, request in requests.items():
+            page = request.get("page")
+            if page not in statuses:
+                statuses[page] = dict(self.status(page), t="status", v=protocol.VERSION)
+            self.send(identity, protocol.encode(dict(statuses[page], stream=request["stream"])))
 
     def reply(self, identity: bytes, message: dict) -> None:
         message.setdefault("v", protocol.VERSION)

@@ -18,8 +18,9 @@ import time
 import msgpack
 import pytest
 import zmq
-from harness import ROOT
+from harness import ROOT, free_tcp_port
 from test_e2e import assert_history
+from test_ops import scrape, watch_rows
 from workload import frame, row
 
 from relay import protocol
@@ -55,7 +56,7 @@ def write_history(spool_dir: str, count: int, disabled: int = 0, name_chars: int
 
 
 def relay_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "relay", *args], env=dict(os.environ, PYTHONPATH=ROOT),
+    return subprocess.run([sys.executable, "-m", "relay", *args], env=dict(os.environ, PYTHONPATH=ROOT, COLUMNS="220"),
                           capture_output=True, text=True, check=False, timeout=120, cwd=ROOT)
 
 
@@ -81,7 +82,8 @@ def rss_bytes(pid: int) -> int:
 def test_status_of_ten_thousand_finished_runs_is_small_and_fast_and_all_lists_each_once(relay_factory, tmp_path):
     spool_dir = str(tmp_path / "spool")
     run_ids = write_history(spool_dir, 10_000, disabled=1_000)
-    relay = relay_factory(None, ["--mode", "disabled"], spool_dir=spool_dir)
+    port = free_tcp_port()
+    relay = relay_factory(None, ["--mode", "disabled", "--metrics-bind", "127.0.0.1:%d" % port], spool_dir=spool_dir)
 
     for _ in range(3):
         status, elapsed = timed_status(relay.endpoint)
@@ -101,6 +103,17 @@ def test_status_of_ten_thousand_finished_runs_is_small_and_fast_and_all_lists_ea
     assert ("9,990 more runs not listed (disabled 1,000, finished 8,990); `relay status --all` lists every run"
             in table.stdout), table.stdout
     assert [line.split()[0] for line in table.stdout.splitlines() if line.startswith("hist")] == run_ids[-10:]
+
+    watch = relay_cli("status", "--endpoint", relay.endpoint, "--watch", "--count", "1")
+    assert watch.returncode == 0, watch.stderr
+    assert "9,990 more runs not listed (disabled 1,000, finished 8,990)" in watch.stdout, watch.stdout
+    assert "10,000 runs in the spool, 0 active" in watch.stdout
+    assert len(watch_rows(watch.stdout, "hist09999")) == 1 and not watch_rows(watch.stdout, "hist09989")
+
+    metrics = scrape(port)
+    assert metrics[("relay_uploaded_records_total", ())] == sum(1000 + i for i in range(10_000))
+    assert metrics[("relay_pending_records", ())] == 0 and metrics[("relay_unconfirmed_records", ())] == 0
+    assert not [key for key in metrics if key[0] == "relay_runs" or key[0].startswith("relay_run_")]
 
     every = relay_cli("status", "--endpoint", relay.endpoint, "--all", "--json")
     assert every.returncode == 0, every.stderr
