@@ -480,10 +480,11 @@ class Spool:
         runs, size = [], 0
         for row in listed[:STATUS_RUNS] if page is None else listed:
             run = self._run(row, now)
-            size += len(protocol.encode(run[0]))
-            if runs and budget is not None and size > budget:
-                more = True
-                break
+            if budget is not None:
+                size += len(protocol.encode(run[0]))
+                if runs and size > budget:
+                    more = True
+                    break
             runs.append(run)
         runs.sort(key=lambda run: run[1])
         status: dict[str, Any] = {
