@@ -105,7 +105,7 @@ def backlog(fake, workdir: str, name: str, runs: int, rows: int, drain_for: floa
         spooled = time.monotonic()
         spooled_rss = rss_kib(relay.pid)
         status = relay.status()
-        pending = sum(run["pending"] for run in status["runs"])
+        pending = status["records"]["pending"]
         duplicates = status["counters"].get("duplicates", 0)  # re-sent by trainers whose acks were late
         fake.set_fault("ok")
         back = time.monotonic()

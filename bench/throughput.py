@@ -222,9 +222,9 @@ def measure_upload(runs: int, total_rows: int, workdir: str, code: str = ROOT) -
         while True:
             status = relay.status(30.0)
             now = time.monotonic() - ready
-            samples.append((now, sum(r["uploaded"] for r in status["runs"])))
+            samples.append((now, status["records"]["received"] - status["records"]["unsent"]))
             peak_rss = max(peak_rss, pss_kib(relay.pid) + sum(pss_kib(c) for c in descendants(relay.pid)))
-            if all(r["finished"] for r in status["runs"]):
+            if status["run_counts"]["active"] == 0 and status["run_counts"]["total"] > 0:
                 break
             if now > 900:
                 raise TimeoutError("upload of %d rows over %d runs not done after 900 s" % (rows, runs))

@@ -101,9 +101,11 @@ def serve(config_path, bind, spool_dir, mode, artifact_roots, drain_timeout, ini
     sys.exit(code)
 
 
-def query_status(endpoint: str, timeout: float, keys: str | None = None) -> dict | None:
+def query_status(endpoint: str, timeout: float, keys: str | None = None, every_run: bool = False) -> dict | None:
     """Ask a running relay for its status; None if nothing answers within `timeout`.
-    `keys`: a client key directory of `relay keys new`, for a relay started with --curve."""
+    `keys`: a client key directory of `relay keys new`, for a relay started with --curve.
+    `every_run`: ask page after page (each within `timeout`) and return the last page's status
+    with `runs` holding every run of the spool."""
     context = zmq.Context.instance()
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -112,22 +114,59 @@ def query_status(endpoint: str, timeout: float, keys: str | None = None) -> dict
     try:
         sock.connect(endpoint)
         request = {"v": protocol.VERSION, "t": "status", "stream": "status-%d" % os.getpid(), "seq": 0}
-        deadline = time.monotonic() + timeout
-        sent = False
-        while time.monotonic() < deadline:
-            if not sent:
-                try:
-                    sock.send(protocol.encode(request), zmq.NOBLOCK)
-                    sent = True
-                except zmq.Again:
-                    pass
-            if sock.poll(100, zmq.POLLIN):
-                reply = protocol.decode_raw(sock.recv())
-                if reply.get("t") == "status":
-                    return reply
-        return None
+        if not every_run:
+            return _ask(sock, request, timeout)
+        runs: list = []
+        page: int | None = 0
+        while page is not None:
+            reply = _ask(sock, dict(request, page=page), timeout)
+            if reply is None:
+                return None
+            runs += reply["runs"]
+            page = reply.pop("next", None)
+        reply["runs"] = runs
+        reply["run_counts"]["listed"] = len(runs)
+        return reply
     finally:
         sock.close(linger=0)
+
+
+def _ask(sock: zmq.Socket, request: dict, timeout: float) -> dict | None:
+    deadline = time.monotonic() + timeout
+    sent = False
+    while time.monotonic() < deadline:
+        if not sent:
+            try:
+                sock.send(protocol.encode(request), zmq.NOBLOCK)
+                sent = True
+            except zmq.Again:
+                pass
+        if sock.poll(100, zmq.POLLIN):
+            reply = protocol.decode_raw(sock.recv())
+            if reply.get("t") == "status":
+                return reply
+    return None
+
+
+def not_listed(status: dict) -> str:
+    """'' when `runs` lists every run of the spool, else a line that counts the others by state."""
+    counts = status["run_counts"]
+    left = counts["total"] - counts["listed"]
+    if left <= 0:
+        return ""
+    by_state = dict(counts["by_state"])
+    for run in status["runs"]:
+        by_state[run["state"]] = by_state.get(run["state"], 0) - 1
+    states = ", ".join("%s %s" % (state, format(n, ",")) for state, n in sorted(by_state.items()) if n > 0)
+    return "%s more runs not listed (%s); `relay status --all` lists every run" % (format(left, ","), states)
+
+
+def totals_line(status: dict) -> str:
+    records = status["records"]
+    return ("%s runs in the spool, %d active; records not yet confirmed by W&B: %d (%d not handed to W&B yet, "
+            "%d handed over and unconfirmed)" % (format(status["run_counts"]["total"], ","),
+                                                  status["run_counts"]["active"], records["pending"],
+                                                  records["unsent"], records["unconfirmed"]))
 
 
 @main.command()
@@ -141,9 +180,13 @@ def query_status(endpoint: str, timeout: float, keys: str | None = None) -> dict
 @click.option("--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
               help="seconds between polls with --watch")
 @click.option("--count", type=click.IntRange(min=1), help="with --watch: stop after this many refreshes")
+@click.option("--all", "every_run", is_flag=True,
+              help="list every run the spool holds, finished ones included (asked for a page at a time)")
 def status(endpoint: str, as_json: bool, timeout: float, keys: str | None, live: bool, interval: float,
-           count: int | None) -> None:
-    """Per run: records received, uploaded, pending; W&B state; spool size."""
+           count: int | None, every_run: bool) -> None:
+    """Per run: records received, uploaded (confirmed by W&B), pending (not yet confirmed: unsent +
+    unconfirmed); W&B state; spool size. Lists the active runs and the last few finished ones;
+    --all lists every run."""
     not_answering = ("no relay answered at %s within %.0f s (is `relay serve` running there? pass --endpoint "
                      "or set RELAY_ENDPOINT; a relay started with --curve answers only with --keys DIR or "
                      "RELAY_CLIENT_KEYS)" % (endpoint, timeout))
@@ -153,12 +196,14 @@ def status(endpoint: str, as_json: bool, timeout: float, keys: str | None, live:
         if live:
             if as_json:
                 raise click.UsageError("--watch draws a live view; for JSON poll `relay status --json` instead")
+            if every_run:
+                raise click.UsageError("--watch shows the active runs; list every run once with `relay status --all`")
             console, relay_watch = relay_side("status --watch", "rich.console", "relay.watch")
             poll = lambda: query_status(endpoint, timeout, keys)  # noqa: E731
             if not relay_watch.watch(poll, endpoint, interval, count, console.Console()):
                 raise click.ClickException(not_answering)
             return
-        reply = query_status(endpoint, timeout, keys)
+        reply = query_status(endpoint, timeout, keys, every_run)
     except curve_keys.CurveKeyError as exc:
         raise click.ClickException(str(exc))
     if reply is None:
@@ -172,17 +217,20 @@ def status(endpoint: str, as_json: bool, timeout: float, keys: str | None, live:
         click.echo("HOLDING new records (not acked): %s" % (reply.get("spool_error") or "spool over max_spool_bytes"))
     if reply.get("wandb_down_since"):
         click.echo("W&B unreachable since %s" % time.strftime("%H:%M:%S", time.localtime(reply["wandb_down_since"])))
+    click.echo(totals_line(reply))
     if not reply["runs"]:
         click.echo("no runs yet")
     for run in reply["runs"]:
         since = time.strftime("%H:%M:%S", time.localtime(run["state_since"])) if run["state_since"] else "-"
         lag = "lag %.0f s" % run["oldest_pending_age"] if run["oldest_pending_age"] is not None else "no lag"
-        line = "%-14s %-20s received %-7d uploaded %-7d pending %-7d %-9s %s since %s" % (
+        line = "%-14s %-20s received %-7d uploaded %-7d pending %-7d (unsent %d, unconfirmed %d) %-9s %s since %s" % (
             run["run_id"], (run["project"] or "") + "/" + (run["name"] or ""), run["received"], run["uploaded"],
-            run["pending"], lag, run["state"], since)
+            run["pending"], run["unsent"], run["unconfirmed"], lag, run["state"], since)
         if run["last_error"]:
             line += "  last error: %s" % run["last_error"]
         click.echo(line)
+    if not_listed(reply):
+        click.echo(not_listed(reply))
 
 
 @main.command()

@@ -72,7 +72,7 @@ class RelayCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         server = self.server
         with self.lock:
-            status = self.reader.status()
+            status = self.reader.status(max_bytes=None)  # every active run, when there are at most STATUS_RUNS
             live = self.reader.live_bytes()
         counters = dict(server.counters)
         for key, (name, text) in SERVER_COUNTERS.items():
@@ -84,15 +84,19 @@ class RelayCollector(Collector):
             errors.add_metric([kind], count)
         yield errors
 
-        runs = status["runs"]
-        active = [run for run in runs if not run["finished"] or run["pending"]]
-        yield GaugeMetricFamily("relay_pending_records", "records not yet handed to W&B, all runs",
-                                value=sum(run["pending"] for run in runs))
-        yield CounterMetricFamily("relay_uploaded_records", "records handed to W&B, all runs known to the spool",
-                                  value=sum(run["uploaded"] for run in runs))
-        ages = [run["oldest_pending_age"] for run in runs if run["oldest_pending_age"] is not None]
-        yield GaugeMetricFamily("relay_oldest_pending_age_seconds", "age of the oldest record not yet handed "
-                                "to W&B (0 when none waits)", value=max(ages, default=0.0))
+        records, run_counts = status["records"], status["run_counts"]
+        active = [run for run in status["runs"] if not run["finished"] or run["pending"]]
+        yield GaugeMetricFamily("relay_pending_records", "records W&B has not confirmed yet (unsent + unconfirmed), "
+                                "all runs", value=records["pending"])
+        yield GaugeMetricFamily("relay_unsent_records", "records not yet handed to W&B, all runs",
+                                value=records["unsent"])
+        yield GaugeMetricFamily("relay_unconfirmed_records", "records handed to W&B (the wandb SDK) that W&B has "
+                                "not confirmed yet, all runs", value=records["unconfirmed"])
+        yield CounterMetricFamily("relay_uploaded_records", "records W&B confirmed, all runs known to the spool",
+                                  value=records["uploaded"])
+        yield GaugeMetricFamily("relay_oldest_pending_age_seconds", "age of the oldest record W&B has not "
+                                "confirmed, other than a run's open, summaries and checkpoints already handed "
+                                "over (0 when none waits)", value=records["oldest_pending_age"] or 0.0)
         yield GaugeMetricFamily("relay_spool_bytes", "spool files on disk (database, WAL, shared memory)",
                                 value=status["spool_bytes"])
         yield GaugeMetricFamily("relay_spool_live_bytes", "live data in the spool, compared to max_spool_bytes",
@@ -106,21 +110,21 @@ class RelayCollector(Collector):
         yield GaugeMetricFamily("relay_uploaders_running", "uploader processes alive",
                                 value=sum(1 for uploader in list(server.uploaders.values()) if uploader.alive()))
         states = GaugeMetricFamily("relay_runs", "runs not finished in W&B, by uploader state", labels=["state"])
-        for state in sorted({run["state"] for run in active}):
-            states.add_metric([state], sum(1 for run in active if run["state"] == state))
+        for state, count in sorted(run_counts["active_by_state"].items()):
+            states.add_metric([state], count)
         yield states
         yield GaugeMetricFamily("relay_uptime_seconds", "seconds since the relay started",
                                 value=time.time() - server.started)
-        if len(active) > MAX_RUN_LABELS:
+        if run_counts["active"] > MAX_RUN_LABELS or len(active) < run_counts["active"]:
             return
-        pending = GaugeMetricFamily("relay_run_pending_records", "records of a run not yet handed to W&B",
+        pending = GaugeMetricFamily("relay_run_pending_records", "records of a run W&B has not confirmed yet",
                                     labels=["run"])
-        uploaded = CounterMetricFamily("relay_run_uploaded_records", "records of a run handed to W&B",
+        uploaded = CounterMetricFamily("relay_run_uploaded_records", "records of a run W&B confirmed",
                                        labels=["run"])
         received = CounterMetricFamily("relay_run_received_records", "records of a run stored in the spool",
                                        labels=["run"])
-        lag = GaugeMetricFamily("relay_run_oldest_pending_age_seconds", "age of the run's oldest record not "
-                                "yet handed to W&B (0 when none waits)", labels=["run"])
+        lag = GaugeMetricFamily("relay_run_oldest_pending_age_seconds", "age of the run's oldest record W&B "
+                                "has not confirmed (0 when none waits)", labels=["run"])
         for run in active:
             pending.add_metric([run["run_id"]], run["pending"])
             uploaded.add_metric([run["run_id"]], run["uploaded"])

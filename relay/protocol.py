@@ -15,7 +15,9 @@ Client -> relay kinds and their own fields:
                 the client saw it when it was logged (the relay refuses it if it has changed since)
     summary     run, values {name: scalar}
     finish      run, exit_code, time
-    status      (nothing else; answered, never spooled)
+    status      page? (answered, never spooled): without `page`, the relay-wide totals and the
+                runs worth a look (the active ones, the last few finished); with `page` (0, then
+                the reply's `next`), the same totals and every run in turn, a page at a time
     heartbeat   runs [run ids]: the trainer is alive (sent every few seconds from a client thread;
                 never spooled, never answered, seq 0). A run silent for the relay's
                 `silence_timeout` is finished in W&B with a non-zero exit code.
@@ -25,7 +27,10 @@ Relay -> client kinds:
     ack     upto (highest contiguous seq committed), seqs [[lo, hi], ...] (ranges committed
             by this batch, including ones above `upto` and re-acked duplicates)
     error   seq, reason: the message can never be accepted; its seq is consumed (also acked)
-    status  runs [...], spool_bytes, ... (the reply to `status`)
+    status  stream, runs [...], records {totals}, run_counts {...}, next (with `page`),
+            spool_bytes, ... (the reply to `status`; relay/spool.py's Spool.status says what each
+            holds). One client gets one reply per batch the relay reads, however many requests
+            it sent: to the last of them, whose `stream` the reply carries.
 
 This module must stay importable on Python 3.8 (IsaacGym environments).
 """
@@ -126,6 +131,9 @@ def validate(message: Dict[str, Any]) -> None:
     _require(message, "seq", int)
     _check_value(message, "message", 0, [MAX_ITEMS])
     if kind == "status":
+        page = message.get("page")
+        if page is not None and not (_is_int(page) and 0 <= page <= INT_MAX):
+            raise ProtocolError("field 'page' must be an int >= 0, got %s" % _show(page))
         return
     if kind == "heartbeat":
         runs = message.get("runs")

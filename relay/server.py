@@ -41,6 +41,10 @@ RESTART_BACKOFF_MAX = 60.0  # longest wait before restarting an uploader that fa
 CORE_RESTART_EVERY = 60.0  # at most one new shared wandb-core a minute, should one keep dying
 BATCH_BYTES_FRAMES = 8  # one batch reads at most this many max_frame_bytes of frames
 REFUSALS_LOGGED = 20  # refusal warnings logged per minute at most; the rest are counted
+# Replies queued for one client at most (ZeroMQ's own default). Past it the ROUTER socket drops
+# replies to that client: a client that does not read loses replies (acks are re-earned by
+# re-sending), the relay does not hold them. Status replies are kept small (relay/spool.py).
+SEND_HWM = 1000
 
 
 class RefusalLog:
@@ -211,7 +215,7 @@ class RelayServer:
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.MAXMSGSIZE, self.config.max_frame_bytes * 2)
         self.socket.setsockopt(zmq.RCVHWM, 100000)
-        self.socket.setsockopt(zmq.SNDHWM, 100000)
+        self.socket.setsockopt(zmq.SNDHWM, SEND_HWM)
         if self.config.curve_dir:
             self.start_curve()
         try:
@@ -220,8 +224,7 @@ class RelayServer:
             raise SystemExit("cannot listen on %s: %s (is another relay running there? choose another "
                              "address with --bind)" % (self.config.bind, exc))
         self.start_metrics()
-        status = self.spool.status()
-        waiting = sum(run["pending"] for run in status["runs"])
+        waiting = self.spool.status()["records"]["pending"]
         log.info("relay listening on %s (%s), W&B mode %s, spool %s (%d records waiting), artifact roots: %s",
                  self.config.bind, "CurveZMQ" if self.config.curve_dir else "no encryption", self.mode,
                  self.spool.path, waiting,
@@ -277,16 +280,15 @@ class RelayServer:
                 uploader.process.join()
         self.core.stop()
         self.refusals.roll(force=True)
-        status = self.spool.status()
-        left = sum(run["pending"] for run in status["runs"])
-        log.info("relay stopped: received=%d acked=%d duplicates=%d refused=%d malformed=%d left_in_spool=%d%s",
-                 self.counters["received"], self.counters["acked"], self.counters["duplicates"],
-                 self.counters["refused"], self.counters["malformed"], left,
+        left = self.spool.status()["records"]
+        log.info("relay stopped: received=%d acked=%d duplicates=%d refused=%d malformed=%d left_in_spool=%d "
+                 "unsent=%d unconfirmed=%d%s", self.counters["received"], self.counters["acked"],
+                 self.counters["duplicates"], self.counters["refused"], self.counters["malformed"], left["pending"],
+                 left["unsent"], left["unconfirmed"],
                  "" if clean else " (drain cut short; the rest is uploaded at the next start)")
-        for run in status["runs"]:
-            if run["location"] and os.path.isdir(run["location"]):
-                log.info("offline run %s is in %s; upload it with: wandb sync %s",
-                         run["run_id"], run["location"], run["location"])
+        for run_id, location in self.spool.offline_locations():
+            if os.path.isdir(location):
+                log.info("offline run %s is in %s; upload it with: wandb sync %s", run_id, location, location)
         if self.metrics is not None:
             self.metrics.close()
         self.spool.close()
@@ -327,7 +329,7 @@ class RelayServer:
     def handle_batch(self, batch: list[tuple[bytes, bytes]]) -> None:
         items = []             # (message, refusal, frame) for the spool
         senders = {}           # stream -> ROUTER identity to answer
-        status_requests = []
+        status_requests = {}   # ROUTER identity -> its last status request (one answer each)
         alive = set()
         unsnapped = set()      # streams whose checkpoint could not be snapshotted in this batch
         for identity, frame in batch:
@@ -345,7 +347,8 @@ class RelayServer:
                                                              "logged there)"))
                 continue
             if message["t"] == "status":
-                status_requests.append(identity)
+                self.counters["status_requests"] += 1
+                status_requests[identity] = message
                 continue
             if message["t"] == "heartbeat":
                 alive.update(message["runs"])
@@ -374,8 +377,7 @@ class RelayServer:
             self.commit(items, senders)
         if alive:
             self.spool.touch(alive)
-        for identity in status_requests:
-            self.reply(identity, dict(self.status(), t="status"))
+        self.answer_status(status_requests)
 
     def snapshot(self, message: dict) -> tuple[str, "snapshots.Opened | None"]:
         """Take the snapshot of a checkpoint before its record is committed (relay/snapshots.py).
@@ -467,10 +469,24 @@ class RelayServer:
         self.refusals.warn("refused a frame from client %s: %s", identity.hex()[:16], error.reason)
         self.reply(identity, {"t": "error", "seq": None, "reason": error.reason})
 
+    def answer_status(self, requests: dict[bytes, dict]) -> None:
+        """One reply per client that asked in this batch, however often it asked: to its last
+        request, whose stream the reply carries. Each status (the summary, or a page) is read from
+        the spool once for all who asked for it."""
+        statuses: dict[int | None, dict] = {}
+        for identity, request in requests.items():
+            page = request.get("page")
+            if page not in statuses:
+                statuses[page] = dict(self.status(page), t="status", v=protocol.VERSION)
+            self.send(identity, protocol.encode(dict(statuses[page], stream=request["stream"])))
+
     def reply(self, identity: bytes, message: dict) -> None:
         message.setdefault("v", protocol.VERSION)
+        self.send(identity, protocol.encode(message))
+
+    def send(self, identity: bytes, frame: bytes) -> None:
         try:
-            self.socket.send_multipart([identity, protocol.encode(message)], zmq.NOBLOCK)
+            self.socket.send_multipart([identity, frame], zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # client gone or its queue full: it will re-send and be re-acked
             log.debug("could not reply to %s: %s", identity.hex()[:16], exc)
 
@@ -609,8 +625,10 @@ class RelayServer:
 
     # -- status -------------------------------------------------------------------------------
 
-    def status(self) -> dict:
-        status = self.spool.status()
+    def status(self, page: int | None = None) -> dict:
+        """What a `status` request is answered with: the spool's status (relay/spool.py: the
+        summary, or a page of every run) and the relay's own state and counters."""
+        status = self.spool.status(page)
         status.update({
             "mode": self.mode, "bind": self.config.bind, "uptime": round(time.time() - self.started, 1),
             "counters": dict(self.counters),

@@ -1,9 +1,11 @@
 """`relay status --watch`: a live terminal view of a running relay.
 
 Polls the relay's `status` request every `interval` seconds and draws one table of runs (state,
-received, pending, lag, upload rate, last error) under a header with the W&B state, the spool's
-size against its limit, the holding flag and the relay's counters. The upload rate of a run is
-computed here, from the `uploaded` counts of two successive polls.
+received, uploaded, pending, unconfirmed, lag, upload rate, last error) under a header with the
+W&B state, the spool's size against its limit, the holding flag, the relay's counters and its
+totals (runs, records not yet confirmed by W&B); a last line counts the runs the status did not
+list (finished long ago), by state. The upload rate of a run is computed here, from the records
+handed to W&B (received - unsent) at two successive polls.
 
 On a terminal the view is redrawn in place (rich.live); when the output is not a terminal (a
 pipe, a log file) each refresh is printed once, one after the other.
@@ -18,6 +20,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from relay.cli import not_listed, totals_line
+
 COUNTERS = ("received", "acked", "duplicates", "refused", "malformed", "held")
 
 
@@ -31,13 +35,13 @@ def _megabytes(value: float) -> str:
 
 def upload_rates(previous: dict | None, current: dict, elapsed: float) -> dict[str, float | None]:
     """Run id -> records handed to W&B per second between two polls (None on the first poll)."""
-    before = {run["run_id"]: run["uploaded"] for run in (previous or {}).get("runs", [])}
+    before = {run["run_id"]: run["received"] - run["unsent"] for run in (previous or {}).get("runs", [])}
     rates: dict[str, float | None] = {}
     for run in current["runs"]:
         if run["run_id"] not in before or elapsed <= 0:
             rates[run["run_id"]] = None
         else:
-            rates[run["run_id"]] = max(0, run["uploaded"] - before[run["run_id"]]) / elapsed
+            rates[run["run_id"]] = max(0, run["received"] - run["unsent"] - before[run["run_id"]]) / elapsed
     return rates
 
 
@@ -54,11 +58,13 @@ def render(status: dict, rates: dict[str, float | None], endpoint: str) -> Group
                       % (status.get("spool_error") or "spool over max_spool_bytes"), style="bold red")
     counters = status.get("counters", {})
     header.append("\n" + "  ".join("%s %d" % (name, counters.get(name, 0)) for name in COUNTERS))
+    header.append("\n" + totals_line(status))
     table = Table(title="runs (from %s at %s)" % (endpoint, time.strftime("%H:%M:%S")), title_justify="left",
                   expand=False)
     for column, justify in (("run", "left"), ("project/name", "left"), ("state", "left"), ("since", "left"),
                             ("received", "right"), ("uploaded", "right"), ("pending", "right"),
-                            ("lag", "right"), ("upload rate", "right"), ("last error", "left")):
+                            ("unconfirmed", "right"), ("lag", "right"), ("upload rate", "right"),
+                            ("last error", "left")):
         table.add_column(column, justify=justify, overflow="fold")
     for run in status["runs"]:
         rate = rates.get(run["run_id"])
@@ -66,11 +72,13 @@ def render(status: dict, rates: dict[str, float | None], endpoint: str) -> Group
         table.add_row(
             run["run_id"], "%s/%s" % (run["project"] or "", run["name"] or ""),
             run["state"] + (" (exit %s)" % run["exit_code"] if run["finished"] else ""), _clock(run["state_since"]),
-            str(run["received"]), str(run["uploaded"]), str(run["pending"]),
+            str(run["received"]), str(run["uploaded"]), str(run["pending"]), str(run["unconfirmed"]),
             "%.0f s" % lag if lag is not None else "-", "%.1f/s" % rate if rate is not None else "-",
             Text(run["last_error"] or "", style="red"))
     if not status["runs"]:
-        table.add_row("(no runs yet)", *[""] * 9)
+        table.add_row("(no runs yet)", *[""] * 10)
+    if not_listed(status):
+        return Group(header, table, Text(not_listed(status)))
     return Group(header, table)
 
 

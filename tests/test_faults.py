@@ -29,8 +29,8 @@ def complete(fake, run_id):
 def kill_and_restart_after(relay, uploaded: int) -> None:
     """SIGKILL the relay once `uploaded` records went to W&B, then start it on the same spool and
     endpoint (the trainer's client re-sends what was not acked)."""
-    relay.wait_status(lambda s: s["runs"] and s["runs"][0]["uploaded"] >= uploaded, 60,
-                      "%d records uploaded" % uploaded)
+    relay.wait_status(lambda s: s["runs"] and s["runs"][0]["received"] - s["runs"][0]["unsent"] >= uploaded, 60,
+                      "%d records handed to W&B" % uploaded)
     assert relay.stop(signal.SIGKILL) == -signal.SIGKILL
     relay.start()
 
@@ -185,7 +185,7 @@ def test_first_sigterm_drains_with_deadline_second_exits_now_and_restart_deliver
         trainer = trainer_factory({"endpoint": relay.endpoint, "run_id": run_id, "steps": 100, "metrics": 4,
                                    "seed": 15, "wait_stdin": True, "flush_before_wait": True})
         trainer.event("logged")
-        relay.wait_status(lambda s: any(r["run_id"] == run_id and r["state"] == "uploading" and r["pending"] == 0
+        relay.wait_status(lambda s: any(r["run_id"] == run_id and r["state"] == "uploading" and r["unsent"] == 0
                                         for r in s["runs"]), 60, "run %s handed to W&B" % run_id)
         fake_wandb.set_fault("hang")
         return trainer
@@ -356,7 +356,7 @@ def test_sigterm_pauses_open_runs_as_preempted_and_the_next_relay_resumes_them(f
     trainer = trainer_factory({"endpoint": relay.endpoint, "run_id": "paused", "steps": 120, "metrics": 5,
                                "seed": 21, "wait_stdin": True, "flush_before_wait": True, "exit_code": 3})
     trainer.event("logged")
-    relay.wait_status(lambda s: s["runs"] and s["runs"][0]["received"] == 121 and s["runs"][0]["pending"] == 0,
+    relay.wait_status(lambda s: s["runs"] and s["runs"][0]["received"] == 121 and s["runs"][0]["unsent"] == 0,
                       60, "every record handed to W&B")
     assert relay.stop(signal.SIGTERM) == 0
     assert "paused (relay stopping)" in relay.log()

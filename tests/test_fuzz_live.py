@@ -95,6 +95,16 @@ class Replies:
                 self._take(self.sock.recv())
         return self.last_status
 
+    def wait_reply_to(self, stream: str, timeout: float = 60.0) -> dict:
+        """Read until the relay answers the status request of `stream`; return that reply."""
+        deadline = time.monotonic() + timeout
+        while self.last_status is None or self.last_status.get("stream") != stream:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, "no reply to status request %s within %.0f s (got %s)" % (stream, timeout, self.kinds)
+            if self.sock.poll(int(remaining * 1000), zmq.POLLIN):
+                self._take(self.sock.recv())
+        return self.last_status
+
     def _take(self, raw: bytes) -> None:
         reply = msgpack.unpackb(raw, raw=False)
         self.kinds[reply["t"]] = self.kinds.get(reply["t"], 0) + 1
@@ -190,10 +200,10 @@ def test_relay_survives_hostile_clients_and_delivers_the_trainer_exactly(fake_wa
     rough.close()
 
     # -- the relay has taken everything attacker 1 sent: it answers the status request sent last ---
-    attacker.send(status_frame("attacker"))
+    attacker.send(status_frame("attacker-last"))   # the relay answers a client's last request of a batch
     replies.drain()
     expected = expected_outcomes(sent, str(tmp_path / "model-spool"))
-    final = replies.wait_status(expected["status"])
+    final = replies.wait_reply_to("attacker-last")
     attacker.close()
 
     # -- the trainer's run: every row once, in order, bit for bit ----------------------------------
@@ -216,8 +226,8 @@ def test_relay_survives_hostile_clients_and_delivers_the_trainer_exactly(fake_wa
     assert len(sent) >= 10 * FRAMES_PER_EXAMPLE and expected["unreadable"] + expected.get("error", 0) >= len(sent) // 2
     # The attacker's valid records (odd names, NaN, nested config, finish and resume) reach W&B
     # too, without failing the uploader.
-    status = relay.wait_status(lambda s: all(run["pending"] == 0 for run in s["runs"]), 120,
-                               "every spooled record uploaded")
+    status = relay.wait_status(lambda s: all(run["unsent"] == 0 for run in s["runs"]), 120,
+                               "every spooled record handed to W&B")
     runs = {run["run_id"]: run for run in status["runs"]}
     assert runs[TRAINER_RUN]["received"] == steps + 2
     assert set(runs) == ({TRAINER_RUN, ATTACK_RUN} if expected.get("new") else {TRAINER_RUN})

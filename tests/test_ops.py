@@ -79,11 +79,11 @@ def test_status_watch_draws_every_refresh_with_the_exact_counts(fake_wandb, rela
     rows = watch_rows(out, "watched")
     assert len(rows) == 3, out
     for cells in rows:
-        run, name, state, _since, received, uploaded, pending, lag, _rate, error = cells
-        assert (run, name, state, received, uploaded, pending) == ("watched", "tokenHSI/traj", "retrying",
-                                                                   "202", "0", "202")
+        run, name, state, _since, received, uploaded, pending, unconfirmed, lag, _rate, error = cells
+        assert (run, name, state, received, uploaded, pending, unconfirmed) == (
+            "watched", "tokenHSI/traj", "retrying", "202", "0", "202", "0")
         assert lag.endswith(" s") and error
-    assert [cells[8] for cells in rows] == ["-", "0.0/s", "0.0/s"]  # no rate before a second poll
+    assert [cells[9] for cells in rows] == ["-", "0.0/s", "0.0/s"]  # no rate before a second poll
     assert out.count("W&B unreachable since") == 3
     assert "received 202  acked 202  duplicates 0" in out
     fake_wandb.set_fault("ok")
@@ -99,12 +99,17 @@ def test_status_watch_without_a_relay_says_so_and_fails(short_dir):
     assert "no relay answered at %s" % endpoint in watch.stderr
 
 
-def _status(uploaded: int, pending: int, **extra) -> dict:
+def _status(uploaded: int, pending: int, unconfirmed: int = 0, **extra) -> dict:
     run = {"run_id": "r1", "project": "p", "name": "n", "received": uploaded + pending, "uploaded": uploaded,
-           "pending": pending, "oldest_pending_age": 12.0 if pending else None, "state": "uploading",
+           "pending": pending, "unsent": pending - unconfirmed, "unconfirmed": unconfirmed,
+           "oldest_pending_age": 12.0 if pending else None, "state": "uploading",
            "state_since": None, "last_error": None, "exit_code": None, "finished": False}
     status = {"bind": "tcp://127.0.0.1:5555", "mode": "online", "uptime": 60.0, "spool_bytes": 3_000_000,
               "max_spool_bytes": 20_000_000, "spool_path": "/s/spool.sqlite", "runs": [run],
+              "records": {"received": uploaded + pending, "uploaded": uploaded, "pending": pending,
+                          "unsent": pending - unconfirmed, "unconfirmed": unconfirmed, "oldest_pending_age": None},
+              "run_counts": {"total": 1, "active": 1, "listed": 1, "by_state": {"uploading": 1},
+                             "active_by_state": {"uploading": 1}},
               "counters": {"received": 7}, "wandb_down_since": None, "holding": False, "spool_error": None}
     status.update(extra)
     return status
@@ -119,7 +124,7 @@ def test_upload_rate_comes_from_two_polls_and_the_header_shows_spool_and_holding
     out = console.file.getvalue()
     assert "50.0/s" in out and "spool 3.0 MB of 20.0 MB" in out and "W&B reachable" in out
     assert "HOLDING new records (not acked): spool over max_spool_bytes" in out
-    assert watch_rows(out, "r1")[0][4:8] == ["1500", "1100", "400", "12 s"]
+    assert watch_rows(out, "r1")[0][4:9] == ["1500", "1100", "400", "0", "12 s"]
 
 
 # -- Prometheus --------------------------------------------------------------------------------
@@ -143,6 +148,7 @@ def test_metrics_endpoint_counts_exactly_through_an_outage_and_after(fake_wandb,
     assert down[("relay_duplicates_total", ())] == 0 and down[("relay_refused_total", ())] == 0
     assert down[("relay_malformed_total", ())] == 0
     assert down[("relay_pending_records", ())] == 152
+    assert down[("relay_unsent_records", ())] == 152 and down[("relay_unconfirmed_records", ())] == 0
     assert down[("relay_uploaded_records_total", ())] == 0
     assert down[("relay_run_pending_records", (("run", "scraped"),))] == 152
     assert down[("relay_run_received_records_total", (("run", "scraped"),))] == 152
@@ -158,6 +164,7 @@ def test_metrics_endpoint_counts_exactly_through_an_outage_and_after(fake_wandb,
     after = wait_metrics(port, lambda m: m[("relay_wandb_up", ())] == 1 and m[("relay_uploaders_running", ())] == 0
                          and m[("relay_pending_records", ())] == 0, 60, "the run uploaded and its uploader gone")
     assert after[("relay_uploaded_records_total", ())] == 152
+    assert after[("relay_unsent_records", ())] == 0 and after[("relay_unconfirmed_records", ())] == 0
     assert after[("relay_received_total", ())] == 152 and after[("relay_oldest_pending_age_seconds", ())] == 0
     assert not [key for key in after if key[0].startswith("relay_run_")]  # finished runs leave the labels
     assert after[("relay_wandb_errors_total", (("kind", kind),))] == 1

@@ -53,7 +53,7 @@ def test_runs_share_one_wandb_core_started_by_the_relay(fake_wandb, relay_factor
     relay = relay_factory(fake_wandb, ["--mode", "online"])
     trainers = {run_id: paused_trainer(trainer_factory, relay, run_id, 40, seed)
                 for run_id, seed in (("share-a", 31), ("share-b", 32))}
-    relay.wait_status(lambda s: sorted((r["run_id"], r["state"], r["pending"]) for r in s["runs"])
+    relay.wait_status(lambda s: sorted((r["run_id"], r["state"], r["unsent"]) for r in s["runs"])
                       == [("share-a", "uploading", 0), ("share-b", "uploading", 0)], 60, "both runs in W&B")
     cores = wandb_cores(relay.proc.pid)
     assert list(cores.values()) == [relay.proc.pid], "expected one wandb-core, the relay's child: %s" % cores
