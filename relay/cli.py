@@ -235,6 +235,45 @@ def keys_new(directory: str, clients: tuple, force: bool) -> None:
         click.echo("a running relay started with --curve %s lets the new clients in within a second" % directory)
 
 
+@main.group()
+def tokenhsi() -> None:
+    """Integrate a TokenHSI checkout (works with the trainer-side install alone)."""
+
+
+@tokenhsi.command("patch")
+@click.argument("path", type=click.Path(exists=True))
+@click.option("--check", is_flag=True, help="print the change as a diff and write nothing (exit 1 if there is one)")
+@click.option("--revert", is_flag=True, help="take the change back out (the file's bytes as before the patch)")
+def tokenhsi_patch(path: str, check: bool, revert: bool) -> None:
+    """Make PATH/tokenhsi/run.py (PATH: a TokenHSI checkout) report training and --test --eval
+    results through the relay; switch off its wandb.init/wandb.finish. Idempotent."""
+    from relay.integrations import tokenhsi_patch as patcher
+
+    try:
+        run_py = patcher.locate(path)
+        with open(run_py, encoding="utf-8", newline="") as handle:
+            before = handle.read()
+        if revert:
+            after, notes = patcher.revert(before), []
+        else:
+            after, notes = patcher.apply(before, run_py)
+    except (patcher.PatchError, OSError, UnicodeDecodeError) as exc:
+        click.echo("relay tokenhsi patch: %s" % exc, err=True)
+        sys.exit(2)
+    for note in notes:
+        click.echo("%s: %s" % (run_py, note))
+    if after == before:
+        click.echo("%s: %s" % (run_py, "not patched: nothing to revert" if revert else "already patched: nothing to do"))
+        return
+    if check:
+        click.echo(patcher.diff(before, after, run_py), nl=False)
+        sys.exit(1)
+    patcher.write_atomically(run_py, after)
+    click.echo("%s: %s" % (run_py, "reverted to the original" if revert else
+                           "patched: training and --test --eval report through the relay (RELAY_ENDPOINT); "
+                           "`relay tokenhsi patch --revert` takes it back"))
+
+
 @main.command()
 @click.option("--dir", "directory", default="relay-demo", show_default=True,
               help="where the demo keeps its spool, checkpoints and offline W&B run")

@@ -39,8 +39,10 @@ Tag mapping (TensorBoard tag -> W&B name; `S` is one of the axis suffixes `frame
     scores/S (and scores/mean)            -> scores/mean
     successes/consecutive_successes/S (and /mean, TokenHSI's RLGPUAlgoObserver)
                                           -> successes/consecutive_successes/mean
+    reward_{task}/S (TokenHSI's multi-task agents)
+                                          -> rewards/{task}
     any other X/S (X not one of the four
-      prefixes below), e.g. reward_traj/frame -> X (suffix stripped: reward_traj)
+      prefixes below), e.g. Episode/len/frame -> X (suffix stripped: Episode/len)
     performance/*, losses/*, info/*, eval/*  -> unchanged, e.g. losses/a_loss, info/kl,
       performance/step_fps, info/epochs (just a metric; the axes come from the hook), and also
       info/time (a metric that happens to be called `time` is not a suffix)
@@ -121,8 +123,11 @@ AXIS_SUFFIXES = ("frame", "step", "iter", "time")
 KEPT_PREFIXES = ("performance", "losses", "info", "eval")
 MEAN_NAMES = ("rewards", "shaped_rewards", "episode_lengths", "scores", "successes/consecutive_successes")
 _INDEXED = re.compile(r"^(rewards|shaped_rewards)(\d+)$")
+_TASK_REWARD = re.compile(r"^reward_(.+)$")
+# A float YAML 1.2 reads as a number but YAML 1.1 (PyYAML) reads as a string: `2e-5`, `1E6`.
+_YAML11_STRING_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
-CONFIG_MAX_LEVEL = 5          # deeper containers become str (the wire allows 8 levels per message)
+CONFIG_MAX_LEVEL = 6          # deeper containers become str (the config sits 2 levels down a message of 8)
 CONFIG_MAX_STR = 8192         # longer strings in the config are cut
 CONFIG_MAX_BYTES = 256 * 1024  # the open record must fit in one 1 MiB frame with room to spare
 
@@ -144,6 +149,9 @@ def map_tag(tag: str) -> str:
     if indexed:
         index = int(indexed.group(2))
         return "%s/%s" % (indexed.group(1), "mean" if index == 0 else index)
+    task = _TASK_REWARD.match(base)
+    if task:
+        return "rewards/" + task.group(1)
     if base in MEAN_NAMES:
         return base + "/mean"
     return base
@@ -151,7 +159,8 @@ def map_tag(tag: str) -> str:
 
 def sanitize_config(config: Any) -> Dict[str, Any]:
     """A copy of an rl_games config that the wire can carry: dicts with str keys, lists, numbers,
-    str and None; everything else (objects, spaces, tensors) becomes its str()."""
+    str and None; everything else (objects, spaces, tensors) becomes its str(). A string that only
+    YAML 1.1 leaves unparsed as a float (`learning_rate: 2e-5`) becomes the number it spells."""
     clean = _sanitize(config, 0)
     if not isinstance(clean, dict):
         clean = {"config": clean}
@@ -178,6 +187,8 @@ def _sanitize(value: Any, level: int) -> Any:
     if isinstance(value, float):
         return float(value)
     if isinstance(value, str):
+        if _YAML11_STRING_FLOAT.match(value):
+            return float(value)
         return value if len(value) <= CONFIG_MAX_STR else value[:CONFIG_MAX_STR] + "..."
     if isinstance(value, dict) and level < CONFIG_MAX_LEVEL:
         out = {}
@@ -267,7 +278,7 @@ class RelayAlgoObserver(AlgoObserver):
                  entity: Optional[str] = None, group: Optional[str] = None, tags: Optional[List[str]] = None,
                  notes: Optional[str] = None, mode: Optional[str] = None, run_id: Optional[str] = None,
                  endpoint: Optional[str] = None, finish_timeout: float = 10.0, spill_dir: Optional[str] = None,
-                 keys: Optional[str] = None):
+                 keys: Optional[str] = None, config: Optional[Dict[str, Any]] = None):
         self.client = client
         self._owns_client = False
         self.project = project
@@ -282,6 +293,7 @@ class RelayAlgoObserver(AlgoObserver):
         self.keys = keys           # CurveZMQ client key directory; None: $RELAY_CLIENT_KEYS, else no Curve
         self.finish_timeout = finish_timeout
         self.spill_dir = spill_dir
+        self.config = config       # the W&B config; None: rl_games' params['config'] from before_init
         self.run = None            # the relay Run while reporting, else None
         self.report = None         # what run.finish() returned
         self.algo = None
@@ -292,6 +304,7 @@ class RelayAlgoObserver(AlgoObserver):
         self._tags = set()         # raw tags written since the epoch's stamp (a repeat = a new epoch)
         self._stamp = None         # type: Optional[Tuple[int, int]]  (frame, epoch) from after_print_stats
         self._fallback = None      # type: Optional[Tuple[Optional[int], Optional[int]]]
+        self._logged = None        # type: Optional[Tuple[Optional[int], Optional[int]]]  (frame, epoch) of the last row
         self._in_flight = None     # type: Optional[Tuple[Transfer, Optional[int], Optional[int]]]
         self._seen_after_steps = False
         self._train_started = False
@@ -318,7 +331,9 @@ class RelayAlgoObserver(AlgoObserver):
             from relay.client import RelayClient
             self.client = RelayClient(self.endpoint, spill_dir=self.spill_dir, keys=self.keys)
             self._owns_client = True
-        config = self._config if self._config is not None else getattr(algo, "config", {})
+        config = self.config
+        if config is None:
+            config = self._config if self._config is not None else getattr(algo, "config", {})
         run = self.client.start_run(project=self.project, name=self.name or self._experiment_name,
                                     entity=self.entity, group=self.group, tags=self.tags, notes=self.notes,
                                     config=sanitize_config(config), mode=self.mode, run_id=self.run_id)
@@ -468,6 +483,7 @@ class RelayAlgoObserver(AlgoObserver):
         if self._row:
             row, self._row = self._row, {}
             frame, epoch = self._stamp if self._stamp is not None else (self._fallback or (None, None))
+            self._logged = (_as_int(frame), _as_int(epoch))
             transfer = start_transfer(row)
             if transfer.skipped:
                 self._warn_once("skipped:" + ",".join(transfer.skipped),
@@ -505,6 +521,8 @@ class RelayAlgoObserver(AlgoObserver):
         tmp_base = ".%s.relay-tmp-%d-%s" % (base[:80], os.getpid(), uuid.uuid4().hex[:8])
         tmp = os.path.join(directory, tmp_base)
         started = time.time()
+        stdout = sys.stdout
+        sys.stdout = _Renaming(stdout, tmp, target)  # "=> saving checkpoint '<target>.pth'" on the console
         try:
             result = original(tmp, *args, **kwargs)
         except BaseException:
@@ -514,6 +532,9 @@ class RelayAlgoObserver(AlgoObserver):
                 except OSError:
                     pass
             raise
+        finally:
+            if isinstance(sys.stdout, _Renaming) and sys.stdout.stream is stdout:
+                sys.stdout = stdout
         produced = _produced(directory, tmp_base)
         finals = []
         for name in produced:
@@ -530,22 +551,50 @@ class RelayAlgoObserver(AlgoObserver):
         if self.run is not None:
             try:
                 self._flush(wait=True)  # the epoch's row before its checkpoint
-                algo = self.algo
-                metadata = {}
-                for key, attr in (("epoch", "epoch_num"), ("frame", "frame")):
-                    value = _as_int(getattr(algo, attr, None))
-                    if value is not None:
-                        metadata[key] = value
+                metadata = {key: value for key, value in zip(("frame", "epoch"), self._checkpoint_stamp())
+                            if value is not None}
                 for final in finals:
                     self.run.log_checkpoint(os.path.abspath(final), metadata=metadata, aliases=["latest"])
             except Exception as exc:
                 self._warn_once("checkpoint", "relay: could not report checkpoint %s: %s" % (target, exc))
         return result
 
+    def _checkpoint_stamp(self):
+        # type: () -> Tuple[Optional[int], Optional[int]]
+        """(frame, epoch) for a checkpoint: those of this epoch's row, so that the checkpoint sits on
+        the chart where its row does (TokenHSI's agents add the epoch's frames to `algo.frame`
+        before they save); the agent's own counters when no row was logged yet."""
+        if self._stamp is not None:
+            return _as_int(self._stamp[0]), _as_int(self._stamp[1])
+        if self._logged is not None:
+            return self._logged
+        algo = self.algo
+        return _as_int(getattr(algo, "frame", None)), _as_int(getattr(algo, "epoch_num", None))
+
     def _warn_once(self, key: str, text: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
             log.warning(text)
+
+
+class _Renaming(object):
+    """A text stream that writes to `stream` with `old` replaced by `new` (the temporary checkpoint
+    name by the final one, while the agent's own save prints what it writes)."""
+
+    def __init__(self, stream, old, new):
+        # type: (Any, str, str) -> None
+        self.stream = stream
+        self._old = old
+        self._new = new
+
+    def write(self, text):
+        # type: (str) -> int
+        if isinstance(text, str):
+            text = text.replace(self._old, self._new)
+        return self.stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 def _produced(directory: str, prefix: str) -> List[str]:
@@ -608,61 +657,5 @@ class MultiObserver(AlgoObserver):
         self._each("after_print_stats", frame, epoch_num, total_time)
 
 
-# -- TokenHSI's training config ----------------------------------------------------------------------
-
-WANDB_KEYS = ("project", "entity", "name", "group", "tags", "notes", "mode")
-RELAY_KEYS = ("endpoint", "spill_dir", "keys", "finish_timeout")
-
-
-def observer_from_train_config(cfg_train, where="cfg_train"):
-    # type: (Dict[str, Any], str) -> RelayAlgoObserver
-    """The observer a TokenHSI `cfg_train` dict asks for: its `use_wandb` flag, `wandb:` block
-    (project, entity, name, group, tags, notes, mode) and `relay:` block (endpoint, spill_dir, keys,
-    finish_timeout). The run's name defaults to `params.config.name` (the config's name). With
-    `use_wandb` false (or absent) the observer reports nothing. Unknown keys and wrong types raise
-    ValueError naming the key; `where` names the file in that message."""
-    if not isinstance(cfg_train, dict):
-        raise ValueError("%s must be a mapping, got %s" % (where, type(cfg_train).__name__))
-    use_wandb = cfg_train.get("use_wandb", False)
-    if not isinstance(use_wandb, bool):
-        raise ValueError("%s: use_wandb must be True or False, got %r" % (where, use_wandb))
-    wandb = _settings_block(cfg_train, "wandb", WANDB_KEYS, where)
-    relay = _settings_block(cfg_train, "relay", RELAY_KEYS, where)
-    for key in ("project", "entity", "name", "group", "notes", "mode"):
-        _check_type(wandb, key, str, where + ": wandb")
-    if not isinstance(wandb.get("tags") or [], list) or not all(isinstance(t, str) for t in wandb.get("tags") or []):
-        raise ValueError("%s: wandb.tags must be a list of strings, got %r" % (where, wandb.get("tags")))
-    if wandb.get("mode") not in (None, "online", "offline", "disabled"):
-        raise ValueError("%s: wandb.mode must be online, offline or disabled, got %r" % (where, wandb["mode"]))
-    _check_type(relay, "endpoint", str, where + ": relay")
-    _check_type(relay, "spill_dir", str, where + ": relay")
-    _check_type(relay, "keys", str, where + ": relay")
-    _check_type(relay, "finish_timeout", (int, float), where + ": relay")
-    if not use_wandb:
-        return RelayAlgoObserver(mode="disabled")
-    config = (cfg_train.get("params") or {}).get("config") or {}
-    name = wandb.get("name") or (config.get("name") if isinstance(config, dict) else None)
-    return RelayAlgoObserver(project=wandb.get("project") or "tokenHSI", name=name, entity=wandb.get("entity"),
-                             group=wandb.get("group"), tags=wandb.get("tags"), notes=wandb.get("notes"),
-                             mode=wandb.get("mode"), endpoint=relay.get("endpoint"), spill_dir=relay.get("spill_dir"),
-                             keys=relay.get("keys"), finish_timeout=float(relay.get("finish_timeout") or 30.0))
-
-
-def _settings_block(cfg_train, block, known, where):
-    # type: (Dict[str, Any], str, Tuple[str, ...], str) -> Dict[str, Any]
-    values = cfg_train.get(block)
-    if values is None:
-        return {}
-    if not isinstance(values, dict):
-        raise ValueError("%s: %s must be a mapping, got %s" % (where, block, type(values).__name__))
-    for key in values:
-        if key not in known:
-            raise ValueError("%s: %s: unknown key %r (known: %s)" % (where, block, key, ", ".join(known)))
-    return values
-
-
-def _check_type(values, key, kind, where):
-    # type: (Dict[str, Any], str, Any, str) -> None
-    value = values.get(key)
-    if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
-        raise ValueError("%s.%s has the wrong type: %r (%s)" % (where, key, value, type(value).__name__))
+# TokenHSI's training yaml -> an observer (kept here too: the README's hand edit imports it from here).
+from relay.integrations.tokenhsi import observer_from_train_config  # noqa: E402,F401

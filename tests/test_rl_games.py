@@ -49,7 +49,9 @@ KNOWN_NAMES = {"losses/a_loss", "losses/c_loss", "info/last_lr", "info/kl", "per
     ("shaped_rewards2/time", "shaped_rewards/2"), ("episode_lengths/step", "episode_lengths/mean"),
     ("episode_lengths/iter", "episode_lengths/mean"), ("episode_lengths/frame", "episode_lengths/mean"),
     ("episode_lengths/time", "episode_lengths/mean"), ("scores/mean", "scores/mean"),
-    ("scores/iter", "scores/mean"), ("reward_traj/frame", "reward_traj"), ("eval/success/frame", "eval/success"),
+    ("scores/iter", "scores/mean"), ("reward_traj/frame", "rewards/traj"), ("reward_sit/iter", "rewards/sit"), ("reward_carry/time", "rewards/carry"),
+    ("info/e_clip", "info/e_clip"), ("info/disc_logit_loss", "info/disc_logit_loss"),
+    ("losses/compensate_composer_reg_loss", "losses/compensate_composer_reg_loss"), ("Episode/len/frame", "Episode/len"), ("eval/success/frame", "eval/success"),
     ("performance/step_fps", "performance/step_fps"), ("performance/step_time", "performance/step_time"),
     ("losses/a_loss", "losses/a_loss"), ("losses/c_loss", "losses/c_loss"), ("info/last_lr", "info/last_lr"),
     ("info/kl", "info/kl"), ("info/epochs", "info/epochs"), ("info/time", "info/time"),
@@ -347,7 +349,7 @@ def test_rl_games_order_gives_one_row_per_epoch_and_atomic_checkpoints(held_rela
     settings = client.opened[0]
     assert settings["name"] == "unit_01-02-03" and settings["project"] == "tokenHSI"
     assert settings["config"]["lr"] == 2e-5 and isinstance(settings["config"]["obj"], str)
-    assert settings["config"]["deep"]["a"]["b"]["c"]["d"] == "{'e': {'f': 1}}"
+    assert settings["config"]["deep"]["a"]["b"]["c"]["d"]["e"] == "{'f': 1}"  # 6 levels kept, then str
     frames = {1: 0, 2: 128, 3: 256}
     for epoch in (1, 2, 3):
         algo.epoch_num = epoch
@@ -376,7 +378,7 @@ def test_rl_games_order_gives_one_row_per_epoch_and_atomic_checkpoints(held_rela
     assert len(checkpoints) == 3
     for epoch, call in zip((1, 2, 3), checkpoints):
         path = str(tmp_path / ("last_ep_%d.pth" % epoch))
-        assert call[1] == path and call[2] == {"epoch": epoch, "frame": frames[epoch] + 128}
+        assert call[1] == path and call[2] == {"epoch": epoch, "frame": frames[epoch]}  # the row's, not algo.frame
         assert call[3] == ["latest"]
         assert call[4] == hashlib.sha256(open(path, "rb").read()).hexdigest()
     # each epoch: its row, then its checkpoint; finish last
@@ -504,7 +506,7 @@ def test_observer_from_train_config_knows_the_keys_run_py_knows():
     """The checkout's helper and tokenhsi/config.py read the same wandb: and relay: blocks."""
     from dataclasses import fields
 
-    from relay.rl_games import RELAY_KEYS, WANDB_KEYS
+    from relay.integrations.tokenhsi import RELAY_KEYS, WANDB_KEYS
     from tokenhsi import config
 
     assert set(WANDB_KEYS) == {f.name for f in fields(config.WandbSettings)}
@@ -528,11 +530,61 @@ def test_observer_from_train_config_with_use_wandb_false_reports_nothing(tmp_pat
     ({"use_wandb": True, "wandb": {"mode": "sometimes"}}, "amp.yaml: wandb.mode must be online, offline or disabled"),
     ({"use_wandb": True, "relay": {"finish_timeout": "30"}}, "amp.yaml: relay.finish_timeout has the wrong type"),
     ({"use_wandb": True, "wandb": ["project"]}, "amp.yaml: wandb must be a mapping, got list"),
+    ({"params": {"use_wandb": True}}, "amp.yaml: params.use_wandb is misplaced: `use_wandb` belongs at the top level"),
+    ({"use_wandb": True, "params": {"config": {"wandb": {"project": "p"}}}},
+     "amp.yaml: params.config.wandb is misplaced: `wandb` belongs at the top level of the training yaml, next to "
+     "`params:` (move it there)"),
+    ({"params": {"config": {"amp": {"relay": {"endpoint": "tcp://h:1"}}}}},
+     "amp.yaml: params.config.amp.relay is misplaced: `relay` belongs at the top level"),
 ])
 def test_observer_from_train_config_names_the_bad_key(cfg_train, message):
     with pytest.raises(ValueError) as error:
         observer_from_train_config(cfg_train, where="amp.yaml")
     assert str(error.value).startswith(message), str(error.value)
+
+
+@pytest.mark.parametrize("wandb_name, experiment, where, expected", [
+    ("mine", "exp1", "cfg/amp_humanoid_traj.yaml", "mine"),        # wandb.name wins
+    (None, "exp1", "cfg/amp_humanoid_traj.yaml", "exp1"),          # then --experiment
+    (None, "Base", "cfg/amp_humanoid_traj.yaml", "amp_humanoid_traj"),  # TokenHSI's default: not given
+    (None, None, "cfg/amp_humanoid_traj.yml", "amp_humanoid_traj"),
+    (None, None, "cfg_train", "Humanoid"),                          # no file name: params.config.name
+])
+def test_run_name_defaults_to_experiment_then_the_yaml_file_name(wandb_name, experiment, where, expected):
+    cfg_train = {"use_wandb": True, "wandb": {"name": wandb_name}, "params": {"config": {"name": "Humanoid"}}}
+    assert observer_from_train_config(cfg_train, where=where, experiment=experiment).name == expected
+
+
+def test_config_strings_yaml_1_1_leaves_unparsed_become_numbers():
+    from relay.rl_games import sanitize_config
+
+    config = sanitize_config({"learning_rate": "2e-5", "big": "1E6", "neg": "-3.5e+2", "dot": ".5e1",
+                              "name": "2e-5x", "plain": "1.5", "word": "None", "version": "1.2.3e4"})
+    assert config == {"learning_rate": 2e-05, "big": 1e6, "neg": -350.0, "dot": 5.0, "name": "2e-5x",
+                      "plain": "1.5", "word": "None", "version": "1.2.3e4"}
+    assert all(type(config[k]) is float for k in ("learning_rate", "big", "neg", "dot"))
+
+
+def test_console_shows_the_final_checkpoint_name(held_relay, tmp_path, capsys):
+    """rl_games prints the name it was given to save to; the observer shows the final one."""
+    relay, client = held_relay
+    algo = FakeAlgo(ListWriter(), str(tmp_path))
+    original_save = algo.save
+
+    def printing_save(fn, *args):
+        print("=> saving checkpoint '%s'" % (fn + ".pth"))
+        return original_save(fn, *args)
+
+    algo.save = printing_save
+    observer, client = _observer_with(client, algo)
+    algo.epoch_num = 1
+    observer.after_print_stats(64, 1, 0.5)
+    algo.final = str(tmp_path / "Humanoid.pth")
+    algo.save(str(tmp_path / "Humanoid"))
+    out = capsys.readouterr().out
+    assert out == "=> saving checkpoint '%s'\n" % (tmp_path / "Humanoid.pth"), out
+    assert sys.stdout is not None and type(sys.stdout).__name__ != "_Renaming"
+    observer.finish()
 
 
 def test_multi_observer_relays_what_an_observer_holding_the_writer_writes(held_relay, tmp_path):
@@ -758,8 +810,11 @@ def test_rl_games_runner_reports_rows_config_and_checkpoints(fake_wandb, relay_f
         with open(path, "rb") as handle:
             assert hashlib.sha256(data).hexdigest() == hashlib.sha256(handle.read()).hexdigest()
         state = torch_ext.load_checkpoint(path)
-        assert artifact.metadata == {"epoch": state["epoch"], "frame": state["frame"]}
-    assert sorted((e, f) for _, e, f in saves) == sorted(
+        # the checkpoint sits on the chart where its epoch's row is (rl_games counted the epoch's
+        # frames into its own counter before it saved)
+        assert artifact.metadata == {"epoch": state["epoch"], "frame": reported_frames[state["epoch"]]}
+        assert state["frame"] > reported_frames[state["epoch"]]
+    assert sorted((e, reported_frames[e]) for _, e, f in saves) == sorted(
         (a.metadata["epoch"], a.metadata["frame"]) for a in artifacts)
     assert "latest" in max(artifacts, key=lambda a: a.version).aliases
 

@@ -57,14 +57,28 @@ def test_train_then_test_report_every_metric_checkpoint_and_eval_result(fake_wan
     assert all("frame" in row for row in run.history)
     logged = set().union(*(set(row) for row in run.history))
     assert TRAINING_NAMES <= logged, "missing: %s" % sorted(TRAINING_NAMES - logged)
-    assert (run.config["horizon_length"], run.config["amp"]["disc_reward_w"]) == (32, 0.3)  # the training config
+    # the W&B config: the training yaml whole, the env yaml, the command line
+    config = run.config
+    assert (config["params"]["config"]["horizon_length"], config["params"]["config"]["amp"]["disc_reward_w"]) == (32, 0.3)
+    assert config["params"]["config"]["learning_rate"] == 3.0e-4 and config["params"]["network"]["mlp"]["units"] == [64, 64]
+    assert config["params"]["network"]["space"]["continuous"]["sigma_init"] == {"name": "const_initializer", "val": -1.0}
+    assert config["use_wandb"] is True and config["wandb"]["project"] == "tokenHSI"
+    assert config["cfg_env"] == {"env": {"task": "PointMultiTask", "num_envs": 256}}
+    assert config["args"]["max_epochs"] == 7 and config["args"]["num_envs"] == 64 and config["args"]["test"] is False
+    assert " object at 0x" not in repr(config)
     checkpoints = sorted(glob.glob(str(output / "**" / "*.pth"), recursive=True))
     artifacts = fake_wandb.artifacts()
     assert checkpoints and len(artifacts) == len(checkpoints)
     on_disk = {hashlib.sha256(open(path, "rb").read()).hexdigest() for path in checkpoints}
     uploaded = {hashlib.sha256(data).hexdigest() for artifact in artifacts for data in artifact.files.values()}
     assert uploaded == on_disk
-    assert all(a.type == "model" and {"epoch", "frame"} <= set(a.metadata) for a in artifacts)
+    assert all(a.type == "model" for a in artifacts)
+    frame_of_epoch = {row["epoch"]: row["frame"] for row in run.history}
+    for artifact in artifacts:  # each checkpoint sits on the chart where its epoch's row is
+        assert artifact.metadata == {"epoch": artifact.metadata["epoch"], "frame": frame_of_epoch[artifact.metadata["epoch"]]}
+    saved = [line for line in trained.stdout.splitlines() if line.startswith("=> saving checkpoint")]
+    assert saved and not [line for line in saved if ".relay-tmp-" in line], saved
+    assert {line.split("'")[1] for line in saved} == set(checkpoints)
 
     tested = run_py(relay, "--test", "--checkpoint", checkpoints[-1], "--test_episodes", "64",
                     "--output_path", str(output))
@@ -75,6 +89,7 @@ def test_train_then_test_report_every_metric_checkpoint_and_eval_result(fake_wan
     names = {"eval/amp_point_multitask/%s" % name for name in EVAL_NAMES}
     assert names <= set(evaluation.history[0])
     row = evaluation.history[0]
+    assert evaluation.config["checkpoint"] == checkpoints[-1] and evaluation.config["args"]["test"] is True
     assert row["eval/amp_point_multitask/num_trials"] == (row["eval/amp_point_multitask/success_trials"]
                                                            + row["eval/amp_point_multitask/fail_trials"]) >= 64
 
@@ -87,6 +102,18 @@ def test_bad_training_config_names_the_key(tmp_path):
                              "--cfg_env", os.path.join(ROOT, "cfg", "env", "point_traj.yaml"), "--cfg_train", str(bad)],
                             capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert result.returncode == 2 and "unknown top-level key(s) ['use_wandbb']" in result.stderr
+
+
+def test_reporting_block_under_params_is_an_error_naming_where_it_belongs(tmp_path):
+    bad = tmp_path / "amp_misplaced.yaml"
+    bad.write_text(open(os.path.join(ROOT, "cfg", "train", "amp_point_traj.yaml")).read()
+                   .replace("  config:\n", "  config:\n    use_wandb: True\n", 1))
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "tokenhsi", "run.py"), "--task", "PointTraj",
+                             "--cfg_env", os.path.join(ROOT, "cfg", "env", "point_traj.yaml"), "--cfg_train", str(bad)],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 2
+    assert result.stderr == ("error: %s: params.config.use_wandb is misplaced: `use_wandb` belongs at the top level "
+                             "of the training yaml, next to `params:` (move it there)\n" % bad)
 
 
 def test_isaacgym_task_points_to_the_checkout_integration_without_importing_isaacgym(tmp_path):

@@ -2,15 +2,16 @@
 
 `cfg_train` yaml: `use_wandb`, a `wandb:` block (project, entity, name, group, tags, notes, mode),
 a `relay:` block (endpoint, spill_dir, keys, finish_timeout) and rl_games' `params:`. `cfg_env` yaml:
-an `env:` block (task, num_envs). Unknown or duplicate keys and wrong types are errors that name
-the key and the file.
+an `env:` block (task, num_envs). Unknown or duplicate keys, wrong types, and `use_wandb`/`wandb`/
+`relay` placed under `params:` are errors that name the key and the file.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
+from relay.integrations.tokenhsi import refuse_misplaced
 from relay.yamlfile import ConfigError, load_yaml
 
 
@@ -47,6 +48,15 @@ class TrainConfig:
     relay: RelaySettings
     env: EnvSettings
     params: dict                   # rl_games' own block, passed through
+    train_yaml: dict               # the cfg_train file as loaded (the W&B config holds it whole)
+    env_yaml: dict                 # the cfg_env file as loaded
+
+    def reporting(self):
+        """The `use_wandb`, `wandb:` and `relay:` blocks as the relay's TokenHSI integration reads them."""
+        from relay.integrations.tokenhsi import Reporting
+
+        return Reporting(self.use_wandb, {k: v for k, v in asdict(self.wandb).items() if v is not None},
+                         {k: v for k, v in asdict(self.relay).items() if v is not None})
 
 
 TYPES = {"str": str, "int": int, "float": (int, float), "bool": bool, "list": list, "dict": dict}
@@ -82,9 +92,13 @@ def load(cfg_train: str, cfg_env: str) -> TrainConfig:
         raise ConfigError("%s: use_wandb must be True or False" % cfg_train)
     if not isinstance(train.get("params"), dict):
         raise ConfigError("%s: params (rl_games' block) is missing" % cfg_train)
+    try:
+        refuse_misplaced(train["params"], "params", cfg_train)
+    except ValueError as exc:
+        raise ConfigError(str(exc))
     name = os.path.splitext(os.path.basename(cfg_train))[0]
     return TrainConfig(name=name, use_wandb=train.get("use_wandb", False),
                        wandb=_block(WandbSettings, train.get("wandb"), "%s: wandb" % cfg_train),
                        relay=_block(RelaySettings, train.get("relay"), "%s: relay" % cfg_train),
                        env=_block(EnvSettings, env.get("env"), "%s: env" % cfg_env),
-                       params=train["params"])
+                       params=train["params"], train_yaml=train, env_yaml=env)

@@ -2,7 +2,7 @@
 
     python tokenhsi/run.py --task PointTraj --cfg_env cfg/env/point_traj.yaml \\
         --cfg_train cfg/train/amp_point_traj.yaml [--num_envs N] [--headless] [--test]
-        [--checkpoint PATH] [--output_path DIR] [--max_epochs N] [--seed S]
+        [--checkpoint PATH] [--output_path DIR] [--max_epochs N] [--seed S] [--experiment NAME]
 
 Built-in tasks: PointTraj, PointCarry, PointMultiTask (tokenhsi/env/point_tasks.py). With
 `use_wandb: True` metrics, checkpoints and evaluation results go to W&B through the relay
@@ -41,24 +41,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--test_episodes", type=int, default=256)
     parser.add_argument("--checkpoint", help="a .pth to resume training from, or to evaluate")
     parser.add_argument("--output_path", default="output")
+    parser.add_argument("--experiment", help="the W&B run's name (default: the training yaml's file name)")
     parser.add_argument("--max_epochs", type=int)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--device", default="cpu", help="cpu or cuda:N")
     return parser.parse_args(argv)
 
 
-def make_observer(cfg: train_config.TrainConfig, run_name: str):
+def run_name(cfg: train_config.TrainConfig, args: argparse.Namespace) -> str:
+    """`wandb.name`, else --experiment, else the training yaml's file name without .yaml."""
+    return cfg.wandb.name or args.experiment or cfg.name
+
+
+def wandb_config(cfg: train_config.TrainConfig, args: argparse.Namespace) -> dict:
+    """The W&B config: the training yaml whole, the env yaml under `cfg_env`, the command line under `args`."""
+    from relay.integrations.tokenhsi import training_config
+
+    return training_config(cfg.train_yaml, cfg.env_yaml, args)
+
+
+def make_observer(cfg: train_config.TrainConfig, args: argparse.Namespace):
     from rl_games.common.algo_observer import DefaultAlgoObserver
 
-    if not cfg.use_wandb or os.environ.get("WANDB_MODE") == "disabled":
+    reporting = cfg.reporting()
+    if not reporting.enabled:
         return DefaultAlgoObserver()
-    from relay.rl_games import RelayAlgoObserver
-
-    w = cfg.wandb
-    return RelayAlgoObserver(project=w.project, name=w.name or run_name, entity=w.entity, group=w.group,
-                             tags=list(w.tags), notes=w.notes, mode=w.mode, endpoint=cfg.relay.endpoint,
-                             spill_dir=cfg.relay.spill_dir, finish_timeout=cfg.relay.finish_timeout,
-                             keys=cfg.relay.keys)
+    return reporting.observer(run_name(cfg, args), wandb_config(cfg, args))
 
 
 def rl_games_params(cfg: train_config.TrainConfig, args: argparse.Namespace) -> dict:
@@ -95,7 +103,7 @@ def main(argv=None) -> int:
     from tokenhsi.learning.amp_agent import AMPAgent
 
     vecenv.register()
-    observer = make_observer(cfg, cfg.name)
+    observer = make_observer(cfg, args)
     runner = Runner(algo_observer=observer)
     runner.algo_factory.register_builder("amp_continuous", lambda **kwargs: AMPAgent(**kwargs))
     runner.player_factory.register_builder("amp_continuous", lambda **kwargs: PpoPlayerContinuous(**kwargs))
@@ -104,7 +112,7 @@ def main(argv=None) -> int:
     if args.test:
         from tokenhsi.learning.evaluate import evaluate
 
-        return evaluate(runner, cfg, args)
+        return evaluate(runner, cfg, args, run_name(cfg, args), wandb_config(cfg, args))
     runner.run({"train": True, "play": False, "checkpoint": args.checkpoint, "sigma": None})
     return 0
 

@@ -1,7 +1,6 @@
-"""`run.py --test`: play the policy for N episodes and report eval/{exp_name}/... through the relay."""
+"""`run.py --test`: play the policy for N episodes and report eval/{exp_name}/... through the relay
+(in a run `<name>_test`, exp_name being the run's name)."""
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -28,7 +27,9 @@ def play(player, task, episodes: int) -> dict:
             "success_precision": float(errors.mean()) if len(errors) else float("nan")}
 
 
-def evaluate(runner, cfg, args) -> int:
+def evaluate(runner, cfg, args, name: str, config: dict) -> int:
+    """Play --test_episodes episodes of --checkpoint; report the results as eval/{name}/{key} in a
+    W&B run `<name>_test` whose config is `config` plus the checkpoint's path."""
     if not args.checkpoint:
         print("error: --test needs --checkpoint PATH (a .pth written by training)")
         return 2
@@ -38,20 +39,10 @@ def evaluate(runner, cfg, args) -> int:
     num_envs = min(args.num_envs or cfg.env.num_envs, args.test_episodes)
     task = TASKS[args.task](num_envs, device=args.device, seed=(args.seed or 0) + 1000)
     results = play(player, task, args.test_episodes)
-    exp_name = cfg.name
-    metrics = {"eval/%s/%s" % (exp_name, key): value for key, value in results.items()}
     print("evaluation of %s over %d episodes: %s" % (args.checkpoint, results["num_trials"], results))
-    if cfg.use_wandb and os.environ.get("WANDB_MODE") != "disabled":
-        from relay.client import RelayClient
+    reporting = cfg.reporting()
+    if reporting.enabled:
+        from relay.integrations.tokenhsi import report_eval
 
-        w = cfg.wandb
-        client = RelayClient(cfg.relay.endpoint, spill_dir=cfg.relay.spill_dir)
-        run = client.start_run(project=w.project, name=(w.name or exp_name) + "_test", entity=w.entity,
-                               group=w.group, tags=list(w.tags) + ["eval"], notes=w.notes, mode=w.mode,
-                               config={"checkpoint": os.path.abspath(args.checkpoint), "task": args.task,
-                                       "episodes": results["num_trials"]}, job_type="eval")
-        run.log(metrics)
-        run.summary(metrics)
-        run.finish(exit_code=0, timeout=cfg.relay.finish_timeout)
-        client.close()
+        report_eval({name: results}, reporting, name, config, args.checkpoint)
     return 0
