@@ -183,7 +183,7 @@ def assert_checkpoints(fake, run, nn_dir, name, frames, stdout):
     assert ".relay-tmp-" not in stdout
     assert sorted(os.listdir(nn_dir)) == sorted({file for file, _ in saves})
 
-    fake.wait_for(lambda: len([a for a in fake.artifacts() if a.run_id == run.run_id]) >= len(saves), 60)
+    # the run is complete (find_run): W&B's finish waited for its artifacts
     artifacts = sorted((a for a in fake.artifacts() if a.run_id == run.run_id), key=lambda a: a.version)
     assert [(a.type, list(a.files)) for a in artifacts] == [("model", [file]) for file, _ in saves]
     assert [a.metadata for a in artifacts] == [{"epoch": epoch, "frame": frames[epoch - 1]} for _, epoch in saves]
@@ -231,7 +231,7 @@ def assert_plain_config(config):
     assert not bad, "object reprs in the W&B config: %s" % bad
 
 
-def assert_eval_run(fake, name, checkpoint, config):
+def assert_eval_run(fake, name, checkpoint, config, stdout):
     metrics = glob.glob(os.path.join(os.path.dirname(checkpoint), "..", "metrics",
                                      os.path.basename(checkpoint)[:-4], "**", "metrics_*.json"), recursive=True)
     assert len(metrics) == 1, metrics
@@ -241,9 +241,13 @@ def assert_eval_run(fake, name, checkpoint, config):
     assert all(list(values) == EVAL_KEYS for values in results.values())
     expected = {"eval/%s/%s" % (experiment, key): value
                 for experiment, values in results.items() for key, value in values.items()}
+    assert "tokenhsi-relay: reported %d evaluation metrics of %s to W&B run %s (" % (
+        len(expected), checkpoint, name) in stdout, stdout[-3000:]
     run = find_run(fake, name)
     assert run.exit_code == 0
-    assert [{k: v for k, v in row.items() if not k.startswith("_")} for row in run.history] == [expected]
+    # one row; `frame` is the axis every row of a relay run carries (W&B adds the step metric)
+    assert [{k: v for k, v in row.items() if not k.startswith("_") and k != "frame"} for row in run.history] == [
+        expected]
     assert run.config == dict(config, checkpoint=os.path.abspath(checkpoint))
     assert_plain_config(run.config)
     return results
@@ -293,9 +297,9 @@ def test_amp_training_and_eval_reach_wandb_as_tokenhsi_wrote_them(rlg114_python,
     argv = ["--task", "HumanoidTraj", "--cfg_env", AMP_ENV, "--cfg_train", AMP_YAML, "--num_envs", str(NUM_ENVS),
             "--seed", str(SEED), "--headless", "--rl_device", "cpu", "--test", "--eval", "--checkpoint", checkpoint,
             "--output_path", str(output)]
-    run_py(rlg114_python, root, env, argv)
+    tested = run_py(rlg114_python, root, env, argv)
     eval_config = expected_config(root, AMP_YAML, AMP_ENV, expected_args(rlg114_python, root, argv), {})
-    results = assert_eval_run(fake_wandb, "amp_imitation_task_test", checkpoint, eval_config)
+    results = assert_eval_run(fake_wandb, "amp_imitation_task_test", checkpoint, eval_config, tested.stdout)
     assert all(values["num_trials"] == NUM_ENVS for values in results.values())
 
 
@@ -338,9 +342,33 @@ def test_multi_task_training_and_eval_task_reach_wandb(rlg114_python, fake_wandb
             "--num_envs", str(NUM_ENVS), "--seed", str(SEED), "--headless", "--rl_device", "cpu", "--experiment",
             "stage1", "--test", "--eval", "--eval_task", "sit", "--checkpoint", checkpoint,
             "--output_path", str(output)]
-    run_py(rlg114_python, root, env, argv)
+    tested = run_py(rlg114_python, root, env, argv)
     assert glob.glob(os.path.join(experiment_dir, "metrics", "stage1", "sit", "metrics_*.json"))
     eval_config = expected_config(root, MULTI_YAML, MULTI_ENV, expected_args(rlg114_python, root, argv),
                                   {"name": "stage1"})
     eval_config["wandb"] = dict(eval_config["wandb"], name="tokenhsi_stage1")
-    assert_eval_run(fake_wandb, "tokenhsi_stage1_test", checkpoint, eval_config)
+    assert_eval_run(fake_wandb, "tokenhsi_stage1_test", checkpoint, eval_config, tested.stdout + tested.stderr)
+
+
+def test_checkpoints_saved_under_one_name_while_wandb_is_away_keep_each_epochs_bytes(
+        rlg114_python, fake_wandb, relay_factory, tmp_path):
+    """TokenHSI saves every checkpoint to the same nn/<name>.pth. W&B is unreachable for the whole
+    training (the relay spools), then comes back: each artifact version must still hold the
+    checkpoint of its own epoch, not the file as it is when the upload finally happens."""
+    root = checkout_copy(tmp_path)
+    output = tmp_path / "output"
+    output.mkdir()
+    fake_wandb.set_fault("503")
+    relay = relay_factory(fake_wandb, ["--mode", "online", "--artifact-root", str(output)])
+    argv = ["--task", "HumanoidTraj", "--cfg_env", AMP_ENV, "--cfg_train", AMP_YAML, "--num_envs", str(NUM_ENVS),
+            "--seed", str(SEED), "--max_iterations", str(MAX_ITERATIONS), "--headless", "--rl_device", "cpu",
+            "--output_path", str(output)]
+    trained = run_py(rlg114_python, root, trainer_env(relay, tmp_path), argv)
+    assert not fake_wandb.runs(), "W&B was away: nothing can have arrived yet"
+    fake_wandb.set_fault("ok")
+
+    run = find_run(fake_wandb, "amp_imitation_task")
+    experiment_dir, = glob.glob(str(output / "Humanoid_*"))
+    frames, rows = tensorboard_rows(experiment_dir)
+    assert_history_matches_tensorboard(run, frames, rows)
+    assert_checkpoints(fake_wandb, run, os.path.join(experiment_dir, "nn"), "Humanoid", frames, trained.stdout)
