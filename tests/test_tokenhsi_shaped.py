@@ -54,18 +54,6 @@ EVAL_KEYS = ["num_trials", "success_trials", "success_rate", "success_precision"
 OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
-@pytest.fixture
-def rlg114_python():
-    """The rl-games 1.1.4 venv's Python (Python 3.11, rl-games 1.1.4 --no-deps, torch 2.13.0, gym 0.26.2,
-    numpy<1.24, ray, tensorboardX, tensorboard, pyyaml, this package without extras): the checkout's
-    .venv-rlg114, or $RELAY_RLG114_PYTHON. Stands in until tests/conftest.py provides the fixture."""
-    python = os.environ.get("RELAY_RLG114_PYTHON") or os.path.join(ROOT, ".venv-rlg114", "bin", "python")
-    if not os.access(python, os.X_OK):
-        pytest.skip("no rl-games 1.1.4 venv at %s (build it with scripts/venvs.sh rlg114, or point "
-                    "RELAY_RLG114_PYTHON at one)" % python)
-    return python
-
-
 # -- helpers -----------------------------------------------------------------------------------------
 
 def wandb_name(tag: str) -> str:

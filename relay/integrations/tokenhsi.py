@@ -18,7 +18,7 @@ A TokenHSI checkout's `tokenhsi/run.py` reports through the relay with three lin
   yaml under `cfg_env` and the command line under `args`. The run's name is `wandb.name`, else
   `--experiment`, else the training yaml's file name without `.yaml`.
 - `--test --eval`: TokenHSI's players write `ObjectSet_test_{i}` results to
-  `<checkpoint dir>/../metrics/<checkpoint name>/metrics_<time>.json` and call no observer;
+  `<checkpoint dir>/../metrics/<checkpoint name>/[<eval_task>/]metrics_<time>.json` and call no observer;
   `after_run` reads the files written since the session started and reports every number in them as
   `eval/{ObjectSet name}/{key}` to a run `<name>_test` whose config holds the checkpoint's path.
 
@@ -224,10 +224,11 @@ class TokenHSIRelay(object):
         if not checkpoint or checkpoint == NOT_SET:
             print("tokenhsi-relay: --eval without --checkpoint: no evaluation results to report", file=sys.stderr)
             return None
-        files = eval_result_files(checkpoint, since=self.started)
+        eval_task = getattr(self.args, "eval_task", None) or None
+        files = eval_result_files(checkpoint, since=self.started, eval_task=eval_task)
         if not files:
             print("tokenhsi-relay: no evaluation results (metrics_*.json) written since the start in %s: "
-                  "nothing reported" % metrics_dir(checkpoint), file=sys.stderr)
+                  "nothing reported" % metrics_dir(checkpoint, eval_task), file=sys.stderr)
             return None
         results = {}  # type: Dict[str, Dict[str, Any]]
         for path in files:
@@ -235,21 +236,25 @@ class TokenHSIRelay(object):
         return report_eval(results, self.reporting, self.name, self.config, checkpoint)
 
 
-def metrics_dir(checkpoint):
-    # type: (str) -> str
+def metrics_dir(checkpoint, eval_task=None):
+    # type: (str, Optional[str]) -> str
     """Where TokenHSI's players write the evaluation of `checkpoint`: `<dir>/../metrics/<name>`
-    (the checkpoint's file name without its `.pth`)."""
+    (the checkpoint's file name without its `.pth`), and below it `<eval_task>/` for the multi-task
+    players run with --eval_task."""
     folder, name = os.path.split(os.path.abspath(checkpoint))
     if name.endswith(".pth"):
         name = name[:-4]
-    return os.path.normpath(os.path.join(folder, "..", "metrics", name))
+    return os.path.normpath(os.path.join(folder, "..", "metrics", name, eval_task or ""))
 
 
-def eval_result_files(checkpoint, since):
-    # type: (str, float) -> List[str]
-    """The `metrics_*.json` files of `checkpoint` modified at or after `since` (oldest first)."""
+def eval_result_files(checkpoint, since, eval_task=None):
+    # type: (str, float, Optional[str]) -> List[str]
+    """The `metrics_*.json` files of `checkpoint` (and `eval_task`, when given: in its own folder,
+    else next to the others) modified at or after `since` (oldest first)."""
     found = []
-    for path in glob.glob(os.path.join(metrics_dir(checkpoint), "metrics_*.json")):
+    folders = [metrics_dir(checkpoint, eval_task)] + ([metrics_dir(checkpoint)] if eval_task else [])
+    paths = [path for folder in folders for path in glob.glob(os.path.join(folder, "metrics_*.json"))]
+    for path in paths:
         try:
             modified = os.stat(path).st_mtime
         except OSError:
