@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import subprocess
 
 import pytest
@@ -99,8 +100,19 @@ def test_relay_command_on_a_base_install_runs_status_keys_and_names_the_extra_fo
         "this venv must lack the server extra"
     helped = run([relay_command, "--help"])
     assert helped.returncode == 0, helped.stderr
-    for command in ("serve", "status", "replay", "keys", "demo"):
+    for command in ("serve", "status", "replay", "keys", "demo", "tokenhsi"):
         assert "\n  %s " % command in helped.stdout, helped.stdout
+
+    # the TokenHSI integration command is trainer side: it patches and reverts a checkout here
+    checkout = tmp_path / "checkout"
+    (checkout / "tokenhsi").mkdir(parents=True)
+    shutil.copy(os.path.join(ROOT, "tests", "tokenhsi_shaped", "tokenhsi", "run.py"), checkout / "tokenhsi" / "run.py")
+    original = (checkout / "tokenhsi" / "run.py").read_bytes()
+    patched = run([relay_command, "tokenhsi", "patch", str(checkout)])
+    assert patched.returncode == 0 and patched.stdout.endswith("`relay tokenhsi patch --revert` takes it back\n"), patched
+    assert (checkout / "tokenhsi" / "run.py").read_bytes().count(b"# tokenhsi-relay\n") == 4
+    assert run([relay_command, "tokenhsi", "patch", "--revert", str(checkout)]).returncode == 0
+    assert (checkout / "tokenhsi" / "run.py").read_bytes() == original
 
     relay = relay_factory(None, ["--mode", "offline"])  # the relay itself: full install, Python 3.11
     status = run([relay_command, "status", "--json", "--endpoint", relay.endpoint])
