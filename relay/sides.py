@@ -29,7 +29,10 @@ SERVER_EXTRA_MODULES = ("wandb", "pydantic", "yaml", "tenacity", "rich", "promet
 SERVER_EXTRA_INSTALL = "pip install 'tokenhsi-relay[server]'"
 
 
+PACKAGES = ("relay", "relay.integrations")
+
+
 def source_file(module: str) -> str:
-    """The file of a module of this package, relative to the checkout: relay.cli -> relay/cli.py."""
-    parts = module.split(".")
-    return "/".join(parts) + ("/__init__.py" if len(parts) == 1 else ".py")
+    """The file of a module of this package, relative to the checkout: relay.cli -> relay/cli.py,
+    relay.integrations -> relay/integrations/__init__.py."""
+    return module.replace(".", "/") + ("/__init__.py" if module in PACKAGES else ".py")

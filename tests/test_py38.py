@@ -41,6 +41,8 @@ def run(command: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
 def test_relay_side_is_what_the_trainer_side_is_not():
     assert "relay.server" in RELAY_SIDE and "relay.config" in RELAY_SIDE and "relay.uploader" in RELAY_SIDE
     assert "relay.client" not in RELAY_SIDE and "relay.cli" in sides.TRAINER_SIDE
+    missing = [m for m in sides.TRAINER_SIDE if not os.path.isfile(os.path.join(ROOT, sides.source_file(m)))]
+    assert missing == [], "vermin would be given files that do not exist: %s" % missing
 
 
 @pytest.mark.parametrize("module", sides.TRAINER_SIDE)
