@@ -79,6 +79,8 @@ def main() -> None:
 @click.option("--drain-timeout", type=float, help="seconds to keep uploading after SIGTERM [30]")
 @click.option("--init-timeout", type=float, help="seconds wandb.init may take before it is retried [60]")
 @click.option("--metrics-bind", help="HOST:PORT to serve Prometheus metrics on (/metrics) [off]")
+@click.option("--upload-interval", type=float,
+              help="seconds between a run's uploads of new rows to W&B, within --upload-requests per second [2]")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 @click.option("--curve", "curve_dir", type=click.Path(file_okay=False),
               help="directory made by `relay keys new`: encrypt with CurveZMQ and let in only the client keys "
@@ -86,13 +88,13 @@ def main() -> None:
 @click.option("--insecure", is_flag=True, default=None,
               help="allow a non-loopback --bind without --curve (anyone on that network can send runs)")
 def serve(config_path, bind, spool_dir, mode, artifact_roots, drain_timeout, init_timeout, metrics_bind,
-          log_level, curve_dir, insecure) -> None:
+          upload_interval, log_level, curve_dir, insecure) -> None:
     """Run the relay until SIGTERM/SIGINT (first: drain with a deadline; second: stop now)."""
     server, spool = relay_side("serve", "relay.server", "relay.spool")
     cfg = _load_config("serve", config_path, bind=bind, spool_dir=spool_dir, mode=mode,
                        artifact_roots=list(artifact_roots) or None, drain_timeout=drain_timeout,
-                       init_timeout=init_timeout, metrics_bind=metrics_bind, log_level=log_level,
-                       curve_dir=curve_dir, insecure=insecure)
+                       init_timeout=init_timeout, metrics_bind=metrics_bind, upload_interval=upload_interval,
+                       log_level=log_level, curve_dir=curve_dir, insecure=insecure)
     _setup_logging(cfg.log_level)
     try:
         code = server.RelayServer(cfg).serve()

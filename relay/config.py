@@ -57,6 +57,11 @@ class RelayConfig(BaseModel):
     progress_backlog: int = Field(10000, gt=0, description="a run with this many records waiting to upload gets "
                                   "progress lines in the log (count, rate, ETA) until its backlog is gone")
     progress_every: float = Field(10.0, gt=0, description="seconds between backlog progress lines")
+    upload_interval: float = Field(2.0, gt=0, description="seconds between a run's uploads of new rows to W&B "
+                                   "(wandb-core's file-stream interval), while the budget below allows it")
+    upload_requests: float = Field(20.0, gt=0, description="W&B file-stream requests per second the relay allows "
+                                   "itself, all runs together: a run starting while N runs are live uploads every "
+                                   "max(upload_interval, N / upload_requests) seconds")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("metrics_bind")

@@ -20,9 +20,13 @@ How it hooks in (rl_games calls the observer; nothing in rl_games or the agent i
   * wraps `algo.train` so that the run is finished when training returns (exit code 0) or raises
     (exit code 1, the exception propagates); an `atexit` hook finishes a run whose training never
     returned through the wrapper (exit code 1 if training was never started).
-- `after_steps()` (once per epoch, after the rollout): the previous epoch's buffered scalars are sent
-  as ONE row: `run.log(row, frame=frame, epoch=epoch)`, with `frame` and `epoch` as rl_games gave them
-  to `after_print_stats(frame, epoch_num, total_time)`.
+  * wraps `algo.update_epoch`, which rl_games' and TokenHSI's training loops call first thing in
+    every epoch: there the previous epoch's buffered scalars are sent as ONE row,
+    `run.log(row, frame=frame, epoch=epoch)`, with `frame` and `epoch` as rl_games gave them to
+    `after_print_stats(frame, epoch_num, total_time)`. The row leaves when its epoch ends, not after
+    the next epoch's rollout.
+- `after_steps()` (once per epoch, after the rollout): for an agent without `update_epoch`, the
+  previous epoch's row is sent here instead.
 - `process_infos`, `after_clear_stats`: only look whether a row's device-to-host copy has finished.
 
 With `WANDB_MODE=disabled` (or `mode="disabled"`), on ranks other than 0, or after `finish`, every
@@ -55,9 +59,9 @@ Tag mapping (TensorBoard tag -> W&B name; `S` is one of the axis suffixes `frame
 The three writes of one value land on one name in one row, so W&B gets each value once per epoch.
 When a name is written several times in an epoch, the last value wins.
 
-Rows: everything written between two `after_steps` calls is one row. For agents that never call
-`after_steps` (rl_games' SAC), a row ends when a tag written since the last `after_print_stats`
-is written again. Every row is also sent before a checkpoint is reported and when training ends;
+Rows: everything written between two `update_epoch` calls (without one, two `after_steps` calls) is
+one row. For agents that call neither (rl_games' SAC), a row ends when a tag written since the last
+`after_print_stats` is written again. Every row is also sent before a checkpoint is reported and when training ends;
 the relay merges rows logged with the same `frame`.
 
 Values: Python numbers (and numpy scalars) pass through. Torch tensors are never `.item()`-ed one
@@ -307,6 +311,7 @@ class RelayAlgoObserver(AlgoObserver):
         self._logged = None        # type: Optional[Tuple[Optional[int], Optional[int]]]  (frame, epoch) of the last row
         self._in_flight = None     # type: Optional[Tuple[Transfer, Optional[int], Optional[int]]]
         self._seen_after_steps = False
+        self._epoch_hook = False   # True once `algo.update_epoch` is wrapped: rows end where epochs end
         self._train_started = False
         self._names = {}           # type: Dict[str, str]  (tag -> name cache)
         self._warned = set()       # type: set
@@ -344,6 +349,7 @@ class RelayAlgoObserver(AlgoObserver):
         self._wrap_writer(algo)
         self._wrap_save(algo)
         self._wrap_train(algo)
+        self._wrap_update_epoch(algo)
         atexit.register(self._at_exit)
 
     def process_infos(self, infos, done_indices):
@@ -353,6 +359,14 @@ class RelayAlgoObserver(AlgoObserver):
     def after_steps(self):
         if self.run is None:
             return
+        if self._epoch_hook:  # the row already ended with its epoch
+            if self._in_flight is not None:
+                self._poll()
+            return
+        self._end_row()
+
+    def _end_row(self) -> None:
+        """An epoch ended: send its row (logged once its device copy has landed)."""
         self._seen_after_steps = True
         if self._row:
             self._flush()
@@ -452,6 +466,26 @@ class RelayAlgoObserver(AlgoObserver):
             return result
 
         algo.train = train
+
+    def _wrap_update_epoch(self, algo) -> None:
+        """rl_games' and TokenHSI's training loops call `update_epoch()` first thing in each epoch:
+        the previous epoch's row is complete there, and is sent at once (not after the next rollout)."""
+        original = getattr(algo, "update_epoch", None)
+        if original is None:
+            return
+        observer = self
+
+        @functools.wraps(original)
+        def update_epoch(*args, **kwargs):
+            if observer.run is not None:
+                try:
+                    observer._end_row()
+                except Exception as exc:  # the relay must never break training
+                    observer._warn_once("epoch", "relay: could not send a row: %s" % exc)
+            return original(*args, **kwargs)
+
+        algo.update_epoch = update_epoch
+        self._epoch_hook = True
 
     # -- rows --------------------------------------------------------------------------------------
 

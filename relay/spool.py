@@ -357,6 +357,10 @@ class Spool:
             "SELECT 1 FROM runs WHERE state IN ('uploading', 'finished', 'paused') AND state_since >= ? "
             "AND location LIKE 'http%' LIMIT 1", (since,)).fetchone() is not None
 
+    def live_runs(self) -> int:
+        """Runs whose finish W&B has not confirmed."""
+        return self.conn.execute("SELECT count(*) FROM runs WHERE finished = 0").fetchone()[0]
+
     def settings(self, run_id: str) -> dict | None:
         row = self.conn.execute("SELECT settings FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         return msgpack.unpackb(row[0], raw=False) if row and row[0] is not None else None

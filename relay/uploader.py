@@ -379,10 +379,18 @@ class RunUploader:
                 x_file_stream_retry_wait_max_seconds=self.config.backoff_max,
                 x_graphql_retry_wait_max_seconds=self.config.backoff_max,
                 x_file_transfer_retry_wait_max_seconds=self.config.backoff_max,
+                x_file_stream_transmit_interval=self._upload_interval(),
                 x_file_stream_timeout_seconds=self.config.request_timeout,
                 x_graphql_timeout_seconds=self.config.request_timeout,
                 x_file_transfer_timeout_seconds=self.config.request_timeout),
         )
+
+    def _upload_interval(self) -> float:
+        """wandb-core's file-stream interval for this run: `upload_interval`, stretched so that the
+        live runs together make at most `upload_requests` requests a second (runs that start later
+        are given longer intervals; one already started keeps its own)."""
+        live = max(1, self._spool.live_runs())
+        return max(self.config.upload_interval, live / self.config.upload_requests)
 
     def _on_retry(self, state: tenacity.RetryCallState) -> None:
         error = state.outcome.exception()

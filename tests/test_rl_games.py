@@ -392,6 +392,41 @@ def test_rl_games_order_gives_one_row_per_epoch_and_atomic_checkpoints(held_rela
     assert_spool_matches(relay, client)
 
 
+def test_a_row_is_sent_when_its_epoch_ends_not_after_the_next_rollout(held_relay, tmp_path):
+    """rl_games' loop calls update_epoch() first in each epoch; after_steps() comes after that
+    epoch's rollout. The previous epoch's row leaves at update_epoch()."""
+    relay, client = held_relay
+
+    class EpochAlgo(FakeAlgo):
+        def update_epoch(self):
+            self.epoch_num += 1
+            return self.epoch_num
+
+    algo = EpochAlgo(ListWriter(), str(tmp_path))
+    observer, client = _observer_with(client, algo)
+    run = client.runs[0]
+
+    def rows():
+        return [(c[1], c[2], c[3]) for c in run.calls if c[0] == "log"]
+
+    expected = []
+    for epoch in (1, 2, 3):
+        assert algo.update_epoch() == epoch
+        assert rows() == expected, "epoch %d's first call: the rows of the epochs before it are sent" % epoch
+        observer.process_infos({}, None)  # the rollout
+        observer.after_steps()
+        assert rows() == expected, "after_steps sends nothing more"
+        algo.writer.add_scalar("losses/a_loss", 0.1 * epoch, 64 * epoch)
+        observer.after_print_stats(64 * epoch, epoch, 1.5 * epoch)
+        for suffix, step in (("frame", 64 * epoch), ("iter", epoch), ("time", 1.5 * epoch)):
+            algo.writer.add_scalar("rewards0/" + suffix, -1.0 * epoch, step)
+        expected.append(({"losses/a_loss": 0.1 * epoch, "rewards/mean": -1.0 * epoch}, 64 * epoch, epoch))
+    assert rows() == expected[:2]
+    observer.finish()
+    assert rows() == expected
+    assert_spool_matches(relay, client)
+
+
 def test_agent_without_after_steps_still_gets_one_row_per_epoch(held_relay, tmp_path):
     """rl_games' SAC: stats, after_print_stats, rewards; no after_steps; the next epoch repeats tags."""
     relay, client = held_relay
