@@ -45,12 +45,12 @@ def test_relay_sigkilled_after_the_first_flush_and_restarted_twice_inside_the_la
     assert fake_wandb.run("lagkill").exit_code == 0
 
 
-@pytest.mark.wandb_lag(3.0)
+@pytest.mark.wandb_lag(8.0)  # longer than a relay takes to start again
 def test_graceful_stop_then_fast_restart_inside_the_lag_continues_after_every_row(fake_wandb, relay_factory,
                                                                                    trainer_factory):
     """A SIGTERM drains the run (every row on W&B, not yet counted); the next relay, started at
     once, takes the trainer's next rows after them, not over them."""
-    relay = relay_factory(fake_wandb, ["--mode", "online"])
+    relay = relay_factory(fake_wandb, ["--mode", "online"], env={"RELAY_WANDB_COUNT_LAG": "8"})
     first = trainer_factory({"endpoint": relay.endpoint, "run_id": "lagstop", "steps": 120, "metrics": 6,
                              "seed": 42, "wait_stdin": True, "flush_before_wait": True})
     first.event("logged")
