@@ -228,8 +228,8 @@ def status(endpoint: str, as_json: bool, timeout: float, keys: str | None, live:
         line = "%-14s %-20s received %-7d uploaded %-7d pending %-7d (unsent %d, unconfirmed %d) %-9s %s since %s" % (
             run["run_id"], (run["project"] or "") + "/" + (run["name"] or ""), run["received"], run["uploaded"],
             run["pending"], run["unsent"], run["unconfirmed"], lag, run["state"], since)
-        if run["last_error"]:
-            line += "  last error: %s" % run["last_error"]
+        if run["last_error"]:  # for a run settling, why it waits
+            line += "  %s: %s" % ("waiting" if run["state"] == "settling" else "last error", run["last_error"])
         click.echo(line)
     if not_listed(reply):
         click.echo(not_listed(reply))

@@ -44,6 +44,10 @@ class RelayConfig(BaseModel):
     request_timeout: float = Field(60.0, gt=0, description="seconds one W&B HTTP request may take before a retry")
     confirm_every: float = Field(30.0, gt=0, description="seconds between asking W&B how many rows of a run "
                                  "it holds (lets the spool shrink mid-run; notices outages)")
+    wandb_count_lag: float = Field(10.0, ge=0, le=3600, description="longest W&B takes to count the history "
+                                   "rows it received (it counts them seconds late); a run the relay handed rows to "
+                                   "is resumed only once W&B's count reaches them, or this long after the last "
+                                   "writer of the run stopped")
     max_unconfirmed_rows: int = Field(20000, gt=0, description="rows handed to the wandb SDK but not yet on "
                                       "the server before the uploader waits (keeps the backlog on disk)")
     max_spool_bytes: int = Field(20 << 30, gt=0, description="spool size past which the relay holds new "

@@ -6,9 +6,13 @@ Invariants:
 - (stream, seq) is UNIQUE: a re-sent record is recognised and acked again, never stored twice.
   Per stream, `streams.upto` is the highest seq below which every seq is present (or was consumed
   by an error reply); a seq at or under it is a duplicate even after its row was compacted away.
-- The uploader gives each record a W&B step and commits that *before* handing it to the wandb SDK.
+- The uploader gives each record a W&B step and commits that *before* handing it to the wandb SDK;
+  `runs.steps_handed` keeps, per run, how many steps have been handed (it outlives the records).
   After a restart, the W&B run is resumed and reports its next step S: records whose step is below
   S are on the server (W&B stores history as a prefix) and are deleted; the rest are logged again.
+  W&B counts rows seconds after they arrive, so S is taken only once the count can be trusted: it
+  reached steps_handed, or no writer of the run's history has been alive for the counting lag
+  (relay/uploader.py, "settling").
 - Records leave the spool only once W&B has confirmed them: the run finished (`run.finish()`
   returned), a resume reported a server step past them, or (a checkpoint) W&B committed its artifact.
 - A checkpoint record's snapshot (`snapshots/`, relay/snapshots.py) is deleted right after the
@@ -38,6 +42,7 @@ CREATE TABLE IF NOT EXISTS runs (
     settings    BLOB,                        -- msgpack of the `open` settings, NULL until one arrives
     received    INTEGER NOT NULL DEFAULT 0,  -- records ever stored for this run
     uploaded_id INTEGER NOT NULL DEFAULT 0,  -- highest record id handed to the wandb SDK
+    steps_handed INTEGER NOT NULL DEFAULT 0, -- W&B steps handed to the wandb SDK (every row below it)
     state       TEXT NOT NULL DEFAULT 'waiting',
     state_since REAL,
     last_error  TEXT,
@@ -119,6 +124,12 @@ def _salvage(old: sqlite3.Connection, new: sqlite3.Connection, table: str, key: 
     return copied
 
 
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    """Columns added to the schema since a spool was made (CREATE TABLE IF NOT EXISTS adds none)."""
+    if "steps_handed" not in {row[1] for row in conn.execute("PRAGMA table_info(runs)")}:
+        conn.execute("ALTER TABLE runs ADD COLUMN steps_handed INTEGER NOT NULL DEFAULT 0")
+
+
 @dataclass
 class Record:
     id: int
@@ -163,6 +174,7 @@ class Spool:
                 self.recovery = self._recover(problem)
             self.conn = _connect(self.path)
             self.conn.executescript(SCHEMA)
+            _add_missing_columns(self.conn)
         except (OSError, sqlite3.Error) as exc:
             raise SpoolError("cannot open spool %s: %s" % (self.path, exc)) from exc
         self._upto: dict[str, int] = {}
@@ -374,17 +386,28 @@ class Spool:
 
     def assign_steps(self, run_id: str, steps: list[tuple[int, int]], uploaded_id: int) -> None:
         """Persist (record id, step) pairs before the rows go to the SDK."""
+        handed = max((step + 1 for _, step in steps), default=0)
         with self._transaction():
             self.conn.executemany("UPDATE records SET step = ? WHERE id = ?", [(s, i) for i, s in steps])
-            self.conn.execute("UPDATE runs SET uploaded_id = ? WHERE run_id = ?", (uploaded_id, run_id))
+            self.conn.execute("UPDATE runs SET uploaded_id = ?, steps_handed = max(steps_handed, ?) WHERE run_id = ?",
+                              (uploaded_id, handed, run_id))
+
+    def steps_handed(self, run_id: str) -> int:
+        """How many W&B steps of this run have been handed to the wandb SDK, over all relay lives."""
+        row = self.conn.execute(
+            "SELECT max(coalesce((SELECT steps_handed FROM runs WHERE run_id = ?), 0), "
+            "coalesce((SELECT max(step) + 1 FROM records WHERE run_id = ?), 0))", (run_id, run_id)).fetchone()
+        return row[0]
 
     def confirm_below_step(self, run_id: str, server_step: int) -> int:
-        """A resume told us the server holds steps < server_step: those records are done."""
+        """A resume told us the server holds steps < server_step, and will hold no more (its count
+        was trusted): those records are done, and the rest will be handed again from server_step."""
         with self._transaction():
             cursor = self.conn.execute("DELETE FROM records WHERE run_id = ? AND step IS NOT NULL AND step < ?",
                                        (run_id, server_step))
             self.conn.execute("UPDATE records SET step = NULL WHERE run_id = ?", (run_id,))
-            self.conn.execute("UPDATE runs SET uploaded_id = 0 WHERE run_id = ?", (run_id,))
+            self.conn.execute("UPDATE runs SET uploaded_id = 0, steps_handed = ? WHERE run_id = ?",
+                              (server_step, run_id))
         return cursor.rowcount
 
     def confirm_logged(self, run_id: str, server_step: int) -> int:

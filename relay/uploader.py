@@ -21,6 +21,16 @@ died) keeps its id "in use" there until the core stops. So an uploader
 - and when the shared core fails it twice, or cannot be reached, goes on with a wandb-core of its
   own, as every uploader did before sharing.
 
+W&B counts a run's history rows seconds after they arrive (up to `wandb_count_lag`), and a resume
+goes on from that count: wandb-core continues its file stream at that line, the relay its steps.
+Resumed on a count that trails what W&B holds, the next rows would land on lines already taken,
+over rows W&B had. So before it resumes a run, an uploader waits until the count can be trusted
+("settling" in `relay status`): it reached the steps the relay handed to the SDK for the run, or
+no writer of the run has been alive for the lag, so that whatever reached W&B is counted. No
+writer outlives its relay: the uploaders exit when the server is gone (the lifeline), and every
+wandb-core gets a parent-death signal (a wandb-core whose parent is gone would otherwise go on
+for a second or so, and write).
+
 The uploader owns W&B's step: every row it logs gets the next value of a per-run counter, and
 the (record, step) pairing is committed to the spool before the row goes to the SDK (see the
 invariants in spool.py). The trainer's own axes, `frame` and `epoch`, are ordinary metrics made
@@ -34,6 +44,7 @@ the records wait in the spool; the relay keeps accepting from trainers meanwhile
 from __future__ import annotations
 
 import base64
+import ctypes
 import fcntl
 import gc
 import json
@@ -43,6 +54,7 @@ import os
 import queue
 import select
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -61,6 +73,8 @@ from relay.spool import Record, Spool
 log = logging.getLogger("relay.uploader")
 
 RETRY_FOREVER = 1_000_000_000
+SETTLE_POLL = 0.5  # seconds between looks at W&B's count of a run's rows while it settles
+PR_SET_PDEATHSIG = 1  # prctl(2) option: the signal a process gets when the thread that started it ends
 WAKE, RETRY_NOW = b"w", b"r"  # what the server writes to an uploader's wake pipe
 
 # How many history rows W&B holds for a run (the field wandb-core itself reads when it resumes).
@@ -120,10 +134,48 @@ class Unreachable(ConnectionError):
     """W&B did not answer the relay's own query (raised before wandb.init is tried)."""
 
 
+class Interrupted(ConnectionError):
+    """The uploader was told to stop while the run waited for W&B's count to settle."""
+
+
+class _CorePopen(subprocess.Popen):
+    """Popen whose child, before it runs its program, asks for SIGKILL when the thread that
+    started it ends (and exits at once if its parent is already gone)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        parent, prctl = os.getpid(), ctypes.CDLL(None, use_errno=True).prctl  # resolved before the fork
+
+        def die_with_parent() -> None:
+            prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != parent:
+                os._exit(1)
+
+        super().__init__(*args, preexec_fn=die_with_parent, **kwargs)
+
+
+class _SubprocessForCore:
+    """The subprocess module as wandb's service_process sees it: wandb-core started with Popen dies
+    with the thread that started it."""
+    Popen = _CorePopen
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(subprocess, name)
+
+
+def wandb_core_dies_with_its_parent() -> None:
+    """From now on, every wandb-core this process starts (shared or its own) is SIGKILLed when the
+    thread that started it ends: no wandb-core outlives its relay or uploader, and writes to a run
+    that a restarted relay has resumed. (wandb-core watches its parent too, but only every second
+    or so, and may write before it exits.)"""
+    from wandb.sdk.lib.service import service_process  # not public: wandb is pinned (pyproject)
+
+    service_process.subprocess = _SubprocessForCore()
+
+
 class SharedCore:
     """The wandb-core that the relay's uploaders share: the server starts it, and passes its
-    token to each uploader it starts (see the module docstring). It exits with the server
-    (wandb-core watches its parent's pid); if it ends before, the server starts another."""
+    token to each uploader it starts (see the module docstring). It dies with the server (a
+    parent-death signal); if it ends before, the server starts another."""
 
     def __init__(self) -> None:
         self.token: str | None = None   # WANDB_SERVICE for uploaders; None while there is no core
@@ -131,8 +183,10 @@ class SharedCore:
         self._process: Any = None
 
     def start(self) -> bool:
+        """Start it (from the server's main thread: it dies when that thread ends)."""
         from wandb.sdk.lib.service import service_process  # not public: wandb is pinned (pyproject)
 
+        wandb_core_dies_with_its_parent()
         try:
             process = service_process.start(wandb.Settings())
         except Exception as exc:  # wandb-core missing or broken: uploaders start their own (and say why)
@@ -175,6 +229,9 @@ class RunUploader:
         self._confirmed_step = 0           # W&B holds every row below this step
         self._next_confirm = 0.0           # monotonic time of the next server-step query
         self._unreachable = False          # the last server-step query failed
+        # No earlier writer of this run's history is alive since this moment (monotonic): an
+        # uploader that had the run before is gone (we hold its lock), and its wandb-core with it.
+        self._writers_gone = time.monotonic()
         self._spool: Spool | None = None
         self.shared_core = bool(os.environ.get("WANDB_SERVICE"))  # on the relay's wandb-core (SharedCore)
         self.shared_core_failures = 0
@@ -301,7 +358,7 @@ class RunUploader:
 
     def _init_once(self, settings: dict) -> Any:
         if self.mode == "online":
-            self._probe(settings)
+            self._settle(settings)
         if self.shared_core:
             try:
                 return self._init_on_shared_core(settings)
@@ -317,14 +374,15 @@ class RunUploader:
             wandb.teardown()
             raise
 
-    def _probe(self, settings: dict) -> None:
-        """Raise Unreachable unless W&B answers (any answer but 5xx, 408 or 429 counts)."""
+    def _probe(self, settings: dict) -> int | None:
+        """Raise Unreachable unless W&B answers (any answer but 5xx, 408 or 429 counts). Return its
+        count of the run's history rows, or None if it answered without one."""
         key = api_key()
         if key is None:
-            return  # wandb.init will say what is missing
+            return None  # wandb.init will say what is missing
         try:
-            history_count(base_url(), key, settings.get("entity"), settings["project"], self.run_id,
-                          self.config.request_timeout)
+            return history_count(base_url(), key, settings.get("entity"), settings["project"], self.run_id,
+                                 self.config.request_timeout)
         except urllib.error.HTTPError as exc:
             if exc.code >= 500 or exc.code in (408, 429):
                 raise Unreachable("W&B at %s answered HTTP %d" % (base_url(), exc.code)) from None
@@ -332,6 +390,44 @@ class RunUploader:
             pass  # a GraphQL error (no such entity, no permission): W&B answers; wandb.init will say more
         except (OSError, ValueError) as exc:
             raise Unreachable("W&B at %s did not answer: %s" % (base_url(), _short(exc))) from None
+        return None
+
+    def _settle(self, settings: dict) -> None:
+        """Return once W&B's count of the run's history rows can be trusted (see the module
+        docstring); raise Unreachable if W&B does not answer, Interrupted if told to stop.
+
+        Trusted: a count equal to the steps handed to the SDK for this run (every row arrived and
+        is counted); a smaller one once no writer of the run has been alive for `wandb_count_lag`
+        (what arrived is counted; the rest never arrives, and is handed again); a larger one (rows
+        the relay did not hand) once it has not changed for `wandb_count_lag`."""
+        handed = self._spool.steps_handed(self.run_id)
+        lag = self.config.wandb_count_lag
+        last, changed = None, time.monotonic()
+        settling = False
+        while True:
+            count = self._probe(settings)
+            now = time.monotonic()
+            if count != last:
+                last, changed = count, now
+            ready_at = (self._writers_gone if count is not None and count < handed else changed) + lag
+            if count is None or count == handed or now >= ready_at:
+                break
+            if count < handed:
+                why = ("W&B counts %d of the %d rows handed to it; resuming when it counts them all, or in %.0f s "
+                       "at most" % (count, handed, ready_at - now))
+            else:
+                why = ("W&B counts %d rows, more than the %d handed to it; resuming when the count has held for "
+                       "%.0f s" % (count, handed, lag))
+            self._spool.set_state(self.run_id, "settling", why)
+            settling = True
+            self._wait_for_server(min(SETTLE_POLL, ready_at - now), b"")
+            if self.interrupt.is_set():
+                raise Interrupted("stopped while W&B's count of run %s settled" % self.run_id)
+        if count is not None and count != handed:
+            log.info("run %s: W&B counts %d rows (the relay handed %d) and nothing more can arrive: resuming "
+                     "there", self.run_id, count, handed)
+        if settling:
+            self._spool.set_state(self.run_id, "initialising")
 
     def _init_on_shared_core(self, settings: dict) -> Any:
         try:
@@ -346,6 +442,9 @@ class RunUploader:
         stale = wandb._attach(attach_id=self.run_id)
         stale.mark_preempting()
         stale.finish()
+        self._writers_gone = time.monotonic()  # what that stream held has reached W&B, not yet its count
+        if self.mode == "online":
+            self._settle(settings)
         return self._init_sdk(settings)
 
     def _leave_shared_core(self, error: BaseException) -> None:
@@ -646,6 +745,7 @@ def main(argv: list[str], wake_fd: int | None = None) -> int:
     logging.basicConfig(level=getattr(logging, config.log_level), stream=sys.stderr,
                         format="%(asctime)s %(levelname)-7s %(name)s[" + run_id + "]: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server decides
+    wandb_core_dies_with_its_parent()  # a wandb-core of the uploader's own dies with it (wandb.init: main thread)
     if _lock(config.spool_dir, run_id) is None:
         log.info("another uploader already serves run %s; exiting", run_id)
         return 0

@@ -17,14 +17,24 @@ if TYPE_CHECKING:
     from fakewandb import FakeWandb
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "wandb_lag(seconds): the fake W&B counts history lines this long after "
+                            "they arrive (as W&B does); at the end, the test fails if any line was written over")
+
+
 @pytest.fixture
-def fake_wandb():
+def fake_wandb(request):
+    """The fake W&B backend; with the wandb_lag marker, one whose counts lag, and which must end
+    the test without a history row written over another."""
     from fakewandb import FakeWandb
 
-    fake = FakeWandb()
+    marker = request.node.get_closest_marker("wandb_lag")
+    fake = FakeWandb(lag=marker.args[0] if marker else 0.0)
     fake.start()
     yield fake
     fake.stop()
+    if marker:
+        assert fake.overwrites() == 0, "history rows written over others:\n" + fake.describe()
 
 
 @pytest.fixture

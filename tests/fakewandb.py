@@ -20,9 +20,19 @@ Emulated endpoints
       {"files": {name: {"offset": N, "content": [lines]}}, "uploaded", "preempting", "complete",
       "exitcode"}. Content at offset N is *placed* at lines N.. of that file, as W&B does, so a resent
       chunk replaces lines instead of duplicating them. wandb-summary.json: one line, whole summary.
+      A history line placed where a different line already was is an *overwrite*: the row that was
+      there is gone. Each one is counted (FakeRun.overwrites, FakeWandb.overwrites()) so that tests
+      can assert there were none; a resent chunk (the same lines again) overwrites nothing.
   PUT /upload/<key>
       Every upload URL handed out above points here: run files, artifact files, manifests, and
       multipart parts (wandb-core uses multipart only for files of 2 GiB and more).
+
+Counting lag (``FakeWandb(lag=N)``): W&B counts history lines asynchronously, so what its readers
+see trails what it has received. Here a history line becomes visible N seconds after it arrived:
+historyLineCount (UpsertBucket, RunResumeStatus, RelayServerStep) and historyTail (where wandb-core
+resumes its steps) answer from the history as it stood N seconds ago. A resume inside that window
+continues the file stream at an offset that is already taken, and writes over rows the server holds,
+as the real service does. ``FakeRun.history`` is what arrived, at once (what tests compare).
 
 Artifacts: CreateArtifact is idempotent per clientID (a retried mutation gets the same artifact);
 content equal to a committed version of the collection is deduplicated (state COMMITTED, so the SDK
@@ -58,6 +68,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
@@ -91,6 +102,14 @@ class FakeRun:
     events: list[dict] = field(default_factory=list)
     console: list[str] = field(default_factory=list)
     files: dict[str, bytes] = field(default_factory=dict)   # run files uploaded via CreateRunFiles
+    overwrites: int = 0              # history lines placed over a different line that was there
+
+
+@dataclass
+class _SeenHistory:
+    """A run's history as W&B's readers see it: the lines that arrived at least `lag` seconds ago."""
+    lines: list = field(default_factory=list)
+    unseen: collections.deque = field(default_factory=collections.deque)   # (arrived, offset, lines)
 
 
 @dataclass
@@ -123,11 +142,16 @@ def _place(lines: list, offset: int, content: list, anomalies: list | None = Non
             anomalies.append("%s: chunk at offset %d but only %d lines so far" % (what, offset, len(lines)))
         for i, item in enumerate(content[:max(0, len(lines) - offset)]):
             old = lines[offset + i]
-            if old is not None and json.dumps(old, sort_keys=True) != json.dumps(item, sort_keys=True):
+            if not _same_line(old, item):
                 anomalies.append("%s: line %d rewritten: %s -> %s" % (what, offset + i, old, item))
     while len(lines) < offset:
         lines.append(None)
     lines[offset:offset + len(content)] = content
+
+
+def _same_line(old: Any, new: Any) -> bool:
+    """Is `new` the line that is already there (nothing there counts as the same)?"""
+    return old is None or json.dumps(old, sort_keys=True) == json.dumps(new, sort_keys=True)
 
 
 def _unwrap_config(raw: dict) -> dict:
@@ -138,13 +162,15 @@ def _unwrap_config(raw: dict) -> dict:
 class FakeWandb:
     entity = "fake-entity"
 
-    def __init__(self):
+    def __init__(self, lag: float = 0.0):
+        self.lag = lag                   # seconds before a history line counts (see the module docstring)
         self.api_key = "f" * 40          # 0.31 checks only: 40+ characters of [A-Za-z0-9_]
         self.base_url = ""
         self.requests_seen: collections.Counter = collections.Counter()
         self.request_log: collections.deque = collections.deque(maxlen=300)   # (method, path, what, status)
         self._cond = threading.Condition(threading.RLock())
         self._runs: dict[tuple[str, str, str], FakeRun] = {}
+        self._seen: dict[tuple[str, str, str], _SeenHistory] = {}   # history as readers see it, per run
         self._artifacts: dict[str, FakeArtifact] = {}     # by artifact id
         self._manifest_owner: dict[str, str] = {}         # manifest id -> artifact id
         self._manifest_key: dict[str, str] = {}           # artifact id -> key of its last uploaded manifest
@@ -205,6 +231,11 @@ class FakeWandb:
         with self._cond:
             return {run.run_id: len(run.history) for run in self._runs.values()}
 
+    def overwrites(self) -> int:
+        """History lines placed over a different line, over all runs (rows W&B lost)."""
+        with self._cond:
+            return sum(run.overwrites for run in self._runs.values())
+
     def complete(self, run_id: str) -> bool:
         """True once the run exists and its finish arrived (cheap: copies nothing)."""
         with self._cond:
@@ -227,9 +258,10 @@ class FakeWandb:
         with self._cond:
             lines = ["requests: %s" % dict(self.requests_seen), "fault: %s/%s" % self._fault]
             for run in self._runs.values():
-                lines.append("run %s/%s/%s: %d history rows, complete=%s exit=%s summary keys=%s" % (
-                    run.entity, run.project, run.run_id, len(run.history), run.complete, run.exit_code,
-                    sorted(run.summary)))
+                lines.append("run %s/%s/%s: %d history rows (%d counted, %d overwritten), complete=%s exit=%s "
+                             "summary keys=%s" % (run.entity, run.project, run.run_id, len(run.history),
+                                                  len(self._seen_history(run)), run.overwrites, run.complete,
+                                                  run.exit_code, sorted(run.summary)))
             for art in self._artifacts.values():
                 lines.append("artifact %s:%s committed=%s files=%s" % (art.name, art.type, art.committed,
                                                                       sorted(art.files)))
@@ -245,6 +277,18 @@ class FakeWandb:
 
     def _upload_url(self, key: str) -> str:
         return "%s/upload/%s" % (self.base_url, quote(key, safe="/"))
+
+    def _seen_record(self, run: FakeRun) -> _SeenHistory:
+        return self._seen.setdefault((run.entity, run.project, run.name), _SeenHistory())
+
+    def _seen_history(self, run: FakeRun) -> list:
+        """The run's history as W&B's readers see it now: every line that arrived `lag` seconds ago."""
+        seen = self._seen_record(run)
+        horizon = time.monotonic() - self.lag
+        while seen.unseen and seen.unseen[0][0] <= horizon:
+            _, offset, content = seen.unseen.popleft()
+            _place(seen.lines, offset, content)
+        return seen.lines
 
     def _find_run(self, entity, project, name, storage_id=None) -> FakeRun | None:
         if storage_id:
@@ -303,14 +347,14 @@ class FakeWandb:
         return {"upsertBucket": {"inserted": inserted, "bucket": {
             "id": run.storage_id, "name": run.name, "displayName": run.display_name,
             "description": run.notes, "config": json.dumps(run.raw_config), "sweepName": None,
-            "historyLineCount": len(run.history),
+            "historyLineCount": len(self._seen_history(run)),
             "project": {"id": "project-%s" % run.project, "name": run.project,
                         "entity": {"id": "entity-%s" % run.entity, "name": run.entity}}}}}
 
     def _gql_RelayServerStep(self, v):
         # The relay's own mid-run query: how many history lines the server holds for a run.
         run = self._find_run(v.get("entity"), v.get("project"), v.get("name"))
-        return {"model": {"bucket": {"historyLineCount": len(run.history)} if run else None}}
+        return {"model": {"bucket": {"historyLineCount": len(self._seen_history(run))} if run else None}}
 
     def _gql_RunResumeStatus(self, v):
         run = self._find_run(v.get("entity"), v.get("project"), v.get("name"))
@@ -330,7 +374,8 @@ class FakeWandb:
         #   every one of these fields must be present and parse, or resuming fails.
         wandb_internal = run.raw_config.get("_wandb", {})
         wandb_internal = wandb_internal.get("value", {}) if isinstance(wandb_internal, dict) else {}
-        history = [row for row in run.history if row is not None]
+        seen = self._seen_history(run)
+        history = [row for row in seen if row is not None]
         events = [row for row in run.events if row is not None]
         return {"model": {
             "id": "project-%s" % run.project, "name": run.project,
@@ -338,7 +383,7 @@ class FakeWandb:
             "bucket": {
                 "id": run.storage_id, "name": run.name, "displayName": run.display_name,
                 "summaryMetrics": json.dumps(run.summary, allow_nan=True),
-                "logLineCount": len(run.console), "historyLineCount": len(run.history),
+                "logLineCount": len(run.console), "historyLineCount": len(seen),
                 "eventsLineCount": len(run.events),
                 "historyTail": json.dumps([json.dumps(row, allow_nan=True) for row in history[-10:]]),
                 "eventsTail": json.dumps([json.dumps(row, allow_nan=True) for row in events[-10:]]),
@@ -501,8 +546,11 @@ class FakeWandb:
             for name, chunk in (body.get("files") or {}).items():
                 offset, content = chunk["offset"], chunk["content"]
                 if name == HISTORY:
-                    _place(run.history, offset, [json.loads(line) for line in content], self.anomalies,
-                           "%s history" % run_id)
+                    lines = [json.loads(line) for line in content]
+                    run.overwrites += sum(1 for i, line in enumerate(lines[:max(0, len(run.history) - offset)])
+                                          if not _same_line(run.history[offset + i], line))
+                    _place(run.history, offset, lines, self.anomalies, "%s history" % run_id)
+                    self._seen_record(run).unseen.append((time.monotonic(), offset, lines))
                 elif name == EVENTS:
                     _place(run.events, offset, [json.loads(line) for line in content], self.anomalies,
                            "%s events" % run_id)

@@ -20,7 +20,7 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
 # Test-sized retry timing for every relay the suite starts (production defaults are minutes).
 FAST_RETRIES = {"RELAY_BACKOFF_MAX": "1", "RELAY_REQUEST_TIMEOUT": "5", "RELAY_CONFIRM_EVERY": "1",
-                "RELAY_INIT_TIMEOUT": "5"}
+                "RELAY_INIT_TIMEOUT": "5", "RELAY_WANDB_COUNT_LAG": "3"}
 
 
 def free_tcp_port(host: str = "127.0.0.1") -> int:

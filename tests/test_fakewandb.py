@@ -279,3 +279,72 @@ def test_faults_over_http():
     # the listening socket is gone after stop()
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1])), timeout=1).close()
+
+
+def _history_count(base: str, run_id: str) -> int:
+    answer = _post(base + "/graphql", {"operationName": "RelayServerStep",
+                                       "variables": {"name": run_id, "project": "proj", "entity": "ent"}})
+    return answer["data"]["model"]["bucket"]["historyLineCount"]
+
+
+def _wait_count(base: str, run_id: str, count: int, timeout: float) -> float:
+    """Poll W&B's count of a run's history lines until it reads `count`; return when that was."""
+    deadline = time.monotonic() + timeout
+    while _history_count(base, run_id) != count:
+        assert time.monotonic() < deadline, "count of %s never reached %d" % (run_id, count)
+        time.sleep(0.05)   # the count changes with time alone: nothing to wait on
+    return time.monotonic()
+
+
+@pytest.mark.timeout(60)
+def test_lagging_count_shows_lines_late_and_overwrites_are_counted():
+    fake = FakeWandb(lag=1.5)
+    base = fake.start()
+    try:
+        _post(base + "/graphql", {"operationName": "UpsertBucket",
+                                  "variables": {"name": "lagged", "project": "proj", "entity": "ent"}})
+        url = base + "/files/ent/proj/lagged/file_stream"
+        chunk = {"files": {"wandb-history.jsonl": {"offset": 0, "content": ['{"_step":0,"x":1}', '{"_step":1,"x":2}']}}}
+        sent = time.monotonic()
+        _post(url, chunk)
+        _post(url, chunk)   # a resend overwrites nothing
+        assert len(fake.run("lagged").history) == 2   # arrived at once ...
+        assert _history_count(base, "lagged") == 0    # ... counted later
+        status = _post(base + "/graphql", {"operationName": "RunResumeStatus",
+                                           "variables": {"name": "lagged", "project": "proj", "entity": "ent"}})
+        bucket = status["data"]["model"]["bucket"]
+        assert (bucket["historyLineCount"], json.loads(bucket["historyTail"])) == (0, [])
+        assert 1.5 <= _wait_count(base, "lagged", 2, 10) - sent < 1.5 + 1.0
+        assert fake.overwrites() == 0
+        # A writer that trusted the stale count: the lines at offsets 0 and 1 are replaced.
+        _post(url, {"files": {"wandb-history.jsonl": {"offset": 1, "content": ['{"_step":1,"x":3}',
+                                                                              '{"_step":2,"x":4}']}}})
+        assert [r["x"] for r in fake.run("lagged").history] == [1, 3, 4]
+        assert fake.overwrites() == 1 and fake.run("lagged").overwrites == 1
+        assert _history_count(base, "lagged") == 2
+        _wait_count(base, "lagged", 3, 10)
+    finally:
+        fake.stop()
+
+
+@pytest.mark.timeout(120)
+def test_resume_inside_the_counting_lag_writes_over_rows(fake, tmp_path):
+    """What the relay must avoid, shown with the SDK alone: resumed on a count that trails what W&B
+    received, wandb-core continues at a stale offset and step, over rows the server holds."""
+    fake.lag = 4.0
+    first = wandb.init(project="proj", entity="ent", id="tooearly", dir=str(tmp_path))
+    for step, row in enumerate(rows(0, 20)):
+        first.log(row, step=step)
+    first.finish()
+    assert len(fake.run("tooearly").history) == 20
+    run = wandb.init(project="proj", entity="ent", id="tooearly", resume="allow", dir=str(tmp_path))
+    # W&B has counted none of the 20 rows yet: the file stream goes on at line 0, while the step
+    # goes on from the summary's _step (no history tail to read it from), which is current.
+    assert run.starting_step == 20
+    for step, row in enumerate(rows(20, 25), start=20):
+        run.log(row, step=step)
+    run.finish()
+    history = fake.run("tooearly").history
+    assert len(history) == 20 and fake.run("tooearly").overwrites == 5
+    assert_rows_equal(history[:5], rows(20, 25), 20)   # steps 0-4 are gone
+    assert_rows_equal(history[5:], rows(5, 20), 5)

@@ -165,6 +165,41 @@ def test_spool_confirms_by_step_and_by_finish(tmp_path):
     assert [r.body["seq"] for r in spool.records("r1", 0, 100)] == [9, 10]
 
 
+def test_spool_keeps_the_steps_handed_to_wandb_after_their_records_are_gone(tmp_path):
+    spool = Spool(str(tmp_path))
+    spool.load_watermarks()
+    spool.ingest([_log(seq) for seq in range(1, 11)])
+    assert spool.steps_handed("r1") == 0
+    records = spool.records("r1", 0, 100)
+    spool.assign_steps("r1", [(r.id, i) for i, r in enumerate(records[:8])], records[7].id)
+    assert spool.steps_handed("r1") == 8
+    spool.confirm_through("r1", records[-1].id)  # a finish: every record let go, the count of steps kept
+    spool.close()
+    spool = Spool(str(tmp_path))
+    assert spool.steps_handed("r1") == 8
+    spool.confirm_below_step("r1", 5)  # a resume on a trusted count: steps 5.. are handed again
+    assert spool.steps_handed("r1") == 5
+
+
+def test_spool_made_before_steps_handed_gets_the_column(tmp_path):
+    import sqlite3
+
+    old = sqlite3.connect(str(tmp_path / Spool.FILENAME))
+    old.execute("CREATE TABLE runs (run_id TEXT PRIMARY KEY, settings BLOB, received INTEGER NOT NULL DEFAULT 0, "
+                "uploaded_id INTEGER NOT NULL DEFAULT 0, state TEXT NOT NULL DEFAULT 'waiting', state_since REAL, "
+                "last_error TEXT, exit_code INTEGER, finished INTEGER NOT NULL DEFAULT 0, location TEXT, "
+                "created REAL NOT NULL, last_seen REAL NOT NULL)")
+    old.execute("INSERT INTO runs (run_id, created, last_seen) VALUES ('r1', 0, 0)")
+    old.commit()
+    old.close()
+    spool = Spool(str(tmp_path))
+    spool.load_watermarks()
+    spool.ingest([_log(1)])
+    records = spool.records("r1", 0, 10)
+    spool.assign_steps("r1", [(records[0].id, 3)], records[0].id)
+    assert spool.steps_handed("r1") == 4
+
+
 def test_garbage_spool_file_is_set_aside_and_a_new_one_started(tmp_path):
     path = tmp_path / Spool.FILENAME
     path.write_bytes(b"this is not a database" * 100)
@@ -193,6 +228,7 @@ def test_config_layers_file_then_environment_then_flags(tmp_path):
     ("init_timeout: '2e-5'\n", "init_timeout (from"),
     ("drain_timeout: 2e-5\n", "drain_timeout (from"),  # YAML 1.1 reads this as a string: refused, not guessed
     ("mode: fast\n", "mode (from"),
+    ("wandb_count_lag: -1\n", "greater than or equal to 0"),
     ("- a\n- b\n", "must hold a mapping"),
 ])
 def test_bad_config_files_name_the_key(tmp_path, text, expected):
