@@ -103,6 +103,8 @@ class FakeRun:
     console: list[str] = field(default_factory=list)
     files: dict[str, bytes] = field(default_factory=dict)   # run files uploaded via CreateRunFiles
     overwrites: int = 0              # history lines placed over a different line that was there
+    arrived: list = field(default_factory=list)  # wall time (time.time()) each history line arrived at
+    file_stream_posts: int = 0       # file_stream requests for this run
 
 
 @dataclass
@@ -543,10 +545,15 @@ class FakeWandb:
             run = self._find_run(entity, project, run_id)
             if run is None:   # the real server 404s; the SDK always upserts first
                 raise _HTTPError(404, "no run %s/%s/%s" % (entity, project, run_id))
+            run.file_stream_posts += 1
             for name, chunk in (body.get("files") or {}).items():
                 offset, content = chunk["offset"], chunk["content"]
                 if name == HISTORY:
                     lines = [json.loads(line) for line in content]
+                    now = time.time()  # a line's first arrival counts (a resent chunk keeps it)
+                    _place(run.arrived, offset, [run.arrived[offset + i] if offset + i < len(run.arrived)
+                                                 and run.arrived[offset + i] is not None else now
+                                                 for i in range(len(lines))])
                     run.overwrites += sum(1 for i, line in enumerate(lines[:max(0, len(run.history) - offset)])
                                           if not _same_line(run.history[offset + i], line))
                     _place(run.history, offset, lines, self.anomalies, "%s history" % run_id)

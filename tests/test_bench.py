@@ -22,6 +22,7 @@ SCRIPTS = {
     "outage": ["relay_max_step_stall_ms", "wandb_max_step_stall_ms"],
     "soak": ["sent", "delivered", "lost", "duplicated"],
     "learning_curve": ["epochs"],
+    "visible": ["cases", "seconds"],
 }
 
 
@@ -59,5 +60,8 @@ def test_bench_script_runs(runs, name):
         assert all(backlog["all_acked"] for backlog in summary["rss_backlogs"])
     elif name in ("client_latency", "gpu_overhead"):
         assert summary["relay_delivered"] is True
+    elif name == "visible":
+        assert sorted(case["kind"] for case in summary["cases"]) == ["relay", "wandb"]
+        assert all(case["rows"] == summary["seconds"] * case["runs"] for case in summary["cases"]), summary
     elif name == "soak":
         assert summary["delivered"] == summary["sent"] and summary["lost"] == summary["duplicated"] == 0

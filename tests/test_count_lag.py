@@ -54,7 +54,7 @@ def test_graceful_stop_then_fast_restart_inside_the_lag_continues_after_every_ro
     first = trainer_factory({"endpoint": relay.endpoint, "run_id": "lagstop", "steps": 120, "metrics": 6,
                              "seed": 42, "wait_stdin": True, "flush_before_wait": True})
     first.event("logged")
-    relay.wait_status(lambda s: s["runs"] and s["runs"][0]["received"] == 121 and s["runs"][0]["pending"] == 0,
+    relay.wait_status(lambda s: s["runs"] and s["runs"][0]["received"] == 121 and s["runs"][0]["unsent"] == 0,
                       60, "every record handed to W&B")
     assert relay.stop(signal.SIGTERM) == 0
     assert len(fake_wandb.run("lagstop").history) == 120

@@ -386,7 +386,7 @@ def test_training_config_relay_keys_reach_the_trainers_client(tmp_path):
     pytest.importorskip("rl_games")
     from relay.rl_games import RelayAlgoObserver
     from tokenhsi import config as train_config
-    from tokenhsi.run import make_observer
+    from tokenhsi.run import make_observer, parse_args
 
     shipped = os.path.join(ROOT, "cfg", "train", "amp_point_traj.yaml")
     cfg_train = tmp_path / "amp_point_traj.yaml"
@@ -395,7 +395,8 @@ def test_training_config_relay_keys_reach_the_trainers_client(tmp_path):
         cfg_train.write_text(handle.read().replace("  keys: null", "  keys: %s" % missing))
     cfg = train_config.load(str(cfg_train), os.path.join(ROOT, "cfg", "env", "point_traj.yaml"))
     assert cfg.relay.keys == str(missing)
-    observer = make_observer(cfg, "amp_point_traj")
+    args = parse_args(["--task", "PointTraj", "--cfg_env", "point_traj.yaml", "--cfg_train", str(cfg_train)])
+    observer = make_observer(cfg, args)
     assert isinstance(observer, RelayAlgoObserver)
     with pytest.raises(CurveKeyError, match="%s is not a directory" % missing):  # the client got the keys
         observer.after_init(type("Algo", (), {"rank": 0, "config": {}})())
