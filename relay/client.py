@@ -285,8 +285,6 @@ class RelayClient:
         if self._heartbeat is not None:
             self._heartbeat.stop()
         self._close_socket()
-        if self._context is not None and self._pid == os.getpid():
-            self._context.term()
         self._context = None
         self._closed = True
         return spilled
@@ -402,9 +400,12 @@ class RelayClient:
     # -- socket work --------------------------------------------------------------------------
 
     def _sock(self) -> zmq.Socket:
-        # Contexts do not survive fork(): make a fresh one in a child process.
+        # pyzmq's shared context: one per process (it makes a new one in a forked child, as
+        # contexts do not survive fork), never terminated here. A context of the client's own would
+        # be terminated when collected, and a client dropped without close() in a reference cycle
+        # can be collected after its socket was forgotten but not closed: term() then waits for ever.
         if self._context is None or self._pid != os.getpid():
-            self._context, self._socket, self._pid = zmq.Context(), None, os.getpid()
+            self._context, self._socket, self._pid = zmq.Context.instance(), None, os.getpid()
         if self._socket is None:
             sock = self._context.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
