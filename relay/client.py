@@ -720,7 +720,8 @@ class Run:
 
     def log(self, metrics: Dict[str, Any], frame: Optional[int] = None, epoch: Optional[int] = None,
             namespace: Optional[str] = None) -> None:
-        self._refuse_if_forked()
+        if self._life is not self.client._life:  # the hot path: _refuse_if_forked's test, inline
+            self._refuse_if_forked()
         if not isinstance(metrics, dict):
             raise TypeError("metrics must be a dict of name -> number, got %s" % type(metrics).__name__)
         # Values are converted while packing: no per-metric Python work here. A row with values on

@@ -224,3 +224,51 @@ def test_spill_after_space_is_freed_holds_every_record_and_relay_replay_delivers
         expected = row(34, step, 4)
         assert body["metrics"].keys() == expected.keys()
         assert all(same_value(body["metrics"][name], value) for name, value in expected.items()), step
+
+
+# -- the wall clock set back ------------------------------------------------------------------
+
+LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
+
+CLOCK_SET_BACK = """
+import json, sys
+sys.path.insert(0, sys.argv[4])
+from relay.client import RelayClient
+from workload import frame, row
+client = RelayClient(sys.argv[1], spill_dir=sys.argv[2], max_pending=10, heartbeat_every=0)
+run = client.start_run(project="tokenHSI", run_id="clock")
+for step in range(30):
+    if step == 15:
+        with open(sys.argv[3], "w") as handle:
+            handle.write("-1d")  # the wall clock is set back a day (read again at every call)
+    run.log(row(35, step, 4), frame=frame(step), epoch=step + 1)
+run.finish(timeout=0.1)
+client.close()
+print(json.dumps(client.spill_files))
+"""
+
+
+def test_spill_files_sort_in_the_order_written_when_the_wall_clock_is_set_back(short_dir, tmp_path):
+    if not os.path.exists(LIBFAKETIME):
+        pytest.skip("libfaketime is not installed (apt-get install faketime)")
+    clock = tmp_path / "faketime"
+    clock.write_text("+0")
+    spill = tmp_path / "spill"
+    env = dict(os.environ, PYTHONPATH=ROOT, LD_PRELOAD=LIBFAKETIME, FAKETIME_TIMESTAMP_FILE=str(clock),
+               FAKETIME_NO_CACHE="1", DONT_FAKE_MONOTONIC="1")
+    done = subprocess.run([sys.executable, "-c", CLOCK_SET_BACK, "ipc://%s/none.ipc" % short_dir, str(spill),
+                           str(clock), TESTS], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    files = json.loads(done.stdout)
+    assert len(files) == 4  # an overflow every 10 records, one of them after the clock went back; the finish
+    assert sorted(files) == files, "spill file names must sort in the order they were written"
+    # What the sort order is for: `relay replay DIR/*` keeps the run's rows in order.
+    spool_dir = str(tmp_path / "spool")
+    everything = sorted(os.path.join(spill, name) for name in os.listdir(spill))
+    replay = subprocess.run([sys.executable, "-m", "relay", "replay", "--spool-dir", spool_dir, *everything],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert replay.returncode == 0, replay.stderr
+    spool = Spool(spool_dir)
+    records = spool.records("clock", 0, 1000)
+    spool.close()
+    assert [r.body["epoch"] for r in records if r.kind == "log"] == list(range(1, 31))
