@@ -176,7 +176,7 @@ class RelayClient:
         self._stats = {"sent": 0, "acked": 0, "spilled": 0, "dropped": 0, "errors": 0, "resent": 0,
                        "spill_failed": 0, "lost": 0}
         self._spill_again_at = 0       # records sent before an overflow may try a failed spill again
-        self._spill_stamp = 0.0        # the time in the last spill file's name (names never go back)
+        self._spill_stamp = 0          # the time in the last spill file's name, in microseconds (never goes back)
         self._spill_error = ""         # why the last spill failed
         self._heartbeat = None         # type: Optional[_Heartbeat]
         self._open_runs = {}           # type: Dict[str, Dict[str, Any]]  (run id -> settings)
@@ -571,10 +571,10 @@ class RelayClient:
         first, last = next(iter(self._pending)), next(reversed(self._pending))
         # Names sort in the order they were written, so `relay replay DIR/*` keeps run order; the
         # time in them never goes back within a client, even when the wall clock is set back.
-        self._spill_stamp = max(time.time(), self._spill_stamp + 1e-6)
+        self._spill_stamp = max(int(time.time() * 1e6), self._spill_stamp + 1)
         name = "relay-spill-%s-%06d-%s-%d-%d.msgpack" % (
-            time.strftime("%Y%m%dT%H%M%S", time.localtime(self._spill_stamp)),
-            int(self._spill_stamp * 1e6) % 1000000, self.stream[:12], first, last)
+            time.strftime("%Y%m%dT%H%M%S", time.localtime(self._spill_stamp // 1000000)),
+            self._spill_stamp % 1000000, self.stream[:12], first, last)
         path = os.path.join(self.spill_dir, name)
         tmp = None
         try:
