@@ -10,6 +10,7 @@ import ctypes
 import json
 import logging
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -63,6 +64,55 @@ def test_forked_child_logs_as_a_stream_of_its_own_and_is_refused_the_parents_run
     assert_history(fake_wandb.run("forked-child").history, seed=32, steps=100, metrics=8)
     assert fake_wandb.run("forked").exit_code == 0 and fake_wandb.run("forked-child").exit_code == 0
     assert relay.stop() == 0
+
+
+FORK_WHILE_A_THREAD_HOLDS_THE_CLIENT = """
+import json, os, sys, threading, time
+from relay.client import RelayClient
+client = RelayClient(sys.argv[1], spill_dir=sys.argv[2])
+run = client.start_run(project="tokenHSI", run_id="busy")
+run.log({"a": 1.0}, frame=1)
+waiting = threading.Thread(target=client.flush, args=(20.0,))  # no relay: holds the client for 20 s
+waiting.start()
+deadline = time.monotonic() + 10
+while "<locked" not in repr(client._lock):  # until that thread is inside the client
+    assert time.monotonic() < deadline, "flush did not start"
+    time.sleep(0.001)
+child = os.fork()
+if child == 0:
+    own = client.start_run(project="tokenHSI", run_id="busy-child")
+    for step in range(10):
+        own.log({"a": float(step)}, frame=step)
+    stats = client.statistics()
+    client.close()
+    print(json.dumps({"stats": stats, "spill_files": client.spill_files}), flush=True)
+    os._exit(0)
+print(json.dumps({"child": child}), flush=True)
+_, status = os.waitpid(child, 0)
+print(json.dumps({"child_exit": status}), flush=True)
+os._exit(0)
+"""
+
+
+def test_fork_while_another_thread_is_inside_the_client_leaves_the_child_a_working_client(short_dir, tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    try:
+        done = subprocess.run([sys.executable, "-c", FORK_WHILE_A_THREAD_HOLDS_THE_CLIENT,
+                               "ipc://%s/none.ipc" % short_dir, str(tmp_path / "spill")],
+                              env=env, capture_output=True, text=True, timeout=15)
+    except subprocess.TimeoutExpired as exc:
+        output = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        for line in output.splitlines():  # the stuck child outlives its parent: end it
+            if "child" in json.loads(line):
+                os.kill(json.loads(line)["child"], signal.SIGKILL)
+        raise AssertionError("the forked child's first client call did not return: %r" % output)
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    child = next(line for line in lines if "stats" in line)
+    assert [line for line in lines if "child_exit" in line] == [{"child_exit": 0}]
+    assert (child["stats"]["sent"], child["stats"]["pending"]) == (11, 11)  # its open and 10 rows; none of the parent's
+    [spill] = child["spill_files"]
+    assert os.path.basename(spill).endswith("-1-11.msgpack")
 
 
 DROPPED_IN_A_CYCLE = """
