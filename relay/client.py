@@ -184,8 +184,8 @@ class RelayClient:
 
     def _after_fork(self) -> None:
         """In a forked child (os.register_at_fork): start over as a new stream of this process.
-        The parent's pending records, socket, context and heartbeat thread are left as they are,
-        unused (pyzmq leaves another process's objects alone when they are collected); its open
+        The parent's pending records, socket and heartbeat thread are left as they are, unused
+        (pyzmq leaves another process's sockets alone when they are collected); its open
         runs are remembered so that they are refused here. A new lock: the parent's may have been
         held, at the fork, by its heartbeat thread, which does not exist here."""
         self._parent_runs = self._parent_runs | set(self._open_runs)
@@ -268,7 +268,8 @@ class RelayClient:
 
     @_locked
     def close(self, timeout: float = 0.0) -> Optional[str]:
-        """Wait up to `timeout` for acks, spill whatever is still pending, close the socket."""
+        """Wait up to `timeout` for acks, spill whatever is still pending, close the socket. What
+        cannot be spilled (see _spill) is lost: counted in `lost`, logged with the reason."""
         if self._closed:
             return None
         if timeout > 0:

@@ -1,8 +1,9 @@
-"""Trainer-side faults: a trainer that forks, a spill directory on a full disk.
+"""Trainer-side faults: a trainer that forks, a client dropped without close(), a spill directory
+on a full disk, the wall clock set back.
 
 Real processes (a trainer that really forks, the relay as a subprocess, the real wandb SDK against
 the fake W&B), a real full filesystem (a tmpfs, so root), the kernel's own count of the files made
-(inotify); outcomes are exact counts.
+(inotify), a real clock set back (libfaketime); outcomes are exact counts.
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ def test_forked_child_logs_as_a_stream_of_its_own_and_is_refused_the_parents_run
         assert (stats["sent"], stats["acked"], stats["pending"], stats["spilled"], stats["lost"]) == (
             records, records, 0, 0, 0), stats
     counters = relay.status()["counters"]
-    assert counters["received"] == 214, counters  # each record stored once (re-sends under load are acked as duplicates)
+    assert counters["received"] == 214, counters  # each stored once (re-sends under load are acked as duplicates)
 
     fake_wandb.wait_for(lambda: fake_wandb.complete("forked") and fake_wandb.complete("forked-child"), 120)
     assert_history(fake_wandb.run("forked").history, seed=31, steps=110, metrics=8)
@@ -110,7 +111,8 @@ def test_fork_while_another_thread_is_inside_the_client_leaves_the_child_a_worki
     lines = [json.loads(line) for line in done.stdout.splitlines()]
     child = next(line for line in lines if "stats" in line)
     assert [line for line in lines if "child_exit" in line] == [{"child_exit": 0}]
-    assert (child["stats"]["sent"], child["stats"]["pending"]) == (11, 11)  # its open and 10 rows; none of the parent's
+    # its open and 10 rows, none of the parent's
+    assert (child["stats"]["sent"], child["stats"]["pending"]) == (11, 11)
     [spill] = child["spill_files"]
     assert os.path.basename(spill).endswith("-1-11.msgpack")
 
@@ -132,8 +134,9 @@ print("%.3f" % (time.monotonic() - started))
 def test_client_dropped_without_close_in_a_reference_cycle_does_not_hang_the_garbage_collector(short_dir, tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT)
     try:
-        done = subprocess.run([sys.executable, "-W", "ignore", "-c", DROPPED_IN_A_CYCLE, "ipc://%s/none.ipc" % short_dir,
-                               str(tmp_path / "spill")], env=env, capture_output=True, text=True, timeout=30)
+        done = subprocess.run([sys.executable, "-W", "ignore", "-c", DROPPED_IN_A_CYCLE,
+                               "ipc://%s/none.ipc" % short_dir, str(tmp_path / "spill")],
+                              env=env, capture_output=True, text=True, timeout=30)
     except subprocess.TimeoutExpired:
         raise AssertionError("gc.collect() of a client dropped without close() did not return within 30 s")
     assert done.returncode == 0, done.stderr
