@@ -391,7 +391,6 @@ class RelayClient:
             # Nowhere to spill: the buffer grows rather than lose records (said in _spill).
             self._spill_again_at = self._stats["sent"] + self.max_pending
             return
-        self._spill_again_at = 0
         self.stream = uuid.uuid4().hex
         self._seq = 0
         self._next_send = 1
@@ -607,6 +606,7 @@ class RelayClient:
             return None
         spilled = len(self._pending)
         self._pending.clear()
+        self._spill_again_at = 0
         self._stats["spilled"] += spilled
         self.spill_files.append(path)
         self._warn("spill", "%d records spilled to %s; deliver them with: relay replay %s"
