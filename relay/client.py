@@ -17,11 +17,28 @@ Invariants (DESIGN.md §3):
   (relay.tensors) and the row waits in `_deferred`, in order, until the copy has landed (looked
   at, without waiting, at every later call; waited for by flush/finish/close, or when more than
   MAX_DEFERRED rows are waiting).
+- After `os.fork()` the child's copy of a client is a new, empty client of the child's: a new
+  stream id, no pending records (those are the parent's to deliver), its own ZeroMQ context and
+  socket made at its first call (the parent's are never touched: ZeroMQ contexts do not survive
+  fork), its own heartbeat thread at its first `start_run`, statistics from zero. A `Run` belongs
+  to the process that started it: used in a forked child it raises ForkedRunError, and so does
+  `start_run` there with the id of a run the parent has open. A run has one writer: two would
+  interleave their rows in one W&B history, merge rows that share a `frame`, and the first
+  `finish` would end the run for both.
+- A spill that fails (disk full, no permission) leaves no file behind, keeps the records pending
+  and is counted (`spill_failed`); an overflow tries again only after `max_pending` more records.
+  What `close()` cannot spill is lost: counted (`lost`), logged with its count, the directory and
+  what to do.
+
+Exceptions raised to the caller (the trainer's misuse, never transport trouble): ValueError and
+TypeError for arguments and values the wire cannot carry, ForkedRunError (a RuntimeError) for a run
+used in a forked child, and relay.keys.CurveKeyError for an unusable key directory.
 
 This module must stay importable on Python 3.8 (IsaacGym environments).
 """
 from __future__ import annotations
 
+import errno
 import functools
 import itertools
 import logging
@@ -60,9 +77,15 @@ HANDSHAKE_FAILURES = {
                                           "RELAY_CLIENT_KEYS on the trainer, made for this relay: its relay.key)",
 }
 
+SPILL_FIX = "free space there, or point RELAY_SPILL_DIR or the client's spill_dir at a directory with room"
+
 _MONITOR_NUMBERS = itertools.count()
 MAX_DEFERRED = 64      # rows waiting for their device values' copy before a call waits for the oldest
 VALUE_FIELDS = {"log": "metrics", "summary": "values"}   # the fields whose device values are batched
+
+
+class ForkedRunError(RuntimeError):
+    """A Run (or its id) used in a process forked from the one that started it."""
 
 
 class _OnDevice(Exception):
@@ -95,6 +118,17 @@ def _locked(method):
     return call
 
 
+_CLIENTS = weakref.WeakSet()  # type: weakref.WeakSet  (every RelayClient of this process)
+
+
+def _after_fork_in_child() -> None:
+    for client in list(_CLIENTS):
+        client._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class RelayClient:
     """One connection to a relay. Its methods may be called from any one thread at a time; the
     heartbeat thread works the socket only between them (the client's lock)."""
@@ -113,7 +147,16 @@ class RelayClient:
         self.spill_dir = spill_dir or default_spill_dir()
         self.resend_after = resend_after
         self.warn_every = warn_every
+        self.heartbeat_every = heartbeat_every
+        self._closed = False
+        self._parent_runs = set()      # type: set  (runs open in the process this one was forked from)
+        self._begin(stream)
+        _CLIENTS.add(self)
+
+    def _begin(self, stream: Optional[str]) -> None:
+        """The state of one process's use of the client: a stream, its records, its socket."""
         self.stream = stream or uuid.uuid4().hex
+        self._life = object()          # what this process's Runs hold (a forked child gets a new one)
         self._seq = 0
         self._pending = OrderedDict()  # type: OrderedDict[int, bytes]  (seq -> frame, in seq order)
         self._deferred = deque()       # type: deque  ((message, Transfer or None), waiting for device values)
@@ -128,14 +171,25 @@ class RelayClient:
         self._context = None
         self._pid = None
         self._warned_at = {}           # type: Dict[str, float]
-        self._closed = False
         self.spill_files = []          # type: List[str]
         self.errors = []               # type: List[str]  (last few error replies from the relay)
-        self._stats = {"sent": 0, "acked": 0, "spilled": 0, "dropped": 0, "errors": 0, "resent": 0}
-        self.heartbeat_every = heartbeat_every
+        self._stats = {"sent": 0, "acked": 0, "spilled": 0, "dropped": 0, "errors": 0, "resent": 0,
+                       "spill_failed": 0, "lost": 0}
+        self._spill_again_at = 0       # records sent before an overflow may try a failed spill again
+        self._spill_stamp = 0          # the time in the last spill file's name, in microseconds (never goes back)
+        self._spill_error = ""         # why the last spill failed
         self._heartbeat = None         # type: Optional[_Heartbeat]
         self._open_runs = {}           # type: Dict[str, Dict[str, Any]]  (run id -> settings)
         self._lock = threading.RLock()  # the trainer's calls; the heartbeat thread only tries it
+
+    def _after_fork(self) -> None:
+        """In a forked child (os.register_at_fork): start over as a new stream of this process.
+        The parent's pending records, socket and heartbeat thread are left as they are, unused
+        (pyzmq leaves another process's sockets alone when they are collected); its open
+        runs are remembered so that they are refused here. A new lock: the parent's may have been
+        held, at the fork, by its heartbeat thread, which does not exist here."""
+        self._parent_runs = self._parent_runs | set(self._open_runs)
+        self._begin(None)
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -153,6 +207,9 @@ class RelayClient:
             raise ValueError("run_id %r must be 1..64 letters, digits, '-' or '_'" % run_id)
         if mode == "disabled":
             return DisabledRun(run_id, name)
+        if run_id in self._parent_runs:
+            raise ForkedRunError("run %s is open in the process this one (pid %d) was forked from, and a run has "
+                                 "one writer: start a run with another run_id here" % (run_id, os.getpid()))
         settings = {"project": project, "entity": entity, "name": name, "group": group,
                     "tags": list(tags or []), "notes": notes, "config": dict(config or {}),
                     "mode": mode, "job_type": job_type}
@@ -207,21 +264,28 @@ class RelayClient:
     def spill_pending(self) -> Optional[str]:
         """Write every pending record to a new spill file now; returns its path (None if none)."""
         self._release_deferred(wait=True)
-        return self._spill(list(self._pending))
+        return self._spill()
 
     @_locked
     def close(self, timeout: float = 0.0) -> Optional[str]:
-        """Wait up to `timeout` for acks, spill whatever is still pending, close the socket."""
+        """Wait up to `timeout` for acks, spill whatever is still pending, close the socket. What
+        cannot be spilled (see _spill) is lost: counted in `lost`, logged with the reason."""
         if self._closed:
             return None
         if timeout > 0:
             self.flush(timeout)
         spilled = self.spill_pending()
+        if self._pending:  # the spill failed: these records are in no place any more
+            lost = len(self._pending)
+            self._pending.clear()
+            self._stats["lost"] += lost
+            text = ("%d records lost at close: the relay at %s had not acked them and they could not be spilled: "
+                    "%s (%s)" % (lost, self.endpoint, self._spill_error, SPILL_FIX))
+            self.errors = (self.errors + [text])[-20:]
+            self._warn("lost", text, force=True)
         if self._heartbeat is not None:
             self._heartbeat.stop()
         self._close_socket()
-        if self._context is not None and self._pid == os.getpid():
-            self._context.term()
         self._context = None
         self._closed = True
         return spilled
@@ -318,9 +382,15 @@ class RelayClient:
     def _overflow(self) -> None:
         """max_pending reached (the relay is away or slow): spill every pending record to a file
         and carry on in a fresh stream, so the relay, which takes each stream in order, is not
-        left waiting for records that now live in a file (`relay replay` delivers those)."""
-        if self._spill(list(self._pending)) is None:
-            return  # nowhere to spill: the buffer grows rather than lose records (said in _spill)
+        left waiting for records that now live in a file (`relay replay` delivers those).
+        A spill that failed is tried again only after `max_pending` more records: one attempt per
+        overflow, not one per call."""
+        if self._stats["sent"] < self._spill_again_at:
+            return
+        if self._spill() is None:
+            # Nowhere to spill: the buffer grows rather than lose records (said in _spill).
+            self._spill_again_at = self._stats["sent"] + self.max_pending
+            return
         self.stream = uuid.uuid4().hex
         self._seq = 0
         self._next_send = 1
@@ -330,9 +400,12 @@ class RelayClient:
     # -- socket work --------------------------------------------------------------------------
 
     def _sock(self) -> zmq.Socket:
-        # Contexts do not survive fork(): make a fresh one in a child process.
+        # pyzmq's shared context: one per process (it makes a new one in a forked child, as
+        # contexts do not survive fork), never terminated here. A context of the client's own would
+        # be terminated when collected, and a client dropped without close() in a reference cycle
+        # can be collected after its socket was forgotten but not closed: term() then waits for ever.
         if self._context is None or self._pid != os.getpid():
-            self._context, self._socket, self._pid = zmq.Context(), None, os.getpid()
+            self._context, self._socket, self._pid = zmq.Context.instance(), None, os.getpid()
         if self._socket is None:
             sock = self._context.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
@@ -490,42 +563,55 @@ class RelayClient:
 
     # -- spill files --------------------------------------------------------------------------
 
-    def _spill(self, seqs: List[int]) -> Optional[str]:
-        """Move these pending records into a new spill file (temp -> fsync -> rename -> fsync dir)."""
-        if not seqs:
+    def _spill(self) -> Optional[str]:
+        """Move every pending record into a new spill file (temp -> fsync -> rename -> fsync dir).
+        On failure nothing is left on disk, the records stay pending, and it is counted and said."""
+        if not self._pending:
             return None
-        frames = [self._pending.pop(seq) for seq in seqs]
+        first, last = next(iter(self._pending)), next(reversed(self._pending))
+        # Names sort in the order they were written, so `relay replay DIR/*` keeps run order; the
+        # time in them never goes back within a client, even when the wall clock is set back.
+        self._spill_stamp = max(int(time.time() * 1e6), self._spill_stamp + 1)
+        name = "relay-spill-%s-%06d-%s-%d-%d.msgpack" % (
+            time.strftime("%Y%m%dT%H%M%S", time.localtime(self._spill_stamp // 1000000)),
+            self._spill_stamp % 1000000, self.stream[:12], first, last)
+        path = os.path.join(self.spill_dir, name)
+        tmp = None
         try:
             os.makedirs(self.spill_dir, exist_ok=True)
-            # Names sort in the order they were written, so `relay replay DIR/*` keeps run order.
-            name = "relay-spill-%s-%06d-%s-%d-%d.msgpack" % (
-                time.strftime("%Y%m%dT%H%M%S"), int(time.time() * 1e6) % 1000000, self.stream[:12], seqs[0], seqs[-1])
-            path = os.path.join(self.spill_dir, name)
             fd, tmp = tempfile.mkstemp(prefix=".spill-", dir=self.spill_dir)
             with os.fdopen(fd, "wb") as handle:
                 packer = msgpack.Packer(use_bin_type=True)
-                for frame in frames:
+                for frame in self._pending.values():
                     handle.write(packer.pack(frame))
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
+            tmp = path
             dir_fd = os.open(self.spill_dir, os.O_RDONLY)
             try:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
         except OSError as exc:
-            # Nowhere to put them: keep them pending rather than lose them, and say so.
-            for seq, frame in zip(seqs, frames):
-                self._pending[seq] = frame
-            self._pending = OrderedDict(sorted(self._pending.items()))
-            self._error("cannot write spill file in %s: %s (records kept in memory)" % (self.spill_dir, exc))
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+            self._stats["spill_failed"] += 1
+            self._spill_error = "cannot write spill file in %s: %s%s" % (
+                self.spill_dir, exc, " (%s)" % errno.errorcode[exc.errno] if exc.errno in errno.errorcode else "")
+            self._error("%s; %d records kept in memory (%s)" % (self._spill_error, len(self._pending), SPILL_FIX))
             return None
-        self._stats["spilled"] += len(frames)
+        spilled = len(self._pending)
+        self._pending.clear()
+        self._spill_again_at = 0
+        self._stats["spilled"] += spilled
         self.spill_files.append(path)
         self._warn("spill", "%d records spilled to %s; deliver them with: relay replay %s (with the relay's "
                    "--config or --artifact-root, so that its checkpoints are taken too)"
-                   % (len(frames), path, path), force=True)
+                   % (spilled, path, path), force=True)
         return path
 
     # -- reporting ----------------------------------------------------------------------------
@@ -615,15 +701,29 @@ class _Heartbeat(threading.Thread):
 
 
 class Run:
-    """A W&B run as seen from the trainer. Methods queue records; none of them waits."""
+    """A W&B run as seen from the trainer. Methods queue records; none of them waits.
+
+    A run belongs to the process that started it: in a process forked from that one, its methods
+    raise ForkedRunError (start a run of the child's own there; the client works in the child)."""
 
     def __init__(self, client: RelayClient, run_id: str, name: Optional[str]):
         self.client = client
         self.id = run_id
         self.name = name
+        self._life = client._life
+        self._pid = os.getpid()
+
+    def _refuse_if_forked(self) -> None:
+        if self._life is not self.client._life:
+            raise ForkedRunError(
+                "run %s belongs to process %d, and this process (pid %d) is a fork of it: a run has one writer. "
+                "Start a run of this process's own with client.start_run(..., run_id=<another id>); its records "
+                "are delivered as a stream of their own" % (self.id, self._pid, os.getpid()))
 
     def log(self, metrics: Dict[str, Any], frame: Optional[int] = None, epoch: Optional[int] = None,
             namespace: Optional[str] = None) -> None:
+        if self._life is not self.client._life:  # the hot path: _refuse_if_forked's test, inline
+            self._refuse_if_forked()
         if not isinstance(metrics, dict):
             raise TypeError("metrics must be a dict of name -> number, got %s" % type(metrics).__name__)
         # Values are converted while packing: no per-metric Python work here. A row with values on
@@ -641,6 +741,7 @@ class Run:
                        aliases: Optional[List[str]] = None) -> None:
         """The relay uploads the file as it finds it when it takes the record (it snapshots it then);
         the size and mtime seen here let it refuse a file that a later save replaced meanwhile."""
+        self._refuse_if_forked()
         message = {"t": "checkpoint", "run": self.id, "time": time.time(), "path": os.path.abspath(os.fspath(path)),
                    "metadata": dict(metadata or {}), "aliases": list(aliases or [])}
         try:
@@ -651,10 +752,12 @@ class Run:
         self.client.submit(message)
 
     def summary(self, values: Dict[str, Any]) -> None:
+        self._refuse_if_forked()
         self.client.submit({"t": "summary", "run": self.id, "values": dict(values)})
 
     def finish(self, exit_code: int = 0, timeout: float = 10.0) -> Dict[str, Any]:
         """Queue the finish record, wait at most `timeout` for acks, spill the rest to disk."""
+        self._refuse_if_forked()
         self.client.submit({"t": "finish", "run": self.id, "exit_code": int(exit_code), "time": time.time()})
         self.client._run_finished(self.id)
         delivered = self.client.flush(timeout)
