@@ -62,13 +62,13 @@ def client(tmp_path, short_dir):
     # Nothing listens at this endpoint: records stay in the pending buffer, where the test reads them.
     made = RelayClient("ipc://%s/nobody.ipc" % short_dir, spill_dir=str(tmp_path / "spill"), heartbeat_every=0)
     yield made
-    made._pending.clear()
-    made._deferred.clear()
+    made._outbox.pending.clear()
+    made._outbox.deferred.clear()
     made.close()
 
 
 def pending_messages(client: RelayClient) -> list[dict]:
-    return [msgpack.unpackb(frame, raw=False) for frame in client._pending.values()]
+    return [msgpack.unpackb(frame, raw=False) for frame in client._outbox.pending.values()]
 
 
 def test_row_with_device_values_waits_for_its_copy_and_keeps_its_place(client, transfers):
@@ -104,10 +104,10 @@ def test_at_most_max_deferred_rows_wait(client, transfers):
     run = client.start_run(project="p", run_id="r3")
     for step in range(MAX_DEFERRED):
         run.log({"loss": OnDevice(step)}, frame=step)
-    assert len(client._deferred) == MAX_DEFERRED and not any(t.waited for t in transfers)
+    assert len(client._outbox.deferred) == MAX_DEFERRED and not any(t.waited for t in transfers)
     run.log({"loss": OnDevice(-1.0)}, frame=MAX_DEFERRED)   # the GPU is far behind: wait for all
     assert transfers[0].waited
-    assert len(client._deferred) == 1
+    assert len(client._outbox.deferred) == 1
 
 
 def test_values_the_wire_cannot_carry_raise_at_once(client, transfers):
@@ -117,12 +117,12 @@ def test_values_the_wire_cannot_carry_raise_at_once(client, transfers):
     run.log({"loss": OnDevice(1.0)}, frame=1)
     with pytest.raises(TypeError):                       # queued behind a waiting row: still said at once
         run.log({"what": object()}, frame=2)
-    assert len(client._deferred) == 1
+    assert len(client._outbox.deferred) == 1
 
 
 def test_host_values_take_the_direct_path(client, transfers):
     torch = pytest.importorskip("torch")
     run = client.start_run(project="p", run_id="r5")
     run.log({"cpu": torch.tensor(2.5), "n": torch.tensor(3)}, frame=1)
-    assert transfers == [] and not client._deferred
+    assert transfers == [] and not client._outbox.deferred
     assert pending_messages(client)[-1]["metrics"] == {"cpu": 2.5, "n": 3}

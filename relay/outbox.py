@@ -1,0 +1,287 @@
+"""The trainer side's ledger of records: what the client accepted and where each record is now.
+
+No sockets and no threads of its own. relay.client hands it the trainer's records; the client's I/O
+thread (relay.iothread) asks it what to send next and gives it the relay's replies. Both hold
+`outbox.lock` (a Condition, notified when acks arrive) around every use, each for a short time.
+
+A record's states (every accepted record is in exactly one):
+- waiting:  a row with values on an accelerator whose one batched copy to the host (relay.tensors)
+            has not landed yet. Waiting rows are in `deferred`, in the order they were logged, with
+            no seq yet; a later record queues behind them. They are packed as soon as their copy has
+            landed (looked at without waiting), or waited for by `release(wait=True)`, or when more
+            than MAX_DEFERRED rows wait.
+- pending:  packed into its frame, with its seq (1, 2, 3, ... within `stream`, no gaps), in
+            `pending`. Seqs below the send cursor are in flight (handed to ZeroMQ, not acked yet),
+            the others unsent. A pending record is sent again until it is acked.
+- acked:    the relay committed it to its spool: gone from `pending`.
+- refused:  the relay answered an error for its seq (it can never be accepted): gone, counted.
+- spilled:  written to a spill file (fsynced, renamed into place): gone, counted.
+- lost:     only at close, when a spill failed: gone, counted and said.
+
+An ack names its stream: `upto` N means every seq <= N of that stream is committed; `seqs` lists
+ranges [low, high] committed in one batch of the relay's. Acks and errors of another stream (one
+left behind at an overflow, whose records are in a spill file now) change nothing.
+
+A record leaves `pending` only by an ack, an error reply, a spill that succeeded, or at close.
+
+Re-sending: when records are in flight and no ack has made progress for `resend_after` seconds, the
+cursor goes back to the oldest pending record and everything unacked is sent again (the relay acks
+duplicates again and stores each record once). A socket made anew starts again from there too.
+
+Overflow (`max_pending` records pending: the relay is away or slow): every pending record is
+spilled to a file and the outbox goes on in a new stream, naming its open runs again first, so that
+the relay, which takes each stream in order, does not wait for records that now live in a file. A
+spill that failed leaves the records pending; the next attempt comes `max_pending` records later
+(one attempt per overflow, not one per call), and the buffer grows meanwhile rather than lose them.
+"""
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import OrderedDict, deque
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+import msgpack
+
+from relay import protocol, tensors
+from relay.spill import Reporter
+
+MAX_DEFERRED = 64      # rows waiting for their device values' copy before a call waits for the oldest
+VALUE_FIELDS = {"log": "metrics", "summary": "values"}   # the fields whose device values are batched
+
+# What an overflow does with the pending records: spill(stream, pending) -> the file's path, or None
+# when it could not be written (said and counted by the spiller).
+Spill = Callable[[str, "OrderedDict[int, bytes]"], Optional[str]]
+
+
+class _OnDevice(Exception):
+    """Raised while packing at the first value that lives on an accelerator."""
+
+
+def _host_value(value: Any) -> Any:
+    """msgpack's `default` for a new record: like protocol.to_scalar, but a value on an accelerator
+    stops the packing (its `.item()` would wait for the device) so the row can take the batched path."""
+    device = getattr(value, "device", None)
+    if device is not None and getattr(device, "type", "cpu") != "cpu":
+        raise _OnDevice()
+    return protocol.to_scalar(value)
+
+
+class Outbox:
+    """Seq numbering, the pending buffer, acks, re-send decisions, overflow and waiting device rows.
+    `clock` is injected (time.monotonic) so that tests can drive the re-send timer."""
+
+    def __init__(self, stream: Optional[str] = None, max_pending: int = 10000, resend_after: float = 1.0,
+                 spill: Optional[Spill] = None, reopen: Callable[[], Iterable[Dict[str, Any]]] = tuple,
+                 reporter: Optional[Reporter] = None, clock: Callable[[], float] = time.monotonic):
+        self.lock = threading.Condition(threading.Lock())
+        self.max_pending = max(1, int(max_pending))
+        self.resend_after = resend_after
+        self.report = reporter or Reporter()
+        self.stats = {"sent": 0, "acked": 0, "spilled": 0, "dropped": 0, "errors": 0, "resent": 0,
+                      "spill_failed": 0, "lost": 0}
+        self._spill = spill
+        self._reopen = reopen
+        self._clock = clock
+        self._spill_again_at = 0       # records accepted before an overflow may try a failed spill again
+        self.deferred = deque()        # type: deque  ((message, Transfer or None), in the order logged)
+        self._restart(stream)
+
+    def _restart(self, stream: Optional[str]) -> None:
+        self.stream = stream or uuid.uuid4().hex
+        self.seq = 0                   # the last seq given
+        self.pending = OrderedDict()   # type: OrderedDict[int, bytes]  (seq -> frame, in seq order)
+        self.cursor = 1                # the lowest seq not handed to the socket yet
+        self.last_progress = 0.0       # last time an ack removed something or a send started a window
+
+    # -- taking records (the trainer's thread) -----------------------------------------------------
+
+    def submit(self, message: Dict[str, Any]) -> None:
+        """Accept one record: packed now, or (values on an accelerator) waiting behind the rows
+        that wait. Raises TypeError/ValueError at once for a value the wire cannot carry."""
+        if self.deferred:
+            self.release(wait=len(self.deferred) >= MAX_DEFERRED)
+        if not self.deferred:
+            try:
+                self._queue(message, _host_value)
+                return
+            except _OnDevice:
+                pass
+        self.deferred.append((message, self._start_transfer(message)))
+
+    def _start_transfer(self, message: Dict[str, Any]) -> Optional[tensors.Transfer]:
+        """For a record that must wait: start the copy of its device values (None if it has none)."""
+        try:  # the packing of _queue, without taking a seq
+            msgpack.packb(message, use_bin_type=True, default=_host_value)
+            return None
+        except _OnDevice:
+            pass
+        field = VALUE_FIELDS.get(message.get("t"))
+        if field is None or not isinstance(message.get(field), dict):
+            return None  # device values elsewhere (checkpoint metadata): read one by one when packed
+        transfer = tensors.start_transfer(message[field])
+        if transfer.skipped:
+            raise TypeError("metric values %s are not numbers, bools, strs or 1-element tensors"
+                            % ", ".join(repr(name) for name in transfer.skipped))
+        return transfer
+
+    def release(self, wait: bool) -> None:
+        """Pack the waiting rows whose device values have landed, oldest first; `wait`: all of them."""
+        while self.deferred:
+            message, transfer = self.deferred[0]
+            if transfer is not None:
+                if not wait and not transfer.ready():
+                    return
+                message[VALUE_FIELDS[message["t"]]] = transfer.values()
+            self.deferred.popleft()
+            self._queue(message, protocol.to_scalar)
+
+    def _queue(self, message: Dict[str, Any], default: Any) -> None:
+        """Give the record its seq, pack it, add it to `pending`. Raises _OnDevice (with
+        `_host_value`) before taking a seq when a value lives on an accelerator."""
+        if len(self.pending) >= self.max_pending:
+            self._overflow()
+        message["v"] = protocol.VERSION
+        message["stream"] = self.stream
+        message["seq"] = self.seq + 1
+        # protocol.encode's packing, with `default` chosen by the caller (see _host_value); a value
+        # the wire cannot carry raises here, before the seq is taken
+        frame = msgpack.packb(message, use_bin_type=True, default=default)
+        if len(frame) > protocol.MAX_FRAME_BYTES:
+            self.stats["dropped"] += 1  # its seq is not taken, so the relay sees no gap
+            self.report.error("record %s of %d bytes is over the %d-byte frame limit; dropped (log fewer or "
+                              "shorter values)" % (message["t"], len(frame), protocol.MAX_FRAME_BYTES))
+            return
+        self.seq += 1
+        self.pending[self.seq] = frame
+        self.stats["sent"] += 1
+
+    def _overflow(self) -> None:
+        if self.stats["sent"] < self._spill_again_at:
+            return  # the last attempt failed: the next one comes with the next overflow
+        if self.spill() is None:
+            self._spill_again_at = self.stats["sent"] + self.max_pending
+            return
+        self._restart(None)
+        for message in self._reopen():  # the new stream names its runs again, first
+            self._queue(message, protocol.to_scalar)
+
+    def spill(self) -> Optional[str]:
+        """Move every pending record into a new spill file; its path, or None (nothing pending, or
+        the spill failed: then the records stay pending)."""
+        if not self.pending or self._spill is None:
+            return None
+        path = self._spill(self.stream, self.pending)
+        if path is None:
+            self.stats["spill_failed"] += 1
+            return None
+        self.stats["spilled"] += len(self.pending)
+        self.pending.clear()
+        self._spill_again_at = 0
+        return path
+
+    def drop_all(self) -> int:
+        """At close, after a spill failed: forget every pending record; how many were lost."""
+        lost = len(self.pending)
+        self.pending.clear()
+        self.stats["lost"] += lost
+        return lost
+
+    # -- sending (the I/O thread) ---------------------------------------------------------------
+
+    def unsent(self) -> bool:
+        return bool(self.pending) and self.cursor <= self.seq
+
+    def in_flight(self) -> bool:
+        return bool(self.pending) and next(iter(self.pending)) < self.cursor
+
+    def take(self, budget: int) -> Tuple[str, List[Tuple[int, bytes]]]:
+        """Up to `budget` frames to send next, oldest first, with their stream; the cursor moves
+        past them (`give_back` moves it back to the first one the socket did not take)."""
+        if not self.pending:
+            self.cursor = self.seq + 1
+            return self.stream, []
+        oldest = next(iter(self.pending))
+        if self.cursor < oldest:
+            self.cursor = oldest
+        if self.cursor > self.seq:
+            return self.stream, []
+        if self.cursor == oldest:
+            self.last_progress = self._clock()  # nothing was in flight: a new window starts now
+        frames = []
+        while self.cursor <= self.seq and len(frames) < budget:
+            frame = self.pending.get(self.cursor)
+            if frame is not None:
+                frames.append((self.cursor, frame))
+            self.cursor += 1
+        return self.stream, frames
+
+    def give_back(self, stream: str, seq: int) -> None:
+        """The socket did not take frame `seq` of `stream` (and the ones after it): send from there."""
+        if stream == self.stream and seq < self.cursor:
+            self.cursor = seq
+
+    def resend_all(self) -> None:
+        """A new socket: every pending record is sent again, oldest first."""
+        self.cursor = next(iter(self.pending), self.seq + 1)
+
+    def rewind_due(self) -> float:
+        """Seconds until an unanswered window is sent again (0: now); None when nothing is in flight."""
+        if not self.in_flight():
+            return None
+        return max(0.0, self.last_progress + self.resend_after - self._clock())
+
+    def maybe_rewind(self) -> bool:
+        """No ack progress for `resend_after` while records are in flight: re-send them all."""
+        if self.rewind_due() != 0.0:
+            return False
+        oldest = next(iter(self.pending))
+        self.stats["resent"] += self.cursor - oldest
+        self.cursor = oldest
+        self.last_progress = self._clock()
+        return True
+
+    # -- replies (the I/O thread) -------------------------------------------------------------------
+
+    def on_reply(self, reply: Dict[str, Any]) -> int:
+        """Apply one reply of the relay's; how many records it removed from `pending`."""
+        kind = reply.get("t")
+        if kind == "ack":
+            return self._on_ack(reply)
+        if kind == "error":
+            removed = 0
+            if isinstance(reply.get("seq"), int) and reply.get("stream") in (None, self.stream):
+                removed = int(self.pending.pop(reply["seq"], None) is not None)  # no use re-sending it
+            self.stats["errors"] += 1
+            self.report.error("relay refused record seq=%s: %s" % (reply.get("seq"), reply.get("reason")))
+            return removed
+        return 0
+
+    def _on_ack(self, reply: Dict[str, Any]) -> int:
+        if reply.get("stream") not in (None, self.stream):
+            return 0  # a stream left behind at an overflow: its records are in a spill file
+        pending = self.pending
+        before = len(pending)
+        upto = reply.get("upto")
+        if isinstance(upto, int):
+            while pending and next(iter(pending)) <= upto:
+                pending.popitem(last=False)
+        for bounds in reply.get("seqs") or []:
+            if isinstance(bounds, list) and len(bounds) == 2 and all(isinstance(b, int) for b in bounds):
+                low, high = bounds
+                if high - low < len(pending):
+                    for seq in range(low, high + 1):
+                        pending.pop(seq, None)
+                else:
+                    for seq in [s for s in pending if low <= s <= high]:
+                        del pending[seq]
+        acked = before - len(pending)
+        if acked:
+            self.stats["acked"] += acked
+            self.last_progress = self._clock()
+        return acked
+
+    def count(self) -> int:
+        """Records accepted and neither acked, refused, spilled nor lost."""
+        return len(self.pending) + len(self.deferred)
