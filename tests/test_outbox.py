@@ -1,0 +1,245 @@
+"""relay.outbox without sockets or threads: seqs, acks, re-sends, overflow, waiting device rows.
+
+The clock is a list the test moves; the spill is a function that keeps what it was given (or
+refuses, like a full disk). The whole module runs in milliseconds.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import msgpack
+import pytest
+
+from relay import protocol
+from relay.outbox import MAX_DEFERRED, Outbox
+
+pytestmark = pytest.mark.timeout(10)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Spills:
+    """A spill that keeps (stream, seqs) of each file, or fails while `full`."""
+
+    def __init__(self):
+        self.files = []
+        self.full = False
+        self.attempts = 0
+
+    def __call__(self, stream: str, frames: "OrderedDict[int, bytes]"):
+        self.attempts += 1
+        if self.full:
+            return None
+        self.files.append((stream, list(frames)))
+        return "/spill/%d" % len(self.files)
+
+
+def make(max_pending: int = 100, opens=(), **kwargs) -> Outbox:
+    kwargs.setdefault("clock", Clock())
+    kwargs.setdefault("spill", Spills())
+    return Outbox("s1", max_pending, resend_after=1.0, reopen=lambda: [dict(m) for m in opens], **kwargs)
+
+
+def log(outbox: Outbox, step: int, **values) -> None:
+    outbox.submit({"t": "log", "run": "r", "metrics": dict(values or {"x": float(step)}), "frame": step})
+
+
+def seqs(frames) -> list:
+    return [seq for seq, _ in frames]
+
+
+def test_records_get_consecutive_seqs_and_are_packed_as_the_wire_wants():
+    outbox = make()
+    for step in range(3):
+        log(outbox, step)
+    assert list(outbox.pending) == [1, 2, 3] and outbox.stats["sent"] == 3
+    message = msgpack.unpackb(outbox.pending[2], raw=False)
+    protocol.decode(outbox.pending[2])  # the relay's own check accepts it
+    assert (message["v"], message["stream"], message["seq"], message["frame"]) == (protocol.VERSION, "s1", 2, 1)
+
+
+def test_a_value_the_wire_cannot_carry_raises_and_takes_no_seq():
+    outbox = make()
+    with pytest.raises(TypeError):
+        outbox.submit({"t": "log", "run": "r", "metrics": {"x": object()}})
+    log(outbox, 0)
+    assert list(outbox.pending) == [1]
+
+
+def test_a_frame_over_the_limit_is_dropped_counted_and_takes_no_seq():
+    outbox = make()
+    log(outbox, 0, big="y" * (protocol.MAX_FRAME_BYTES + 1))
+    log(outbox, 1)
+    assert list(outbox.pending) == [1] and outbox.stats["dropped"] == 1
+    assert "over the %d-byte frame limit" % protocol.MAX_FRAME_BYTES in outbox.report.last()
+
+
+def test_take_hands_out_slices_in_order_and_give_back_resumes_at_the_first_refused():
+    outbox = make()
+    for step in range(10):
+        log(outbox, step)
+    stream, frames = outbox.take(4)
+    assert stream == "s1" and seqs(frames) == [1, 2, 3, 4]
+    assert seqs(outbox.take(4)[1]) == [5, 6, 7, 8]
+    outbox.give_back("s1", 6)            # the socket took 5, not 6: 6 comes next
+    assert seqs(outbox.take(100)[1]) == [6, 7, 8, 9, 10]
+    assert outbox.take(100)[1] == [] and not outbox.unsent() and outbox.in_flight()
+
+
+def test_acks_upto_and_ranges_remove_records_and_acks_of_another_stream_change_nothing():
+    outbox = make()
+    for step in range(10):
+        log(outbox, step)
+    outbox.take(100)
+    assert outbox.on_reply({"t": "ack", "stream": "other", "upto": 10, "seqs": [[1, 10]]}) == 0
+    assert outbox.on_reply({"t": "ack", "stream": "s1", "upto": 3, "seqs": [[1, 3], [6, 7]]}) == 5
+    assert list(outbox.pending) == [4, 5, 8, 9, 10] and outbox.stats["acked"] == 5
+    assert outbox.on_reply({"t": "ack", "stream": "s1", "upto": 3, "seqs": [[1, 7]]}) == 2   # duplicates re-acked
+    assert outbox.on_reply({"t": "ack", "stream": "s1", "seqs": [[0, 10 ** 9]]}) == 3         # a huge range: cheap
+    assert not outbox.pending and outbox.stats["acked"] == 10 and outbox.count() == 0
+
+
+def test_an_error_reply_removes_its_record_and_is_counted_and_said():
+    outbox = make()
+    for step in range(3):
+        log(outbox, step)
+    assert outbox.on_reply({"t": "error", "stream": "s1", "seq": 2, "reason": "bad"}) == 1
+    assert outbox.on_reply({"t": "error", "stream": "other", "seq": 3, "reason": "not ours"}) == 0
+    assert list(outbox.pending) == [1, 3] and outbox.stats["errors"] == 2
+    assert outbox.report.last() == "relay refused record seq=3: not ours"
+
+
+def test_no_ack_progress_for_resend_after_sends_everything_unacked_again():
+    clock = Clock()
+    outbox = make(clock=clock)
+    for step in range(6):
+        log(outbox, step)
+    outbox.take(100)                     # a window starts now
+    assert outbox.rewind_due() == 1.0 and not outbox.maybe_rewind()
+    clock.now += 0.6
+    outbox.on_reply({"t": "ack", "stream": "s1", "upto": 2})    # progress: the timer starts again
+    clock.now += 0.6
+    assert not outbox.maybe_rewind()
+    clock.now += 0.5
+    assert outbox.rewind_due() == 0.0 and outbox.maybe_rewind()
+    assert outbox.stats["resent"] == 4
+    assert seqs(outbox.take(100)[1]) == [3, 4, 5, 6]
+    assert outbox.rewind_due() == 1.0    # the new window's timer
+
+
+def test_nothing_in_flight_means_nothing_to_rewind():
+    outbox = make()
+    log(outbox, 0)
+    assert outbox.rewind_due() is None and not outbox.maybe_rewind()
+
+
+def test_a_new_socket_resends_from_the_oldest_unacked_record():
+    outbox = make()
+    for step in range(5):
+        log(outbox, step)
+    outbox.take(100)
+    outbox.on_reply({"t": "ack", "stream": "s1", "seqs": [[2, 2]]})
+    outbox.resend_all()
+    assert seqs(outbox.take(100)[1]) == [1, 3, 4, 5]
+
+
+def test_overflow_spills_everything_and_goes_on_in_a_new_stream_that_opens_its_runs_first():
+    spills = Spills()
+    opens = [{"t": "open", "run": "r", "settings": {"project": "p"}}]
+    outbox = make(max_pending=5, opens=opens, spill=spills)
+    for step in range(5):
+        log(outbox, step)
+    outbox.take(2)
+    log(outbox, 5)                       # the sixth record: the five pending go to a file first
+    assert spills.files == [("s1", [1, 2, 3, 4, 5])]
+    assert outbox.stream != "s1" and outbox.stats["spilled"] == 5
+    messages = [msgpack.unpackb(frame, raw=False) for frame in outbox.pending.values()]
+    assert [(m["t"], m["seq"], m["stream"]) for m in messages] == [("open", 1, outbox.stream),
+                                                                   ("log", 2, outbox.stream)]
+    assert seqs(outbox.take(100)[1]) == [1, 2]          # the new stream is sent from its start
+    outbox.on_reply({"t": "ack", "stream": "s1", "upto": 5})   # late acks of the old stream: nothing
+    assert list(outbox.pending) == [1, 2]
+
+
+def test_a_failed_spill_keeps_the_records_and_is_tried_again_one_overflow_later():
+    spills = Spills()
+    spills.full = True
+    outbox = make(max_pending=10, spill=spills)
+    for step in range(35):
+        log(outbox, step)
+    # overflows at 10, 20 and 30 records accepted: one attempt each, all refused, nothing lost
+    assert spills.attempts == 3 and outbox.stats["spill_failed"] == 3
+    assert len(outbox.pending) == 35 and outbox.stream == "s1"
+    spills.full = False
+    for step in range(35, 40):
+        log(outbox, step)
+    assert spills.attempts == 3          # not before 40
+    log(outbox, 40)
+    assert spills.attempts == 4 and spills.files == [("s1", list(range(1, 41)))]
+    assert list(outbox.pending) == [1] and outbox.stats["spilled"] == 40
+
+
+def test_spill_at_finish_and_what_is_lost_when_it_fails():
+    spills = Spills()
+    outbox = make(spill=spills)
+    log(outbox, 0)
+    assert outbox.spill() == "/spill/1" and not outbox.pending and outbox.spill() is None
+    log(outbox, 1)
+    spills.full = True
+    assert outbox.spill() is None and list(outbox.pending) == [2]
+    assert outbox.drop_all() == 1 and outbox.stats["lost"] == 1 and not outbox.pending
+
+
+class Landing:
+    """A device copy that lands when the test says so."""
+
+    def __init__(self, row: dict):
+        self.row, self.landed, self.skipped, self.events = row, False, [], [object()]
+
+    def ready(self) -> bool:
+        return self.landed
+
+    def values(self) -> dict:
+        return {name: getattr(value, "value", value) for name, value in self.row.items()}
+
+
+class OnDevice:
+    class device:
+        type = "cuda"
+
+    def __init__(self, value: float):
+        self.value = value
+
+
+def test_device_rows_wait_in_order_and_later_records_queue_behind_them(monkeypatch):
+    from relay import tensors
+
+    started = []
+    monkeypatch.setattr(tensors, "start_transfer", lambda row: started.append(Landing(row)) or started[-1])
+    outbox = make()
+    outbox.submit({"t": "log", "run": "r", "metrics": {"loss": OnDevice(0.5)}, "frame": 1})
+    log(outbox, 2)
+    assert not outbox.pending and outbox.count() == 2
+    outbox.release(wait=False)
+    assert not outbox.pending            # the copy has not landed: nothing may pass it
+    started[0].landed = True
+    outbox.release(wait=False)
+    frames = [msgpack.unpackb(frame, raw=False) for frame in outbox.pending.values()]
+    assert [(m["seq"], m["frame"], m["metrics"]) for m in frames] == [(1, 1, {"loss": 0.5}), (2, 2, {"x": 2.0})]
+
+
+def test_at_most_max_deferred_device_rows_wait(monkeypatch):
+    from relay import tensors
+
+    started = []
+    monkeypatch.setattr(tensors, "start_transfer", lambda row: started.append(Landing(row)) or started[-1])
+    outbox = make(max_pending=1000)
+    for step in range(MAX_DEFERRED + 1):
+        outbox.submit({"t": "log", "run": "r", "metrics": {"loss": OnDevice(step)}, "frame": step})
+    assert len(outbox.pending) == MAX_DEFERRED and len(outbox.deferred) == 1   # waited for the 64 oldest
