@@ -14,8 +14,8 @@ send and receive, and the outbox's lock is held only to take or give a slice):
   the trainer dies the heartbeats stop and the relay finishes its runs after its silence timeout.
 
 When nothing is to be done it sleeps in a poll on its socket and a pipe. The trainer's thread wakes
-it with `nudge()` after each record: an attribute store, plus one byte into the pipe only when the
-thread is asleep. No trainer call ever waits for this thread; `flush` waits on the outbox's
+it with `nudge()` after each record: an attribute store, plus one byte into the pipe (written
+without letting go of the GIL) only when the thread is asleep. No trainer call ever waits for this thread; `flush` waits on the outbox's
 condition, which this thread notifies when acks arrive.
 
 This module must stay importable on Python 3.8 (IsaacGym environments).
@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import FrozenSet, List
+from typing import Callable, FrozenSet, List
 
 import zmq
 
@@ -39,6 +39,30 @@ RECV_SLICE = 256       # replies read per slice
 RETRY_EVERY = 0.05     # seconds between sends tried while there is no connection
 LOOK_EVERY = 0.1       # seconds between looks at waiting device rows
 IDLE_WAKE = 1.0        # seconds at most between rounds when nothing is to be done
+
+
+def _gil_holding_write() -> Callable[[int, bytes], None]:
+    """write(2) that keeps the GIL: os.write lets go of it, and a trainer's thread that lets go of
+    the GIL in the middle of its call waits to get it back from whatever thread took it (this
+    one, or the training code's own), for up to the interpreter's switch interval (5 ms). A
+    one-byte write to a non-blocking pipe never blocks. Errors (a full or closed pipe) are ignored."""
+    try:
+        import ctypes
+
+        write = ctypes.PyDLL(None).write  # PyDLL: called with the GIL held
+        write.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t)
+        write.restype = ctypes.c_ssize_t
+        return lambda fd, data: write(fd, data, len(data)) and None
+    except (ImportError, OSError, AttributeError):  # no ctypes or no libc: the plain call
+        def plain(fd: int, data: bytes) -> None:
+            try:
+                os.write(fd, data)
+            except OSError:
+                pass
+        return plain
+
+
+_write_holding_the_gil = _gil_holding_write()
 
 
 class IOThread(threading.Thread):
@@ -85,10 +109,7 @@ class IOThread(threading.Thread):
             self._wake_read = self._wake_write = -1
 
     def _poke(self) -> None:
-        try:
-            os.write(self._wake_write, b"\0")
-        except OSError:  # full (it is awake anyway) or closed (it has ended)
-            pass
+        _write_holding_the_gil(self._wake_write, b"\0")  # full: it is awake anyway; closed: it has ended
 
     # -- the I/O thread -----------------------------------------------------------------------------
 
