@@ -39,7 +39,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import msgpack
@@ -85,7 +85,7 @@ class Outbox:
         self._reopen = reopen
         self._clock = clock
         self._spill_again_at = 0       # records accepted before an overflow may try a failed spill again
-        self.deferred = deque()        # type: deque  ((message, Transfer or None), in the order logged)
+        self.deferred = tensors.Waiting()  # rows with device values, in the order logged
         self._restart(stream)
 
     def _restart(self, stream: Optional[str]) -> None:
@@ -108,7 +108,7 @@ class Outbox:
                 return
             except _OnDevice:
                 pass
-        self.deferred.append((message, self._start_transfer(message)))
+        self.deferred.add(message, self._start_transfer(message))
 
     def _start_transfer(self, message: Dict[str, Any]) -> Optional[tensors.Transfer]:
         """For a record that must wait: start the copy of its device values (None if it has none)."""
@@ -128,13 +128,9 @@ class Outbox:
 
     def release(self, wait: bool) -> None:
         """Pack the waiting rows whose device values have landed, oldest first; `wait`: all of them."""
-        while self.deferred:
-            message, transfer = self.deferred[0]
-            if transfer is not None:
-                if not wait and not transfer.ready():
-                    return
-                message[VALUE_FIELDS[message["t"]]] = transfer.values()
-            self.deferred.popleft()
+        for message, values in self.deferred.landed(wait):
+            if values is not None:
+                message[VALUE_FIELDS[message["t"]]] = values
             self._queue(message, protocol.to_scalar)
 
     def _queue(self, message: Dict[str, Any], default: Any) -> None:

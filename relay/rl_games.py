@@ -100,7 +100,7 @@ import time
 import uuid
 from typing import Any, Callable, Dict, List, Optional, Tuple  # noqa: F401 (Tuple: in type comments)
 
-from relay.tensors import Transfer, batch_to_python, start_transfer  # noqa: F401 (part of this module's API)
+from relay.tensors import Transfer, Waiting, batch_to_python, start_transfer  # noqa: F401 (part of this module's API)
 
 try:  # rl_games (and so torch) present: be a real AlgoObserver
     from rl_games.common.algo_observer import AlgoObserver
@@ -309,7 +309,7 @@ class RelayAlgoObserver(AlgoObserver):
         self._stamp = None         # type: Optional[Tuple[int, int]]  (frame, epoch) from after_print_stats
         self._fallback = None      # type: Optional[Tuple[Optional[int], Optional[int]]]
         self._logged = None        # type: Optional[Tuple[Optional[int], Optional[int]]]  (frame, epoch) of the last row
-        self._in_flight = None     # type: Optional[Tuple[Transfer, Optional[int], Optional[int]]]
+        self._waiting = Waiting()  # the rows whose copy to the host is under way: (frame, epoch)
         self._seen_after_steps = False
         self._epoch_hook = False   # True once `algo.update_epoch` is wrapped: rows end where epochs end
         self._train_started = False
@@ -353,14 +353,14 @@ class RelayAlgoObserver(AlgoObserver):
         atexit.register(self._at_exit)
 
     def process_infos(self, infos, done_indices):
-        if self._in_flight is not None:
+        if self._waiting:
             self._poll()
 
     def after_steps(self):
         if self.run is None:
             return
         if self._epoch_hook:  # the row already ended with its epoch
-            if self._in_flight is not None:
+            if self._waiting:
                 self._poll()
             return
         self._end_row()
@@ -370,13 +370,13 @@ class RelayAlgoObserver(AlgoObserver):
         self._seen_after_steps = True
         if self._row:
             self._flush()
-        elif self._in_flight is not None:
+        elif self._waiting:
             self._poll()
         self._stamp = None
         self._tags.clear()
 
     def after_clear_stats(self):
-        if self._in_flight is not None:
+        if self._waiting:
             self._poll()
 
     def after_print_stats(self, frame, epoch_num, total_time):
@@ -511,9 +511,9 @@ class RelayAlgoObserver(AlgoObserver):
             self._warn_once("record", "relay: could not record %r: %s" % (tag, exc))
 
     def _flush(self, wait: bool = False) -> None:
-        """Send the buffered row (its copy to the host started now; logged when it is done)."""
-        if self._in_flight is not None:
-            self._complete()
+        """Send the buffered row (its copy to the host started now; logged when it is done). The
+        row before it is logged first, waited for if need be: at most one row is under way."""
+        self._complete(wait=True)
         if self._row:
             row, self._row = self._row, {}
             frame, epoch = self._stamp if self._stamp is not None else (self._fallback or (None, None))
@@ -522,30 +522,26 @@ class RelayAlgoObserver(AlgoObserver):
             if transfer.skipped:
                 self._warn_once("skipped:" + ",".join(transfer.skipped),
                                 "relay: not sent (not a single number): %s" % ", ".join(transfer.skipped))
-            self._in_flight = (transfer, _as_int(frame), _as_int(epoch))
+            self._waiting.add((_as_int(frame), _as_int(epoch)), transfer)
             if not transfer.events or wait:
-                self._complete()
-        elif wait and self._in_flight is not None:
-            self._complete()
+                self._complete(wait=True)
 
     def _poll(self) -> None:
-        try:
-            if self._in_flight is not None and self._in_flight[0].ready():
-                self._complete()
-        except Exception as exc:
-            self._in_flight = None
-            self._warn_once("poll", "relay: a row was lost: %s" % exc)
+        self._complete(wait=False)
 
-    def _complete(self) -> None:
-        transfer, frame, epoch = self._in_flight
-        self._in_flight = None
-        run = self.run
-        if run is None:
-            return
+    def _complete(self, wait: bool) -> None:
+        """Log the rows whose copy has landed (`wait`: all of them, waiting for the copies)."""
         try:
-            run.log(transfer.values(), frame=frame, epoch=epoch)
-        except Exception as exc:
-            self._warn_once("log", "relay: could not send a row: %s" % exc)
+            for (frame, epoch), values in self._waiting.landed(wait):
+                run = self.run
+                if run is None:
+                    continue
+                try:
+                    run.log(values, frame=frame, epoch=epoch)
+                except Exception as exc:
+                    self._warn_once("log", "relay: could not send a row: %s" % exc)
+        except Exception as exc:  # the copy itself failed
+            self._warn_once("poll", "relay: a row was lost: %s" % exc)
 
     # -- checkpoints -------------------------------------------------------------------------------
 

@@ -7,14 +7,17 @@ the host in ONE transfer; from CUDA the copy goes non-blocking into pinned memor
 is recorded, so `ready()` can be asked without waiting and `values()` waits at most for this row's
 copy. Float64 is used so that int and float64 tensors keep their value.
 
-Used by relay.rl_games (rows of the SummaryWriter) and relay.client (`run.log` of CUDA tensors).
+`Waiting` keeps rows whose copy is under way in the order they came and hands them on, in that
+order, once their copies have landed: the one deferral of both users, relay.rl_games (rows of
+the SummaryWriter) and relay.outbox (the client's `run.log` of CUDA tensors).
 Imports nothing outside the standard library (torch is looked up in sys.modules: a tensor in a row
 means torch is imported already); must stay importable on Python 3.8 (IsaacGym environments).
 """
 from __future__ import annotations
 
 import sys
-from typing import Any, Dict, List, Tuple  # noqa: F401 (List, Tuple: in type comments)
+from collections import deque
+from typing import Any, Dict, Iterator, List, Optional, Tuple  # noqa: F401 (List, Tuple: in type comments)
 
 
 class Transfer(object):
@@ -41,6 +44,37 @@ class Transfer(object):
         for names, host in self.parts:
             got.update(zip(names, host.tolist()))
         return {name: got[name] for name in self.order if name in got}
+
+
+class Waiting(object):
+    """Rows waiting, in the order they came, for their values to land on the host. A row is any
+    object of the caller's, with the Transfer of its values (None: nothing to wait for)."""
+
+    __slots__ = ("_rows",)
+
+    def __init__(self) -> None:
+        self._rows = deque()  # type: deque  ((row, Transfer or None), oldest first)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def add(self, row: Any, transfer: Optional[Transfer]) -> None:
+        self._rows.append((row, transfer))
+
+    def clear(self) -> None:
+        self._rows.clear()
+
+    def landed(self, wait: bool) -> Iterator[Tuple[Any, Optional[Dict[str, Any]]]]:
+        """(row, its values or None) for the oldest rows whose copy has landed, oldest first, up to
+        the first one still under way (never waiting for it); `wait`: every row, waiting for each
+        copy. A row leaves the queue as it is handed on."""
+        rows = self._rows
+        while rows:
+            row, transfer = rows[0]
+            if transfer is not None and not wait and not transfer.ready():
+                return
+            rows.popleft()
+            yield row, (transfer.values() if transfer is not None else None)
 
 
 def start_transfer(row: Dict[str, Any]) -> Transfer:
