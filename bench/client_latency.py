@@ -10,8 +10,9 @@ interleaved  The relay client's `run.log` (to a live `relay serve` subprocess, o
 backlog      A trainer logs 5,000 rows while its relay is frozen (SIGSTOP: connected, acking
              nothing; the client sends and re-sends), then the relay is SIGKILLed and started again
              on the same endpoint and spool, and the trainer goes on logging a row per simulated
-             1 ms step (plus `statistics()` every 50 steps) until the backlog is acked. Each call's wall time and the trainer thread's own CPU time
-             (`time.thread_time()`) are measured: the socket work must not land on that thread.
+             1 ms step (plus `statistics()` every 50 steps) until the backlog is acked. Each
+             call's wall time and the trainer thread's own CPU time (`time.thread_time()`) are
+             measured: the socket work must not land on that thread.
 
 Each measurement runs in a worker subprocess whose `relay` package (the client) comes from a
 checkout: this one, and with `--compare DIR` another one (say, main's), one after the other; the

@@ -183,7 +183,7 @@ class RelayClient:
         outbox = self._outbox
         with outbox.lock:
             if not self._closed:
-                outbox.release(wait=False)
+                outbox.deferred.release(wait=False)
             stats = dict(outbox.stats)
             stats["pending"] = outbox.count()
         stats["last_error"] = self._report.last()
@@ -196,10 +196,10 @@ class RelayClient:
         deadline = time.monotonic() + timeout
         outbox = self._outbox
         with outbox.lock:
-            outbox.release(wait=True)
+            outbox.deferred.release(wait=True)
             if not outbox.pending or self._closed:
                 return not outbox.pending
-        self._nudge()
+        (self._io or self._start_io()).nudge()
         with outbox.lock:
             while outbox.pending:
                 remaining = deadline - time.monotonic()
@@ -212,7 +212,7 @@ class RelayClient:
     def spill_pending(self) -> Optional[str]:
         """Write every pending record to a new spill file now; returns its path (None if none)."""
         with self._outbox.lock:
-            self._outbox.release(wait=True)
+            self._outbox.deferred.release(wait=True)
             return self._outbox.spill()
 
     @_locked
@@ -231,7 +231,7 @@ class RelayClient:
         self._closed = True
         outbox = self._outbox
         with outbox.lock:
-            outbox.release(wait=True)
+            outbox.deferred.release(wait=True)
             spilled = outbox.spill()
             if outbox.pending:  # the spill failed: these records are in no place any more
                 lost = outbox.drop_all()
@@ -261,9 +261,6 @@ class RelayClient:
             io.work = True             # IOThread.nudge, inline: the hot path
             if io.idle:
                 io.nudge()
-
-    def _nudge(self) -> None:
-        (self._io or self._start_io()).nudge()
 
     def _start_io(self) -> IOThread:
         connection = Connection(self.endpoint, self.keys, self._report, self.reconnect_after)

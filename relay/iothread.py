@@ -15,8 +15,8 @@ send and receive, and the outbox's lock is held only to take or give a slice):
 
 When nothing is to be done it sleeps in a poll on its socket and a pipe. The trainer's thread wakes
 it with `nudge()` after each record: an attribute store, plus one byte into the pipe (written
-without letting go of the GIL) only when the thread is asleep. No trainer call ever waits for this thread; `flush` waits on the outbox's
-condition, which this thread notifies when acks arrive.
+without letting go of the GIL) only when the thread is asleep. No trainer call ever waits for this
+thread; `flush` waits on the outbox's condition, which this thread notifies when acks arrive.
 
 This module must stay importable on Python 3.8 (IsaacGym environments).
 """
@@ -138,9 +138,9 @@ class IOThread(threading.Thread):
         more = self._read_replies()
         with outbox.lock:
             if connection.renewed():
-                outbox.resend_all()
+                outbox.give_back(outbox.stream, 1)  # a new socket: every pending record again
             if outbox.deferred:
-                outbox.release(wait=False)
+                outbox.deferred.release(wait=False)
             outbox.maybe_rewind()
             stream, frames = outbox.take(SEND_SLICE)
             pending = len(outbox.pending)

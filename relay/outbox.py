@@ -8,8 +8,8 @@ A record's states (every accepted record is in exactly one):
 - waiting:  a row with values on an accelerator whose one batched copy to the host (relay.tensors)
             has not landed yet. Waiting rows are in `deferred`, in the order they were logged, with
             no seq yet; a later record queues behind them. They are packed as soon as their copy has
-            landed (looked at without waiting), or waited for by `release(wait=True)`, or when more
-            than MAX_DEFERRED rows wait.
+            landed (looked at without waiting), or waited for by `deferred.release(wait=True)`
+            (flush, finish, close) or when more than MAX_DEFERRED rows wait.
 - pending:  packed into its frame, with its seq (1, 2, 3, ... within `stream`, no gaps), in
             `pending`. Seqs below the send cursor are in flight (handed to ZeroMQ, not acked yet),
             the others unsent. A pending record is sent again until it is acked.
@@ -20,9 +20,12 @@ A record's states (every accepted record is in exactly one):
 
 An ack names its stream: `upto` N means every seq <= N of that stream is committed; `seqs` lists
 ranges [low, high] committed in one batch of the relay's. Acks and errors of another stream (one
-left behind at an overflow, whose records are in a spill file now) change nothing.
+left behind at an overflow, whose records are in a spill file now) remove nothing.
 
 A record leaves `pending` only by an ack, an error reply, a spill that succeeded, or at close.
+A record is never accepted (counted `dropped`, its seq not taken, so the relay sees no gap) when
+its frame is over protocol.MAX_FRAME_BYTES or it comes after close; one with a value the wire
+cannot carry raises TypeError/ValueError to the caller instead.
 
 Re-sending: when records are in flight and no ack has made progress for `resend_after` seconds, the
 cursor goes back to the oldest pending record and everything unacked is sent again (the relay acks
@@ -69,7 +72,8 @@ def _host_value(value: Any) -> Any:
 
 
 class Outbox:
-    """Seq numbering, the pending buffer, acks, re-send decisions, overflow and waiting device rows.
+    """Seq numbering, the pending buffer, acks, re-send decisions, overflow; waiting device rows in
+    `deferred` (DeviceRows).
     `clock` is injected (time.monotonic) so that tests can drive the re-send timer."""
 
     def __init__(self, stream: Optional[str] = None, max_pending: int = 10000, resend_after: float = 1.0,
@@ -85,7 +89,7 @@ class Outbox:
         self._reopen = reopen
         self._clock = clock
         self._spill_again_at = 0       # records accepted before an overflow may try a failed spill again
-        self.deferred = tensors.Waiting()  # rows with device values, in the order logged
+        self.deferred = DeviceRows(self._queue)
         self._restart(stream)
 
     def _restart(self, stream: Optional[str]) -> None:
@@ -100,38 +104,7 @@ class Outbox:
     def submit(self, message: Dict[str, Any]) -> None:
         """Accept one record: packed now, or (values on an accelerator) waiting behind the rows
         that wait. Raises TypeError/ValueError at once for a value the wire cannot carry."""
-        if self.deferred:
-            self.release(wait=len(self.deferred) >= MAX_DEFERRED)
-        if not self.deferred:
-            try:
-                self._queue(message, _host_value)
-                return
-            except _OnDevice:
-                pass
-        self.deferred.add(message, self._start_transfer(message))
-
-    def _start_transfer(self, message: Dict[str, Any]) -> Optional[tensors.Transfer]:
-        """For a record that must wait: start the copy of its device values (None if it has none)."""
-        try:  # the packing of _queue, without taking a seq
-            msgpack.packb(message, use_bin_type=True, default=_host_value)
-            return None
-        except _OnDevice:
-            pass
-        field = VALUE_FIELDS.get(message.get("t"))
-        if field is None or not isinstance(message.get(field), dict):
-            return None  # device values elsewhere (checkpoint metadata): read one by one when packed
-        transfer = tensors.start_transfer(message[field])
-        if transfer.skipped:
-            raise TypeError("metric values %s are not numbers, bools, strs or 1-element tensors"
-                            % ", ".join(repr(name) for name in transfer.skipped))
-        return transfer
-
-    def release(self, wait: bool) -> None:
-        """Pack the waiting rows whose device values have landed, oldest first; `wait`: all of them."""
-        for message, values in self.deferred.landed(wait):
-            if values is not None:
-                message[VALUE_FIELDS[message["t"]]] = values
-            self._queue(message, protocol.to_scalar)
+        self.deferred.submit(message)
 
     def _queue(self, message: Dict[str, Any], default: Any) -> None:
         """Give the record its seq, pack it, add it to `pending`. Raises _OnDevice (with
@@ -189,9 +162,6 @@ class Outbox:
     def unsent(self) -> bool:
         return bool(self.pending) and self.cursor <= self.seq
 
-    def in_flight(self) -> bool:
-        return bool(self.pending) and next(iter(self.pending)) < self.cursor
-
     def take(self, budget: int) -> Tuple[str, List[Tuple[int, bytes]]]:
         """Up to `budget` frames to send next, oldest first, with their stream; the cursor moves
         past them (`give_back` moves it back to the first one the socket did not take)."""
@@ -214,17 +184,14 @@ class Outbox:
         return self.stream, frames
 
     def give_back(self, stream: str, seq: int) -> None:
-        """The socket did not take frame `seq` of `stream` (and the ones after it): send from there."""
+        """The socket did not take frame `seq` of `stream` (and the ones after it): send from there.
+        `give_back(stream, 1)`: send every pending record again (a new socket)."""
         if stream == self.stream and seq < self.cursor:
             self.cursor = seq
 
-    def resend_all(self) -> None:
-        """A new socket: every pending record is sent again, oldest first."""
-        self.cursor = next(iter(self.pending), self.seq + 1)
-
-    def rewind_due(self) -> float:
+    def rewind_due(self) -> Optional[float]:
         """Seconds until an unanswered window is sent again (0: now); None when nothing is in flight."""
-        if not self.in_flight():
+        if not self.pending or next(iter(self.pending)) >= self.cursor:
             return None
         return max(0.0, self.last_progress + self.resend_after - self._clock())
 
@@ -281,3 +248,54 @@ class Outbox:
     def count(self) -> int:
         """Records accepted and neither acked, refused, spilled nor lost."""
         return len(self.pending) + len(self.deferred)
+
+
+def _start_device_copy(message: Dict[str, Any]) -> Optional[tensors.Transfer]:
+    """For a record that must wait: start the copy of its device values (None if it has none).
+    Raises TypeError at once for a value the wire cannot carry, as packing would."""
+    try:  # the packing of Outbox._queue, without taking a seq
+        msgpack.packb(message, use_bin_type=True, default=_host_value)
+        return None
+    except _OnDevice:
+        pass
+    field = VALUE_FIELDS.get(message.get("t"))
+    if field is None or not isinstance(message.get(field), dict):
+        return None  # device values elsewhere (checkpoint metadata): read one by one when packed
+    transfer = tensors.start_transfer(message[field])
+    if transfer.skipped:
+        raise TypeError("metric values %s are not numbers, bools, strs or 1-element tensors"
+                        % ", ".join(repr(name) for name in transfer.skipped))
+    return transfer
+
+
+class DeviceRows:
+    """How a record enters the outbox: packed at once (`queue`), or, when it holds values on an
+    accelerator or rows are waiting before it, added to the rows waiting for their copies."""
+
+    def __init__(self, queue: Callable[[Dict[str, Any], Any], None]):
+        self._queue = queue
+        self._waiting = tensors.Waiting()
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def clear(self) -> None:
+        self._waiting.clear()
+
+    def submit(self, message: Dict[str, Any]) -> None:
+        if self._waiting:
+            self.release(wait=len(self._waiting) >= MAX_DEFERRED)
+        if not self._waiting:
+            try:
+                self._queue(message, _host_value)
+                return
+            except _OnDevice:
+                pass
+        self._waiting.add(message, _start_device_copy(message))
+
+    def release(self, wait: bool) -> None:
+        """Pack the waiting rows whose device values have landed, oldest first; `wait`: all of them."""
+        for message, values in self._waiting.landed(wait):
+            if values is not None:
+                message[VALUE_FIELDS[message["t"]]] = values
+            self._queue(message, protocol.to_scalar)

@@ -89,7 +89,7 @@ def test_take_hands_out_slices_in_order_and_give_back_resumes_at_the_first_refus
     assert seqs(outbox.take(4)[1]) == [5, 6, 7, 8]
     outbox.give_back("s1", 6)            # the socket took 5, not 6: 6 comes next
     assert seqs(outbox.take(100)[1]) == [6, 7, 8, 9, 10]
-    assert outbox.take(100)[1] == [] and not outbox.unsent() and outbox.in_flight()
+    assert outbox.take(100)[1] == [] and not outbox.unsent() and outbox.rewind_due() is not None
 
 
 def test_acks_upto_and_ranges_remove_records_and_acks_of_another_stream_change_nothing():
@@ -145,7 +145,7 @@ def test_a_new_socket_resends_from_the_oldest_unacked_record():
         log(outbox, step)
     outbox.take(100)
     outbox.on_reply({"t": "ack", "stream": "s1", "seqs": [[2, 2]]})
-    outbox.resend_all()
+    outbox.give_back("s1", 1)
     assert seqs(outbox.take(100)[1]) == [1, 3, 4, 5]
 
 
@@ -226,10 +226,10 @@ def test_device_rows_wait_in_order_and_later_records_queue_behind_them(monkeypat
     outbox.submit({"t": "log", "run": "r", "metrics": {"loss": OnDevice(0.5)}, "frame": 1})
     log(outbox, 2)
     assert not outbox.pending and outbox.count() == 2
-    outbox.release(wait=False)
+    outbox.deferred.release(wait=False)
     assert not outbox.pending            # the copy has not landed: nothing may pass it
     started[0].landed = True
-    outbox.release(wait=False)
+    outbox.deferred.release(wait=False)
     frames = [msgpack.unpackb(frame, raw=False) for frame in outbox.pending.values()]
     assert [(m["seq"], m["frame"], m["metrics"]) for m in frames] == [(1, 1, {"loss": 0.5}), (2, 2, {"x": 2.0})]
 
