@@ -576,19 +576,19 @@ class RunUploader:
         row_step = None
         for record, step in plan:
             if row and step != row_step:
-                self._wb.log(row, step=row_step)
+                self._wb.log(row, step=row_step, commit=True)
                 row = {}
             if record.kind == "log":
                 row.update(_row(record.body))
                 row_step = step
                 continue
             if row:
-                self._wb.log(row, step=row_step)
+                self._wb.log(row, step=row_step, commit=True)
                 row = {}
             self._cursor = record.id
             self._apply(record)
         if row:
-            self._wb.log(row, step=row_step)
+            self._wb.log(row, step=row_step, commit=True)
         self._cursor = plan[-1][0].id
 
     def _apply(self, record: Record) -> None:
