@@ -12,7 +12,7 @@ it), which a trainer that only has the relay client never sees.
     python bench/client_latency.py --quick --dry-run   # 50 calls each: checks it still runs
 
 Prints p50/p99/max for each and the ratios; the last line is a JSON summary.
-Targets (issue 6): the relay client >= 20x cheaper than wandb at p50 and >= 10x at p99.
+Targets: the relay client >= 20x cheaper than wandb at p50 and >= 10x at p99.
 """
 from __future__ import annotations
 
