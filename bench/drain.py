@@ -19,7 +19,7 @@ large backlog is being taken in is printed too: that is intake, not the backlog.
     python bench/drain.py --quick --dry-run    # 2 runs, a few hundred rows: checks it still runs
 
 Writes bench/drain.png (rows in W&B and relay RSS over time) unless --dry-run; the last line is a
-JSON summary. Targets (issue 6): >= 5,000 rows/s; server RSS within +-20 % between the backlogs.
+JSON summary. Targets: >= 5,000 rows/s; server RSS within +-20 % between the backlogs.
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ The relay client talks to a live `relay serve` subprocess (offline mode, throwaw
     python bench/gpu_overhead.py --quick       # 600 steps per way
     python bench/gpu_overhead.py --quick --dry-run   # CPU tensors, a few steps: the same code path
 
-The last line is a JSON summary. Target (issue 6): <= 5 % overhead with the relay client
+The last line is a JSON summary. Target: <= 2 % overhead with the relay client
 (per-metric `.item()` costs about 23 % on an H200).
 """
 from __future__ import annotations

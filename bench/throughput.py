@@ -19,7 +19,7 @@ same rows into an offline run, then `finish()`.
     python bench/throughput.py --quick --dry-run   # tiny sizes, 1 and 2 clients/runs: checks it still works
     python bench/throughput.py --compare /tmp/old  # each relay case also with the `relay` of /tmp/old
 
-The last line is a JSON summary. Targets (issue 6): ingest >= 20,000 acked messages/s; upload
+The last line is a JSON summary. Targets: ingest >= 20,000 acked messages/s; upload
 >= 5,000 rows/s of 40 metrics across 16 runs (>= 70 % of the SDK's ceiling).
 """
 from __future__ import annotations

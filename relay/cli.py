@@ -57,7 +57,7 @@ def _load_config(command: str, path: str | None, **flags) -> RelayConfig:
 
 
 config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False),
-                             help="relay.yaml to read (keys: see README); RELAY_* variables and flags override it")
+                             help="relay.yaml to read (keys: docs/configuration.md); RELAY_* variables and flags override it")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -11,7 +11,7 @@ server is gone, and the uploader exits at once.
 The uploaders share one wandb-core (the SDK's Go service), which the server starts (SharedCore)
 and hands to each uploader as a WANDB_SERVICE token: one Go process instead of one per run, and a
 run starts without starting a service (with 16 runs, sharing cut the CPU per row by about a
-third; see README, Performance). Sharing has one trap in
+third; see docs/performance.md). Sharing has one trap in
 wandb 0.31: a run whose stream was left open in the core (its `wandb.init` failed, or its uploader
 died) keeps its id "in use" there until the core stops. So an uploader
 - asks W&B whether it answers before `wandb.init` in online mode (an outage fails there, not in
@@ -576,19 +576,19 @@ class RunUploader:
         row_step = None
         for record, step in plan:
             if row and step != row_step:
-                self._wb.log(row, step=row_step)
+                self._wb.log(row, step=row_step, commit=True)
                 row = {}
             if record.kind == "log":
                 row.update(_row(record.body))
                 row_step = step
                 continue
             if row:
-                self._wb.log(row, step=row_step)
+                self._wb.log(row, step=row_step, commit=True)
                 row = {}
             self._cursor = record.id
             self._apply(record)
         if row:
-            self._wb.log(row, step=row_step)
+            self._wb.log(row, step=row_step, commit=True)
         self._cursor = plan[-1][0].id
 
     def _apply(self, record: Record) -> None:

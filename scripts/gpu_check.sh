@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check (issue 4): tokenhsi/run.py on CUDA with 4096 envs, fps with reporting through the relay
+# GPU check: tokenhsi/run.py on CUDA with 4096 envs, fps with reporting through the relay
 # vs reporting disabled, alternating A B A B. Runs on the lent GPU machine (no internet there): the
 # wheels it needs are carried in .gpuwheels (made with `pip download`, see the README).
 # Usage: bash scripts/gpu_check.sh [device] [num_envs] [epochs]

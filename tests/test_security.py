@@ -402,8 +402,8 @@ def test_training_config_relay_keys_reach_the_trainers_client(tmp_path):
         observer.after_init(type("Algo", (), {"rank": 0, "config": {}})())
 
 
-def test_uploader_open_checks_the_file_it_opened_not_the_name(tmp_path, monkeypatch):
-    """The uploader reads a checkpoint some time after the relay checked its path; a directory swapped
+def test_opening_a_checkpoint_checks_the_file_it_opened_not_the_name(tmp_path, monkeypatch):
+    """The relay opens a checkpoint (to snapshot it) after it checked its path; a directory swapped
     for a symlink (or a file for a FIFO) in between must gain nothing. Simulated by letting the
     path check pass what it saw before the swap."""
     from relay import artifacts

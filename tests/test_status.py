@@ -238,10 +238,9 @@ def test_stop_line_and_status_count_what_wandb_has_not_confirmed_and_the_next_st
         for step in range(60):
             run.log(row(41, step, 4), frame=frame(step), epoch=step + 1)
         assert client.flush(30.0)
-        # W&B confirms 59 rows (the SDK sends a step's row once the next step is logged); the open
-        # record stays until the run's finish confirms it.
-        relay.wait_status(lambda s: s["runs"] and s["runs"][0]["uploaded"] == 59, 60, "59 rows confirmed")
-        assert len(fake_wandb.run("unconfirmed").history) == 59
+        # W&B confirms the 60 rows; the open record stays until the run's finish confirms it.
+        relay.wait_status(lambda s: s["runs"] and s["runs"][0]["uploaded"] == 60, 60, "60 rows confirmed")
+        assert len(fake_wandb.run("unconfirmed").history) == 60
 
         fake_wandb.set_fault("hang", "file_stream")   # W&B takes no more rows; the relay's queries still work
         for step in range(60, 150):
@@ -250,16 +249,16 @@ def test_stop_line_and_status_count_what_wandb_has_not_confirmed_and_the_next_st
         status = relay.wait_status(lambda s: s["runs"][0]["received"] == 151 and s["runs"][0]["unsent"] == 0,
                                    60, "every record handed to the wandb SDK")
         counts = {key: status["runs"][0][key] for key in ("received", "uploaded", "pending", "unsent", "unconfirmed")}
-        assert counts == {"received": 151, "uploaded": 59, "pending": 92, "unsent": 0, "unconfirmed": 92}
-        assert status["records"]["pending"] == 92 and status["records"]["unconfirmed"] == 92
+        assert counts == {"received": 151, "uploaded": 60, "pending": 91, "unsent": 0, "unconfirmed": 91}
+        assert status["records"]["pending"] == 91 and status["records"]["unconfirmed"] == 91
         assert status["runs"][0]["oldest_pending_age"] is not None   # the rows W&B has not confirmed wait
         table = relay_cli("status", "--endpoint", relay.endpoint)
-        assert "pending 92      (unsent 0, unconfirmed 92)" in table.stdout, table.stdout
+        assert "pending 91      (unsent 0, unconfirmed 91)" in table.stdout, table.stdout
 
         assert relay.stop(signal.SIGTERM) == 0
         assert "drain cut short" in relay.log()
         missing = 150 - len(fake_wandb.run("unconfirmed").history)
-        assert missing == 91
+        assert missing == 90
         left, unsent, unconfirmed = map(int, STOP_LINE.search(relay.log()).groups())
         assert (left, unsent, unconfirmed) == (missing + 1, 0, missing + 1)   # + the run's open record
 

@@ -1,1 +1,1 @@
-"""TokenHSI-facing side of the relay: entry point, built-in tasks and agents (issue 4, in progress)."""
+"""TokenHSI-facing side of the relay: entry point, built-in tasks and agents."""
