@@ -1,7 +1,8 @@
 """relay.outbox without sockets or threads: seqs, acks, re-sends, overflow, waiting device rows.
 
-The clock is a list the test moves; the spill is a function that keeps what it was given (or
-refuses, like a full disk). The whole module runs in milliseconds.
+The clock is an object the test moves; the spill is a function that keeps what it was given (or
+refuses, like a full disk). A hypothesis state machine drives random sequences of events against a
+model of where every record is. The whole module runs in a few seconds at most.
 """
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from collections import OrderedDict
 
 import msgpack
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from relay import protocol
 from relay.outbox import MAX_DEFERRED, Outbox
@@ -243,3 +247,91 @@ def test_at_most_max_deferred_device_rows_wait(monkeypatch):
     for step in range(MAX_DEFERRED + 1):
         outbox.submit({"t": "log", "run": "r", "metrics": {"loss": OnDevice(step)}, "frame": step})
     assert len(outbox.pending) == MAX_DEFERRED and len(outbox.deferred) == 1   # waited for the 64 oldest
+
+
+# -- a model: every accepted record is in exactly one place, whatever the order of events --------
+
+class Ledger(RuleBasedStateMachine):
+    """Random records, sends, socket refusals, acks (of this stream and of older ones), errors,
+    re-send timers, overflows with a disk that is sometimes full, and spills. After each step every
+    record accepted is in exactly one of: pending, acked, refused, a spill file; and the counters say so."""
+
+    def __init__(self):
+        super().__init__()
+        self.clock = Clock()
+        self.spills = Spills()
+        self.outbox = make(max_pending=7, opens=[{"t": "open", "run": "r", "settings": {"project": "p"}}],
+                           clock=self.clock, spill=self.spills)
+        self.accepted = []       # (stream, seq) of every record accepted
+        self.acked, self.refused = set(), set()
+        self.streams = [self.outbox.stream]
+        self.step = 0
+
+    def _accept(self) -> None:
+        before = {(self.outbox.stream, seq) for seq in self.outbox.pending}
+        files = len(self.spills.files)
+        log(self.outbox, self.step)
+        self.step += 1
+        if len(self.spills.files) > files and self.outbox.stream not in self.streams:
+            self.streams.append(self.outbox.stream)
+        now = {(self.outbox.stream, seq) for seq in self.outbox.pending}
+        self.accepted.extend(sorted(now - before, key=lambda key: key[1]))
+
+    @rule(count=st.integers(1, 5))
+    def records(self, count):
+        for _ in range(count):
+            self._accept()
+
+    @rule(budget=st.integers(1, 6), refused_at=st.integers(0, 6))
+    def send(self, budget, refused_at):
+        stream, frames = self.outbox.take(budget)
+        if refused_at < len(frames):  # the socket took the first `refused_at` frames only
+            self.outbox.give_back(stream, frames[refused_at][0])
+
+    @rule(which=st.integers(0, 3), upto=st.integers(0, 12), low=st.integers(0, 12), width=st.integers(0, 4))
+    def ack(self, which, upto, low, width):
+        stream = self.streams[-1 - min(which, len(self.streams) - 1)]
+        current = stream == self.outbox.stream
+        # the relay acks only what it was sent: here, what is pending or was acked before
+        known = set(self.outbox.pending) if current else set()
+        upto_seqs = {seq for seq in known if seq <= upto}
+        range_seqs = {seq for seq in known if low <= seq <= low + width}
+        self.outbox.on_reply({"t": "ack", "stream": stream, "upto": upto, "seqs": [[low, low + width]]})
+        self.acked |= {(stream, seq) for seq in upto_seqs | range_seqs}
+
+    @rule(seq=st.integers(1, 12))
+    def error(self, seq):
+        if seq in self.outbox.pending:
+            self.refused.add((self.outbox.stream, seq))
+        self.outbox.on_reply({"t": "error", "stream": self.outbox.stream, "seq": seq, "reason": "no"})
+
+    @rule(seconds=st.floats(0, 2))
+    def time_passes(self, seconds):
+        self.clock.now += seconds
+        self.outbox.maybe_rewind()
+
+    @rule(full=st.booleans())
+    def disk(self, full):
+        self.spills.full = full
+
+    @rule()
+    def spill(self):
+        self.outbox.spill()
+
+    @invariant()
+    def every_record_in_exactly_one_place(self):
+        pending = {(self.outbox.stream, seq) for seq in self.outbox.pending}
+        spilled = {(stream, seq) for stream, seqs in self.spills.files for seq in seqs}
+        places = [pending, self.acked, self.refused, spilled]
+        assert sum(len(place) for place in places) == len(self.accepted) == len(set(self.accepted))
+        assert set().union(*places) == set(self.accepted)
+        stats = self.outbox.stats
+        assert stats["sent"] == len(self.accepted)
+        assert (stats["acked"], stats["spilled"], len(self.outbox.pending)) == (
+            len(self.acked), len(spilled), len(pending))
+        assert list(self.outbox.pending) == sorted(self.outbox.pending)
+        assert 1 <= self.outbox.cursor <= self.outbox.seq + 1   # what is sent next is a seq of this stream
+
+
+Ledger.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+test_the_ledger_model = Ledger.TestCase
