@@ -177,9 +177,9 @@ class IOThread(threading.Thread):
 
     def _heartbeat(self) -> None:
         runs = sorted(self.runs)
-        if runs:
-            self.connection.send(protocol.encode({"v": protocol.VERSION, "t": "heartbeat",
-                                                  "stream": self.outbox.stream, "seq": 0, "runs": runs}))
+        if runs and not self.connection.send(protocol.encode({"v": protocol.VERSION, "t": "heartbeat",
+                                                              "stream": self.outbox.stream, "seq": 0, "runs": runs})):
+            self.connection.stalled(len(self.outbox.pending))  # warn, and reconnect after a refused handshake
 
     def _sleep(self, next_beat) -> None:
         """Wait for a reply, a nudge, or the next thing due, whichever comes first."""
