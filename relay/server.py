@@ -15,6 +15,7 @@ import multiprocessing.forkserver
 import multiprocessing.process
 import os
 import signal
+import sqlite3
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ SCAN_EVERY = 1.0  # seconds between looks at the spool for runs that need an upl
 RESTART_BACKOFF_MAX = 60.0  # longest wait before restarting an uploader that failed
 CORE_RESTART_EVERY = 60.0  # at most one new shared wandb-core a minute, should one keep dying
 BATCH_BYTES_FRAMES = 8  # one batch reads at most this many max_frame_bytes of frames
+COMMIT_COST = 2  # disk bytes a commit may take per byte of frames: the WAL's copy, then the database's
+ROOM_HYSTERESIS = 1.25  # holding for want of disk ends once min_free_bytes times this is free
 REFUSALS_LOGGED = 20  # refusal warnings logged per minute at most; the rest are counted
 
 
@@ -137,7 +140,9 @@ class RelayServer:
         self.uploaders: dict[str, Uploader] = {}
         self.restart_after: dict[str, tuple[float, int]] = {}  # run -> (not before, failures so far)
         self.wandb_down_since: float | None = None
-        self.holding = False   # spool over max_spool_bytes: records are not taken (policy "hold")
+        self.holding = False   # no room in the spool (watch_room): records are not taken (policy "hold")
+        self.hold_reason: str | None = None
+        self.touch_error: str | None = None  # the last failed heartbeat write, until one succeeds
         self.spool_error: str | None = None  # the last failed spool write, until one succeeds
         self.wandb_errors: Counter = Counter()  # W&B failures by kind (for metrics)
         self.retrying_runs: set[str] = set()
@@ -190,7 +195,10 @@ class RelayServer:
         if self.spool.recovery:
             log.error("%s; records that could not be read are lost", self.spool.recovery)
         self.spool.load_watermarks()
-        self.spool.forget_refusals()
+        try:
+            self.spool.forget_refusals()
+        except sqlite3.Error as exc:  # disk full: they are let go at a later start
+            log.warning("cannot delete passed refusals from spool %s: %s; going on without", self.spool.path, exc)
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
@@ -329,18 +337,17 @@ class RelayServer:
             if message["t"] == "heartbeat":
                 alive.update(message["runs"])
                 continue
-            if self.holding:
-                self.counters["held"] += 1  # not acked: the client keeps it, re-sends it, spills it
-                continue
             if refusal:
                 self.refusals.warn("refused record seq=%d of stream %s: %s", message["seq"], message["stream"],
                                    refusal)
             items.append((message, refusal, frame))
             senders[message["stream"]] = identity
-        if items:
+        if items and self.watch_room(incoming=sum(len(frame) for _, _, frame in items)):
+            self.counters["held"] += len(items)  # not acked: the clients keep them, re-send them, spill them
+        elif items:
             self.commit(items, senders)
         if alive:
-            self.spool.touch(alive)
+            self.touch(alive)
         for identity in status_requests:
             self.reply(identity, dict(self.status(), t="status"))
 
@@ -381,6 +388,19 @@ class RelayServer:
         for run_id in runs:
             self.ensure_uploader(run_id)
 
+    def touch(self, runs: set[str]) -> None:
+        """Note the heartbeats in the spool (`last_seen`, shown by `relay status`). A failed write
+        (disk full) is logged once and otherwise let go: the next heartbeat writes it again."""
+        try:
+            self.spool.touch(runs)
+        except (SpoolError, sqlite3.Error) as exc:
+            if self.touch_error is None:
+                log.warning("cannot note heartbeats of %d runs in spool %s: %s; the relay goes on (they are noted "
+                            "again once the spool can be written)", len(runs), self.spool.path, exc)
+            self.touch_error = str(exc)
+            return
+        self.touch_error = None
+
     def refuse(self, identity: bytes, error: protocol.ProtocolError) -> None:
         """A frame without a readable (stream, seq): nothing to store or ack, only an answer."""
         self.counters["malformed"] += 1
@@ -402,7 +422,7 @@ class RelayServer:
         self.refusals.roll()
         self.reap_uploaders()
         self.watch_core()
-        self.watch_spool_size()
+        self.watch_room()
         now = time.time()
         # Silence counts from this relay's start at the earliest: trainers reconnect when it is back.
         if self.config.silence_timeout > 0 and now - self.started >= self.config.silence_timeout:
@@ -476,18 +496,35 @@ class RelayServer:
             log.warning("uploader for run %s exited with code %d; restarting it in %.0f s (records are kept)",
                         run_id, code, delay)
 
-    def watch_spool_size(self) -> None:
-        """Policy 'hold': over max_spool_bytes, take no new records until uploads make room.
-        Nothing is dropped: unacked records stay with their clients, which spill them to disk."""
-        live = self.spool.live_bytes()
-        full = live > self.config.max_spool_bytes
-        if full and not self.holding:
-            log.warning("spool full (%.1f MB of %.1f MB): holding new records until W&B uploads make room; "
-                        "trainers keep them and spill them to disk if it lasts", live / 1e6,
-                        self.config.max_spool_bytes / 1e6)
-        elif self.holding and not full:
-            log.info("spool has room again (%.1f MB): taking records", live / 1e6)
-        self.holding = full
+    def watch_room(self, incoming: int = 0) -> bool:
+        """Policy 'hold': take no new records while the spool holds more than max_spool_bytes, or
+        while less than min_free_bytes would be left for it on its disk (free space plus the
+        spool's free pages) after storing `incoming` bytes of frames, until uploads make room.
+        Checked before every commit, so a burst cannot eat the reserve: the reserve is what lets
+        uploaders write to the spool (steps, states, deletes) and so empty a spool whose backlog
+        filled the disk. Nothing is dropped: unacked records stay with their clients, which spill
+        them to disk. Returns whether the relay holds."""
+        try:
+            live, room = self.spool.live_bytes(), self.spool.room_bytes()
+        except (OSError, sqlite3.Error) as exc:
+            log.debug("cannot measure the spool's room (%s); holding stays %s", exc, self.holding)
+            return self.holding
+        reserve = self.config.min_free_bytes * (ROOM_HYSTERESIS if self.holding else 1.0)
+        if live > self.config.max_spool_bytes:
+            reason = "spool full (%.1f MB of max_spool_bytes %.1f MB)" % (live / 1e6, self.config.max_spool_bytes / 1e6)
+        elif room - COMMIT_COST * incoming < reserve:
+            reason = ("%.1f MB free for the spool on its disk, under min_free_bytes %.1f MB"
+                      % (room / 1e6, self.config.min_free_bytes / 1e6))
+        else:
+            reason = None
+        if reason and not self.holding:
+            log.warning("%s: holding new records until W&B uploads make room (or disk is freed); trainers keep "
+                        "them and spill them to disk if it lasts", reason)
+        elif self.holding and not reason:
+            log.info("spool has room again (%.1f MB live, %.1f MB free for it): taking records",
+                     live / 1e6, room / 1e6)
+        self.holding, self.hold_reason = reason is not None, reason
+        return self.holding
 
     def watch_wandb(self) -> None:
         """One log line when W&B becomes unreachable, one when it is back (not one per retry). When
@@ -534,7 +571,8 @@ class RelayServer:
         status.update({
             "mode": self.mode, "bind": self.config.bind, "uptime": round(time.time() - self.started, 1),
             "counters": dict(self.counters),
-            "wandb_down_since": self.wandb_down_since, "holding": self.holding, "spool_error": self.spool_error,
+            "wandb_down_since": self.wandb_down_since, "holding": self.holding, "hold_reason": self.hold_reason,
+            "spool_error": self.spool_error,
             "max_spool_bytes": self.config.max_spool_bytes,
         })
         return status

@@ -366,6 +366,14 @@ class Spool:
                              for name in ("page_count", "freelist_count", "page_size"))
         return (pages - free) * size
 
+    def room_bytes(self) -> int:
+        """Bytes the spool can still take: what its filesystem has free, plus the spool's own free
+        pages (deleted rows' pages, which SQLite reuses before the file grows)."""
+        disk = os.statvfs(self.directory)
+        free_pages, page_size = (self.conn.execute("PRAGMA %s" % name).fetchone()[0]
+                                 for name in ("freelist_count", "page_size"))
+        return disk.f_bavail * disk.f_frsize + free_pages * page_size
+
     def confirm_through(self, run_id: str, record_id: int, exit_code: int | None = None,
                         finished: bool = False) -> int:
         """W&B confirmed everything of this run up to record_id (run.finish() returned)."""

@@ -42,6 +42,7 @@ import netrc
 import os
 import select
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -185,9 +186,17 @@ class RunUploader:
         try:
             self._loop()
             return 0
+        except sqlite3.OperationalError as exc:  # disk full, I/O error: nothing to debug in our code
+            log.warning("run %s: cannot write to spool %s (%s); uploader exits, its records stay in the spool and "
+                        "its next uploader resumes the run (free disk space if it is full)",
+                        self.run_id, self._spool.path, exc)
+            return 1
         except Exception as exc:  # a bug or a broken SDK: say so, keep the records, the server restarts us
             log.exception("uploader for run %s failed; its records stay in the spool", self.run_id)
-            self._spool.set_state(self.run_id, "failed", _short(exc))
+            try:
+                self._spool.set_state(self.run_id, "failed", _short(exc))
+            except sqlite3.Error as also:
+                log.warning("run %s: cannot note the failure in the spool either: %s", self.run_id, also)
             return 1
         finally:
             self._spool.close()
