@@ -66,8 +66,7 @@ def test_a_backlog_that_fills_the_disk_holds_and_drains_exactly_once_when_wandb_
                           env={"RELAY_MIN_FREE_BYTES": str(6 * MIB)})
     trainer = trainer_factory({"endpoint": relay.endpoint, "run_id": "backlog", "steps": 8000, "metrics": 100,
                                "seed": 41, "heartbeat_every": 0.2, "finish_timeout": 240})
-    relay.wait_log("holding new records", 120)
-    status = relay.status()
+    status = relay.wait_status(lambda s: s["counters"].get("held", 0) > 0, 120, "the relay to hold")
     assert status["holding"] and "under min_free_bytes 6.3 MB" in status["hold_reason"], status
     held_at = status["runs"][0]["received"]
     assert 1000 < held_at < 8001, held_at
