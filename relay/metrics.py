@@ -110,7 +110,7 @@ class RelayCollector(Collector):
             states.add_metric([state], sum(1 for run in active if run["state"] == state))
         yield states
         yield GaugeMetricFamily("relay_uptime_seconds", "seconds since the relay started",
-                                value=time.time() - server.started)
+                                value=time.monotonic() - server.started_monotonic)
         if len(active) > MAX_RUN_LABELS:
             return
         pending = GaugeMetricFamily("relay_run_pending_records", "records of a run not yet handed to W&B",

@@ -74,6 +74,31 @@ class RefusalLog:
         self.window_start, self.logged, self.left_out = now, 0, 0
 
 
+class SilenceWatch:
+    """When each run's trainer was last heard from (a record or a heartbeat), on the monotonic
+    clock: a wall-clock jump (NTP, a VM resumed, an operator) neither finishes a live run nor
+    keeps a dead one open. Silence counts from this relay's start at the earliest (trainers
+    reconnect when it is back), so at start every unfinished run is counted as just heard from.
+    Pure bookkeeping: the caller passes the time."""
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self.last_heard: dict[str, float] = {}
+
+    def heard(self, run_ids: Any, now: float) -> None:
+        for run_id in run_ids:
+            self.last_heard[run_id] = now
+
+    def silent(self, now: float) -> list[str]:
+        """Runs not heard from for `timeout` seconds (0: never any); they are forgotten until heard again."""
+        if self.timeout <= 0:
+            return []
+        runs = [run_id for run_id, heard in self.last_heard.items() if now - heard >= self.timeout]
+        for run_id in runs:
+            del self.last_heard[run_id]
+        return runs
+
+
 @dataclass
 class Uploader:
     """The server's handle on one uploader process (forked by the uploader fork server)."""
@@ -139,7 +164,8 @@ class RelayServer:
         self.counters: Counter = Counter()
         self.uploaders: dict[str, Uploader] = {}
         self.restart_after: dict[str, tuple[float, int]] = {}  # run -> (not before, failures so far)
-        self.wandb_down_since: float | None = None
+        self.wandb_down_since: float | None = None  # wall clock, shown in `relay status`
+        self.wandb_down_monotonic = 0.0
         self.holding = False   # no room in the spool (watch_room): records are not taken (policy "hold")
         self.hold_reason: str | None = None
         self.touch_error: str | None = None  # the last failed heartbeat write, until one succeeds
@@ -149,10 +175,12 @@ class RelayServer:
         self.wandb_checked_at = 0.0  # time.time() of the last watch_wandb
         self.progress = BacklogProgress(config.progress_backlog, config.progress_every)
         self.refusals = RefusalLog()
+        self.silence = SilenceWatch(config.silence_timeout)
         self.metrics: MetricsEndpoint | None = None
         self.should_exit = False
         self.force_exit = False
-        self.started = time.time()
+        self.started = time.time()            # shown to people (uptime is measured on the monotonic clock)
+        self.started_monotonic = time.monotonic()
         self.spool: Spool | None = None
         self.socket: zmq.Socket | None = None
         self.context: zmq.Context | None = None
@@ -168,7 +196,7 @@ class RelayServer:
     def serve(self) -> int:
         """Run until signalled. Exit code 0 after a drain (even one cut short by its deadline:
         acked records are safe in the spool), 1 when a second signal cut the drain."""
-        self.started = time.time()
+        self.started, self.started_monotonic = time.time(), time.monotonic()
         self.install_signal_handlers()
         self.startup()
         try:
@@ -195,6 +223,7 @@ class RelayServer:
         if self.spool.recovery:
             log.error("%s; records that could not be read are lost", self.spool.recovery)
         self.spool.load_watermarks()
+        self.silence.heard(self.spool.unfinished_runs(), time.monotonic())
         try:
             self.spool.forget_refusals()
         except sqlite3.Error as exc:  # disk full: they are let go at a later start
@@ -337,6 +366,8 @@ class RelayServer:
             if message["t"] == "heartbeat":
                 alive.update(message["runs"])
                 continue
+            if not refusal:
+                alive.add(message["run"])  # held or not, a record from the trainer says it is alive
             if refusal:
                 self.refusals.warn("refused record seq=%d of stream %s: %s", message["seq"], message["stream"],
                                    refusal)
@@ -347,6 +378,7 @@ class RelayServer:
         elif items:
             self.commit(items, senders)
         if alive:
+            self.silence.heard(alive, time.monotonic())
             self.touch(alive)
         for identity in status_requests:
             self.reply(identity, dict(self.status(), t="status"))
@@ -423,11 +455,16 @@ class RelayServer:
         self.reap_uploaders()
         self.watch_core()
         self.watch_room()
-        now = time.time()
-        # Silence counts from this relay's start at the earliest: trainers reconnect when it is back.
-        if self.config.silence_timeout > 0 and now - self.started >= self.config.silence_timeout:
-            cutoff = now - self.config.silence_timeout
-            for run_id in self.spool.finish_silent_runs(cutoff, self.config.silence_exit_code):
+        silent = self.silence.silent(time.monotonic())
+        if silent:
+            try:
+                finished = self.spool.finish_silent_runs(silent, self.config.silence_exit_code)
+            except sqlite3.Error as exc:  # disk full: the next scan tries again
+                self.silence.heard(silent, time.monotonic() - self.config.silence_timeout)
+                log.warning("cannot spool the finish of %d silent runs in %s: %s; trying again", len(silent),
+                            self.spool.path, exc)
+                finished = []
+            for run_id in finished:
                 log.warning("run %s: no record or heartbeat from its trainer for %.0f s; finishing it in W&B "
                             "with exit code %d", run_id, self.config.silence_timeout, self.config.silence_exit_code)
         for run_id in self.spool.runs_with_work():
@@ -530,7 +567,7 @@ class RelayServer:
         """One log line when W&B becomes unreachable, one when it is back (not one per retry). When
         an online run gets through to W&B, the runs still retrying retry at once rather than at the
         end of their backoff (up to backoff_max: a minute by default)."""
-        now = time.time()
+        now = time.time()  # compared with the state_since that uploaders store (wall clock)
         retrying = self.spool.runs_in_state("retrying")
         if retrying and self.spool.reached_wandb_since(self.wandb_checked_at):
             for run_id, _ in retrying:
@@ -539,11 +576,11 @@ class RelayServer:
         self.wandb_checked_at = now
         self.count_wandb_errors(retrying)
         if retrying and self.wandb_down_since is None:
-            self.wandb_down_since = now
+            self.wandb_down_since, self.wandb_down_monotonic = now, time.monotonic()
             log.warning("W&B unreachable (%d runs retrying); records wait in the spool: %s",
                         len(retrying), retrying[0][1])
         elif not retrying and self.wandb_down_since is not None:
-            log.info("W&B reachable again after %.0f s", time.time() - self.wandb_down_since)
+            log.info("W&B reachable again after %.0f s", time.monotonic() - self.wandb_down_monotonic)
             self.wandb_down_since = None
 
     def count_wandb_errors(self, retrying: list[tuple[str, str]]) -> None:
@@ -569,7 +606,7 @@ class RelayServer:
     def status(self) -> dict:
         status = self.spool.status()
         status.update({
-            "mode": self.mode, "bind": self.config.bind, "uptime": round(time.time() - self.started, 1),
+            "mode": self.mode, "bind": self.config.bind, "uptime": round(time.monotonic() - self.started_monotonic, 1),
             "counters": dict(self.counters),
             "wandb_down_since": self.wandb_down_since, "holding": self.holding, "hold_reason": self.hold_reason,
             "spool_error": self.spool_error,

@@ -274,14 +274,18 @@ class Spool:
             self.conn.executemany("UPDATE runs SET last_seen = ? WHERE run_id = ?",
                                   [(time.time(), run_id) for run_id in run_ids])
 
-    def finish_silent_runs(self, silent_since: float, exit_code: int) -> list[str]:
-        """Spool a finish record for every unfinished run not heard from since `silent_since`."""
+    def unfinished_runs(self) -> list[str]:
+        return [row[0] for row in self.conn.execute("SELECT run_id FROM runs WHERE finished = 0")]
+
+    def finish_silent_runs(self, run_ids: Iterable[str], exit_code: int) -> list[str]:
+        """Spool a finish record for each of these runs (their trainers went silent) that is open:
+        not finished, with settings, and no finish record waiting. Returns those runs."""
         now = time.time()
         with self._transaction():
-            runs = [row[0] for row in self.conn.execute(
-                "SELECT run_id FROM runs WHERE finished = 0 AND last_seen < ? AND settings IS NOT NULL "
+            runs = [run_id for run_id in run_ids if self.conn.execute(
+                "SELECT 1 FROM runs WHERE run_id = ? AND finished = 0 AND settings IS NOT NULL "
                 "AND NOT EXISTS (SELECT 1 FROM records WHERE records.run_id = runs.run_id AND kind = 'finish')",
-                (silent_since,))]
+                (run_id,)).fetchone()]
             for run_id in runs:
                 body = protocol.encode({"v": protocol.VERSION, "t": "finish", "run": run_id, "exit_code": exit_code,
                                         "stream": "relay-silence", "seq": 0, "time": now, "silent": True})
