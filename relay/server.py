@@ -345,7 +345,8 @@ class RelayServer:
         items = []             # (message, refusal, frame) for the spool
         senders = {}           # stream -> ROUTER identity to answer
         status_requests = []
-        alive = set()
+        alive = set()          # runs whose trainers sent a heartbeat
+        heard = set()          # runs whose trainers sent anything
         for identity, frame in batch:
             try:
                 message, refusal = classify(frame, self.config)
@@ -367,7 +368,7 @@ class RelayServer:
                 alive.update(message["runs"])
                 continue
             if not refusal:
-                alive.add(message["run"])  # held or not, a record from the trainer says it is alive
+                heard.add(message["run"])  # held or not, a record from the trainer says it is alive
             if refusal:
                 self.refusals.warn("refused record seq=%d of stream %s: %s", message["seq"], message["stream"],
                                    refusal)
@@ -377,8 +378,9 @@ class RelayServer:
             self.counters["held"] += len(items)  # not acked: the clients keep them, re-send them, spill them
         elif items:
             self.commit(items, senders)
+        if alive or heard:
+            self.silence.heard(alive | heard, time.monotonic())
         if alive:
-            self.silence.heard(alive, time.monotonic())
             self.touch(alive)
         for identity in status_requests:
             self.reply(identity, dict(self.status(), t="status"))
