@@ -99,6 +99,43 @@ class SilenceWatch:
         return runs
 
 
+class GapWatch:
+    """Finds acked records that the spool no longer holds (a damaged or cut WAL), from how clients
+    re-send. A client holds every record the relay has not acked, never one it acked, and while no
+    ack makes progress it sends them all again, oldest first, about once a second. Live records
+    are taken in seq order, so a record past a gap (seq > upto + 1) is answered with `upto`, and
+    the client's next pass starts at the oldest record it holds. When `PASSES` passes in a row
+    start at the same seq P past the gap, seqs upto+1..P-1 are held by no one: they were acked and
+    lost, and waiting longer would stop the stream (and its run) forever. One pass starting
+    elsewhere (a message delayed across a reconnect) starts the count again. Pure bookkeeping."""
+
+    PASSES = 3
+
+    def __init__(self) -> None:
+        self.streams: dict[str, list[int]] = {}   # stream -> [last seq seen, start of the last pass, passes there]
+
+    def past_gap(self, stream: str, seq: int) -> int | None:
+        """A record of `stream` came past a gap. Returns P once the client has shown that it holds
+        nothing below P (then the watch of this stream starts over)."""
+        state = self.streams.get(stream)
+        if state is None:
+            self.streams[stream] = [seq, seq, 0]   # the first one seen: not known to start a pass
+            return None
+        last, start, passes = state
+        if seq <= last:  # the client went back: a pass starts here
+            passes = passes + 1 if seq == start else 1
+            start = seq
+        state[:] = [seq, start, passes]
+        if passes >= self.PASSES:
+            del self.streams[stream]
+            return start
+        return None
+
+    def filled(self, stream: str) -> None:
+        """The stream's next record came: there is no gap (any more)."""
+        self.streams.pop(stream, None)
+
+
 @dataclass
 class Uploader:
     """The server's handle on one uploader process (forked by the uploader fork server)."""
@@ -176,6 +213,7 @@ class RelayServer:
         self.progress = BacklogProgress(config.progress_backlog, config.progress_every)
         self.refusals = RefusalLog()
         self.silence = SilenceWatch(config.silence_timeout)
+        self.gaps = GapWatch()
         self.metrics: MetricsEndpoint | None = None
         self.should_exit = False
         self.force_exit = False
@@ -220,6 +258,8 @@ class RelayServer:
         except security.BindRefused as exc:
             raise SystemExit(str(exc))
         self.spool = Spool(self.config.spool_dir)
+        if self.spool.wal_damage is not None:
+            log.error("%s", self.spool.wal_damage.describe())
         if self.spool.recovery:
             log.error("%s; records that could not be read are lost", self.spool.recovery)
         self.spool.load_watermarks()
@@ -404,7 +444,12 @@ class RelayServer:
             if outcome.status == "gap":
                 self.counters["out_of_order"] += 1
                 committed.setdefault(outcome.stream, [])  # answer with `upto`: the client re-sends from there
+                below = self.gaps.past_gap(outcome.stream, outcome.seq)
+                if below is not None:
+                    self.give_up(outcome.stream, message["run"], below)
                 continue
+            if outcome.status == "new":
+                self.gaps.filled(outcome.stream)
             committed.setdefault(outcome.stream, []).append(outcome.seq)
             if outcome.status == "new":
                 self.counters["received"] += 1
@@ -434,6 +479,19 @@ class RelayServer:
             self.touch_error = str(exc)
             return
         self.touch_error = None
+
+    def give_up(self, stream: str, run_id: str, below: int) -> None:
+        """The stream's client holds nothing below `below`, the spool nothing between: lost."""
+        try:
+            first, last = self.spool.give_up(stream, run_id, below)
+        except sqlite3.Error as exc:  # the watch starts over; the next passes try again
+            log.warning("cannot note lost records of stream %s in spool %s: %s", stream, self.spool.path, exc)
+            return
+        self.counters["lost"] += last - first + 1
+        log.error("run %s: %d records of stream %s (seq=%d..%d) were acked but are not in the spool, and the trainer no "
+                  "longer holds them: lost (a damaged or cut spool WAL; see the start of this log); the stream goes "
+                  "on from seq=%d and the run's W&B summary counts them in relay/records_lost",
+                  run_id, last - first + 1, stream, first, last, below)
 
     def refuse(self, identity: bytes, error: protocol.ProtocolError) -> None:
         """A frame without a readable (stream, seq): nothing to store or ack, only an answer."""

@@ -15,15 +15,19 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sqlite3
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 import msgpack
 
-from relay import protocol
+from relay import protocol, wal
+
+log = logging.getLogger("relay.spool")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS streams (
@@ -53,7 +57,26 @@ CREATE TABLE IF NOT EXISTS records (
     body     BLOB NOT NULL,
     received REAL NOT NULL,
     step     INTEGER,                        -- W&B step, assigned just before upload
+    crc      INTEGER,                        -- zlib.crc32 of body (NULL in spools older than the column)
     UNIQUE (stream, seq)
+);
+CREATE TABLE IF NOT EXISTS quarantine (      -- records whose body cannot be read, set aside by the uploader
+    id       INTEGER PRIMARY KEY,            -- the id it had in records
+    run_id   TEXT NOT NULL,
+    stream   TEXT NOT NULL,
+    seq      INTEGER NOT NULL,
+    kind     TEXT NOT NULL,
+    body     BLOB,
+    received REAL,
+    reason   TEXT NOT NULL,
+    set_aside REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS lost (            -- acked records found missing: seqs the spool gave up waiting for
+    run_id    TEXT NOT NULL,
+    stream    TEXT NOT NULL,
+    first_seq INTEGER NOT NULL,
+    last_seq  INTEGER NOT NULL,
+    noticed   REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS records_by_run ON records (run_id, id);
 """
@@ -89,6 +112,20 @@ def _salvage(old: sqlite3.Connection, new: sqlite3.Connection, table: str, key: 
     return copied
 
 
+def _read_body(kind: str, body: bytes, crc: int | None) -> tuple[dict | None, str]:
+    """(the record's message, '') if a stored body reads back as what was stored, else (None, what
+    is wrong with it)."""
+    if crc is not None and zlib.crc32(body) != crc:
+        return None, "its checksum does not match (the bytes changed on disk)"
+    try:
+        message = msgpack.unpackb(body, raw=False)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        return None, "it does not decode (%s: %s)" % (type(exc).__name__, exc)
+    if not isinstance(message, dict) or message.get("t") != kind:
+        return None, "it decodes to something other than a %s record" % kind
+    return message, ""
+
+
 @dataclass
 class Record:
     id: int
@@ -121,18 +158,24 @@ class Spool:
     FILENAME = "spool.sqlite"
 
     def __init__(self, directory: str, check: bool = True):
-        """`check`: look the file over first (PRAGMA quick_check reads all of it) and recover it if
-        damaged. The server does, once at start; its uploaders open the spool it checked."""
+        """`check`: look the WAL over before SQLite replays it (relay/wal.py: committed transactions
+        that SQLite would drop are found, and kept if only page contents are damaged), then the file
+        (PRAGMA quick_check reads all of it), and recover it if damaged. The server does, once at
+        start; its uploaders open the spool it checked."""
         self.directory = directory
         self.path = os.path.join(directory, self.FILENAME)
         self.recovery: str | None = None   # what happened if the spool was found damaged
+        self.wal_damage: wal.WalReport | None = None  # what the WAL check found, if anything
         try:
             os.makedirs(directory, exist_ok=True)
+            self.wal_damage = wal.inspect(self.path, repair=True) if check else None
             problem = self._check() if check else None
             if problem:
                 self.recovery = self._recover(problem)
             self.conn = _connect(self.path)
             self.conn.executescript(SCHEMA)
+            if "crc" not in {row[1] for row in self.conn.execute("PRAGMA table_info(records)")}:
+                self.conn.execute("ALTER TABLE records ADD COLUMN crc INTEGER")
         except (OSError, sqlite3.Error) as exc:
             raise SpoolError("cannot open spool %s: %s" % (self.path, exc)) from exc
         self._upto: dict[str, int] = {}
@@ -231,8 +274,8 @@ class Spool:
                 else:
                     body = item[2] if len(item) > 2 else protocol.encode(message)
                 cursor = self.conn.execute(
-                    "INSERT OR IGNORE INTO records (run_id, stream, seq, kind, body, received) VALUES (?,?,?,?,?,?)",
-                    (run_id, stream, seq, kind, body, now))
+                    "INSERT OR IGNORE INTO records (run_id, stream, seq, kind, body, received, crc) "
+                    "VALUES (?,?,?,?,?,?,?)", (run_id, stream, seq, kind, body, now, zlib.crc32(body)))
                 if cursor.rowcount == 0:
                     outcomes.append(Outcome(stream, seq, "dup"))
                     continue
@@ -290,11 +333,29 @@ class Spool:
                 body = protocol.encode({"v": protocol.VERSION, "t": "finish", "run": run_id, "exit_code": exit_code,
                                         "stream": "relay-silence", "seq": 0, "time": now, "silent": True})
                 self.conn.execute(
-                    "INSERT INTO records (run_id, stream, seq, kind, body, received) VALUES (?, 'relay-silence', "
-                    "(SELECT coalesce(max(seq), 0) + 1 FROM records WHERE stream = 'relay-silence'), 'finish', ?, ?)",
-                    (run_id, body, now))
+                    "INSERT INTO records (run_id, stream, seq, kind, body, received, crc) VALUES (?, 'relay-silence', "
+                    "(SELECT coalesce(max(seq), 0) + 1 FROM records WHERE stream = 'relay-silence'), 'finish', ?, ?, ?)",
+                    (run_id, body, now, zlib.crc32(body)))
                 self.conn.execute("UPDATE runs SET last_seen = ? WHERE run_id = ?", (now, run_id))
         return runs
+
+    def give_up(self, stream: str, run_id: str, below: int) -> tuple[int, int]:
+        """The stream's records from its watermark up to `below` are known lost (acked, then gone
+        with a damaged spool): note them in the lost table and take the stream on from `below`.
+        Returns the (first, last) seq given up."""
+        first = self._upto.get(stream, 0) + 1
+        upto = below - 1
+        above = self._above.get(stream, set())
+        while upto + 1 in above:
+            upto += 1
+        with self._transaction():
+            self.conn.execute("INSERT INTO lost (run_id, stream, first_seq, last_seq, noticed) VALUES (?,?,?,?,?)",
+                              (run_id, stream, first, below - 1, time.time()))
+            self.conn.execute("INSERT INTO streams (stream, upto) VALUES (?, ?) "
+                              "ON CONFLICT (stream) DO UPDATE SET upto = excluded.upto", (stream, upto))
+        self._upto[stream] = upto
+        self._above[stream] = {seq for seq in above if seq > upto}
+        return first, below - 1
 
     def upto(self, stream: str) -> int:
         return self._upto.get(stream, 0)
@@ -336,11 +397,43 @@ class Spool:
         return msgpack.unpackb(row[0], raw=False) if row and row[0] is not None else None
 
     def records(self, run_id: str, after_id: int, limit: int) -> list[Record]:
-        rows = self.conn.execute(
-            "SELECT id, run_id, kind, body, received, step FROM records "
-            "WHERE run_id = ? AND id > ? ORDER BY id LIMIT ?", (run_id, after_id, limit))
-        return [Record(rid, run, kind, msgpack.unpackb(body, raw=False), received, step)
-                for rid, run, kind, body, received, step in rows]
+        """The next records of a run. One whose body cannot be read (its checksum does not match, or
+        it does not decode to a record of its kind) is set aside in the quarantine table, logged
+        and counted (`losses`): the run goes on without it."""
+        while True:
+            records, unreadable = [], []
+            for rid, stream, seq, kind, body, received, step, crc in self.conn.execute(
+                    "SELECT id, stream, seq, kind, body, received, step, crc FROM records "
+                    "WHERE run_id = ? AND id > ? ORDER BY id LIMIT ?", (run_id, after_id, limit)).fetchall():
+                message, problem = _read_body(kind, body, crc)
+                if problem:
+                    unreadable.append((rid, stream, seq, kind, problem))
+                else:
+                    records.append(Record(rid, run_id, kind, message, received, step))
+            if unreadable:
+                self._set_aside(run_id, unreadable)
+            if records or not unreadable:
+                return records
+
+    def _set_aside(self, run_id: str, unreadable: list[tuple[int, str, int, str, str]]) -> None:
+        with self._transaction():
+            for rid, _, _, _, problem in unreadable:
+                self.conn.execute(
+                    "INSERT OR REPLACE INTO quarantine (id, run_id, stream, seq, kind, body, received, reason, "
+                    "set_aside) SELECT id, run_id, stream, seq, kind, body, received, ?, ? FROM records WHERE id = ?",
+                    (problem, time.time(), rid))
+                self.conn.execute("DELETE FROM records WHERE id = ?", (rid,))
+        for _, stream, seq, kind, problem in unreadable:
+            log.error("run %s: record seq=%d of stream %s (%s) cannot be read: %s; set aside in the quarantine table "
+                      "of spool %s, the run goes on without it", run_id, seq, stream, kind, problem, self.path)
+
+    def losses(self, run_id: str) -> dict[str, int]:
+        """What W&B's summary of the run says about records it will never get (only what is not 0)."""
+        set_aside = self.conn.execute("SELECT count(*) FROM quarantine WHERE run_id = ?", (run_id,)).fetchone()[0]
+        lost = self.conn.execute("SELECT coalesce(sum(last_seq - first_seq + 1), 0) FROM lost WHERE run_id = ?",
+                                 (run_id,)).fetchone()[0]
+        return {key: value for key, value in (("relay/records_set_aside", set_aside), ("relay/records_lost", lost))
+                if value}
 
     def assign_steps(self, run_id: str, steps: list[tuple[int, int]], uploaded_id: int) -> None:
         """Persist (record id, step) pairs before the rows go to the SDK."""

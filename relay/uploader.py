@@ -178,6 +178,7 @@ class RunUploader:
         self._spool: Spool | None = None
         self.shared_core = bool(os.environ.get("WANDB_SERVICE"))  # on the relay's wandb-core (SharedCore)
         self.shared_core_failures = 0
+        self._losses_told: dict | None = None  # what the run's W&B summary says about records it will not get
 
     # -- process ------------------------------------------------------------------------------
 
@@ -293,6 +294,7 @@ class RunUploader:
         self._next_step = server_step
         self._confirmed_step = server_step
         self._next_confirm = time.monotonic() + self.config.confirm_every
+        self._losses_told = None  # tell this W&B run about records it will not get, if any
         for axis in ("frame", "epoch"):
             self._wb.define_metric(axis)
         self._wb.define_metric("*", step_metric="frame")
@@ -454,6 +456,11 @@ class RunUploader:
             self._spool.confirm_through(self.run_id, self._cursor, finish and finish.body["exit_code"],
                                         finished=finish is not None)
             return
+        losses = self._spool.losses(self.run_id)  # unreadable records set aside, acked records found lost
+        if losses != self._losses_told:
+            if losses:  # shown in the run's W&B summary: the run lacks what these records held
+                self._wb.summary.update(losses)
+            self._losses_told = losses
         plan: list[tuple[Record, int | None]] = []
         steps: list[tuple[int, int]] = []
         last_frame = None
