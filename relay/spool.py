@@ -403,7 +403,7 @@ class Spool:
         while True:
             records, unreadable = [], []
             for rid, stream, seq, kind, body, received, step, crc in self.conn.execute(
-                    "SELECT id, stream, seq, kind, body, received, step, crc FROM records "
+                    "SELECT id, stream, seq, kind, CAST(body AS BLOB), received, step, crc FROM records "
                     "WHERE run_id = ? AND id > ? ORDER BY id LIMIT ?", (run_id, after_id, limit)).fetchall():
                 message, problem = _read_body(kind, body, crc)
                 if problem:
