@@ -1,4 +1,5 @@
-"""Timeouts run on the monotonic clock: a jump of the wall clock finishes no live run.
+"""Timing decisions: timeouts on the monotonic clock (a wall-clock jump finishes no live run), and when
+the relay gives up waiting for acked records that neither the spool nor the client holds.
 
 The silence decision as pure bookkeeping with an injected clock, and a real relay whose wall clock
 jumps 20 minutes (libfaketime, `apt-get install libfaketime`; skipped without it).
@@ -63,3 +64,22 @@ def test_a_wall_clock_jump_does_not_finish_a_heartbeating_run_and_silence_still_
     assert time.monotonic() - killed >= 10 - 4  # its last heartbeat came at most 4 s before the kill
     assert relay.log().count("run jump: no record or heartbeat from its trainer for 10 s") == 1
     assert relay.stop() == 0
+
+
+def test_gap_watch_gives_up_only_after_three_passes_start_at_the_same_seq_past_the_gap():
+    from relay.server import GapWatch
+
+    watch = GapWatch()
+    # upto is 100; the client holds 150..152 (101..149 were acked, then lost with the spool).
+    assert [watch.past_gap("s", seq) for seq in (150, 151, 152)] == [None, None, None]   # first sends
+    assert [watch.past_gap("s", seq) for seq in (150, 151, 152)] == [None, None, None]   # pass 1
+    assert [watch.past_gap("s", seq) for seq in (140, 141)] == [None, None]              # late messages: a pass at 140
+    for _ in range(3):  # the count starts again: not a pass (it goes up from 141), then passes 1 and 2
+        assert [watch.past_gap("s", seq) for seq in (150, 151, 152)] == [None, None, None]
+    assert watch.past_gap("s", 150) == 150                                               # pass 3: held by no one
+    assert watch.streams == {}
+    # A gap the client fills (its pass starts at upto + 1, which is taken) is never given up.
+    for _ in range(5):
+        assert watch.past_gap("t", 8) is None   # past the gap: 7 is on its way
+        watch.filled("t")                       # 7 came (then 8 is taken too)
+    assert watch.streams == {}
