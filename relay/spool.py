@@ -10,7 +10,15 @@ Invariants:
   After a restart, the W&B run is resumed and reports its next step S: records whose step is below
   S are on the server (W&B stores history as a prefix) and are deleted; the rest are logged again.
 - Records leave the spool only once W&B has confirmed them: the run finished (`run.finish()`
-  returned) or a resume reported a server step past them.
+  returned) or a resume reported a server step past them; or, damaged, they are moved to the
+  `quarantine` table (a body whose crc32 or decoding fails: logged, counted in the run's W&B
+  summary as relay/records_set_aside).
+- Acked seqs the spool lost (a damaged or cut WAL: relay/wal.py reports it at start) are given up
+  only once the client has shown it no longer holds them (the server's GapWatch); each such range
+  is written to the `lost` table and counted in the run's W&B summary as relay/records_lost.
+- Policy 'hold' (the server): no record is acked while the spool is over max_spool_bytes or less
+  than min_free_bytes would be left for it on its disk, so uploads always have room to write the
+  steps, states and deletes that empty it.
 """
 from __future__ import annotations
 
