@@ -216,7 +216,8 @@ class Spool:
             old = sqlite3.connect("file:%s?mode=ro" % aside, uri=True)
         except sqlite3.Error:
             old = None
-        for table, key in (("streams", "rowid"), ("runs", "rowid"), ("records", "id")):
+        for table, key in (("streams", "rowid"), ("runs", "rowid"), ("records", "id"), ("quarantine", "rowid"),
+                           ("lost", "rowid")):
             copied[table] = _salvage(old, new, table, key) if old is not None else 0
         if old is not None:
             old.close()
