@@ -205,6 +205,7 @@ class RelayServer:
         self.wandb_down_monotonic = 0.0
         self.holding = False   # no room in the spool (watch_room): records are not taken (policy "hold")
         self.hold_reason: str | None = None
+        self.held_bytes = 0    # frame bytes of the last batch held
         self.touch_error: str | None = None  # the last failed heartbeat write, until one succeeds
         self.spool_error: str | None = None  # the last failed spool write, until one succeeds
         self.wandb_errors: Counter = Counter()  # W&B failures by kind (for metrics)
@@ -514,6 +515,7 @@ class RelayServer:
         self.refusals.roll()
         self.reap_uploaders()
         self.watch_core()
+        self.relieve_wal()
         self.watch_room()
         silent = self.silence.silent(time.monotonic())
         if silent:
@@ -593,6 +595,16 @@ class RelayServer:
             log.warning("uploader for run %s exited with code %d; restarting it in %.0f s (records are kept)",
                         run_id, code, delay)
 
+    def relieve_wal(self) -> None:
+        """While the spool's room is short (under twice min_free_bytes), checkpoint and truncate its
+        WAL once a scan: a WAL that readers keep from being reused grows with every write (uploads
+        rewrite rows when they assign steps), which would eat the reserve that lets them go on."""
+        try:
+            if self.spool.room_bytes() < 2 * self.config.min_free_bytes:
+                self.spool.truncate_wal()
+        except (OSError, sqlite3.Error) as exc:
+            log.debug("cannot truncate the spool's WAL: %s", exc)
+
     def watch_room(self, incoming: int = 0) -> bool:
         """Policy 'hold': take no new records while the spool holds more than max_spool_bytes, or
         while less than min_free_bytes would be left for it on its disk (free space plus the
@@ -600,7 +612,12 @@ class RelayServer:
         Checked before every commit, so a burst cannot eat the reserve: the reserve is what lets
         uploaders write to the spool (steps, states, deletes) and so empty a spool whose backlog
         filled the disk. Nothing is dropped: unacked records stay with their clients, which spill
-        them to disk. Returns whether the relay holds."""
+        them to disk. Returns whether the relay holds.
+
+        Once holding, the relay takes records again only when a quarter more than the reserve
+        would be left after the last batch it held (not at every batch that just fits)."""
+        if self.holding and not incoming:
+            incoming = self.held_bytes  # a scan: would the batch it last held fit now?
         try:
             live, room = self.spool.live_bytes(), self.spool.room_bytes()
         except (OSError, sqlite3.Error) as exc:
@@ -610,10 +627,12 @@ class RelayServer:
         if live > self.config.max_spool_bytes:
             reason = "spool full (%.1f MB of max_spool_bytes %.1f MB)" % (live / 1e6, self.config.max_spool_bytes / 1e6)
         elif room - COMMIT_COST * incoming < reserve:
-            reason = ("%.1f MB free for the spool on its disk, under min_free_bytes %.1f MB"
-                      % (room / 1e6, self.config.min_free_bytes / 1e6))
+            reason = ("%.1f MB free for the spool on its disk: storing %.1f MB more would leave less than "
+                      "min_free_bytes (%.1f MB)" % (room / 1e6, incoming / 1e6, self.config.min_free_bytes / 1e6))
         else:
             reason = None
+        if reason:
+            self.held_bytes = incoming
         if reason and not self.holding:
             log.warning("%s: holding new records until W&B uploads make room (or disk is freed); trainers keep "
                         "them and spill them to disk if it lasts", reason)

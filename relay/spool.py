@@ -472,6 +472,16 @@ class Spool:
                              for name in ("page_count", "freelist_count", "page_size"))
         return (pages - free) * size
 
+    def truncate_wal(self) -> None:
+        """Copy the WAL into the database and cut it to nothing, if no reader or writer is in the way
+        within a moment (else leave it: SQLite's own checkpoints go on). A WAL that readers keep from
+        being reused grows with every write, which a disk with little room cannot afford."""
+        self.conn.execute("PRAGMA busy_timeout = 200")
+        try:
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        finally:
+            self.conn.execute("PRAGMA busy_timeout = 30000")
+
     def room_bytes(self) -> int:
         """Bytes the spool can still take: what its filesystem has free, plus the spool's own free
         pages (deleted rows' pages, which SQLite reuses before the file grows)."""
