@@ -415,7 +415,7 @@ class RelayServer:
                                    refusal)
             items.append((message, refusal, frame))
             senders[message["stream"]] = identity
-        if items and self.watch_room(incoming=sum(len(frame) for _, _, frame in items)):
+        if items and (self.watch_room(incoming=sum(len(frame) for _, _, frame in items)) or self.wal_too_big()):
             self.counters["held"] += len(items)  # not acked: the clients keep them, re-send them, spill them
         elif items:
             self.commit(items, senders)
@@ -604,6 +604,20 @@ class RelayServer:
                 self.spool.truncate_wal()
         except (OSError, sqlite3.Error) as exc:
             log.debug("cannot truncate the spool's WAL: %s", exc)
+
+    def wal_too_big(self) -> bool:
+        """Records that reuse the spool's free pages are written to its WAL first, and the WAL gives
+        its space back only when truncated: past a quarter of min_free_bytes it is checkpointed and
+        truncated now, and while that cannot be done the batch waits (a pause, not a hold: it is
+        counted as held but not logged), so that the WAL never eats the reserve."""
+        limit = self.config.min_free_bytes // 4
+        if not limit or self.spool.wal_bytes() <= limit:
+            return False
+        try:
+            self.spool.truncate_wal()
+        except sqlite3.Error as exc:
+            log.debug("cannot truncate the spool's WAL: %s", exc)
+        return self.spool.wal_bytes() > limit
 
     def watch_room(self, incoming: int = 0) -> bool:
         """Policy 'hold': take no new records while the spool holds more than max_spool_bytes, or

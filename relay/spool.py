@@ -64,7 +64,7 @@ CREATE TABLE IF NOT EXISTS records (
     kind     TEXT NOT NULL,
     body     BLOB NOT NULL,
     received REAL NOT NULL,
-    step     INTEGER,                        -- W&B step, assigned just before upload
+    step     INTEGER,                        -- NULL (steps live in the steps table; opening moves any here)
     crc      INTEGER,                        -- zlib.crc32 of body (NULL in spools older than the column)
     UNIQUE (stream, seq)
 );
@@ -87,6 +87,12 @@ CREATE TABLE IF NOT EXISTS lost (            -- acked records found missing: seq
     noticed   REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS records_by_run ON records (run_id, id);
+CREATE TABLE IF NOT EXISTS steps (           -- W&B step of a record, assigned just before upload; a table
+    id     INTEGER PRIMARY KEY,              -- of its own, so that assigning one does not rewrite the
+    run_id TEXT NOT NULL,                    -- record (that grew every full page of a backlog into two)
+    step   INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS steps_by_run ON steps (run_id, step);
 """
 
 
@@ -182,12 +188,23 @@ class Spool:
                 self.recovery = self._recover(problem)
             self.conn = _connect(self.path)
             self.conn.executescript(SCHEMA)
-            if "crc" not in {row[1] for row in self.conn.execute("PRAGMA table_info(records)")}:
-                self.conn.execute("ALTER TABLE records ADD COLUMN crc INTEGER")
+            self._upgrade()
         except (OSError, sqlite3.Error) as exc:
             raise SpoolError("cannot open spool %s: %s" % (self.path, exc)) from exc
         self._upto: dict[str, int] = {}
         self._above: dict[str, set[int]] = {}
+
+    def _upgrade(self) -> None:
+        """Bring a spool made by an earlier relay to this schema (PRAGMA user_version 1)."""
+        if self.conn.execute("PRAGMA user_version").fetchone()[0] >= 1:
+            return
+        with self._transaction():
+            if "crc" not in {row[1] for row in self.conn.execute("PRAGMA table_info(records)")}:
+                self.conn.execute("ALTER TABLE records ADD COLUMN crc INTEGER")
+            self.conn.execute("INSERT OR REPLACE INTO steps (id, run_id, step) "
+                              "SELECT id, run_id, step FROM records WHERE step IS NOT NULL")
+            self.conn.execute("UPDATE records SET step = NULL WHERE step IS NOT NULL")
+            self.conn.execute("PRAGMA user_version = 1")
 
     def _check(self) -> str | None:
         """None if the spool file is sound (or new), else what SQLite says is wrong with it."""
@@ -216,8 +233,8 @@ class Spool:
             old = sqlite3.connect("file:%s?mode=ro" % aside, uri=True)
         except sqlite3.Error:
             old = None
-        for table, key in (("streams", "rowid"), ("runs", "rowid"), ("records", "id"), ("quarantine", "rowid"),
-                           ("lost", "rowid")):
+        for table, key in (("streams", "rowid"), ("runs", "rowid"), ("records", "id"), ("steps", "id"),
+                           ("quarantine", "rowid"), ("lost", "rowid")):
             copied[table] = _salvage(old, new, table, key) if old is not None else 0
         if old is not None:
             old.close()
@@ -412,8 +429,9 @@ class Spool:
         while True:
             records, unreadable = [], []
             for rid, stream, seq, kind, body, received, step, crc in self.conn.execute(
-                    "SELECT id, stream, seq, kind, CAST(body AS BLOB), received, step, crc FROM records "
-                    "WHERE run_id = ? AND id > ? ORDER BY id LIMIT ?", (run_id, after_id, limit)).fetchall():
+                    "SELECT r.id, r.stream, r.seq, r.kind, CAST(r.body AS BLOB), r.received, s.step, r.crc "
+                    "FROM records r LEFT JOIN steps s ON s.id = r.id "
+                    "WHERE r.run_id = ? AND r.id > ? ORDER BY r.id LIMIT ?", (run_id, after_id, limit)).fetchall():
                 message, problem = _read_body(kind, body, crc)
                 if problem:
                     unreadable.append((rid, stream, seq, kind, problem))
@@ -432,6 +450,7 @@ class Spool:
                     "set_aside) SELECT id, run_id, stream, seq, kind, body, received, ?, ? FROM records WHERE id = ?",
                     (problem, time.time(), rid))
                 self.conn.execute("DELETE FROM records WHERE id = ?", (rid,))
+                self.conn.execute("DELETE FROM steps WHERE id = ?", (rid,))
         for _, stream, seq, kind, problem in unreadable:
             log.error("run %s: record seq=%d of stream %s (%s) cannot be read: %s; set aside in the quarantine table "
                       "of spool %s, the run goes on without it", run_id, seq, stream, kind, problem, self.path)
@@ -447,23 +466,25 @@ class Spool:
     def assign_steps(self, run_id: str, steps: list[tuple[int, int]], uploaded_id: int) -> None:
         """Persist (record id, step) pairs before the rows go to the SDK."""
         with self._transaction():
-            self.conn.executemany("UPDATE records SET step = ? WHERE id = ?", [(s, i) for i, s in steps])
+            self.conn.executemany("INSERT OR REPLACE INTO steps (id, run_id, step) VALUES (?, ?, ?)",
+                                  [(i, run_id, s) for i, s in steps])
             self.conn.execute("UPDATE runs SET uploaded_id = ? WHERE run_id = ?", (uploaded_id, run_id))
 
     def confirm_below_step(self, run_id: str, server_step: int) -> int:
         """A resume told us the server holds steps < server_step: those records are done."""
         with self._transaction():
-            cursor = self.conn.execute("DELETE FROM records WHERE run_id = ? AND step IS NOT NULL AND step < ?",
-                                       (run_id, server_step))
-            self.conn.execute("UPDATE records SET step = NULL WHERE run_id = ?", (run_id,))
+            cursor = self.conn.execute("DELETE FROM records WHERE id IN (SELECT id FROM steps WHERE run_id = ? "
+                                       "AND step < ?)", (run_id, server_step))
+            self.conn.execute("DELETE FROM steps WHERE run_id = ?", (run_id,))
             self.conn.execute("UPDATE runs SET uploaded_id = 0 WHERE run_id = ?", (run_id,))
         return cursor.rowcount
 
     def confirm_logged(self, run_id: str, server_step: int) -> int:
         """Mid-run: W&B holds every row below server_step; those records are done."""
         with self._transaction():
-            cursor = self.conn.execute("DELETE FROM records WHERE run_id = ? AND step IS NOT NULL AND step < ?",
-                                       (run_id, server_step))
+            cursor = self.conn.execute("DELETE FROM records WHERE id IN (SELECT id FROM steps WHERE run_id = ? "
+                                       "AND step < ?)", (run_id, server_step))
+            self.conn.execute("DELETE FROM steps WHERE run_id = ? AND step < ?", (run_id, server_step))
         return cursor.rowcount
 
     def live_bytes(self) -> int:
@@ -471,6 +492,12 @@ class Spool:
         pages, free, size = (self.conn.execute("PRAGMA %s" % name).fetchone()[0]
                              for name in ("page_count", "freelist_count", "page_size"))
         return (pages - free) * size
+
+    def wal_bytes(self) -> int:
+        try:
+            return os.path.getsize(self.path + "-wal")
+        except OSError:
+            return 0
 
     def truncate_wal(self) -> None:
         """Copy the WAL into the database and cut it to nothing, if no reader or writer is in the way
@@ -495,6 +522,7 @@ class Spool:
         """W&B confirmed everything of this run up to record_id (run.finish() returned)."""
         with self._transaction():
             cursor = self.conn.execute("DELETE FROM records WHERE run_id = ? AND id <= ?", (run_id, record_id))
+            self.conn.execute("DELETE FROM steps WHERE run_id = ? AND id <= ?", (run_id, record_id))
             if finished:
                 self.conn.execute("UPDATE runs SET finished = 1, exit_code = ? WHERE run_id = ?", (exit_code, run_id))
         return cursor.rowcount

@@ -67,15 +67,17 @@ def test_a_backlog_that_fills_the_disk_holds_and_drains_exactly_once_when_wandb_
     disk = small_disk("24m")
     fake_wandb.set_fault("503")
     relay = relay_factory(fake_wandb, ["--mode", "online"], spool_dir=str(disk / "spool"),
-                          env={"RELAY_MIN_FREE_BYTES": str(6 * MIB)})
+                          env={"RELAY_MIN_FREE_BYTES": str(8 * MIB), "RELAY_BATCH_MAX": "100",
+                               # the reserve must hold what one confirmation deletes (see README)
+                               "RELAY_MAX_UNCONFIRMED_ROWS": "1000"})
     trainer = trainer_factory({"endpoint": relay.endpoint, "run_id": "backlog", "steps": 8000, "metrics": 100,
                                "seed": 41, "heartbeat_every": 0.2, "finish_timeout": 240})
     status = relay.wait_status(lambda s: s["counters"].get("held", 0) > 0, 120, "the relay to hold")
-    assert status["holding"] and "would leave less than min_free_bytes (6.3 MB)" in status["hold_reason"], status
+    assert status["holding"] and "would leave less than min_free_bytes (8.4 MB)" in status["hold_reason"], status
     held_at = status["runs"][0]["received"]
     assert 1000 < held_at < 8001, held_at
     statvfs = os.statvfs(disk)
-    assert statvfs.f_bavail * statvfs.f_frsize > 5 * MIB, "the reserve must stay free"
+    assert statvfs.f_bavail * statvfs.f_frsize > 7 * MIB, "the reserve must stay free"
     # Held, heartbeating, still answering: a few scans later nothing changed.
     relay.wait_status(lambda s: s["counters"].get("held", 0) > 0 and s["runs"][0]["received"] == held_at, 30,
                       "records held")
