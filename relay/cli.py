@@ -21,6 +21,7 @@ import zmq
 
 from relay import keys as curve_keys
 from relay import protocol, sides
+from relay.status import RelayStatus
 
 if TYPE_CHECKING:
     from relay.config import RelayConfig
@@ -124,11 +125,12 @@ def query_status(endpoint: str, timeout: float, keys: str | None = None, every_r
             reply = _ask(sock, dict(request, page=page), timeout)
             if reply is None:
                 return None
-            runs += reply["runs"]
-            page = reply.pop("next", None)
-        reply["runs"] = runs
-        reply["run_counts"]["listed"] = len(runs)
-        return reply
+            status = RelayStatus.from_dict(reply)
+            runs += status.runs
+            page = status.next
+        status.runs, status.run_counts.listed = runs, len(runs)
+        status.paged, status.next = False, None
+        return status.to_dict()
     finally:
         sock.close(linger=0)
 
@@ -148,27 +150,6 @@ def _ask(sock: zmq.Socket, request: dict, timeout: float) -> dict | None:
             if reply.get("t") == "status":
                 return reply
     return None
-
-
-def not_listed(status: dict) -> str:
-    """'' when `runs` lists every run of the spool, else a line that counts the others by state."""
-    counts = status["run_counts"]
-    left = counts["total"] - counts["listed"]
-    if left <= 0:
-        return ""
-    by_state = dict(counts["by_state"])
-    for run in status["runs"]:
-        by_state[run["state"]] = by_state.get(run["state"], 0) - 1
-    states = ", ".join("%s %s" % (state, format(n, ",")) for state, n in sorted(by_state.items()) if n > 0)
-    return "%s more runs not listed (%s); `relay status --all` lists every run" % (format(left, ","), states)
-
-
-def totals_line(status: dict) -> str:
-    records = status["records"]
-    return ("%s runs in the spool, %d active; records not yet confirmed by W&B: %d (%d not handed to W&B yet, "
-            "%d handed over and unconfirmed)" % (format(status["run_counts"]["total"], ","),
-                                                  status["run_counts"]["active"], records["pending"],
-                                                  records["unsent"], records["unconfirmed"]))
 
 
 @main.command()
@@ -213,27 +194,31 @@ def status(endpoint: str, as_json: bool, timeout: float, keys: str | None, live:
     if as_json:
         click.echo(json.dumps(reply, sort_keys=True))
         return
+    print_status(RelayStatus.from_dict(reply))
+
+
+def print_status(status: RelayStatus) -> None:
+    """The `relay status` table: the relay, its totals, one line per run listed."""
     click.echo("relay %s  mode %s  up %.0f s  spool %s (%.1f MB)" % (
-        reply["bind"], reply["mode"], reply["uptime"], reply["spool_path"], reply["spool_bytes"] / 1e6))
-    if reply.get("holding") or reply.get("spool_error"):
-        click.echo("HOLDING new records (not acked): %s" % (reply.get("spool_error") or reply.get("hold_reason")
-                                                              or "spool over max_spool_bytes"))
-    if reply.get("wandb_down_since"):
-        click.echo("W&B unreachable since %s" % time.strftime("%H:%M:%S", time.localtime(reply["wandb_down_since"])))
-    click.echo(totals_line(reply))
-    if not reply["runs"]:
+        status.bind, status.mode, status.uptime, status.spool_path, status.spool_bytes / 1e6))
+    if status.holding_line():
+        click.echo(status.holding_line())
+    if status.wandb_down_since:
+        click.echo("W&B unreachable since %s" % time.strftime("%H:%M:%S", time.localtime(status.wandb_down_since)))
+    click.echo(status.totals_line())
+    if not status.runs:
         click.echo("no runs yet")
-    for run in reply["runs"]:
-        since = time.strftime("%H:%M:%S", time.localtime(run["state_since"])) if run["state_since"] else "-"
-        lag = "lag %.0f s" % run["oldest_pending_age"] if run["oldest_pending_age"] is not None else "no lag"
+    for run in status.runs:
+        since = time.strftime("%H:%M:%S", time.localtime(run.state_since)) if run.state_since else "-"
+        lag = "lag %.0f s" % run.oldest_pending_age if run.oldest_pending_age is not None else "no lag"
         line = "%-14s %-20s received %-7d uploaded %-7d pending %-7d (unsent %d, unconfirmed %d) %-9s %s since %s" % (
-            run["run_id"], (run["project"] or "") + "/" + (run["name"] or ""), run["received"], run["uploaded"],
-            run["pending"], run["unsent"], run["unconfirmed"], lag, run["state"], since)
-        if run["last_error"]:  # for a run settling, why it waits
-            line += "  %s: %s" % ("waiting" if run["state"] == "settling" else "last error", run["last_error"])
+            run.run_id, (run.project or "") + "/" + (run.name or ""), run.received, run.uploaded,
+            run.pending, run.unsent, run.unconfirmed, lag, run.state, since)
+        if run.last_error:  # for a run settling, why it waits
+            line += "  %s: %s" % ("waiting" if run.state == "settling" else "last error", run.last_error)
         click.echo(line)
-    if not_listed(reply):
-        click.echo(not_listed(reply))
+    if status.not_listed():
+        click.echo(status.not_listed())
 
 
 @main.command()

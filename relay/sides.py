@@ -22,6 +22,7 @@ TRAINER_SIDE = (
     "relay.iothread",
     "relay.rl_games",
     "relay.cli",
+    "relay.status",
     "relay.integrations",
     "relay.integrations.tokenhsi",
     "relay.integrations.tokenhsi_patch",
