@@ -211,6 +211,15 @@ def test_typed_status_reads_a_real_reply_and_writes_it_back_exactly(relay_factor
     assert relay.stop() == 0
 
 
+def test_metrics_and_the_status_types_do_not_import_the_server():
+    code = ("import sys, relay.metrics, relay.status, relay.watch, relay.intake, relay.supervisor; "
+            "print(sorted(name for name in sys.modules if name == 'relay.server'))")
+    result = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=ROOT),
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 # -- a status flood --------------------------------------------------------------------------
 
 FLOOD = 20_000
