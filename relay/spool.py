@@ -31,6 +31,7 @@ from typing import Any, Iterable
 import msgpack
 
 from relay import protocol, snapshots
+from relay.errors import RelayError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS streams (
@@ -94,7 +95,7 @@ def _cut(text: str | None) -> str | None:
     return text if text is None or len(text) <= STATUS_TEXT else text[:STATUS_TEXT - 1] + "…"
 
 
-class SpoolError(RuntimeError):
+class SpoolError(RelayError, RuntimeError):
     pass
 
 
