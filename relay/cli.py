@@ -153,7 +153,8 @@ def status(endpoint: str, as_json: bool, timeout: float, keys: str | None, live:
     click.echo("relay %s  mode %s  up %.0f s  spool %s (%.1f MB)" % (
         reply["bind"], reply["mode"], reply["uptime"], reply["spool_path"], reply["spool_bytes"] / 1e6))
     if reply.get("holding") or reply.get("spool_error"):
-        click.echo("HOLDING new records (not acked): %s" % (reply.get("spool_error") or "spool over max_spool_bytes"))
+        click.echo("HOLDING new records (not acked): %s" % (reply.get("spool_error") or reply.get("hold_reason")
+                                                              or "spool over max_spool_bytes"))
     if reply.get("wandb_down_since"):
         click.echo("W&B unreachable since %s" % time.strftime("%H:%M:%S", time.localtime(reply["wandb_down_since"])))
     click.echo(totals_line(reply))

@@ -114,7 +114,7 @@ class RelayCollector(Collector):
             states.add_metric([state], count)
         yield states
         yield GaugeMetricFamily("relay_uptime_seconds", "seconds since the relay started",
-                                value=time.time() - server.started)
+                                value=time.monotonic() - server.started_monotonic)
         if run_counts["active"] > MAX_RUN_LABELS or len(active) < run_counts["active"]:
             return
         pending = GaugeMetricFamily("relay_run_pending_records", "records of a run W&B has not confirmed yet",

@@ -40,6 +40,8 @@ SCAN_EVERY = 1.0  # seconds between looks at the spool for runs that need an upl
 RESTART_BACKOFF_MAX = 60.0  # longest wait before restarting an uploader that failed
 CORE_RESTART_EVERY = 60.0  # at most one new shared wandb-core a minute, should one keep dying
 BATCH_BYTES_FRAMES = 8  # one batch reads at most this many max_frame_bytes of frames
+COMMIT_COST = 2  # disk bytes a commit may take per byte of frames: the WAL's copy, then the database's
+ROOM_HYSTERESIS = 1.25  # holding for want of disk ends once min_free_bytes times this is free
 REFUSALS_LOGGED = 20  # refusal warnings logged per minute at most; the rest are counted
 # Replies queued for one client at most (ZeroMQ's own default). Past it the ROUTER socket drops
 # replies to that client: a client that does not read loses replies (acks are re-earned by
@@ -75,6 +77,68 @@ class RefusalLog:
             log.warning("%d more refusals in the last %.0f s were not logged (the first %d were; `relay status` "
                         "counts them all)", self.left_out, min(self.window, now - self.window_start), self.limit)
         self.window_start, self.logged, self.left_out = now, 0, 0
+
+
+class SilenceWatch:
+    """When each run's trainer was last heard from (a record or a heartbeat), on the monotonic
+    clock: a wall-clock jump (NTP, a VM resumed, an operator) neither finishes a live run nor
+    keeps a dead one open. Silence counts from this relay's start at the earliest (trainers
+    reconnect when it is back), so at start every unfinished run is counted as just heard from.
+    Pure bookkeeping: the caller passes the time."""
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self.last_heard: dict[str, float] = {}
+
+    def heard(self, run_ids: Any, now: float) -> None:
+        for run_id in run_ids:
+            self.last_heard[run_id] = now
+
+    def silent(self, now: float) -> list[str]:
+        """Runs not heard from for `timeout` seconds (0: never any); they are forgotten until heard again."""
+        if self.timeout <= 0:
+            return []
+        runs = [run_id for run_id, heard in self.last_heard.items() if now - heard >= self.timeout]
+        for run_id in runs:
+            del self.last_heard[run_id]
+        return runs
+
+
+class GapWatch:
+    """Finds acked records that the spool no longer holds (a damaged or cut WAL), from how clients
+    re-send. A client holds every record the relay has not acked, never one it acked, and while no
+    ack makes progress it sends them all again, oldest first, about once a second. Live records
+    are taken in seq order, so a record past a gap (seq > upto + 1) is answered with `upto`, and
+    the client's next pass starts at the oldest record it holds. When `PASSES` passes in a row
+    start at the same seq P past the gap, seqs upto+1..P-1 are held by no one: they were acked and
+    lost, and waiting longer would stop the stream (and its run) forever. One pass starting
+    elsewhere (a message delayed across a reconnect) starts the count again. Pure bookkeeping."""
+
+    PASSES = 3
+
+    def __init__(self) -> None:
+        self.streams: dict[str, list[int]] = {}   # stream -> [last seq seen, start of the last pass, passes there]
+
+    def past_gap(self, stream: str, seq: int) -> int | None:
+        """A record of `stream` came past a gap. Returns P once the client has shown that it holds
+        nothing below P (then the watch of this stream starts over)."""
+        state = self.streams.get(stream)
+        if state is None:
+            self.streams[stream] = [seq, seq, 0]   # the first one seen: not known to start a pass
+            return None
+        last, start, passes = state
+        if seq <= last:  # the client went back: a pass starts here
+            passes = passes + 1 if seq == start else 1
+            start = seq
+        state[:] = [seq, start, passes]
+        if passes >= self.PASSES:
+            del self.streams[stream]
+            return start
+        return None
+
+    def filled(self, stream: str) -> None:
+        """The stream's next record came: there is no gap (any more)."""
+        self.streams.pop(stream, None)
 
 
 @dataclass
@@ -142,18 +206,25 @@ class RelayServer:
         self.counters: Counter = Counter()
         self.uploaders: dict[str, Uploader] = {}
         self.restart_after: dict[str, tuple[float, int]] = {}  # run -> (not before, failures so far)
-        self.wandb_down_since: float | None = None
-        self.holding = False   # spool over max_spool_bytes: records are not taken (policy "hold")
+        self.wandb_down_since: float | None = None  # wall clock, shown in `relay status`
+        self.wandb_down_monotonic = 0.0
+        self.holding = False   # no room in the spool (watch_room): records are not taken (policy "hold")
+        self.hold_reason: str | None = None
+        self.held_bytes = 0    # frame bytes of the last batch held
+        self.touch_error: str | None = None  # the last failed heartbeat write, until one succeeds
         self.spool_error: str | None = None  # the last failed spool write, until one succeeds
         self.wandb_errors: Counter = Counter()  # W&B failures by kind (for metrics)
         self.retrying_runs: set[str] = set()
         self.wandb_checked_at = 0.0  # time.time() of the last watch_wandb
         self.progress = BacklogProgress(config.progress_backlog, config.progress_every)
         self.refusals = RefusalLog()
+        self.silence = SilenceWatch(config.silence_timeout)
+        self.gaps = GapWatch()
         self.metrics: MetricsEndpoint | None = None
         self.should_exit = False
         self.force_exit = False
-        self.started = time.time()
+        self.started = time.time()            # shown to people (uptime is measured on the monotonic clock)
+        self.started_monotonic = time.monotonic()
         self.spool: Spool | None = None
         self.snapshots: SnapshotDir | None = None
         self.copier: CopyThread | None = None
@@ -172,7 +243,7 @@ class RelayServer:
     def serve(self) -> int:
         """Run until signalled. Exit code 0 after a drain (even one cut short by its deadline:
         acked records are safe in the spool), 1 when a second signal cut the drain."""
-        self.started = time.time()
+        self.started, self.started_monotonic = time.time(), time.monotonic()
         self.install_signal_handlers()
         self.startup()
         try:
@@ -196,10 +267,16 @@ class RelayServer:
         except security.BindRefused as exc:
             raise SystemExit(str(exc))
         self.spool = Spool(self.config.spool_dir)
+        if self.spool.wal_damage is not None:
+            log.error("%s", self.spool.wal_damage.describe())
         if self.spool.recovery:
             log.error("%s; records that could not be read are lost", self.spool.recovery)
         self.spool.load_watermarks()
-        self.spool.forget_refusals()
+        self.silence.heard(self.spool.unfinished_runs(), time.monotonic())
+        try:
+            self.spool.forget_refusals()
+        except sqlite3.Error as exc:  # disk full: they are let go at a later start
+            log.warning("cannot delete passed refusals from spool %s: %s; going on without", self.spool.path, exc)
         swept = self.spool.sweep_snapshots()
         if swept:
             log.info("deleted %d checkpoint snapshots no spooled record holds (left by a crash)", swept)
@@ -330,7 +407,8 @@ class RelayServer:
         items = []             # (message, refusal, frame) for the spool
         senders = {}           # stream -> ROUTER identity to answer
         status_requests = {}   # ROUTER identity -> its last status request (one answer each)
-        alive = set()
+        alive = set()          # runs whose trainers sent a heartbeat
+        heard = set()          # runs whose trainers sent anything
         unsnapped = set()      # streams whose checkpoint could not be snapshotted in this batch
         for identity, frame in batch:
             try:
@@ -353,6 +431,8 @@ class RelayServer:
             if message["t"] == "heartbeat":
                 alive.update(message["runs"])
                 continue
+            if not refusal:
+                heard.add(message["run"])  # held or not, a record from the trainer says it is alive
             if self.holding or message["stream"] in self.copying or message["stream"] in unsnapped:
                 self.counters["held"] += 1  # not acked: the client keeps it, re-sends it, spills it
                 continue
@@ -373,10 +453,15 @@ class RelayServer:
                                    refusal)
             items.append((message, refusal, frame))
             senders[message["stream"]] = identity
-        if items:
+        if items and (self.watch_room(incoming=sum(len(frame) for _, _, frame in items)) or self.wal_too_big()):
+            self.discard_snapshots(items, ["held"] * len(items))
+            self.counters["held"] += len(items)  # not acked: the clients keep them, re-send them, spill them
+        elif items:
             self.commit(items, senders)
+        if alive or heard:
+            self.silence.heard(alive | heard, time.monotonic())
         if alive:
-            self.spool.touch(alive)
+            self.touch(alive)
         self.answer_status(status_requests)
 
     def snapshot(self, message: dict) -> tuple[str, "snapshots.Opened | None"]:
@@ -406,7 +491,7 @@ class RelayServer:
                 log.info("copied checkpoint %s into the spool (%d bytes in %.0f ms: it is on another filesystem than "
                          "the spool, so it cannot be linked)", message["path"], size,
                          (time.monotonic() - started) * 1e3)
-            if self.holding:  # the spool filled up while copying: not acked (the client re-sends it)
+            if self.holding or self.watch_room(incoming=len(frame)):  # no room now: not acked (it is re-sent)
                 self.snapshots.discard(message)
                 self.counters["held"] += 1
                 continue
@@ -433,7 +518,12 @@ class RelayServer:
             if outcome.status == "gap":
                 self.counters["out_of_order"] += 1
                 committed.setdefault(outcome.stream, [])  # answer with `upto`: the client re-sends from there
+                below = self.gaps.past_gap(outcome.stream, outcome.seq)
+                if below is not None:
+                    self.give_up(outcome.stream, message["run"], below)
                 continue
+            if outcome.status == "new":
+                self.gaps.filled(outcome.stream)
             committed.setdefault(outcome.stream, []).append(outcome.seq)
             if outcome.status == "new":
                 self.counters["received"] += 1
@@ -462,6 +552,32 @@ class RelayServer:
                     self.snapshots.discard(message)
             except sqlite3.Error:
                 pass  # the spool cannot be read now: the next start sweeps what no record holds
+
+    def touch(self, runs: set[str]) -> None:
+        """Note the heartbeats in the spool (`last_seen`, shown by `relay status`). A failed write
+        (disk full) is logged once and otherwise let go: the next heartbeat writes it again."""
+        try:
+            self.spool.touch(runs)
+        except (SpoolError, sqlite3.Error) as exc:
+            if self.touch_error is None:
+                log.warning("cannot note heartbeats of %d runs in spool %s: %s; the relay goes on (they are noted "
+                            "again once the spool can be written)", len(runs), self.spool.path, exc)
+            self.touch_error = str(exc)
+            return
+        self.touch_error = None
+
+    def give_up(self, stream: str, run_id: str, below: int) -> None:
+        """The stream's client holds nothing below `below`, the spool nothing between: lost."""
+        try:
+            first, last = self.spool.give_up(stream, run_id, below)
+        except sqlite3.Error as exc:  # the watch starts over; the next passes try again
+            log.warning("cannot note lost records of stream %s in spool %s: %s", stream, self.spool.path, exc)
+            return
+        self.counters["lost"] += last - first + 1
+        log.error("run %s: %d records of stream %s (seq=%d..%d) were acked but are not in the spool, and the trainer no "
+                  "longer holds them: lost (a damaged or cut spool WAL; see the start of this log); the stream goes "
+                  "on from seq=%d and the run's W&B summary counts them in relay/records_lost",
+                  run_id, last - first + 1, stream, first, last, below)
 
     def refuse(self, identity: bytes, error: protocol.ProtocolError) -> None:
         """A frame without a readable (stream, seq): nothing to store or ack, only an answer."""
@@ -498,12 +614,18 @@ class RelayServer:
         self.refusals.roll()
         self.reap_uploaders()
         self.watch_core()
-        self.watch_spool_size()
-        now = time.time()
-        # Silence counts from this relay's start at the earliest: trainers reconnect when it is back.
-        if self.config.silence_timeout > 0 and now - self.started >= self.config.silence_timeout:
-            cutoff = now - self.config.silence_timeout
-            for run_id in self.spool.finish_silent_runs(cutoff, self.config.silence_exit_code):
+        self.relieve_wal()
+        self.watch_room()
+        silent = self.silence.silent(time.monotonic())
+        if silent:
+            try:
+                finished = self.spool.finish_silent_runs(silent, self.config.silence_exit_code)
+            except sqlite3.Error as exc:  # disk full: the next scan tries again
+                self.silence.heard(silent, time.monotonic() - self.config.silence_timeout)
+                log.warning("cannot spool the finish of %d silent runs in %s: %s; trying again", len(silent),
+                            self.spool.path, exc)
+                finished = []
+            for run_id in finished:
                 log.warning("run %s: no record or heartbeat from its trainer for %.0f s; finishing it in W&B "
                             "with exit code %d", run_id, self.config.silence_timeout, self.config.silence_exit_code)
         for run_id in self.spool.runs_with_work():
@@ -572,24 +694,73 @@ class RelayServer:
             log.warning("uploader for run %s exited with code %d; restarting it in %.0f s (records are kept)",
                         run_id, code, delay)
 
-    def watch_spool_size(self) -> None:
-        """Policy 'hold': over max_spool_bytes, take no new records until uploads make room.
-        Nothing is dropped: unacked records stay with their clients, which spill them to disk."""
-        live = self.spool.live_bytes() + snapshots.held_bytes(self.config.spool_dir)
-        full = live > self.config.max_spool_bytes
-        if full and not self.holding:
-            log.warning("spool full (%.1f MB of %.1f MB): holding new records until W&B uploads make room; "
-                        "trainers keep them and spill them to disk if it lasts", live / 1e6,
-                        self.config.max_spool_bytes / 1e6)
-        elif self.holding and not full:
-            log.info("spool has room again (%.1f MB): taking records", live / 1e6)
-        self.holding = full
+    def relieve_wal(self) -> None:
+        """While the spool's room is short (under twice min_free_bytes), checkpoint and truncate its
+        WAL once a scan: a WAL that readers keep from being reused grows with every write (uploads
+        rewrite rows when they assign steps), which would eat the reserve that lets them go on."""
+        try:
+            if self.spool.room_bytes() < 2 * self.config.min_free_bytes:
+                self.spool.truncate_wal()
+        except (OSError, sqlite3.Error) as exc:
+            log.debug("cannot truncate the spool's WAL: %s", exc)
+
+    def wal_too_big(self) -> bool:
+        """Records that reuse the spool's free pages are written to its WAL first, and the WAL gives
+        its space back only when truncated: past a quarter of min_free_bytes it is checkpointed and
+        truncated now, and while that cannot be done the batch waits (a pause, not a hold: it is
+        counted as held but not logged), so that the WAL never eats the reserve."""
+        limit = self.config.min_free_bytes // 4
+        if not limit or self.spool.wal_bytes() <= limit:
+            return False
+        try:
+            self.spool.truncate_wal()
+        except sqlite3.Error as exc:
+            log.debug("cannot truncate the spool's WAL: %s", exc)
+        return self.spool.wal_bytes() > limit
+
+    def watch_room(self, incoming: int = 0) -> bool:
+        """Policy 'hold': take no new records while the spool holds more than max_spool_bytes, or
+        while less than min_free_bytes would be left for it on its disk (free space plus the
+        spool's free pages) after storing `incoming` bytes of frames, until uploads make room.
+        Checked before every commit, so a burst cannot eat the reserve: the reserve is what lets
+        uploaders write to the spool (steps, states, deletes) and so empty a spool whose backlog
+        filled the disk. Nothing is dropped: unacked records stay with their clients, which spill
+        them to disk. Returns whether the relay holds.
+
+        Once holding, the relay takes records again only when a quarter more than the reserve
+        would be left after the last batch it held (not at every batch that just fits)."""
+        if self.holding and not incoming:
+            incoming = self.held_bytes  # a scan: would the batch it last held fit now?
+        try:
+            live = self.spool.live_bytes() + snapshots.held_bytes(self.config.spool_dir)
+            room = self.spool.room_bytes()
+        except (OSError, sqlite3.Error) as exc:
+            log.debug("cannot measure the spool's room (%s); holding stays %s", exc, self.holding)
+            return self.holding
+        reserve = self.config.min_free_bytes * (ROOM_HYSTERESIS if self.holding else 1.0)
+        if live > self.config.max_spool_bytes:
+            reason = "spool full (%.1f MB of max_spool_bytes %.1f MB)" % (live / 1e6, self.config.max_spool_bytes / 1e6)
+        elif room - COMMIT_COST * incoming < reserve:
+            reason = ("%.1f MB free for the spool on its disk: storing %.1f MB more would leave less than "
+                      "min_free_bytes (%.1f MB)" % (room / 1e6, incoming / 1e6, self.config.min_free_bytes / 1e6))
+        else:
+            reason = None
+        if reason:
+            self.held_bytes = incoming
+        if reason and not self.holding:
+            log.warning("%s: holding new records until W&B uploads make room (or disk is freed); trainers keep "
+                        "them and spill them to disk if it lasts", reason)
+        elif self.holding and not reason:
+            log.info("spool has room again (%.1f MB live, %.1f MB free for it): taking records",
+                     live / 1e6, room / 1e6)
+        self.holding, self.hold_reason = reason is not None, reason
+        return self.holding
 
     def watch_wandb(self) -> None:
         """One log line when W&B becomes unreachable, one when it is back (not one per retry). When
         an online run gets through to W&B, the runs still retrying retry at once rather than at the
         end of their backoff (up to backoff_max: a minute by default)."""
-        now = time.time()
+        now = time.time()  # compared with the state_since that uploaders store (wall clock)
         retrying = self.spool.runs_in_state("retrying")
         if retrying and self.spool.reached_wandb_since(self.wandb_checked_at):
             for run_id, _ in retrying:
@@ -598,11 +769,11 @@ class RelayServer:
         self.wandb_checked_at = now
         self.count_wandb_errors(retrying)
         if retrying and self.wandb_down_since is None:
-            self.wandb_down_since = now
+            self.wandb_down_since, self.wandb_down_monotonic = now, time.monotonic()
             log.warning("W&B unreachable (%d runs retrying); records wait in the spool: %s",
                         len(retrying), retrying[0][1])
         elif not retrying and self.wandb_down_since is not None:
-            log.info("W&B reachable again after %.0f s", time.time() - self.wandb_down_since)
+            log.info("W&B reachable again after %.0f s", time.monotonic() - self.wandb_down_monotonic)
             self.wandb_down_since = None
 
     def count_wandb_errors(self, retrying: list[tuple[str, str]]) -> None:
@@ -630,9 +801,10 @@ class RelayServer:
         summary, or a page of every run) and the relay's own state and counters."""
         status = self.spool.status(page)
         status.update({
-            "mode": self.mode, "bind": self.config.bind, "uptime": round(time.time() - self.started, 1),
+            "mode": self.mode, "bind": self.config.bind, "uptime": round(time.monotonic() - self.started_monotonic, 1),
             "counters": dict(self.counters),
-            "wandb_down_since": self.wandb_down_since, "holding": self.holding, "spool_error": self.spool_error,
+            "wandb_down_since": self.wandb_down_since, "holding": self.holding, "hold_reason": self.hold_reason,
+            "spool_error": self.spool_error,
             "max_spool_bytes": self.config.max_spool_bytes,
         })
         return status

@@ -14,7 +14,16 @@ Invariants:
   reached steps_handed, or no writer of the run's history has been alive for the counting lag
   (relay/uploader.py, "settling").
 - Records leave the spool only once W&B has confirmed them: the run finished (`run.finish()`
-  returned), a resume reported a server step past them, or (a checkpoint) W&B committed its artifact.
+  returned), a resume reported a server step past them, or (a checkpoint) W&B committed its
+  artifact; or, damaged, they are moved to the
+  `quarantine` table (a body whose crc32 or decoding fails: logged, counted in the run's W&B
+  summary as relay/records_set_aside).
+- Acked seqs the spool lost (a damaged or cut WAL: relay/wal.py reports it at start) are given up
+  only once the client has shown it no longer holds them (the server's GapWatch); each such range
+  is written to the `lost` table and counted in the run's W&B summary as relay/records_lost.
+- Policy 'hold' (the server): no record is acked while the spool is over max_spool_bytes or less
+  than min_free_bytes would be left for it on its disk, so uploads always have room to write the
+  steps, states and deletes that empty it.
 - A checkpoint record's snapshot (`snapshots/`, relay/snapshots.py) is deleted right after the
   transaction that deleted the record; what a crash in between left is swept at the relay's start.
 """
@@ -22,16 +31,20 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import logging
 import os
 import sqlite3
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 import msgpack
 
-from relay import protocol, snapshots
+from relay import protocol, snapshots, wal
 from relay.errors import RelayError
+
+log = logging.getLogger("relay.spool")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS streams (
@@ -61,10 +74,35 @@ CREATE TABLE IF NOT EXISTS records (
     kind     TEXT NOT NULL,
     body     BLOB NOT NULL,
     received REAL NOT NULL,
-    step     INTEGER,                        -- W&B step, assigned just before upload
+    step     INTEGER,                        -- NULL (steps live in the steps table; opening moves any here)
+    crc      INTEGER,                        -- zlib.crc32 of body (NULL in spools older than the column)
     UNIQUE (stream, seq)
 );
+CREATE TABLE IF NOT EXISTS quarantine (      -- records whose body cannot be read, set aside by the uploader
+    id       INTEGER PRIMARY KEY,            -- the id it had in records
+    run_id   TEXT NOT NULL,
+    stream   TEXT NOT NULL,
+    seq      INTEGER NOT NULL,
+    kind     TEXT NOT NULL,
+    body     BLOB,
+    received REAL,
+    reason   TEXT NOT NULL,
+    set_aside REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS lost (            -- acked records found missing: seqs the spool gave up waiting for
+    run_id    TEXT NOT NULL,
+    stream    TEXT NOT NULL,
+    first_seq INTEGER NOT NULL,
+    last_seq  INTEGER NOT NULL,
+    noticed   REAL NOT NULL
+);
 CREATE INDEX IF NOT EXISTS records_by_run ON records (run_id, id);
+CREATE TABLE IF NOT EXISTS steps (           -- W&B step of a record, assigned just before upload; a table
+    id     INTEGER PRIMARY KEY,              -- of its own, so that assigning one does not rewrite the
+    run_id TEXT NOT NULL,                    -- record (that grew every full page of a backlog into two)
+    step   INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS steps_by_run ON steps (run_id, step);
 """
 
 # What one status lists, so that its reply stays far below the frame limit however many runs the
@@ -86,7 +124,8 @@ SELECT rowid, run_id, received, uploaded_id, state, state_since, last_error, fin
     (SELECT count(*) FROM records WHERE records.run_id = runs.run_id),
     (SELECT count(*) FROM records WHERE records.run_id = runs.run_id AND records.id > runs.uploaded_id),
     (SELECT received FROM records WHERE records.run_id = runs.run_id
-        AND (records.id > runs.uploaded_id OR records.step IS NOT NULL) ORDER BY records.id LIMIT 1)
+        AND (records.id > runs.uploaded_id OR records.id IN (SELECT id FROM steps WHERE steps.run_id = runs.run_id))
+        ORDER BY records.id LIMIT 1)
 FROM runs ORDER BY rowid
 """
 
@@ -131,6 +170,20 @@ def _add_missing_columns(conn: sqlite3.Connection) -> None:
         conn.execute("ALTER TABLE runs ADD COLUMN steps_handed INTEGER NOT NULL DEFAULT 0")
 
 
+def _read_body(kind: str, body: bytes, crc: int | None) -> tuple[dict | None, str]:
+    """(the record's message, '') if a stored body reads back as what was stored, else (None, what
+    is wrong with it)."""
+    if crc is not None and zlib.crc32(body) != crc:
+        return None, "its checksum does not match (the bytes changed on disk)"
+    try:
+        message = msgpack.unpackb(body, raw=False)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        return None, "it does not decode (%s: %s)" % (type(exc).__name__, exc)
+    if not isinstance(message, dict) or message.get("t") != kind:
+        return None, "it decodes to something other than a %s record" % kind
+    return message, ""
+
+
 @dataclass
 class Record:
     id: int
@@ -163,23 +216,40 @@ class Spool:
     FILENAME = "spool.sqlite"
 
     def __init__(self, directory: str, check: bool = True):
-        """`check`: look the file over first (PRAGMA quick_check reads all of it) and recover it if
-        damaged. The server does, once at start; its uploaders open the spool it checked."""
+        """`check`: look the WAL over before SQLite replays it (relay/wal.py: committed transactions
+        that SQLite would drop are found, and kept if only page contents are damaged), then the file
+        (PRAGMA quick_check reads all of it), and recover it if damaged. The server does, once at
+        start; its uploaders open the spool it checked."""
         self.directory = directory
         self.path = os.path.join(directory, self.FILENAME)
         self.recovery: str | None = None   # what happened if the spool was found damaged
+        self.wal_damage: wal.WalReport | None = None  # what the WAL check found, if anything
         try:
             os.makedirs(directory, exist_ok=True)
+            self.wal_damage = wal.inspect(self.path, repair=True) if check else None
             problem = self._check() if check else None
             if problem:
                 self.recovery = self._recover(problem)
             self.conn = _connect(self.path)
             self.conn.executescript(SCHEMA)
+            self._upgrade()
             _add_missing_columns(self.conn)
         except (OSError, sqlite3.Error) as exc:
             raise SpoolError("cannot open spool %s: %s" % (self.path, exc)) from exc
         self._upto: dict[str, int] = {}
         self._above: dict[str, set[int]] = {}
+
+    def _upgrade(self) -> None:
+        """Bring a spool made by an earlier relay to this schema (PRAGMA user_version 1)."""
+        if self.conn.execute("PRAGMA user_version").fetchone()[0] >= 1:
+            return
+        with self._transaction():
+            if "crc" not in {row[1] for row in self.conn.execute("PRAGMA table_info(records)")}:
+                self.conn.execute("ALTER TABLE records ADD COLUMN crc INTEGER")
+            self.conn.execute("INSERT OR REPLACE INTO steps (id, run_id, step) "
+                              "SELECT id, run_id, step FROM records WHERE step IS NOT NULL")
+            self.conn.execute("UPDATE records SET step = NULL WHERE step IS NOT NULL")
+            self.conn.execute("PRAGMA user_version = 1")
 
     def _check(self) -> str | None:
         """None if the spool file is sound (or new), else what SQLite says is wrong with it."""
@@ -208,7 +278,8 @@ class Spool:
             old = sqlite3.connect("file:%s?mode=ro" % aside, uri=True)
         except sqlite3.Error:
             old = None
-        for table, key in (("streams", "rowid"), ("runs", "rowid"), ("records", "id")):
+        for table, key in (("streams", "rowid"), ("runs", "rowid"), ("records", "id"), ("steps", "id"),
+                           ("quarantine", "rowid"), ("lost", "rowid")):
             copied[table] = _salvage(old, new, table, key) if old is not None else 0
         if old is not None:
             old.close()
@@ -274,8 +345,8 @@ class Spool:
                 else:
                     body = item[2] if len(item) > 2 else protocol.encode(message)
                 cursor = self.conn.execute(
-                    "INSERT OR IGNORE INTO records (run_id, stream, seq, kind, body, received) VALUES (?,?,?,?,?,?)",
-                    (run_id, stream, seq, kind, body, now))
+                    "INSERT OR IGNORE INTO records (run_id, stream, seq, kind, body, received, crc) "
+                    "VALUES (?,?,?,?,?,?,?)", (run_id, stream, seq, kind, body, now, zlib.crc32(body)))
                 if cursor.rowcount == 0:
                     outcomes.append(Outcome(stream, seq, "dup"))
                     continue
@@ -317,23 +388,45 @@ class Spool:
             self.conn.executemany("UPDATE runs SET last_seen = ? WHERE run_id = ?",
                                   [(time.time(), run_id) for run_id in run_ids])
 
-    def finish_silent_runs(self, silent_since: float, exit_code: int) -> list[str]:
-        """Spool a finish record for every unfinished run not heard from since `silent_since`."""
+    def unfinished_runs(self) -> list[str]:
+        return [row[0] for row in self.conn.execute("SELECT run_id FROM runs WHERE finished = 0")]
+
+    def finish_silent_runs(self, run_ids: Iterable[str], exit_code: int) -> list[str]:
+        """Spool a finish record for each of these runs (their trainers went silent) that is open:
+        not finished, with settings, and no finish record waiting. Returns those runs."""
         now = time.time()
         with self._transaction():
-            runs = [row[0] for row in self.conn.execute(
-                "SELECT run_id FROM runs WHERE finished = 0 AND last_seen < ? AND settings IS NOT NULL "
+            runs = [run_id for run_id in run_ids if self.conn.execute(
+                "SELECT 1 FROM runs WHERE run_id = ? AND finished = 0 AND settings IS NOT NULL "
                 "AND NOT EXISTS (SELECT 1 FROM records WHERE records.run_id = runs.run_id AND kind = 'finish')",
-                (silent_since,))]
+                (run_id,)).fetchone()]
             for run_id in runs:
                 body = protocol.encode({"v": protocol.VERSION, "t": "finish", "run": run_id, "exit_code": exit_code,
                                         "stream": "relay-silence", "seq": 0, "time": now, "silent": True})
                 self.conn.execute(
-                    "INSERT INTO records (run_id, stream, seq, kind, body, received) VALUES (?, 'relay-silence', "
-                    "(SELECT coalesce(max(seq), 0) + 1 FROM records WHERE stream = 'relay-silence'), 'finish', ?, ?)",
-                    (run_id, body, now))
+                    "INSERT INTO records (run_id, stream, seq, kind, body, received, crc) VALUES (?, 'relay-silence', "
+                    "(SELECT coalesce(max(seq), 0) + 1 FROM records WHERE stream = 'relay-silence'), 'finish', ?, ?, ?)",
+                    (run_id, body, now, zlib.crc32(body)))
                 self.conn.execute("UPDATE runs SET last_seen = ? WHERE run_id = ?", (now, run_id))
         return runs
+
+    def give_up(self, stream: str, run_id: str, below: int) -> tuple[int, int]:
+        """The stream's records from its watermark up to `below` are known lost (acked, then gone
+        with a damaged spool): note them in the lost table and take the stream on from `below`.
+        Returns the (first, last) seq given up."""
+        first = self._upto.get(stream, 0) + 1
+        upto = below - 1
+        above = self._above.get(stream, set())
+        while upto + 1 in above:
+            upto += 1
+        with self._transaction():
+            self.conn.execute("INSERT INTO lost (run_id, stream, first_seq, last_seq, noticed) VALUES (?,?,?,?,?)",
+                              (run_id, stream, first, below - 1, time.time()))
+            self.conn.execute("INSERT INTO streams (stream, upto) VALUES (?, ?) "
+                              "ON CONFLICT (stream) DO UPDATE SET upto = excluded.upto", (stream, upto))
+        self._upto[stream] = upto
+        self._above[stream] = {seq for seq in above if seq > upto}
+        return first, below - 1
 
     def upto(self, stream: str) -> int:
         return self._upto.get(stream, 0)
@@ -379,17 +472,52 @@ class Spool:
         return msgpack.unpackb(row[0], raw=False) if row and row[0] is not None else None
 
     def records(self, run_id: str, after_id: int, limit: int) -> list[Record]:
-        rows = self.conn.execute(
-            "SELECT id, run_id, kind, body, received, step FROM records "
-            "WHERE run_id = ? AND id > ? ORDER BY id LIMIT ?", (run_id, after_id, limit))
-        return [Record(rid, run, kind, msgpack.unpackb(body, raw=False), received, step)
-                for rid, run, kind, body, received, step in rows]
+        """The next records of a run. One whose body cannot be read (its checksum does not match, or
+        it does not decode to a record of its kind) is set aside in the quarantine table, logged
+        and counted (`losses`): the run goes on without it."""
+        while True:
+            records, unreadable = [], []
+            for rid, stream, seq, kind, body, received, step, crc in self.conn.execute(
+                    "SELECT r.id, r.stream, r.seq, r.kind, CAST(r.body AS BLOB), r.received, s.step, r.crc "
+                    "FROM records r LEFT JOIN steps s ON s.id = r.id "
+                    "WHERE r.run_id = ? AND r.id > ? ORDER BY r.id LIMIT ?", (run_id, after_id, limit)).fetchall():
+                message, problem = _read_body(kind, body, crc)
+                if problem:
+                    unreadable.append((rid, stream, seq, kind, problem))
+                else:
+                    records.append(Record(rid, run_id, kind, message, received, step))
+            if unreadable:
+                self._set_aside(run_id, unreadable)
+            if records or not unreadable:
+                return records
+
+    def _set_aside(self, run_id: str, unreadable: list[tuple[int, str, int, str, str]]) -> None:
+        with self._transaction():
+            for rid, _, _, _, problem in unreadable:
+                self.conn.execute(
+                    "INSERT OR REPLACE INTO quarantine (id, run_id, stream, seq, kind, body, received, reason, "
+                    "set_aside) SELECT id, run_id, stream, seq, kind, body, received, ?, ? FROM records WHERE id = ?",
+                    (problem, time.time(), rid))
+                self.conn.execute("DELETE FROM records WHERE id = ?", (rid,))
+                self.conn.execute("DELETE FROM steps WHERE id = ?", (rid,))
+        for _, stream, seq, kind, problem in unreadable:
+            log.error("run %s: record seq=%d of stream %s (%s) cannot be read: %s; set aside in the quarantine table "
+                      "of spool %s, the run goes on without it", run_id, seq, stream, kind, problem, self.path)
+
+    def losses(self, run_id: str) -> dict[str, int]:
+        """What W&B's summary of the run says about records it will never get (only what is not 0)."""
+        set_aside = self.conn.execute("SELECT count(*) FROM quarantine WHERE run_id = ?", (run_id,)).fetchone()[0]
+        lost = self.conn.execute("SELECT coalesce(sum(last_seq - first_seq + 1), 0) FROM lost WHERE run_id = ?",
+                                 (run_id,)).fetchone()[0]
+        return {key: value for key, value in (("relay/records_set_aside", set_aside), ("relay/records_lost", lost))
+                if value}
 
     def assign_steps(self, run_id: str, steps: list[tuple[int, int]], uploaded_id: int) -> None:
         """Persist (record id, step) pairs before the rows go to the SDK."""
         handed = max((step + 1 for _, step in steps), default=0)
         with self._transaction():
-            self.conn.executemany("UPDATE records SET step = ? WHERE id = ?", [(s, i) for i, s in steps])
+            self.conn.executemany("INSERT OR REPLACE INTO steps (id, run_id, step) VALUES (?, ?, ?)",
+                                  [(i, run_id, s) for i, s in steps])
             self.conn.execute("UPDATE runs SET uploaded_id = ?, steps_handed = max(steps_handed, ?) WHERE run_id = ?",
                               (uploaded_id, handed, run_id))
 
@@ -397,16 +525,16 @@ class Spool:
         """How many W&B steps of this run have been handed to the wandb SDK, over all relay lives."""
         row = self.conn.execute(
             "SELECT max(coalesce((SELECT steps_handed FROM runs WHERE run_id = ?), 0), "
-            "coalesce((SELECT max(step) + 1 FROM records WHERE run_id = ?), 0))", (run_id, run_id)).fetchone()
+            "coalesce((SELECT max(step) + 1 FROM steps WHERE run_id = ?), 0))", (run_id, run_id)).fetchone()
         return row[0]
 
     def confirm_below_step(self, run_id: str, server_step: int) -> int:
         """A resume told us the server holds steps < server_step, and will hold no more (its count
         was trusted): those records are done, and the rest will be handed again from server_step."""
         with self._transaction():
-            cursor = self.conn.execute("DELETE FROM records WHERE run_id = ? AND step IS NOT NULL AND step < ?",
-                                       (run_id, server_step))
-            self.conn.execute("UPDATE records SET step = NULL WHERE run_id = ?", (run_id,))
+            cursor = self.conn.execute("DELETE FROM records WHERE id IN (SELECT id FROM steps WHERE run_id = ? "
+                                       "AND step < ?)", (run_id, server_step))
+            self.conn.execute("DELETE FROM steps WHERE run_id = ?", (run_id,))
             self.conn.execute("UPDATE runs SET uploaded_id = 0, steps_handed = ? WHERE run_id = ?",
                               (server_step, run_id))
         return cursor.rowcount
@@ -414,8 +542,9 @@ class Spool:
     def confirm_logged(self, run_id: str, server_step: int) -> int:
         """Mid-run: W&B holds every row below server_step; those records are done."""
         with self._transaction():
-            cursor = self.conn.execute("DELETE FROM records WHERE run_id = ? AND step IS NOT NULL AND step < ?",
-                                       (run_id, server_step))
+            cursor = self.conn.execute("DELETE FROM records WHERE id IN (SELECT id FROM steps WHERE run_id = ? "
+                                       "AND step < ?)", (run_id, server_step))
+            self.conn.execute("DELETE FROM steps WHERE run_id = ? AND step < ?", (run_id, server_step))
         return cursor.rowcount
 
     def live_bytes(self) -> int:
@@ -423,6 +552,30 @@ class Spool:
         pages, free, size = (self.conn.execute("PRAGMA %s" % name).fetchone()[0]
                              for name in ("page_count", "freelist_count", "page_size"))
         return (pages - free) * size
+
+    def wal_bytes(self) -> int:
+        try:
+            return os.path.getsize(self.path + "-wal")
+        except OSError:
+            return 0
+
+    def truncate_wal(self) -> None:
+        """Copy the WAL into the database and cut it to nothing, if no reader or writer is in the way
+        within a moment (else leave it: SQLite's own checkpoints go on). A WAL that readers keep from
+        being reused grows with every write, which a disk with little room cannot afford."""
+        self.conn.execute("PRAGMA busy_timeout = 200")
+        try:
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        finally:
+            self.conn.execute("PRAGMA busy_timeout = 30000")
+
+    def room_bytes(self) -> int:
+        """Bytes the spool can still take: what its filesystem has free, plus the spool's own free
+        pages (deleted rows' pages, which SQLite reuses before the file grows)."""
+        disk = os.statvfs(self.directory)
+        free_pages, page_size = (self.conn.execute("PRAGMA %s" % name).fetchone()[0]
+                                 for name in ("freelist_count", "page_size"))
+        return disk.f_bavail * disk.f_frsize + free_pages * page_size
 
     def confirm_through(self, run_id: str, record_id: int, exit_code: int | None = None,
                         finished: bool = False) -> int:
@@ -432,6 +585,7 @@ class Spool:
                 "SELECT stream, seq FROM records WHERE run_id = ? AND id <= ? AND kind = 'checkpoint'",
                 (run_id, record_id)).fetchall()
             cursor = self.conn.execute("DELETE FROM records WHERE run_id = ? AND id <= ?", (run_id, record_id))
+            self.conn.execute("DELETE FROM steps WHERE run_id = ? AND id <= ?", (run_id, record_id))
             if finished:
                 self.conn.execute("UPDATE runs SET finished = 1, exit_code = ? WHERE run_id = ?", (exit_code, run_id))
         self._delete_snapshots(checkpoints)

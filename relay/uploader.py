@@ -54,6 +54,7 @@ import os
 import queue
 import select
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -237,6 +238,7 @@ class RunUploader:
         self.shared_core = bool(os.environ.get("WANDB_SERVICE"))  # on the relay's wandb-core (SharedCore)
         self.shared_core_failures = 0
         self._artifacts = ArtifactWatch(run_id)  # checkpoints logged, until W&B commits them
+        self._losses_told: dict | None = None  # what the run's W&B summary says about records it will not get
 
     # -- process ------------------------------------------------------------------------------
 
@@ -245,9 +247,17 @@ class RunUploader:
         try:
             self._loop()
             return 0
+        except sqlite3.OperationalError as exc:  # disk full, I/O error: nothing to debug in our code
+            log.warning("run %s: cannot write to spool %s (%s); uploader exits, its records stay in the spool and "
+                        "its next uploader resumes the run (free disk space if it is full)",
+                        self.run_id, self._spool.path, exc)
+            return 1
         except Exception as exc:  # a bug or a broken SDK: say so, keep the records, the server restarts us
             log.exception("uploader for run %s failed; its records stay in the spool", self.run_id)
-            self._spool.set_state(self.run_id, "failed", _short(exc))
+            try:
+                self._spool.set_state(self.run_id, "failed", _short(exc))
+            except sqlite3.Error as also:
+                log.warning("run %s: cannot note the failure in the spool either: %s", self.run_id, also)
             return 1
         finally:
             self._spool.close()
@@ -346,6 +356,7 @@ class RunUploader:
         self._next_step = server_step
         self._confirmed_step = server_step
         self._next_confirm = time.monotonic() + self.config.confirm_every
+        self._losses_told = None  # tell this W&B run about records it will not get, if any
         for axis in ("frame", "epoch"):
             self._wb.define_metric(axis)
         self._wb.define_metric("*", step_metric="frame")
@@ -557,6 +568,11 @@ class RunUploader:
             self._spool.confirm_through(self.run_id, self._cursor, finish and finish.body["exit_code"],
                                         finished=finish is not None)
             return
+        losses = self._spool.losses(self.run_id)  # unreadable records set aside, acked records found lost
+        if losses != self._losses_told:
+            if losses:  # shown in the run's W&B summary: the run lacks what these records held
+                self._wb.summary.update(losses)
+            self._losses_told = losses
         plan: list[tuple[Record, int | None]] = []
         steps: list[tuple[int, int]] = []
         last_frame = None

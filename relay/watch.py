@@ -55,7 +55,8 @@ def render(status: dict, rates: dict[str, float | None], endpoint: str) -> Group
                                    status["spool_path"]))
     if status.get("holding") or status.get("spool_error"):
         header.append("\nHOLDING new records (not acked): %s"
-                      % (status.get("spool_error") or "spool over max_spool_bytes"), style="bold red")
+                      % (status.get("spool_error") or status.get("hold_reason") or "spool over max_spool_bytes"),
+                      style="bold red")
     counters = status.get("counters", {})
     header.append("\n" + "  ".join("%s %d" % (name, counters.get(name, 0)) for name in COUNTERS))
     header.append("\n" + totals_line(status))

@@ -278,7 +278,10 @@ def tiny_disk(tmp_path):
 def test_full_disk_holds_records_without_loss_until_there_is_room(fake_wandb, relay_factory, trainer_factory,
                                                                   tiny_disk):
     fake_wandb.set_fault("hang")  # nothing leaves the spool while the disk fills
-    relay = relay_factory(fake_wandb, ["--mode", "online"], spool_dir=str(tiny_disk / "spool"))
+    # min_free_bytes 0: no reserve, so that the disk really fills and a commit fails (the reserve that
+    # keeps a disk from filling is tested in test_disk.py).
+    relay = relay_factory(fake_wandb, ["--mode", "online"], spool_dir=str(tiny_disk / "spool"),
+                          env={"RELAY_MIN_FREE_BYTES": "0"})
     trainer = trainer_factory({"endpoint": relay.endpoint, "run_id": "disk", "steps": 4000, "metrics": 10,
                                "seed": 18, "interval": 0.0005, "finish_timeout": 120})
     # The log line, not status["spool_error"]: that clears at the next commit that fits, which can

@@ -44,8 +44,8 @@ def steps_assigned(relay, run_id) -> int:
     """How many of the run's rows the uploader has handed to the SDK (their step is committed first)."""
     conn = sqlite3.connect("file:%s?mode=ro" % os.path.join(relay.spool_dir, "spool.sqlite"), uri=True)
     try:
-        return conn.execute("SELECT count(*) FROM records WHERE run_id = ? AND kind = 'log' AND step IS NOT NULL",
-                            (run_id,)).fetchone()[0]
+        return conn.execute("SELECT count(*) FROM records r JOIN steps s ON s.id = r.id WHERE r.run_id = ? "
+                            "AND r.kind = 'log'", (run_id,)).fetchone()[0]
     finally:
         conn.close()
 
