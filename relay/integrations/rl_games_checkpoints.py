@@ -4,8 +4,10 @@ Checkpoints: the wrapped `algo.save(fn, ...)` calls the agent's own `save` with 
 the same directory (`.<name>.relay-tmp-<pid>-<hex>`), so `torch_ext.save_checkpoint` writes
 `<tmp>.pth`; each file the save produced (`<tmp>` + suffix, normally `.pth`) is fsynced and
 `os.replace`d onto `fn` + suffix, the directory is fsynced, the current row is sent, and each
-final file is reported with `run.log_checkpoint(path, metadata={"epoch": algo.epoch_num,
-"frame": algo.frame}, aliases=["latest"])` (the epoch and frame stored in the checkpoint). A reader
+final file is reported with `run.log_checkpoint(path, metadata={"epoch": E, "frame": F},
+aliases=["latest"])`, where (F, E) are the frame and epoch of the epoch's row (rl_games and
+TokenHSI add the epoch's frames to `algo.frame` before they save; `algo.frame`/`algo.epoch_num`
+only when no row was logged yet), so the checkpoint sits on the chart where its row is. A reader
 therefore never sees a half-written `fn.pth`, and the relay never uploads one. If the save raises,
 the temporary files are removed and the exception propagates. A process killed inside `save` can
 leave a `.<name>.relay-tmp-*` file behind; the previous `fn.pth` is untouched.
