@@ -17,17 +17,17 @@ from typing import TYPE_CHECKING
 
 import click
 import msgpack
-import zmq
 
 from relay import keys as curve_keys
 from relay import protocol, sides
-from relay.status import RelayStatus
+from relay.errors import RelayError
+from relay.status import RelayStatus, query_status  # noqa: F401 (query_status: part of this module's API)
 
 if TYPE_CHECKING:
     from relay.config import RelayConfig
 
 
-class MissingExtra(click.ClickException):
+class MissingExtra(click.ClickException, RelayError):
     """A command that needs an extra the install lacks; exit code 2, like a usage error."""
     exit_code = 2
 
@@ -91,7 +91,11 @@ def main() -> None:
 def serve(config_path, bind, spool_dir, mode, artifact_roots, drain_timeout, init_timeout, metrics_bind,
           upload_interval, log_level, curve_dir, insecure) -> None:
     """Run the relay until SIGTERM/SIGINT (first: drain with a deadline; second: stop now)."""
-    server, spool = relay_side("serve", "relay.server", "relay.spool")
+    server, spool, wandbenv = relay_side("serve", "relay.server", "relay.spool", "relay.wandbenv")
+    bad_environment = wandbenv.problem(os.environ)
+    if bad_environment:
+        click.echo("relay serve: %s" % bad_environment, err=True)
+        sys.exit(2)
     cfg = _load_config("serve", config_path, bind=bind, spool_dir=spool_dir, mode=mode,
                        artifact_roots=list(artifact_roots) or None, drain_timeout=drain_timeout,
                        init_timeout=init_timeout, metrics_bind=metrics_bind, upload_interval=upload_interval,
@@ -102,54 +106,6 @@ def serve(config_path, bind, spool_dir, mode, artifact_roots, drain_timeout, ini
     except spool.SpoolError as exc:
         raise click.ClickException(str(exc))
     sys.exit(code)
-
-
-def query_status(endpoint: str, timeout: float, keys: str | None = None, every_run: bool = False) -> dict | None:
-    """Ask a running relay for its status; None if nothing answers within `timeout`.
-    `keys`: a client key directory of `relay keys new`, for a relay started with --curve.
-    `every_run`: ask page after page (each within `timeout`) and return the last page's status
-    with `runs` holding every run of the spool."""
-    context = zmq.Context.instance()
-    sock = context.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    if keys:
-        curve_keys.load_client_keys(keys).apply(sock)
-    try:
-        sock.connect(endpoint)
-        request = {"v": protocol.VERSION, "t": "status", "stream": "status-%d" % os.getpid(), "seq": 0}
-        if not every_run:
-            return _ask(sock, request, timeout)
-        runs: list = []
-        page: int | None = 0
-        while page is not None:
-            reply = _ask(sock, dict(request, page=page), timeout)
-            if reply is None:
-                return None
-            status = RelayStatus.from_dict(reply)
-            runs += status.runs
-            page = status.next
-        status.runs, status.run_counts.listed = runs, len(runs)
-        status.paged, status.next = False, None
-        return status.to_dict()
-    finally:
-        sock.close(linger=0)
-
-
-def _ask(sock: zmq.Socket, request: dict, timeout: float) -> dict | None:
-    deadline = time.monotonic() + timeout
-    sent = False
-    while time.monotonic() < deadline:
-        if not sent:
-            try:
-                sock.send(protocol.encode(request), zmq.NOBLOCK)
-                sent = True
-            except zmq.Again:
-                pass
-        if sock.poll(100, zmq.POLLIN):
-            reply = protocol.decode_raw(sock.recv())
-            if reply.get("t") == "status":
-                return reply
-    return None
 
 
 @main.command()

@@ -1,4 +1,5 @@
-"""What a `status` request is answered with, typed: `RelayStatus` and the `RunStatus` of each run.
+"""The status reply of a running relay, typed (`RelayStatus`, the `RunStatus` of each run), and
+`query_status`, which asks a relay for one.
 
 The reply travels as one msgpack map (relay/protocol.py), and `relay status --json` prints that
 map as JSON; `to_dict()` gives exactly that map and `from_dict()` reads it back:
@@ -6,16 +7,26 @@ map as JSON; `to_dict()` gives exactly that map and `from_dict()` reads it back:
 are kept in `extra` and written back as they came, so an older `relay status --json` loses none.
 
 The relay builds the status from its spool (relay/spool.py `Spool.status`: the runs and the
-totals) and its own state (counters, holding, W&B reachability); `relay status` (table, `--all`,
-`--json`), `--watch`, `relay demo` and the Prometheus endpoint read it through these types.
+totals) and its own state (counters, holding, W&B reachability). `relay status` (table, `--all`,
+`--json`), `--watch`, `relay demo` and the test and benchmark harnesses (relay.testing) ask
+through `query_status`, which returns the reply as it came (a dict); they read it through these
+types, and so does the Prometheus endpoint.
 
-Trainer side (relay/sides.py): the `relay status` of a base install reads it on Python 3.8.
+Trainer side (relay/sides.py): pyzmq and relay.protocol only; the `relay status` of a base
+install runs it on Python 3.8.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
+import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
+
+import zmq
+
+from relay import keys as curve_keys
+from relay import protocol
 
 REPLY_TYPE = "status"
 
@@ -178,3 +189,51 @@ class RelayStatus:
             return ""
         return "HOLDING new records (not acked): %s" % (self.spool_error or self.hold_reason
                                                          or "spool over max_spool_bytes")
+
+
+def query_status(endpoint: str, timeout: float, keys: Optional[str] = None, every_run: bool = False) -> Optional[dict]:
+    """Ask a running relay for its status; None if nothing answers within `timeout`.
+    `keys`: a client key directory of `relay keys new`, for a relay started with --curve.
+    `every_run`: ask page after page (each within `timeout`) and return the last page's status
+    with `runs` holding every run of the spool."""
+    context = zmq.Context.instance()
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    if keys:
+        curve_keys.load_client_keys(keys).apply(sock)
+    try:
+        sock.connect(endpoint)
+        request = {"v": protocol.VERSION, "t": "status", "stream": "status-%d" % os.getpid(), "seq": 0}
+        if not every_run:
+            return _ask(sock, request, timeout)
+        runs = []  # type: list
+        page = 0  # type: Optional[int]
+        while page is not None:
+            reply = _ask(sock, dict(request, page=page), timeout)
+            if reply is None:
+                return None
+            status = RelayStatus.from_dict(reply)
+            runs += status.runs
+            page = status.next
+        status.runs, status.run_counts.listed = runs, len(runs)
+        status.paged, status.next = False, None
+        return status.to_dict()
+    finally:
+        sock.close(linger=0)
+
+
+def _ask(sock: zmq.Socket, request: dict, timeout: float) -> Optional[dict]:
+    deadline = time.monotonic() + timeout
+    sent = False
+    while time.monotonic() < deadline:
+        if not sent:
+            try:
+                sock.send(protocol.encode(request), zmq.NOBLOCK)
+                sent = True
+            except zmq.Again:
+                pass
+        if sock.poll(100, zmq.POLLIN):
+            reply = protocol.decode_raw(sock.recv())
+            if reply.get("t") == "status":
+                return reply
+    return None

@@ -68,6 +68,7 @@ import tenacity
 import wandb
 
 from relay.config import RelayConfig
+from relay.errors import RelayError
 from relay.snapshots import open_snapshot
 from relay.spool import Record, Spool
 
@@ -131,11 +132,11 @@ def history_count(url: str, key: str, entity: str | None, project: str, run_id: 
     return int(bucket["historyLineCount"] or 0) if bucket else 0
 
 
-class Unreachable(ConnectionError):
+class Unreachable(RelayError, ConnectionError):
     """W&B did not answer the relay's own query (raised before wandb.init is tried)."""
 
 
-class Interrupted(ConnectionError):
+class Interrupted(RelayError, ConnectionError):
     """The uploader was told to stop while the run waited for W&B's count to settle."""
 
 

@@ -51,7 +51,7 @@ def render(reply: dict, rates: dict[str, float | None], endpoint: str) -> Group:
     status = RelayStatus.from_dict(reply)
     down = status.wandb_down_since
     wandb = Text("W&B unreachable since %s" % _clock(down), style="bold red") if down else \
-        Text("W&B reachable", style="green")
+        Text("W&B reachable", style="green") if status.mode == "online" else Text(status.mode, style="yellow")
     header = Text.assemble(
         ("relay %s" % status.bind, "bold"), "  mode %s  up %.0f s  " % (status.mode, status.uptime), wandb,
         "\nspool %s of %s (%s)" % (_megabytes(status.spool_bytes), _megabytes(status.max_spool_bytes),
