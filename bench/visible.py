@@ -74,19 +74,30 @@ def wandb_worker(job: dict) -> dict:
 
 
 def measure(fake, run_ids: list[str], seconds: float) -> dict:
-    """Time to visible (s) over every row of `run_ids`, and file_stream requests per second."""
-    delays, posts = [], 0
+    """Time to visible (s) over every row of `run_ids`, and file_stream requests per second: over
+    the whole case (`seconds`: starts and finishes included) and in the steady middle (from the
+    moment every run's first row was visible to the last row's logging)."""
+    delays, posts, times, first_seen, last_sent = [], 0, [], [], []
     for run_id in run_ids:
         run = fake.run(run_id)
         posts += run.file_stream_posts
-        for line, arrived in zip(run.history, run.arrived):
-            if line and arrived is not None and "sent_at" in line:
-                delays.append(arrived - line["sent_at"])
+        times.extend(run.post_times)
+        rows = [(line, arrived) for line, arrived in zip(run.history, run.arrived)
+                if line and arrived is not None and "sent_at" in line]
+        for line, arrived in rows:
+            delays.append(arrived - line["sent_at"])
+        if rows:
+            first_seen.append(rows[0][1])
+            last_sent.append(rows[-1][0]["sent_at"])
     if not delays:
         raise RuntimeError("no row of %d runs reached W&B" % len(run_ids))
+    start, end = max(first_seen), min(last_sent)
+    steady = (sum(1 for t in times if start <= t <= end) / (end - start)) if end - start >= 5 else None
     return {"runs": len(run_ids), "rows": len(delays), "visible_p50_s": round(percentile(delays, 0.5), 2),
             "visible_p99_s": round(percentile(delays, 0.99), 2), "visible_max_s": round(max(delays), 2),
-            "requests_per_s": round(posts / seconds, 2), "requests_per_run_per_s": round(posts / seconds / len(run_ids), 3)}
+            "requests_per_s": round(posts / seconds, 2), "requests_per_run_per_s": round(posts / seconds / len(run_ids), 3),
+            "steady_requests_per_s": None if steady is None else round(steady, 2),
+            "steady_window_s": round(max(0.0, end - start), 1)}
 
 
 def run_case(kind: str, runs: int, seconds: int, workdir: str) -> dict:
@@ -156,9 +167,10 @@ def main() -> None:
                 if runs in (relay_runs if kind == "relay" else wandb_runs):
                     case = run_case(kind, runs, seconds, workdir)
                     print("%-6s %4d runs: visible after p50 %.2f s, p99 %.2f s, max %.2f s; file_stream requests "
-                          "%.2f/s (%.3f per run)" % (kind, runs, case["visible_p50_s"], case["visible_p99_s"],
-                                                     case["visible_max_s"], case["requests_per_s"],
-                                                     case["requests_per_run_per_s"]), flush=True)
+                          "%.2f/s (%.3f per run), %s/s in the steady %.0f s" % (
+                              kind, runs, case["visible_p50_s"], case["visible_p99_s"], case["visible_max_s"],
+                              case["requests_per_s"], case["requests_per_run_per_s"], case["steady_requests_per_s"],
+                              case["steady_window_s"]), flush=True)
                     cases.append(case)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

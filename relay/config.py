@@ -55,7 +55,7 @@ class RelayConfig(BaseModel):
     min_free_bytes: int = Field(256 << 20, ge=0, description="the relay holds new messages while less than this "
                                 "is free for the spool (free disk plus the spool's own free pages): the room "
                                 "uploads need to write to the spool, and so to empty it, when a backlog fills "
-                                "the disk; 0: hold only when a write fails")
+                                "the disk; 0: no reserve (hold when the next batch would not fit, or a write fails)")
     drain_timeout: float = Field(30.0, ge=0, description="seconds the first SIGTERM spends uploading before exit")
     batch_max: int = Field(500, gt=0, description="most messages per spool commit")
     silence_timeout: float = Field(600.0, ge=0, description="seconds without a record or heartbeat from a "

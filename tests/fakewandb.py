@@ -105,6 +105,7 @@ class FakeRun:
     overwrites: int = 0              # history lines placed over a different line that was there
     arrived: list = field(default_factory=list)  # wall time (time.time()) each history line arrived at
     file_stream_posts: int = 0       # file_stream requests for this run
+    post_times: list = field(default_factory=list)  # wall time of each of those requests
 
 
 @dataclass
@@ -546,6 +547,7 @@ class FakeWandb:
             if run is None:   # the real server 404s; the SDK always upserts first
                 raise _HTTPError(404, "no run %s/%s/%s" % (entity, project, run_id))
             run.file_stream_posts += 1
+            run.post_times.append(time.time())
             for name, chunk in (body.get("files") or {}).items():
                 offset, content = chunk["offset"], chunk["content"]
                 if name == HISTORY:
