@@ -67,6 +67,7 @@ from urllib.parse import urlparse
 import tenacity
 import wandb
 
+from relay import planner
 from relay.config import RelayConfig
 from relay.snapshots import open_snapshot
 from relay.spool import Record, Spool
@@ -572,40 +573,16 @@ class RunUploader:
             if losses:  # shown in the run's W&B summary: the run lacks what these records held
                 self._wb.summary.update(losses)
             self._losses_told = losses
-        plan: list[tuple[Record, int | None]] = []
-        steps: list[tuple[int, int]] = []
-        last_frame = None
-        for record in records:
-            step = None
-            if record.kind == "log":
-                frame = record.body.get("frame")
-                if not (frame is not None and frame == last_frame and plan and plan[-1][0].kind == "log"):
-                    self._next_step += 1
-                last_frame = frame
-                step = self._next_step - 1
-                steps.append((record.id, step))
-            plan.append((record, step))
-            if record.kind == "finish":
-                break  # anything after a finish belongs to a resumed run
-        self._spool.assign_steps(self.run_id, steps, plan[-1][0].id)
-        row: dict[str, Any] = {}
-        row_step = None
-        for record, step in plan:
-            if row and step != row_step:
-                self._wb.log(row, step=row_step, commit=True)
-                row = {}
-            if record.kind == "log":
-                row.update(_row(record.body))
-                row_step = step
-                continue
-            if row:
-                self._wb.log(row, step=row_step, commit=True)
-                row = {}
-            self._cursor = record.id
-            self._apply(record)
-        if row:
-            self._wb.log(row, step=row_step, commit=True)
-        self._cursor = plan[-1][0].id
+        batch = planner.plan(records, self._next_step)
+        self._spool.assign_steps(self.run_id, batch.steps, batch.through_id)
+        self._next_step = batch.next_step
+        for item in batch.items:
+            if isinstance(item, planner.Row):
+                self._wb.log(item.values, step=item.step, commit=True)
+            else:
+                self._cursor = item.id
+                self._apply(item)
+        self._cursor = batch.through_id
 
     def _apply(self, record: Record) -> None:
         body = record.body
@@ -687,16 +664,6 @@ class ArtifactWatch:
             else:
                 log.debug("run %s: W&B committed the artifact of checkpoint %s", self.run_id, path)
             self._committed.put(record_id)
-
-
-def _row(body: dict) -> dict:
-    prefix = body.get("ns")
-    metrics = body["metrics"]
-    row = {"%s/%s" % (prefix, k): v for k, v in metrics.items()} if prefix else dict(metrics)
-    for axis in ("frame", "epoch"):
-        if body.get(axis) is not None:
-            row[axis] = body[axis]
-    return row
 
 
 def _short(error: BaseException) -> str:
