@@ -32,7 +32,8 @@ from relay.metrics import MetricsEndpoint, error_kind
 from relay.progress import BacklogProgress
 from relay.snapshots import CopyThread, SnapshotDir, SnapshotError
 from relay.spool import Spool, SpoolError
-from relay.uploader import default_mode
+from relay.sinks.wandb import SDK_PRELOAD, SharedCore
+from relay.sinks.wandb_api import default_mode
 
 log = logging.getLogger("relay.server")
 
@@ -171,10 +172,11 @@ def uploader_context() -> multiprocessing.context.BaseContext:
 
     Each run still gets a process of its own (see relay/uploader.py for why), but it starts as a
     fork of an interpreter that already holds the wandb SDK (and what wandb.init imports lazily,
-    uploader.SDK_PRELOAD): starting one costs a fork, not the ~0.7 s of CPU those imports take, and
-    the imported code's pages are shared. The fork server starts no thread before it forks."""
+    SDK_PRELOAD in relay/sinks/wandb.py): starting one costs a fork, not the ~0.7 s of CPU those
+    imports take, and the imported code's pages are shared. The fork server starts no thread before
+    it forks."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["relay.uploader", *uploader_module.SDK_PRELOAD])
+    context.set_forkserver_preload(["relay.uploader", *SDK_PRELOAD])
     return context
 
 
@@ -234,7 +236,7 @@ class RelayServer:
         self.authenticator: security.RelayAuthenticator | None = None
         self.handshakes: security.HandshakeWatch | None = None
         self.uploader_context = uploader_context()
-        self.core = uploader_module.SharedCore()
+        self.core = SharedCore()
         self.core_started_at = 0.0
         self.core_lost = False
 
@@ -660,7 +662,7 @@ class RelayServer:
         self.uploaders[run_id] = Uploader(run_id, process, wake_fd, lifeline_fd, failures)
 
     def start_core(self) -> None:
-        """The wandb-core the uploaders share (relay/uploader.py says why and how)."""
+        """The wandb-core the uploaders share (relay/sinks/wandb.py says why and how)."""
         self.core_started_at = time.monotonic()
         self.core_lost = False
         if self.core.start():
