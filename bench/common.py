@@ -7,18 +7,15 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from relay.cli import query_status  # noqa: E402
-from relay.demo import free_endpoint  # noqa: E402
+from relay.testing import RelayProcess, free_endpoint  # noqa: E402
 
 __all__ = ["ROOT", "Relay", "bench_env", "descendants", "free_endpoint", "metrics_row", "percentile", "pss_kib",
            "ready_wait", "rss_kib", "run_workers"]
@@ -80,50 +77,21 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-class Relay:
-    """`relay serve` as a subprocess on a free TCP port, for one measurement."""
+class Relay(RelayProcess):
+    """`relay serve --mode MODE` as a subprocess on a free TCP port, for one measurement (started
+    at once; `wait_ready()` waits until it answers)."""
+
+    log_level = "WARNING"
 
     def __init__(self, spool_dir: str, mode: str = "offline", env: dict | None = None, args: list[str] = (),
                  log_path: str | None = None, code: str = ROOT):
-        self.endpoint = free_endpoint()
-        self.spool_dir = spool_dir
-        out = open(log_path, "ab") if log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "relay", "serve", "--bind", self.endpoint, "--spool-dir", spool_dir,
-             "--mode", mode, "--log-level", "WARNING", *args], env=env or bench_env(code=code), cwd=code,
-            stdout=out, stderr=subprocess.STDOUT if log_path else None)
-        if log_path:
-            out.close()
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def wait_ready(self, timeout: float = 60.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("relay exited with code %s" % self.proc.returncode)
-            status = query_status(self.endpoint, 1.0)
-            if status:
-                return status
-        raise TimeoutError("relay did not answer within %.0f s" % timeout)
-
-    def status(self, timeout: float = 10.0) -> dict:
-        status = query_status(self.endpoint, timeout)
-        if status is None:
-            raise TimeoutError("relay did not answer a status request")
-        return status
+        super().__init__(free_endpoint(), spool_dir, ["--mode", mode, *args], env=env or bench_env(code=code),
+                         log_path=log_path, cwd=code)
+        self.start(wait=False)
 
     def stop(self, timeout: float = 120.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        """SIGTERM, and the exit code (a relay still running after `timeout` is killed)."""
+        return super().stop(timeout=timeout, must_exit=False)
 
 
 def ready_wait() -> None:

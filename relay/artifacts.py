@@ -15,9 +15,11 @@ from __future__ import annotations
 import os
 import stat
 
+from relay.errors import RelayError
 
-class RefusedPath(ValueError):
-    pass
+
+class RefusedPath(RelayError, ValueError):
+    """A checkpoint path the relay may not read; the message says why."""
 
 
 def resolve_checkpoint(path: str, roots: list[str], max_bytes: int) -> str:

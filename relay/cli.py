@@ -17,16 +17,17 @@ from typing import TYPE_CHECKING
 
 import click
 import msgpack
-import zmq
 
 from relay import keys as curve_keys
 from relay import protocol, sides
+from relay.errors import RelayError
+from relay.status import not_listed, query_status, totals_line  # noqa: F401 (part of this module's API)
 
 if TYPE_CHECKING:
     from relay.config import RelayConfig
 
 
-class MissingExtra(click.ClickException):
+class MissingExtra(click.ClickException, RelayError):
     """A command that needs an extra the install lacks; exit code 2, like a usage error."""
     exit_code = 2
 
@@ -90,7 +91,11 @@ def main() -> None:
 def serve(config_path, bind, spool_dir, mode, artifact_roots, drain_timeout, init_timeout, metrics_bind,
           upload_interval, log_level, curve_dir, insecure) -> None:
     """Run the relay until SIGTERM/SIGINT (first: drain with a deadline; second: stop now)."""
-    server, spool = relay_side("serve", "relay.server", "relay.spool")
+    server, spool, wandbenv = relay_side("serve", "relay.server", "relay.spool", "relay.wandbenv")
+    bad_environment = wandbenv.problem(os.environ)
+    if bad_environment:
+        click.echo("relay serve: %s" % bad_environment, err=True)
+        sys.exit(2)
     cfg = _load_config("serve", config_path, bind=bind, spool_dir=spool_dir, mode=mode,
                        artifact_roots=list(artifact_roots) or None, drain_timeout=drain_timeout,
                        init_timeout=init_timeout, metrics_bind=metrics_bind, upload_interval=upload_interval,
@@ -101,74 +106,6 @@ def serve(config_path, bind, spool_dir, mode, artifact_roots, drain_timeout, ini
     except spool.SpoolError as exc:
         raise click.ClickException(str(exc))
     sys.exit(code)
-
-
-def query_status(endpoint: str, timeout: float, keys: str | None = None, every_run: bool = False) -> dict | None:
-    """Ask a running relay for its status; None if nothing answers within `timeout`.
-    `keys`: a client key directory of `relay keys new`, for a relay started with --curve.
-    `every_run`: ask page after page (each within `timeout`) and return the last page's status
-    with `runs` holding every run of the spool."""
-    context = zmq.Context.instance()
-    sock = context.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    if keys:
-        curve_keys.load_client_keys(keys).apply(sock)
-    try:
-        sock.connect(endpoint)
-        request = {"v": protocol.VERSION, "t": "status", "stream": "status-%d" % os.getpid(), "seq": 0}
-        if not every_run:
-            return _ask(sock, request, timeout)
-        runs: list = []
-        page: int | None = 0
-        while page is not None:
-            reply = _ask(sock, dict(request, page=page), timeout)
-            if reply is None:
-                return None
-            runs += reply["runs"]
-            page = reply.pop("next", None)
-        reply["runs"] = runs
-        reply["run_counts"]["listed"] = len(runs)
-        return reply
-    finally:
-        sock.close(linger=0)
-
-
-def _ask(sock: zmq.Socket, request: dict, timeout: float) -> dict | None:
-    deadline = time.monotonic() + timeout
-    sent = False
-    while time.monotonic() < deadline:
-        if not sent:
-            try:
-                sock.send(protocol.encode(request), zmq.NOBLOCK)
-                sent = True
-            except zmq.Again:
-                pass
-        if sock.poll(100, zmq.POLLIN):
-            reply = protocol.decode_raw(sock.recv())
-            if reply.get("t") == "status":
-                return reply
-    return None
-
-
-def not_listed(status: dict) -> str:
-    """'' when `runs` lists every run of the spool, else a line that counts the others by state."""
-    counts = status["run_counts"]
-    left = counts["total"] - counts["listed"]
-    if left <= 0:
-        return ""
-    by_state = dict(counts["by_state"])
-    for run in status["runs"]:
-        by_state[run["state"]] = by_state.get(run["state"], 0) - 1
-    states = ", ".join("%s %s" % (state, format(n, ",")) for state, n in sorted(by_state.items()) if n > 0)
-    return "%s more runs not listed (%s); `relay status --all` lists every run" % (format(left, ","), states)
-
-
-def totals_line(status: dict) -> str:
-    records = status["records"]
-    return ("%s runs in the spool, %d active; records not yet confirmed by W&B: %d (%d not handed to W&B yet, "
-            "%d handed over and unconfirmed)" % (format(status["run_counts"]["total"], ","),
-                                                  status["run_counts"]["active"], records["pending"],
-                                                  records["unsent"], records["unconfirmed"]))
 
 
 @main.command()

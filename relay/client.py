@@ -47,16 +47,14 @@ from typing import Any, Dict, List, Optional
 
 from relay import protocol, tensors  # noqa: F401 (tensors: where the outbox starts device copies)
 from relay.connection import RECONNECT_AFTER, Connection
+from relay.errors import ForkedRunError  # noqa: F401 (part of this module's API)
 from relay.iothread import IOThread
 from relay.keys import CLIENT_KEYS_VARIABLE, ClientKeys, load_client_keys
+from relay.modes import reporting_disabled
 from relay.outbox import MAX_DEFERRED, Outbox  # noqa: F401 (MAX_DEFERRED: part of this module's API)
 from relay.spill import SPILL_FIX, Reporter, Spiller, default_spill_dir
 
 JOIN_TIMEOUT = 2.0     # seconds close() gives the I/O thread to end its slice and close the socket
-
-
-class ForkedRunError(RuntimeError):
-    """A Run (or its id) used in a process forked from the one that started it."""
 
 
 def _locked(method):
@@ -146,12 +144,10 @@ class RelayClient:
                   run_id: Optional[str] = None, job_type: Optional[str] = None) -> "Run":
         if mode is not None and mode not in protocol.WANDB_MODES:
             raise ValueError("mode must be one of %s, got %r" % (", ".join(protocol.WANDB_MODES), mode))
-        if os.environ.get("WANDB_MODE") == "disabled":
-            mode = "disabled"
         run_id = run_id or uuid.uuid4().hex[:12]
         if not protocol.valid_run_id(run_id):
             raise ValueError("run_id %r must be 1..64 letters, digits, '-' or '_'" % run_id)
-        if mode == "disabled":
+        if reporting_disabled(mode):
             return DisabledRun(run_id, name)
         if run_id in self._parent_runs:
             raise ForkedRunError("run %s is open in the process this one (pid %d) was forked from, and a run has "

@@ -9,59 +9,43 @@ from __future__ import annotations
 
 import math
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
 
-from relay.cli import query_status
+from relay import durable
+from relay.status import query_status
+from relay.testing import RelayProcess, free_endpoint, wait_for
 
 PROJECT = "tokenhsi-relay-demo"
-
-
-def free_endpoint() -> str:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return "tcp://127.0.0.1:%d" % probe.getsockname()[1]
-
-
-def wait_for(predicate, timeout: float, what: str):
-    """Ask `predicate` (which itself waits on a socket) until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-    raise TimeoutError("timed out after %.0f s waiting for %s" % (timeout, what))
 
 
 def run_demo(directory: str, steps: int) -> int:
     spool_dir = os.path.join(directory, "spool")
     checkpoints = os.path.join(directory, "checkpoints")
     os.makedirs(checkpoints, exist_ok=True)
-    endpoint = free_endpoint()
-    print("demo: starting the relay on %s (offline mode, spool %s)" % (endpoint, spool_dir), flush=True)
-    relay = subprocess.Popen([sys.executable, "-m", "relay", "serve", "--bind", endpoint, "--spool-dir", spool_dir,
-                              "--mode", "offline", "--artifact-root", checkpoints, "--drain-timeout", "60"])
+    relay = RelayProcess(free_endpoint(), spool_dir, ["--mode", "offline", "--artifact-root", checkpoints,
+                                                      "--drain-timeout", "60"])
+    print("demo: starting the relay on %s (offline mode, spool %s)" % (relay.endpoint, spool_dir), flush=True)
+    relay.start(wait=False)
     try:
-        wait_for(lambda: query_status(endpoint, 1.0), 60, "the relay to answer")
+        relay.wait_ready(60)
         print("demo: relay is up; running a %d-step training client in another process" % steps, flush=True)
-        client = subprocess.run([sys.executable, "-m", "relay.demo", endpoint, checkpoints, str(steps)], timeout=300)
+        client = subprocess.run([sys.executable, "-m", "relay.demo", relay.endpoint, checkpoints, str(steps)],
+                                timeout=300)
         if client.returncode != 0:
             print("demo: the client failed with exit code %d" % client.returncode, file=sys.stderr)
             return 1
 
         def finished():
-            status = query_status(endpoint, 1.0)
+            status = query_status(relay.endpoint, 1.0)
             runs = [run for run in (status or {}).get("runs", []) if run["finished"] and run["pending"] == 0]
             return runs[0] if runs else None
 
         run = wait_for(finished, 120, "the relay to upload the run")
         print("demo: the relay uploaded %d records; stopping it with SIGTERM" % run["received"], flush=True)
     finally:
-        relay.send_signal(signal.SIGTERM)
-        code = relay.wait(timeout=120)
+        code = relay.stop(timeout=120, must_exit=False)
     print()
     print("demo: relay exited with code %d" % code)
     print("demo: the offline W&B run is in %s" % run["location"])
@@ -87,9 +71,7 @@ def client_main(endpoint: str, checkpoints: str, steps: int) -> int:
         worst = max(worst, time.perf_counter() - started)
         if epoch % 100 == 0 or epoch == steps:
             path = os.path.join(checkpoints, "demo_%05d.pth" % epoch)
-            with open(path + ".tmp", "wb") as handle:
-                handle.write(os.urandom(64 * 1024))
-            os.replace(path + ".tmp", path)
+            durable.write_bytes(path, os.urandom(64 * 1024), mode=0o644)
             run.log_checkpoint(path, metadata={"epoch": epoch, "frame": epoch * frames_per_epoch}, aliases=["latest"])
     run.summary({"best/reward": 1.0 - math.exp(-steps / 50.0)})
     report = run.finish(exit_code=0, timeout=30.0)

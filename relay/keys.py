@@ -21,14 +21,13 @@ from typing import List, NamedTuple, Optional, Tuple
 import zmq
 from zmq.utils import z85
 
+from relay import durable
+from relay.errors import CurveKeyError  # noqa: F401 (part of this module's API)
+
 CLIENT_KEYS_VARIABLE = "RELAY_CLIENT_KEYS"
 RELAY_NAME = "relay"
 AUTHORIZED = "authorized"
 DEFAULT_CLIENT = "client"
-
-
-class CurveKeyError(ValueError):
-    """A key file or directory that is missing or unreadable; the message says what to do."""
 
 
 class ClientKeys(NamedTuple):
@@ -113,7 +112,8 @@ def load_relay_keys(directory: str) -> Tuple[bytes, bytes, List[str]]:
 
 def _make_keypair(directory: str, name: str) -> Tuple[str, str]:
     """Write <name>.key and <name>.key_secret into `directory`, never half-written: both are made
-    in a private temporary directory beside them, then renamed into place."""
+    in a private temporary directory beside them, then fsynced and renamed into place, and the
+    directory fsynced (relay.durable)."""
     import zmq.auth
 
     staging = tempfile.mkdtemp(prefix=".keys-", dir=directory)  # mode 0700
@@ -122,24 +122,24 @@ def _make_keypair(directory: str, name: str) -> Tuple[str, str]:
         os.chmod(public, 0o644)
         os.chmod(secret, 0o600)
         targets = (os.path.join(directory, name + ".key"), os.path.join(directory, name + ".key_secret"))
-        os.replace(secret, targets[1])
-        os.replace(public, targets[0])
+        durable.replace(secret, targets[1], sync_dir=False)
+        durable.replace(public, targets[0], sync_dir=False)
+        durable.fsync_dir(directory)
         return targets
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
 def _copy(source: str, target: str) -> None:
-    """Copy a public key file: temp file, then rename (never a half-written key file)."""
-    staging = target + ".tmp"
-    shutil.copyfile(source, staging)
-    os.chmod(staging, 0o644)
-    os.replace(staging, target)
+    """Copy a public key file durably (relay.durable: never a half-written key file)."""
+    with open(source, "rb") as handle:
+        durable.write_bytes(target, handle.read(), mode=0o644)
 
 
 def _private_dir(path: str) -> str:
     os.makedirs(path, mode=0o700, exist_ok=True)
     os.chmod(path, 0o700)
+    durable.fsync_dir(os.path.dirname(os.path.abspath(path)))  # its entry in the parent, durable too
     return path
 
 

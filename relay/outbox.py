@@ -48,6 +48,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 import msgpack
 
 from relay import protocol, tensors
+from relay.errors import RelayError
 from relay.spill import Reporter
 
 MAX_DEFERRED = 64      # rows waiting for their device values' copy before a call waits for the oldest
@@ -58,7 +59,7 @@ VALUE_FIELDS = {"log": "metrics", "summary": "values"}   # the fields whose devi
 Spill = Callable[[str, "OrderedDict[int, bytes]"], Optional[str]]
 
 
-class _OnDevice(Exception):
+class _OnDevice(RelayError):
     """Raised while packing at the first value that lives on an accelerator."""
 
 

@@ -40,6 +40,8 @@ from typing import Any, Dict, Optional
 
 import msgpack
 
+from relay.errors import ProtocolError  # noqa: F401 (part of this module's API)
+
 VERSION = 1
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 MAX_FRAME_BYTES = 1 << 20  # 1 MiB; the relay sets ZMQ_MAXMSGSIZE to twice this (ZeroMQ drops bigger)
@@ -65,16 +67,6 @@ RECORD_KINDS = ("open", "log", "checkpoint", "summary", "finish")
 UNSPOOLED_KINDS = ("status", "heartbeat")
 CLIENT_KINDS = RECORD_KINDS + UNSPOOLED_KINDS
 WANDB_MODES = ("online", "offline", "disabled")
-
-
-class ProtocolError(ValueError):
-    """A frame that can never be accepted. `stream`/`seq` are set when they could be read."""
-
-    def __init__(self, reason: str, stream: Optional[str] = None, seq: Optional[int] = None):
-        super().__init__(reason)
-        self.reason = reason
-        self.stream = stream
-        self.seq = seq
 
 
 def encode(message: Dict[str, Any]) -> bytes:

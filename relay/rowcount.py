@@ -11,6 +11,7 @@ import time
 from typing import Callable
 
 from relay.config import RelayConfig
+from relay.errors import RelayError
 from relay.settle import Settling
 from relay.sinks.wandb_api import COUNT_ERRORS, probe, short_error
 from relay.spool import Spool
@@ -18,7 +19,7 @@ from relay.spool import Spool
 log = logging.getLogger("relay.uploader")  # part of the uploader's log, as operators read it
 
 
-class Interrupted(ConnectionError):
+class Interrupted(RelayError, ConnectionError):
     """The uploader was told to stop while the run waited for W&B's count to settle."""
 
 

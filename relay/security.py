@@ -24,6 +24,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
 from relay import keys
+from relay.errors import RelayError
 from relay.config import RelayConfig
 
 log = logging.getLogger("relay.security")
@@ -33,8 +34,8 @@ LOCAL_TRANSPORTS = ("ipc", "inproc")
 REMEMBER_REFUSED = 10000  # (address, key) pairs already logged as refused
 
 
-class BindRefused(Exception):
-    pass
+class BindRefused(RelayError):
+    """A bind address the policy refuses (non-loopback without --curve or --insecure)."""
 
 
 def is_loopback(endpoint: str) -> bool:

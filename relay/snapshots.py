@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from relay.artifacts import RefusedPath, open_checkpoint
+from relay.errors import RelayError
 
 DIRECTORY = "snapshots"
 PARTIAL = ".partial"
@@ -44,7 +45,7 @@ LINK_REFUSED = (errno.EXDEV, errno.EPERM, errno.EACCES, errno.EMLINK)  # take a 
 COPY_CHUNK = 1 << 30
 
 
-class SnapshotError(RuntimeError):
+class SnapshotError(RelayError, RuntimeError):
     """The relay could not take a snapshot for a reason of its own (its disk): not the trainer's
     fault, so the record is not refused but left unacked; the client sends it again."""
 

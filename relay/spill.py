@@ -18,12 +18,13 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import tempfile
 import threading
 import time
 from typing import Dict, List, Optional
 
 import msgpack
+
+from relay import durable
 
 log = logging.getLogger("relay.client")
 
@@ -102,28 +103,14 @@ class Spiller:
         return path
 
     def _write(self, path: str, frames) -> None:
-        """temp -> fsync -> rename -> fsync dir; on failure nothing is left on disk."""
-        tmp = None
+        """A durable write (relay.durable); on failure nothing is left on disk."""
+        packer = msgpack.Packer(use_bin_type=True)
         try:
             os.makedirs(self.directory, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".spill-", dir=self.directory)
-            with os.fdopen(fd, "wb") as handle:
-                packer = msgpack.Packer(use_bin_type=True)
-                for frame in frames:
-                    handle.write(packer.pack(frame))
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-            tmp = path
-            dir_fd = os.open(self.directory, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            durable.write_bytes(path, (packer.pack(frame) for frame in frames), prefix=".spill-")
         except OSError:
-            if tmp is not None:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
+            try:
+                os.unlink(path)  # renamed into place, but its directory could not be synced
+            except OSError:
+                pass
             raise

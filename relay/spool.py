@@ -42,6 +42,7 @@ from typing import Any, Iterable
 import msgpack
 
 from relay import protocol, snapshots, wal
+from relay.errors import RelayError
 
 log = logging.getLogger("relay.spool")
 
@@ -133,7 +134,7 @@ def _cut(text: str | None) -> str | None:
     return text if text is None or len(text) <= STATUS_TEXT else text[:STATUS_TEXT - 1] + "…"
 
 
-class SpoolError(RuntimeError):
+class SpoolError(RelayError, RuntimeError):
     pass
 
 

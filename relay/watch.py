@@ -20,7 +20,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from relay.cli import not_listed, totals_line
+from relay.status import not_listed, totals_line
 
 COUNTERS = ("received", "acked", "duplicates", "refused", "malformed", "held")
 
@@ -48,7 +48,7 @@ def upload_rates(previous: dict | None, current: dict, elapsed: float) -> dict[s
 def render(status: dict, rates: dict[str, float | None], endpoint: str) -> Group:
     down = status.get("wandb_down_since")
     wandb = Text("W&B unreachable since %s" % _clock(down), style="bold red") if down else \
-        Text("W&B reachable", style="green")
+        Text("W&B reachable", style="green") if status["mode"] == "online" else Text(status["mode"], style="yellow")
     header = Text.assemble(
         ("relay %s" % status["bind"], "bold"), "  mode %s  up %.0f s  " % (status["mode"], status["uptime"]), wandb,
         "\nspool %s of %s (%s)" % (_megabytes(status["spool_bytes"]), _megabytes(status["max_spool_bytes"]),

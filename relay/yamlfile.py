@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import yaml
 
+from relay.errors import RelayError
 
-class ConfigError(ValueError):
-    pass
+
+class ConfigError(RelayError, ValueError):
+    """A configuration the relay refuses; the message names the source and the key."""
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -4,14 +4,13 @@ from __future__ import annotations
 import json
 import os
 import select
-import signal
-import socket
 import subprocess
 import sys
 import time
 from typing import TYPE_CHECKING
 
-from relay.cli import query_status
+from relay import testing
+from relay.testing import free_tcp_port  # noqa: F401 (the tests' name for it)
 
 if TYPE_CHECKING:
     from fakewandb import FakeWandb
@@ -21,13 +20,6 @@ ROOT = os.path.dirname(TESTS)
 # Test-sized retry timing for every relay the suite starts (production defaults are minutes).
 FAST_RETRIES = {"RELAY_BACKOFF_MAX": "1", "RELAY_REQUEST_TIMEOUT": "5", "RELAY_CONFIRM_EVERY": "1",
                 "RELAY_INIT_TIMEOUT": "5", "RELAY_WANDB_COUNT_LAG": "3"}
-
-
-def free_tcp_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now (the relay binds it a moment later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
 
 
 def wandb_env(fake: "FakeWandb | None", home: str) -> dict:
@@ -40,44 +32,16 @@ def wandb_env(fake: "FakeWandb | None", home: str) -> dict:
     return env
 
 
-class RelayProcess:
-    """`relay serve` as a real subprocess; its log goes to a file the test can read afterwards."""
+class RelayProcess(testing.RelayProcess):
+    """`relay serve --log-level DEBUG` as a real subprocess (relay.testing); its log goes to a file
+    the test can read afterwards."""
+
+    log_level = "DEBUG"
 
     def __init__(self, endpoint: str, spool_dir: str, env: dict, args: list[str], log_path: str,
                  bind: str | None = None, client_keys: str | None = None, prefix: list[str] = ()):
-        self.endpoint = endpoint          # where clients (and status requests) connect
-        self.bind = bind or endpoint      # what the relay listens on (e.g. tcp://0.0.0.0:PORT)
-        self.spool_dir = spool_dir
-        self.env = env
-        self.args = args
-        self.log_path = log_path
-        self.client_keys = client_keys    # for status requests to a relay started with --curve
-        self.prefix = list(prefix)        # e.g. ["ip", "netns", "exec", NAME]: run the relay in there
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, wait: bool = True) -> "RelayProcess":
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [*self.prefix, sys.executable, "-m", "relay", "serve", "--bind", self.bind, "--spool-dir", self.spool_dir,
-             "--log-level", "DEBUG", *self.args], env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        log.close()
-        if wait:
-            self.wait_ready()
-        return self
-
-    def wait_ready(self, timeout: float = 60.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, "relay exited with %s:\n%s" % (self.proc.returncode, self.log())
-            status = query_status(self.endpoint, 1.0, self.client_keys)  # waits on the socket, not a sleep
-            if status:
-                return status
-        raise AssertionError("relay did not answer within %.0f s:\n%s" % (timeout, self.log()))
-
-    def status(self) -> dict:
-        status = query_status(self.endpoint, 10.0, self.client_keys)
-        assert status is not None, "relay did not answer a status request:\n" + self.log()
-        return status
+        super().__init__(endpoint, spool_dir, args, env=env, log_path=log_path, bind=bind,
+                         client_keys=client_keys, prefix=prefix, cwd=ROOT)
 
     def run_status(self, run_id: str) -> dict:
         runs = {run["run_id"]: run for run in self.status()["runs"]}
@@ -98,17 +62,6 @@ class RelayProcess:
                 pass
         raise AssertionError("timed out waiting for %s; last status %s\n%s" % (what, status, self.log()))
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError("relay did not exit within %.0f s of signal %d:\n%s" % (timeout, sig, self.log()))
-
     def wait_log(self, text: str, timeout: float, seen: int = 0) -> None:
         """Wait until the relay has logged `text` more than `seen` times (the log file, which keeps
         earlier lives of the relay, is its only voice while it stops)."""
@@ -116,13 +69,6 @@ class RelayProcess:
         while self.log().count(text) <= seen:
             assert time.monotonic() < deadline, "relay did not log %r within %.0f s:\n%s" % (text, timeout, self.log())
             time.sleep(0.05)
-
-    def log(self) -> str:
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as handle:
-                return handle.read()
-        except OSError:
-            return ""
 
 
 class TrainerProcess:

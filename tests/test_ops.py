@@ -115,6 +115,14 @@ def _status(uploaded: int, pending: int, unconfirmed: int = 0, **extra) -> dict:
     return status
 
 
+@pytest.mark.parametrize("mode", ["offline", "disabled"])
+def test_watch_header_says_offline_not_reachable_when_nothing_goes_to_wandb(mode):
+    console = Console(file=io.StringIO(), width=200, force_terminal=False)
+    console.print(render(_status(10, 0, mode=mode), {}, "tcp://x:5555"))
+    header = console.file.getvalue().splitlines()[0]
+    assert "mode %s" % mode in header and header.rstrip().endswith(mode) and "W&B reachable" not in header, header
+
+
 def test_upload_rate_comes_from_two_polls_and_the_header_shows_spool_and_holding():
     first, second = _status(1000, 500), _status(1100, 400, holding=True)
     assert upload_rates(None, first, 0.0) == {"r1": None}

@@ -13,7 +13,7 @@ A TokenHSI checkout's `tokenhsi/run.py` reports through the relay with three lin
 - The training yaml's `use_wandb`, `wandb:` and `relay:` blocks say whether and where to report
   (`reporting_from_train_config`); unknown keys, wrong types and these keys placed under `params:`
   stop the run with the key named.
-- Training: `RelayAlgoObserver` (relay.rl_games) first, then TokenHSI's own observer. The W&B config
+- Training: `RelayAlgoObserver` (relay.integrations.rl_games) first, then TokenHSI's own observer. The W&B config
   is the whole training yaml (plain values; `2e-5`, a string to YAML 1.1, as the number), the env
   yaml under `cfg_env` and the command line under `args`. The run's name is `wandb.name`, else
   `--experiment`, else the training yaml's file name without `.yaml`.
@@ -22,7 +22,7 @@ A TokenHSI checkout's `tokenhsi/run.py` reports through the relay with three lin
   `after_run` reads the files written since the session started and reports every number in them as
   `eval/{ObjectSet name}/{key}` to a run `<name>_test` whose config holds the checkpoint's path.
 
-Trainer side: standard library and relay.client only at import time (Python 3.8).
+Trainer side: standard library and relay.modes only at import time (Python 3.8).
 """
 from __future__ import annotations
 
@@ -34,6 +34,8 @@ import os
 import sys
 import time
 from typing import Any, Dict, List, Optional, Tuple  # noqa: F401 (Tuple: in type comments)
+
+from relay.modes import reporting_disabled
 
 log = logging.getLogger("relay.integrations.tokenhsi")
 
@@ -55,7 +57,7 @@ class Reporting(object):
     @property
     def enabled(self):
         # type: () -> bool
-        return self.use_wandb and self.wandb.get("mode") != "disabled" and os.environ.get("WANDB_MODE") != "disabled"
+        return self.use_wandb and not reporting_disabled(self.wandb.get("mode"))
 
     @property
     def finish_timeout(self):
@@ -79,7 +81,7 @@ class Reporting(object):
     def observer(self, name, config=None):
         # type: (Optional[str], Optional[Dict[str, Any]]) -> Any
         """The observer for a training run named `name` (reports nothing when reporting is off)."""
-        from relay.rl_games import RelayAlgoObserver
+        from relay.integrations.rl_games import RelayAlgoObserver
 
         if not self.use_wandb:
             return RelayAlgoObserver(mode="disabled")
@@ -166,8 +168,8 @@ def training_config(cfg_train, cfg_env=None, args=None):
     # type: (Dict[str, Any], Optional[Dict[str, Any]], Any) -> Dict[str, Any]
     """The W&B config of a TokenHSI run: the training yaml as it was loaded, the env yaml under
     `cfg_env` (without the `args` TokenHSI's load_cfg puts there), the command line under `args`;
-    as plain values (relay.rl_games.sanitize_config)."""
-    from relay.rl_games import sanitize_config
+    as plain values (relay.integrations.rl_games_tags.sanitize_config)."""
+    from relay.integrations.rl_games_tags import sanitize_config
 
     config = dict(cfg_train)
     if isinstance(cfg_env, dict):
@@ -207,7 +209,7 @@ class TokenHSIRelay(object):
         reports; `algo_observer` itself otherwise (reporting off, or --test/--play)."""
         if self.testing or not self.reporting.enabled:
             return algo_observer
-        from relay.rl_games import MultiObserver
+        from relay.integrations.rl_games import MultiObserver
 
         self.relay_observer = self.reporting.observer(self.name, self.config)
         return MultiObserver(self.relay_observer, algo_observer)

@@ -20,18 +20,16 @@ import ast
 import difflib
 import os
 import re
-import tempfile
 from typing import List, Optional, Tuple  # noqa: F401 (in type comments)
+
+from relay import durable
+from relay.errors import PatchError  # noqa: F401 (part of this module's API)
 
 MARK = "  # tokenhsi-relay"
 OFF = "# tokenhsi-relay off: "
 RUN_PY = os.path.join("tokenhsi", "run.py")
 SHAPE = ("a TokenHSI tokenhsi/run.py: a main() with `cfg, cfg_train, logdir = load_cfg(args)`, "
          "`algo_observer = RLGPUAlgoObserver()` and `runner.run(vargs)`")
-
-
-class PatchError(Exception):
-    """The file cannot be patched (or reverted); the message says why and what was expected."""
 
 
 def locate(path):
@@ -235,25 +233,5 @@ def diff(before, after, path):
 
 def write_atomically(path, text):
     # type: (str, str) -> None
-    """Replace `path` by `text` (same mode): temp file, fsync, rename, fsync the directory."""
-    folder = os.path.dirname(os.path.abspath(path))
-    mode = os.stat(path).st_mode & 0o7777
-    fd, tmp = tempfile.mkstemp(prefix=".run.py.", dir=folder)
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    directory = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    """Replace `path` by `text` (UTF-8, same mode), durably (relay.durable)."""
+    durable.write_text(path, text, mode=os.stat(path).st_mode & 0o7777, prefix=".run.py.")

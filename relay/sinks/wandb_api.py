@@ -15,6 +15,8 @@ import urllib.error
 import urllib.request
 from urllib.parse import urlparse
 
+from relay.errors import RelayError
+
 # How many history rows W&B holds for a run (the field wandb-core itself reads when it resumes).
 SERVER_STEP_QUERY = """query RelayServerStep($entity: String, $project: String!, $name: String!) {
   model(name: $project, entityName: $entity) { bucket(name: $name) { historyLineCount } }
@@ -24,7 +26,7 @@ SERVER_STEP_QUERY = """query RelayServerStep($entity: String, $project: String!,
 COUNT_ERRORS = (OSError, ValueError, KeyError, TypeError)
 
 
-class Unreachable(ConnectionError):
+class Unreachable(RelayError, ConnectionError):
     """W&B did not answer the relay's own query (raised before wandb.init is tried)."""
 
 
