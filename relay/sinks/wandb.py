@@ -11,7 +11,7 @@ core stops. So a sink
   what it held goes to W&B first), lets the uploader wait for W&B's count again, and starts the
   run again;
 - and when the shared core fails it twice, or cannot be reached, goes on with a wandb-core of its
-  own, as every uploader did before sharing.
+  own.
 Every wandb-core, shared or not, gets a parent-death signal (a wandb-core whose parent is gone
 would otherwise go on for a second or so, and write to a run that a restarted relay resumed).
 
