@@ -1,6 +1,6 @@
 r"""Coverage-guided fuzzing of the relay's decoder with atheris (libFuzzer), outside CI.
 
-Every input goes through relay.protocol.decode and relay.server.classify, as a frame from a
+Every input goes through relay.protocol.decode and relay.intake.classify, as a frame from a
 client would. The contract: a validated message (which re-encodes to the same message) or a
 ProtocolError; any other exception is a crash that libFuzzer reports with the input that made
 it. Half the mutations are libFuzzer's own byte edits; the other half decode the input as
@@ -13,7 +13,7 @@ type), so that inputs get past the msgpack layer into the schema checks.
 
 The seed corpus (fuzz/corpus/) holds one valid frame of each kind; `--write-seeds DIR` writes it.
 `--line-coverage DIR...` runs a corpus once and says which lines of the decoder it reached.
-Only relay.protocol, relay.server and relay.artifacts are instrumented: msgpack's C extension
+Only relay.protocol, relay.intake and relay.artifacts are instrumented: msgpack's C extension
 is exercised, not measured.
 """
 from __future__ import annotations
@@ -29,10 +29,10 @@ import msgpack
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-with atheris.instrument_imports(include=["relay.protocol", "relay.server", "relay.artifacts"]):
+with atheris.instrument_imports(include=["relay.protocol", "relay.intake", "relay.artifacts"]):
     from relay import protocol
     from relay.config import RelayConfig
-    from relay.server import classify
+    from relay.intake import classify
 
 CONFIG = RelayConfig(spool_dir="/tmp/relay-atheris-spool", artifact_roots=["/tmp"])
 

@@ -21,7 +21,7 @@ import msgpack
 from relay import keys as curve_keys
 from relay import protocol, sides
 from relay.errors import RelayError
-from relay.status import not_listed, query_status, totals_line  # noqa: F401 (part of this module's API)
+from relay.status import RelayStatus, query_status  # noqa: F401 (query_status: part of this module's API)
 
 if TYPE_CHECKING:
     from relay.config import RelayConfig
@@ -150,27 +150,31 @@ def status(endpoint: str, as_json: bool, timeout: float, keys: str | None, live:
     if as_json:
         click.echo(json.dumps(reply, sort_keys=True))
         return
+    print_status(RelayStatus.from_dict(reply))
+
+
+def print_status(status: RelayStatus) -> None:
+    """The `relay status` table: the relay, its totals, one line per run listed."""
     click.echo("relay %s  mode %s  up %.0f s  spool %s (%.1f MB)" % (
-        reply["bind"], reply["mode"], reply["uptime"], reply["spool_path"], reply["spool_bytes"] / 1e6))
-    if reply.get("holding") or reply.get("spool_error"):
-        click.echo("HOLDING new records (not acked): %s" % (reply.get("spool_error") or reply.get("hold_reason")
-                                                              or "spool over max_spool_bytes"))
-    if reply.get("wandb_down_since"):
-        click.echo("W&B unreachable since %s" % time.strftime("%H:%M:%S", time.localtime(reply["wandb_down_since"])))
-    click.echo(totals_line(reply))
-    if not reply["runs"]:
+        status.bind, status.mode, status.uptime, status.spool_path, status.spool_bytes / 1e6))
+    if status.holding_line():
+        click.echo(status.holding_line())
+    if status.wandb_down_since:
+        click.echo("W&B unreachable since %s" % time.strftime("%H:%M:%S", time.localtime(status.wandb_down_since)))
+    click.echo(status.totals_line())
+    if not status.runs:
         click.echo("no runs yet")
-    for run in reply["runs"]:
-        since = time.strftime("%H:%M:%S", time.localtime(run["state_since"])) if run["state_since"] else "-"
-        lag = "lag %.0f s" % run["oldest_pending_age"] if run["oldest_pending_age"] is not None else "no lag"
+    for run in status.runs:
+        since = time.strftime("%H:%M:%S", time.localtime(run.state_since)) if run.state_since else "-"
+        lag = "lag %.0f s" % run.oldest_pending_age if run.oldest_pending_age is not None else "no lag"
         line = "%-14s %-20s received %-7d uploaded %-7d pending %-7d (unsent %d, unconfirmed %d) %-9s %s since %s" % (
-            run["run_id"], (run["project"] or "") + "/" + (run["name"] or ""), run["received"], run["uploaded"],
-            run["pending"], run["unsent"], run["unconfirmed"], lag, run["state"], since)
-        if run["last_error"]:  # for a run settling, why it waits
-            line += "  %s: %s" % ("waiting" if run["state"] == "settling" else "last error", run["last_error"])
+            run.run_id, (run.project or "") + "/" + (run.name or ""), run.received, run.uploaded,
+            run.pending, run.unsent, run.unconfirmed, lag, run.state, since)
+        if run.last_error:  # for a run settling, why it waits
+            line += "  %s: %s" % ("waiting" if run.state == "settling" else "last error", run.last_error)
         click.echo(line)
-    if not_listed(reply):
-        click.echo(not_listed(reply))
+    if status.not_listed():
+        click.echo(status.not_listed())
 
 
 @main.command()

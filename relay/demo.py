@@ -14,7 +14,7 @@ import sys
 import time
 
 from relay import durable
-from relay.status import query_status
+from relay.status import RelayStatus, RunStatus, query_status
 from relay.testing import RelayProcess, free_endpoint, wait_for
 
 PROJECT = "tokenhsi-relay-demo"
@@ -37,20 +37,21 @@ def run_demo(directory: str, steps: int) -> int:
             print("demo: the client failed with exit code %d" % client.returncode, file=sys.stderr)
             return 1
 
-        def finished():
-            status = query_status(relay.endpoint, 1.0)
-            runs = [run for run in (status or {}).get("runs", []) if run["finished"] and run["pending"] == 0]
+        def finished() -> RunStatus | None:
+            reply = query_status(relay.endpoint, 1.0)
+            runs = [run for run in (RelayStatus.from_dict(reply).runs if reply else []) if run.finished
+                    and run.pending == 0]
             return runs[0] if runs else None
 
         run = wait_for(finished, 120, "the relay to upload the run")
-        print("demo: the relay uploaded %d records; stopping it with SIGTERM" % run["received"], flush=True)
+        print("demo: the relay uploaded %d records; stopping it with SIGTERM" % run.received, flush=True)
     finally:
         code = relay.stop(timeout=120, must_exit=False)
     print()
     print("demo: relay exited with code %d" % code)
-    print("demo: the offline W&B run is in %s" % run["location"])
+    print("demo: the offline W&B run is in %s" % run.location)
     print("demo: upload it to W&B (needs `wandb login` or WANDB_API_KEY) with:")
-    print("    wandb sync %s" % run["location"])
+    print("    wandb sync %s" % run.location)
     return code
 
 

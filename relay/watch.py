@@ -20,7 +20,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from relay.status import not_listed, totals_line
+from relay.status import RelayStatus
 
 COUNTERS = ("received", "acked", "duplicates", "refused", "malformed", "held")
 
@@ -34,32 +34,32 @@ def _megabytes(value: float) -> str:
 
 
 def upload_rates(previous: dict | None, current: dict, elapsed: float) -> dict[str, float | None]:
-    """Run id -> records handed to W&B per second between two polls (None on the first poll)."""
-    before = {run["run_id"]: run["received"] - run["unsent"] for run in (previous or {}).get("runs", [])}
+    """Run id -> records handed to W&B per second between two polls of status replies (None on
+    the first poll)."""
+    before = {run.run_id: run.handed_over for run in RelayStatus.from_dict(previous).runs} if previous else {}
     rates: dict[str, float | None] = {}
-    for run in current["runs"]:
-        if run["run_id"] not in before or elapsed <= 0:
-            rates[run["run_id"]] = None
+    for run in RelayStatus.from_dict(current).runs:
+        if run.run_id not in before or elapsed <= 0:
+            rates[run.run_id] = None
         else:
-            rates[run["run_id"]] = max(0, run["received"] - run["unsent"] - before[run["run_id"]]) / elapsed
+            rates[run.run_id] = max(0, run.handed_over - before[run.run_id]) / elapsed
     return rates
 
 
-def render(status: dict, rates: dict[str, float | None], endpoint: str) -> Group:
-    down = status.get("wandb_down_since")
+def render(reply: dict, rates: dict[str, float | None], endpoint: str) -> Group:
+    """The view of one status reply."""
+    status = RelayStatus.from_dict(reply)
+    down = status.wandb_down_since
     wandb = Text("W&B unreachable since %s" % _clock(down), style="bold red") if down else \
-        Text("W&B reachable", style="green") if status["mode"] == "online" else Text(status["mode"], style="yellow")
+        Text("W&B reachable", style="green") if status.mode == "online" else Text(status.mode, style="yellow")
     header = Text.assemble(
-        ("relay %s" % status["bind"], "bold"), "  mode %s  up %.0f s  " % (status["mode"], status["uptime"]), wandb,
-        "\nspool %s of %s (%s)" % (_megabytes(status["spool_bytes"]), _megabytes(status["max_spool_bytes"]),
-                                   status["spool_path"]))
-    if status.get("holding") or status.get("spool_error"):
-        header.append("\nHOLDING new records (not acked): %s"
-                      % (status.get("spool_error") or status.get("hold_reason") or "spool over max_spool_bytes"),
-                      style="bold red")
-    counters = status.get("counters", {})
-    header.append("\n" + "  ".join("%s %d" % (name, counters.get(name, 0)) for name in COUNTERS))
-    header.append("\n" + totals_line(status))
+        ("relay %s" % status.bind, "bold"), "  mode %s  up %.0f s  " % (status.mode, status.uptime), wandb,
+        "\nspool %s of %s (%s)" % (_megabytes(status.spool_bytes), _megabytes(status.max_spool_bytes),
+                                   status.spool_path))
+    if status.holding_line():
+        header.append("\n" + status.holding_line(), style="bold red")
+    header.append("\n" + "  ".join("%s %d" % (name, status.counters.get(name, 0)) for name in COUNTERS))
+    header.append("\n" + status.totals_line())
     table = Table(title="runs (from %s at %s)" % (endpoint, time.strftime("%H:%M:%S")), title_justify="left",
                   expand=False)
     for column, justify in (("run", "left"), ("project/name", "left"), ("state", "left"), ("since", "left"),
@@ -67,19 +67,19 @@ def render(status: dict, rates: dict[str, float | None], endpoint: str) -> Group
                             ("unconfirmed", "right"), ("lag", "right"), ("upload rate", "right"),
                             ("last error", "left")):
         table.add_column(column, justify=justify, overflow="fold")
-    for run in status["runs"]:
-        rate = rates.get(run["run_id"])
-        lag = run["oldest_pending_age"]
+    for run in status.runs:
+        rate = rates.get(run.run_id)
+        lag = run.oldest_pending_age
         table.add_row(
-            run["run_id"], "%s/%s" % (run["project"] or "", run["name"] or ""),
-            run["state"] + (" (exit %s)" % run["exit_code"] if run["finished"] else ""), _clock(run["state_since"]),
-            str(run["received"]), str(run["uploaded"]), str(run["pending"]), str(run["unconfirmed"]),
+            run.run_id, "%s/%s" % (run.project or "", run.name or ""),
+            run.state + (" (exit %s)" % run.exit_code if run.finished else ""), _clock(run.state_since),
+            str(run.received), str(run.uploaded), str(run.pending), str(run.unconfirmed),
             "%.0f s" % lag if lag is not None else "-", "%.1f/s" % rate if rate is not None else "-",
-            Text(run["last_error"] or "", style="red"))
-    if not status["runs"]:
+            Text(run.last_error or "", style="red"))
+    if not status.runs:
         table.add_row("(no runs yet)", *[""] * 10)
-    if not_listed(status):
-        return Group(header, table, Text(not_listed(status)))
+    if status.not_listed():
+        return Group(header, table, Text(status.not_listed()))
     return Group(header, table)
 
 

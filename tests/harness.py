@@ -147,3 +147,16 @@ def wait_gone(pid: int, timeout: float) -> None:
         assert readable, "process %d still running after %.0f s" % (pid, timeout)
     finally:
         os.close(fd)
+
+
+def mount_tmpfs(point, size: str):
+    """Mount a fresh tmpfs of `size` (e.g. "24m") at the existing directory `point`: a real filesystem
+    that really fills. Returns the function that unmounts it; skips the test when no tmpfs can be
+    mounted here (it needs root)."""
+    import pytest
+
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=" + size, "tmpfs", str(point)],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root): %s" % made.stderr.strip())
+    return lambda: subprocess.run(["umount", "-l", str(point)], capture_output=True)

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from harness import wandb_env
+from harness import mount_tmpfs, wandb_env
 from relay.client import RelayClient
 
 pytestmark = pytest.mark.timeout(240)
@@ -39,11 +39,7 @@ def checkpoint_dir(request, tmp_path):
     if request.param == "copy":
         if os.geteuid() != 0:
             pytest.skip("mounting a tmpfs for the checkpoints needs root")
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(root)],
-                                 capture_output=True, text=True)
-        if mounted.returncode != 0:
-            pytest.skip("cannot mount a tmpfs here: %s" % mounted.stderr.strip())
-        request.addfinalizer(lambda: subprocess.run(["umount", "-l", str(root)], check=True))
+        request.addfinalizer(mount_tmpfs(root, "64m"))
         assert os.stat(root).st_dev != os.stat(tmp_path).st_dev
     (root / "nn").mkdir()
     return root

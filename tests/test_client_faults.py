@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from harness import ROOT, TESTS
+from harness import ROOT, TESTS, mount_tmpfs
 from relay.client import RelayClient
 from relay.spool import Spool
 from test_e2e import assert_history
@@ -180,10 +180,7 @@ def full_spill_dir(tmp_path):
     """A 256 KiB tmpfs filled to the last block by `filler`: a real full disk, no mocks."""
     mount_point = tmp_path / "spill"
     mount_point.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)],
-                          capture_output=True, text=True)
-    if made.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root): %s" % made.stderr.strip())
+    unmount = mount_tmpfs(mount_point, "256k")
     try:
         fd = os.open(str(mount_point / "filler"), os.O_WRONLY | os.O_CREAT, 0o600)
         try:
@@ -195,7 +192,7 @@ def full_spill_dir(tmp_path):
             os.close(fd)
         yield mount_point
     finally:
-        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+        unmount()
 
 
 def test_full_spill_dir_is_tried_once_per_overflow_leaves_no_file_and_counts_what_is_lost(full_spill_dir,

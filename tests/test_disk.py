@@ -11,10 +11,10 @@ import re
 import signal
 import sqlite3
 import struct
-import subprocess
 
 import pytest
 
+from harness import mount_tmpfs
 from test_e2e import assert_history
 from workload import frame, row, same_value
 
@@ -26,21 +26,17 @@ MIB = 1 << 20
 @pytest.fixture
 def small_disk(tmp_path):
     """mount(size) -> a fresh tmpfs of `size` (e.g. "24m"): a real filesystem that really fills."""
-    mounted = []
+    unmounts = []
 
     def mount(size: str):
-        point = tmp_path / ("disk%d" % len(mounted))
+        point = tmp_path / ("disk%d" % len(unmounts))
         point.mkdir()
-        made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=" + size, "tmpfs", str(point)],
-                              capture_output=True, text=True)
-        if made.returncode != 0:
-            pytest.skip("cannot mount a tmpfs here (needs root): %s" % made.stderr.strip())
-        mounted.append(point)
+        unmounts.append(mount_tmpfs(point, size))
         return point
 
     yield mount
-    for point in mounted:
-        subprocess.run(["umount", "-l", str(point)], capture_output=True)
+    for unmount in unmounts:
+        unmount()
 
 
 def fill(path) -> int:

@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from harness import mount_tmpfs
 from relay.client import RelayClient
 from relay.spool import Spool
 from test_e2e import assert_history
@@ -267,12 +268,9 @@ def tiny_disk(tmp_path):
     """A 1 MiB tmpfs that the test can grow later: a real full disk, no mocks."""
     mount_point = tmp_path / "tiny"
     mount_point.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
-                          capture_output=True, text=True)
-    if made.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root): %s" % made.stderr.strip())
+    unmount = mount_tmpfs(mount_point, "1m")
     yield mount_point
-    subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+    unmount()
 
 
 def test_full_disk_holds_records_without_loss_until_there_is_room(fake_wandb, relay_factory, trainer_factory,

@@ -27,6 +27,7 @@ from relay import protocol
 from relay.cli import query_status
 from relay.client import RelayClient
 from relay.spool import STATUS_BYTES, STATUS_PAGE_BYTES, Spool
+from relay.status import RelayStatus, RunStatus
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -155,6 +156,68 @@ def test_status_pages_stay_under_their_byte_budget_whatever_the_runs_names(relay
         sock.close()
     assert listed == run_ids
     assert len(pages) > 1 and max(pages) < STATUS_PAGE_BYTES + 4096 < FRAME_LIMIT, pages
+
+
+# -- the typed status --------------------------------------------------------------------------
+
+
+def ask(endpoint: str, request: dict) -> dict:
+    """One status request on a socket of its own; the reply exactly as it came (msgpack)."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    try:
+        sock.send(protocol.encode(dict({"v": 1, "t": "status", "stream": "typed", "seq": 0}, **request)))
+        assert sock.poll(10_000), "no reply to %s" % request
+        return protocol.decode_raw(sock.recv())
+    finally:
+        sock.close()
+
+
+def test_typed_status_reads_a_real_reply_and_writes_it_back_exactly(relay_factory, tmp_path):
+    spool_dir = str(tmp_path / "spool")
+    run_ids = write_history(spool_dir, 30)
+    relay = relay_factory(None, ["--mode", "disabled"], spool_dir=spool_dir)
+    client = RelayClient(relay.endpoint, spill_dir=str(tmp_path / "spill"))
+    run = client.start_run(project="tokenHSI", name="live", run_id="typed-live")
+    try:
+        for step in range(20):
+            run.log(row(7, step, 4), frame=frame(step), epoch=step + 1)
+        assert client.flush(30.0)
+        summary = ask(relay.endpoint, {})
+        first_page = ask(relay.endpoint, {"page": 0})
+    finally:
+        client.close()
+    for reply in (summary, first_page):
+        status = RelayStatus.from_dict(reply)
+        assert status.to_dict() == reply
+        assert protocol.decode_raw(protocol.encode(status.to_dict())) == reply   # and through msgpack
+    status = RelayStatus.from_dict(summary)
+    assert (status.version, status.stream, status.paged, status.mode) == (1, "typed", False, "disabled")
+    assert "next" not in summary and "next" in first_page and first_page["next"] is None
+    assert status.run_counts.total == 31 and status.counters["received"] >= 21 and status.extra == {}
+    live = [entry for entry in status.runs if entry.run_id == "typed-live"]
+    assert len(live) == 1 and isinstance(live[0], RunStatus) and live[0].received == 21
+    assert live[0].name == "live" and live[0].project == "tokenHSI" and live[0].extra == {}
+    assert [entry.run_id for entry in RelayStatus.from_dict(first_page).runs] == run_ids + ["typed-live"]
+
+    # a newer relay's keys are kept, and --json prints the reply as it came
+    newer = dict(summary, queue_depth=3, runs=[dict(summary["runs"][0], gpu="h200")])
+    assert RelayStatus.from_dict(newer).to_dict() == newer
+    every = relay_cli("status", "--endpoint", relay.endpoint, "--json")
+    assert every.returncode == 0, every.stderr
+    printed = json.loads(every.stdout)
+    assert RelayStatus.from_dict(printed).to_dict() == printed and printed["t"] == "status"
+    assert relay.stop() == 0
+
+
+def test_metrics_and_the_status_types_do_not_import_the_server():
+    code = ("import sys, relay.metrics, relay.status, relay.watch, relay.intake, relay.supervisor; "
+            "print(sorted(name for name in sys.modules if name == 'relay.server'))")
+    result = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=ROOT),
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 # -- a status flood --------------------------------------------------------------------------
