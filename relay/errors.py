@@ -16,7 +16,8 @@ exception its callers have always caught (so `except ValueError` still catches a
     ├── SnapshotError (RuntimeError)    the relay could not take a checkpoint snapshot (relay.snapshots)
     ├── SpoolError (RuntimeError)       the spool cannot be opened or written (relay.spool)
     ├── BindRefused                     a bind address the security policy refuses (relay.security)
-    └── Unreachable, Interrupted (ConnectionError)  an uploader's wait for W&B (relay.uploader)
+    └── Unreachable, Interrupted (ConnectionError)  an uploader's wait for W&B
+                                        (relay.sinks.wandb_api, relay.rowcount)
 
 The trainer-side ones are defined here and importable from their modules too (`from relay.keys
 import CurveKeyError` keeps working). Trainer side: standard library only (Python 3.8).

@@ -32,7 +32,7 @@ from relay.snapshots import CopyThread, SnapshotDir
 from relay.spool import Spool
 from relay.status import RelayStatus
 from relay.supervisor import Supervisor, Uploader, uploader_context
-from relay.uploader import default_mode
+from relay.sinks.wandb_api import default_mode
 from relay.watches import GapWatch, RefusalLog, SilenceWatch
 
 __all__ = ["RelayServer", "classify", "GapWatch", "RefusalLog", "SilenceWatch", "Uploader", "uploader_context"]

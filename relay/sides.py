@@ -42,7 +42,7 @@ SERVER_EXTRA_MODULES = ("wandb", "pydantic", "yaml", "tenacity", "rich", "promet
 SERVER_EXTRA_INSTALL = "pip install 'tokenhsi-relay[server]'"
 
 
-PACKAGES = ("relay", "relay.integrations")
+PACKAGES = ("relay", "relay.integrations", "relay.sinks")
 
 
 def source_file(module: str) -> str:

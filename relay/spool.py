@@ -12,7 +12,7 @@ Invariants:
   S are on the server (W&B stores history as a prefix) and are deleted; the rest are logged again.
   W&B counts rows seconds after they arrive, so S is taken only once the count can be trusted: it
   reached steps_handed, or no writer of the run's history has been alive for the counting lag
-  (relay/uploader.py, "settling").
+  (relay/settle.py).
 - Records leave the spool only once W&B has confirmed them: the run finished (`run.finish()`
   returned), a resume reported a server step past them, or (a checkpoint) W&B committed its
   artifact; or, damaged, they are moved to the

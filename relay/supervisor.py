@@ -22,6 +22,7 @@ from relay import uploader as uploader_module
 from relay.config import RelayConfig
 from relay.metrics import error_kind
 from relay.progress import BacklogProgress
+from relay.sinks.wandb import SDK_PRELOAD, SharedCore
 from relay.spool import Spool
 from relay.watches import SilenceWatch
 
@@ -61,10 +62,11 @@ def uploader_context() -> multiprocessing.context.BaseContext:
 
     Each run still gets a process of its own (see relay/uploader.py for why), but it starts as a
     fork of an interpreter that already holds the wandb SDK (and what wandb.init imports lazily,
-    uploader.SDK_PRELOAD): starting one costs a fork, not the ~0.7 s of CPU those imports take, and
-    the imported code's pages are shared. The fork server starts no thread before it forks."""
+    SDK_PRELOAD in relay/sinks/wandb.py): starting one costs a fork, not the ~0.7 s of CPU those
+    imports take, and the imported code's pages are shared. The fork server starts no thread before
+    it forks."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["relay.uploader", *uploader_module.SDK_PRELOAD])
+    context.set_forkserver_preload(["relay.uploader", *SDK_PRELOAD])
     return context
 
 
@@ -89,7 +91,7 @@ class Supervisor:
         self.wandb_checked_at = 0.0  # time.time() of the last watch_wandb
         self.progress = BacklogProgress(config.progress_backlog, config.progress_every)
         self.context = uploader_context()
-        self.core = uploader_module.SharedCore()
+        self.core = SharedCore()
         self.core_started_at = 0.0
         self.core_lost = False
 
@@ -134,7 +136,7 @@ class Supervisor:
         self.uploaders[run_id] = Uploader(run_id, process, wake_fd, lifeline_fd, failures)
 
     def start_core(self) -> None:
-        """The wandb-core the uploaders share (relay/uploader.py says why and how)."""
+        """The wandb-core the uploaders share (relay/sinks/wandb.py says why and how)."""
         self.core_started_at = time.monotonic()
         self.core_lost = False
         if self.core.start():

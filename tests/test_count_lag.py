@@ -1,9 +1,9 @@
 """W&B counts a run's history lines seconds after they arrive: restarts inside that lag write no row
 over another, lose none and double none.
 
-The relay resumes a run only on a count it can trust (see relay/uploader.py, "settling"). Real
-relay, real signals, real wandb SDK; the fake W&B counts history lines `lag` seconds after they
-arrive and counts every line written over another (the wandb_lag marker fails the test on one).
+The relay resumes a run only on a count it can trust (see relay/settle.py). Real relay, real
+signals, real wandb SDK; the fake W&B counts history lines `lag` seconds after they arrive and
+counts every line written over another (the wandb_lag marker fails the test on one).
 """
 from __future__ import annotations
 

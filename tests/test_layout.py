@@ -1,4 +1,5 @@
-"""The package's shape: one exception tree, no import circles, each module on its side."""
+"""The package's shape: one exception tree, no import circles, each module on its side, wandb imported
+by the W&B sink alone."""
 from __future__ import annotations
 
 import ast
@@ -93,3 +94,26 @@ def test_no_import_circles_in_relay():
         if module not in state:
             visit(module, [module])
     assert circles == [], "import circles:\n" + "\n".join(circles)
+
+
+def test_only_the_sinks_import_wandb():
+    """wandb is one adapter: relay/sinks/wandb.py holds every call into the SDK."""
+    importing = sorted(module for module in MODULES
+                       if any(name == "wandb" or name.startswith("wandb.") for name in wandb_imports_of(module)))
+    assert importing == ["relay.sinks.wandb"], "only relay/sinks/ may import wandb: %s" % importing
+
+
+def wandb_imports_of(module: str) -> set:
+    """The modules `module` imports by name (import statements anywhere in the file)."""
+    path = os.path.join(ROOT, *module.split(".")) + ".py"
+    if not os.path.isfile(path):
+        path = os.path.join(ROOT, *module.split("."), "__init__.py")
+    with open(path, encoding="utf-8") as handle:
+        tree = ast.parse(handle.read(), path)
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names

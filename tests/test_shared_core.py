@@ -1,6 +1,6 @@
 """The uploaders share one wandb-core, and a failure of it, or within it, loses and doubles nothing.
 
-See relay/uploader.py (module docstring) for the design: one wandb-core started by the server,
+See relay/sinks/wandb.py (module docstring) for the design: one wandb-core started by the server,
 streams left open in it closed by the next uploader of their run, and a wandb-core of its own
 for a run that the shared one fails. Real relay, real wandb-core, the fake W&B backend, real
 signals; outcomes are exact histories.
