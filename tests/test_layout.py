@@ -47,15 +47,20 @@ def test_public_exception_import_paths_still_work():
     assert all(issubclass(error, RelayError) for error in (MissingExtra, PatchError, SnapshotError, SpoolError))
 
 
-def imports_of(module: str) -> set:
-    """The relay modules `module` imports: its import statements anywhere in the file (those in
-    functions too, but not those under `if TYPE_CHECKING:`), and the names it hands to
-    importlib.import_module or relay.cli's relay_side()."""
+def module_tree(module: str) -> ast.Module:
+    """The parsed source of a relay module (a package's __init__.py for a package)."""
     path = os.path.join(ROOT, *module.split(".")) + ".py"
     if not os.path.isfile(path):
         path = os.path.join(ROOT, *module.split("."), "__init__.py")
     with open(path, encoding="utf-8") as handle:
-        tree = ast.parse(handle.read(), path)
+        return ast.parse(handle.read(), path)
+
+
+def imports_of(module: str) -> set:
+    """The relay modules `module` imports: its import statements anywhere in the file (those in
+    functions too, but not those under `if TYPE_CHECKING:`), and the names it hands to
+    importlib.import_module or relay.cli's relay_side()."""
+    tree = module_tree(module)
     found = set()
     todo = [tree]
     while todo:
@@ -105,11 +110,7 @@ def test_only_the_sinks_import_wandb():
 
 def wandb_imports_of(module: str) -> set:
     """The modules `module` imports by name (import statements anywhere in the file)."""
-    path = os.path.join(ROOT, *module.split(".")) + ".py"
-    if not os.path.isfile(path):
-        path = os.path.join(ROOT, *module.split("."), "__init__.py")
-    with open(path, encoding="utf-8") as handle:
-        tree = ast.parse(handle.read(), path)
+    tree = module_tree(module)
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
