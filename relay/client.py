@@ -4,7 +4,9 @@ The public facade of the trainer side: RelayClient, Run, DisabledRun, ForkedRunE
 done by relay.outbox (the records' ledger: seqs, pending records, acks, re-sends, overflow, rows
 waiting for their device values), relay.iothread (the client's I/O thread: every socket operation,
 heartbeats), relay.connection (the socket, its handshake diagnostics, reconnects) and relay.spill
-(spill files; the client's errors and rate-limited warnings).
+(spill files; the client's errors and rate-limited warnings). relay.runthreads runs each run's
+threads beside the training loop: its provenance, once (relay.provenance), and its system metrics
+sampler (relay.sysmetrics).
 
 Invariants (DESIGN.md):
 - Every call returns in bounded time and never raises for transport problems (relay absent,
@@ -52,6 +54,7 @@ from relay.iothread import IOThread
 from relay.keys import CLIENT_KEYS_VARIABLE, ClientKeys, load_client_keys
 from relay.modes import reporting_disabled
 from relay.outbox import MAX_DEFERRED, Outbox  # noqa: F401 (MAX_DEFERRED: part of this module's API)
+from relay.runthreads import RunThreads
 from relay.spill import SPILL_FIX, Reporter, Spiller, default_spill_dir
 
 JOIN_TIMEOUT = 2.0     # seconds close() gives the I/O thread to end its slice and close the socket
@@ -84,7 +87,8 @@ class RelayClient:
     def __init__(self, endpoint: Optional[str] = None, max_pending: int = 10000,
                  spill_dir: Optional[str] = None, resend_after: float = 1.0,
                  warn_every: float = 30.0, stream: Optional[str] = None, heartbeat_every: float = 10.0,
-                 keys: Optional[str] = None, reconnect_after: float = RECONNECT_AFTER):
+                 keys: Optional[str] = None, reconnect_after: float = RECONNECT_AFTER,
+                 provenance: bool = True, system_metrics: Optional[float] = 15.0):
         self.endpoint = endpoint or os.environ.get("RELAY_ENDPOINT") or protocol.DEFAULT_ENDPOINT
         # CurveZMQ keys (the DIR/<name>/ directory of `relay keys new`); a bad directory raises
         # CurveKeyError here, at start: a configuration mistake, not a transport problem.
@@ -96,6 +100,10 @@ class RelayClient:
         self.resend_after = resend_after
         self.warn_every = warn_every
         self.heartbeat_every = heartbeat_every
+        # Each run's defaults for its trainer-node extras (relay.runthreads): the `meta` record, and
+        # a `system` record every `system_metrics` seconds (0 or None: none).
+        self.provenance = bool(provenance)
+        self.system_metrics = float(system_metrics or 0)
         self._closed = False
         self._parent_runs = set()      # type: set  (runs open in the process this one was forked from)
         self._begin(stream)
@@ -110,6 +118,7 @@ class RelayClient:
                               reopen=self._reopen_messages, reporter=self._report)
         self._io = None                # type: Optional[IOThread]  (started with the first record)
         self._open_runs = {}           # type: Dict[str, Dict[str, Any]]  (run id -> settings)
+        self._threads = {}             # type: Dict[str, RunThreads]  (run id -> its provenance and sampler)
         self._lock = threading.RLock()
 
     def _after_fork(self) -> None:
@@ -141,7 +150,11 @@ class RelayClient:
     def start_run(self, project: str, name: Optional[str] = None, entity: Optional[str] = None,
                   group: Optional[str] = None, tags: Optional[List[str]] = None, notes: Optional[str] = None,
                   config: Optional[Dict[str, Any]] = None, mode: Optional[str] = None,
-                  run_id: Optional[str] = None, job_type: Optional[str] = None) -> "Run":
+                  run_id: Optional[str] = None, job_type: Optional[str] = None,
+                  provenance: Optional[bool] = None, system_metrics: Optional[float] = None) -> "Run":
+        """Open a run. `provenance` (default: the client's) sends the trainer node's provenance
+        once (relay.provenance); `system_metrics` (default: the client's; 0: none) samples its
+        system metrics every that many seconds (relay.sysmetrics)."""
         if mode is not None and mode not in protocol.WANDB_MODES:
             raise ValueError("mode must be one of %s, got %r" % (", ".join(protocol.WANDB_MODES), mode))
         run_id = run_id or uuid.uuid4().hex[:12]
@@ -159,10 +172,30 @@ class RelayClient:
         protocol.validate_settings(settings)
         run = Run(self, run_id, name)
         self._open_runs[run_id] = settings
-        self.submit({"t": "open", "run": run_id, "settings": settings})
+        provenance = self.provenance if provenance is None else bool(provenance)
+        every = self.system_metrics if system_metrics is None else float(system_metrics or 0)
+        opening = {"t": "open", "run": run_id, "settings": settings}
+        if provenance:
+            opening["meta"] = True  # a `meta` record follows: the relay waits a little for it before wandb.init
+        self.submit(opening)
+        self._start_threads(run_id, provenance, every)
         if self._io is not None:
             self._io.runs = frozenset(self._open_runs)
         return run
+
+    def _start_threads(self, run_id: str, provenance: bool, every: float) -> None:
+        if not provenance and not every:
+            return
+        try:
+            self._threads[run_id] = RunThreads(self, run_id, provenance, every).start()
+        except RuntimeError as exc:  # no thread to be had: the run goes on without its extras
+            self._report.warn("threads", "run %s: no provenance or system metrics (%s)" % (run_id, exc))
+
+    def _stop_threads(self, run_id: str, timeout: float) -> None:
+        """Before a run's finish record: its provenance given up to `timeout`, its threads stopped."""
+        threads = self._threads.pop(run_id, None)
+        if threads is not None:
+            threads.finish(timeout)
 
     @_locked
     def _run_finished(self, run_id: str) -> None:
@@ -217,6 +250,8 @@ class RelayClient:
         What cannot be spilled is lost: counted in `lost`, logged with the reason."""
         if self._closed:
             return None
+        for threads in list(self._threads.values()):
+            threads.stop()
         if timeout > 0:
             self.flush(timeout)
         io = self._io
@@ -328,9 +363,11 @@ class Run:
     def finish(self, exit_code: int = 0, timeout: float = 10.0) -> Dict[str, Any]:
         """Queue the finish record, wait at most `timeout` for acks, spill the rest to disk."""
         self._refuse_if_forked()
+        deadline = time.monotonic() + timeout
+        self.client._stop_threads(self.id, timeout)
         self.client.submit({"t": "finish", "run": self.id, "exit_code": int(exit_code), "time": time.time()})
         self.client._run_finished(self.id)
-        delivered = self.client.flush(timeout)
+        delivered = self.client.flush(max(0.0, deadline - time.monotonic()))
         spill_file = None if delivered else self.client.spill_pending()
         stats = self.client.statistics()
         return {"run": self.id, "delivered": delivered, "spill_file": spill_file,

@@ -12,6 +12,9 @@ Rules:
   record of another kind between them ends the row. A batch's first `log` record always starts a
   row of its own.
 - A `log` record with no values at all (no metrics, no axes) takes its step but makes no row.
+- Records of the trainer node beside the rows (SIDE_KINDS: `meta`, `system`) take no step and do
+  not end a row: they are applied where they came, and same-frame `log` records around them are
+  still one row.
 - A `finish` ends the plan: records after it belong to a run resumed later, and wait for the next
   batch.
 """
@@ -19,6 +22,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence, Union
+
+
+SIDE_KINDS = ("meta", "system")
 
 
 class Entry(Protocol):
@@ -50,26 +56,32 @@ def plan(records: Sequence[Entry], next_step: int) -> Plan:
     steps: list[tuple[int, int]] = []
     items: list[Union[Row, Entry]] = []
     last_frame = None
-    previous: Entry | None = None
+    previous: Entry | None = None   # the last record that is not a side record
+    row: Row | None = None          # the last row made
     for record in records:
+        if record.kind in SIDE_KINDS:
+            items.append(record)
+            through = record
+            continue
         if record.kind == "log":
             frame = record.body.get("frame")
             same_row = frame is not None and frame == last_frame and previous is not None and previous.kind == "log"
-            if same_row:
-                items[-1].values.update(row_values(record.body))  # type: ignore[union-attr]
-            else:
+            if same_row and row is not None:
+                row.values.update(row_values(record.body))
+            elif not same_row:
                 values = row_values(record.body)
-                if values:
-                    items.append(Row(next_step, values))
+                row = Row(next_step, values) if values else None
+                if row is not None:
+                    items.append(row)
                 next_step += 1
             last_frame = frame
             steps.append((record.id, next_step - 1))
         else:
             items.append(record)
-        previous = record
+        previous = through = record
         if record.kind == "finish":
             break
-    return Plan(steps, previous.id, next_step, items)  # type: ignore[union-attr]
+    return Plan(steps, through.id, next_step, items)
 
 
 def row_values(body: dict) -> dict[str, Any]:

@@ -15,6 +15,12 @@ Client -> relay kinds and their own fields:
                 the client saw it when it was logged (the relay refuses it if it has changed since)
     summary     run, values {name: scalar}
     finish      run, exit_code, time
+    meta        run, provenance {host, program, args, root, ..., git {commit, remote_url, dirty}},
+                diff? (str): where and how the trainer runs, taken on the trainer's node once per run
+                (relay/provenance.py says what each field holds); the relay hands it to W&B as the
+                run's metadata, `diff` (the uncommitted changes) as the run file diff.patch
+    system      run, values {name: number}, time: one sample of the trainer node's system metrics
+                (relay/sysmetrics.py), named as W&B names its own (`cpu`, `gpu.0.temp`, ...)
     status      page? (answered, never spooled): without `page`, the relay-wide totals and the
                 runs worth a look (the active ones, the last few finished); with `page` (0, then
                 the reply's `next`), the same totals and every run in turn, a page at a time
@@ -63,7 +69,7 @@ MAX_TAG_LEN = 64
 ALIAS_FORBIDDEN = "/:"
 MAX_METADATA_KEYS = 100
 
-RECORD_KINDS = ("open", "log", "checkpoint", "summary", "finish")
+RECORD_KINDS = ("open", "log", "checkpoint", "summary", "finish", "meta", "system")
 UNSPOOLED_KINDS = ("status", "heartbeat")
 CLIENT_KINDS = RECORD_KINDS + UNSPOOLED_KINDS
 WANDB_MODES = ("online", "offline", "disabled")
@@ -177,6 +183,43 @@ def validate(message: Dict[str, Any]) -> None:
         _require(message, "exit_code", int)
         if not EXIT_CODE_MIN <= message["exit_code"] <= EXIT_CODE_MAX:
             raise ProtocolError("field 'exit_code' %d is outside the 32-bit range W&B stores" % message["exit_code"])
+    elif kind == "meta":
+        validate_provenance(message)
+    elif kind == "system":
+        _require(message, "values", dict)
+        for key, value in message["values"].items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ProtocolError("values[%s] must be a number, got %s" % (_show(key), type(value).__name__))
+
+
+# The fields of a `meta` record's provenance the relay reads, and their types. Other fields are
+# kept (and shown in the run file relay-provenance.json), unchecked.
+PROVENANCE_FIELDS = {
+    "host": str, "program": str, "args": list, "root": str, "executable": str, "python": str, "os": str,
+    "username": str, "started_at": float, "cpu_count": int, "cpu_count_logical": int, "memory_total": int,
+    "torch": str, "cuda_version": str, "gpu_type": str, "gpu_count": int, "gpus": list, "git": dict,
+}
+GIT_FIELDS = {"commit": str, "remote_url": str, "root": str, "dirty": bool, "diff_bytes": int, "diff_left_out": str}
+
+
+def validate_provenance(message: Dict[str, Any]) -> None:
+    """A `meta` record: `provenance` a map of known fields of the right types, `diff` a string."""
+    _require(message, "provenance", dict)
+    if message.get("diff") is not None:
+        _require(message, "diff", str)
+    provenance = message["provenance"]
+    for fields, where, values in ((PROVENANCE_FIELDS, "provenance", provenance),
+                                  (GIT_FIELDS, "provenance.git", provenance.get("git") or {})):
+        for key, kind in fields.items():
+            value = values.get(key)
+            wanted = (int, float) if kind is float else kind
+            if value is not None and (not isinstance(value, wanted) or (kind is not bool and isinstance(value, bool))):
+                raise ProtocolError("field %s.%s must be %s, got %s" % (where, key, kind.__name__, type(value).__name__))
+    if not all(isinstance(arg, str) for arg in provenance.get("args") or []):
+        raise ProtocolError("field provenance.args must be a list of strings")
+    for gpu in provenance.get("gpus") or []:
+        if not isinstance(gpu, dict) or not isinstance(gpu.get("name"), str) or not _is_int(gpu.get("memory_total", 0)):
+            raise ProtocolError("field provenance.gpus must be a list of {name: str, memory_total: int}")
 
 
 SETTINGS_FIELDS = {

@@ -471,6 +471,12 @@ class Spool:
         row = self.conn.execute("SELECT settings FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         return msgpack.unpackb(row[0], raw=False) if row and row[0] is not None else None
 
+    def provenance(self, run_id: str) -> dict | None:
+        """The run's last `meta` record in the spool (its body), or None."""
+        row = self.conn.execute("SELECT CAST(body AS BLOB), crc FROM records WHERE run_id = ? AND kind = 'meta' "
+                                "ORDER BY id DESC LIMIT 1", (run_id,)).fetchone()
+        return _read_body("meta", row[0], row[1])[0] if row else None
+
     def records(self, run_id: str, after_id: int, limit: int) -> list[Record]:
         """The next records of a run. One whose body cannot be read (its checksum does not match, or
         it does not decode to a record of its kind) is set aside in the quarantine table, logged

@@ -55,6 +55,7 @@ from relay.spool import Record, Spool
 log = logging.getLogger("relay.uploader")
 
 WAKE, RETRY_NOW = b"w", b"r"  # what the server writes to an uploader's wake pipe
+META_WAIT = 10.0  # seconds a new run waits for the provenance its open record announces (the trainer's git diff)
 
 
 class WakePipe:
@@ -171,7 +172,7 @@ class RunUploader:
                         return
                     self._wake.idle()
                     continue
-                if not self._start(settings):
+                if not self._start(settings, self._provenance(records)):
                     if self.drain.is_set() or self.stop.is_set():
                         return
                 continue  # the resume may have confirmed records: read them again
@@ -179,7 +180,24 @@ class RunUploader:
 
     # -- W&B run lifecycle --------------------------------------------------------------------
 
-    def _start(self, settings: dict) -> bool:
+    def _provenance(self, records: list[Record]) -> dict | None:
+        """The run's `meta` record, for wandb.init (the run's host, program and commit are set
+        there). When the run's open record says one follows and it is not in the spool yet, wait up
+        to META_WAIT for it: the trainer sends it as soon as its `git diff` is done."""
+        meta = self._spool.provenance(self.run_id)
+        announced = any(record.kind == "open" and record.body.get("meta") for record in records)
+        deadline = time.monotonic() + META_WAIT
+        while meta is None and announced and not self.interrupt.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.info("run %s: its trainer's provenance did not come within %.0f s; the run starts without its "
+                         "host, program and commit (the metadata follows when it comes)", self.run_id, META_WAIT)
+                break
+            self._wake.wait(min(left, 0.5), WAKE)
+            meta = self._spool.provenance(self.run_id)
+        return meta
+
+    def _start(self, settings: dict, meta: dict | None = None) -> bool:
         self.mode = settings.get("mode") or self.default_mode
         if self.mode == "disabled":
             self._open = True
@@ -195,7 +213,7 @@ class RunUploader:
             reraise=True,
         )
         try:
-            retrying(self._init_once, settings)
+            retrying(self._init_once, settings, meta)
         except RETRYABLE:
             return False
         self._open = True
@@ -214,11 +232,12 @@ class RunUploader:
         log.info("run %s started in W&B mode %s at %s", self.run_id, self.mode, self.location)
         return True
 
-    def _init_once(self, settings: dict) -> None:
+    def _init_once(self, settings: dict, meta: dict | None) -> None:
         if self.mode == "online":
             self._count.settle(settings)
         self._sink.open(settings, self.mode, lambda: upload_interval(self.config, self._spool.live_runs()),
-                        on_left_open_closed=lambda: self._left_open_closed(settings))
+                        on_left_open_closed=lambda: self._left_open_closed(settings),
+                        provenance=meta and meta["provenance"])
 
     def _left_open_closed(self, settings: dict) -> None:
         """The sink closed a stream of this run left open in the shared wandb-core: what it held has
@@ -293,6 +312,10 @@ class RunUploader:
         elif record.kind == "finish":
             self._wait_for_wandb()
             self._finish(body["exit_code"], through_id=record.id)
+        elif record.kind == "meta":
+            self._sink.set_provenance(body)
+        elif record.kind == "system":
+            self._sink.log_system(body["values"], body.get("time"))
 
     def _log_checkpoint(self, record: Record) -> None:
         """Log the checkpoint's snapshot, taken when the relay took the record (relay/snapshots.py)."""

@@ -32,6 +32,7 @@ from typing import Any, Callable
 import wandb
 
 from relay.config import RelayConfig
+from relay.sinks import wandb_meta
 from relay.sinks.wandb_api import history_count, short_error
 
 log = logging.getLogger("relay.uploader")  # part of the uploader's log, as operators read it
@@ -63,15 +64,18 @@ class WandbSink:
         self.shared_core = bool(os.environ.get("WANDB_SERVICE"))  # on the relay's wandb-core (SharedCore)
         self.shared_core_failures = 0
         self._run: Any = None  # the wandb Run while one is open
+        self._provenance: dict | None = None  # the trainer's provenance given to wandb.init
 
     # -- opening ------------------------------------------------------------------------------
 
     def open(self, settings: dict, mode: str, upload_interval: Callable[[], float],
-             on_left_open_closed: Callable[[], None]) -> None:
+             on_left_open_closed: Callable[[], None], provenance: dict | None = None) -> None:
         """wandb.init the run (resumed if W&B has it). Raises one of RETRYABLE on an outage.
         `on_left_open_closed` is called after a stream of this run left open in the shared core was
-        closed, before the run starts again (its rows reached W&B, not yet its count)."""
+        closed, before the run starts again (its rows reached W&B, not yet its count). `provenance`
+        (a `meta` record's): the trainer's host, program and commit as the run's (wandb_meta)."""
         self.mode = mode
+        self._provenance = provenance
         if self.shared_core:
             try:
                 self._run = self._open_on_shared_core(settings, upload_interval, on_left_open_closed)
@@ -121,7 +125,9 @@ class WandbSink:
             reinit="create_new", allow_val_change=True,
             settings=wandb.Settings(
                 init_timeout=self.config.init_timeout, silent=True, console="off", save_code=False,
-                disable_git=True, x_disable_stats=True, x_disable_machine_info=True,
+                # Nothing of the relay's host: no git, no stats, no machine info, or (when the trainer
+                # sent its provenance) the trainer's host, program and commit instead (wandb_meta).
+                disable_git=True, x_disable_stats=True, **wandb_meta.init_settings(self._provenance),
                 # The relay host's pip packages say nothing about the trainer's run (and listing
                 # them read every installed package's metadata: a tenth of an uploader's CPU).
                 x_save_requirements=False,
@@ -164,6 +170,25 @@ class WandbSink:
 
     def log(self, values: dict, step: int) -> None:
         self._run.log(values, step=step, commit=True)
+
+    def set_provenance(self, meta: dict) -> None:
+        """A `meta` record: the trainer node's metadata (wandb-metadata.json, the config's `e`), and
+        the run files diff.patch (its uncommitted changes) and relay-provenance.json (all of it)."""
+        interface = self._run._interface  # not public: wandb is pinned (pyproject)
+        interface.publish_environment(wandb_meta.environment_record(meta["provenance"]))
+        files = {wandb_meta.PROVENANCE_FILE: wandb_meta.provenance_file(meta["provenance"])}
+        if meta.get("diff"):
+            files[wandb_meta.DIFF_FILE] = meta["diff"]
+        for name, text in files.items():
+            path = os.path.join(self._run.dir, name)
+            with open(path, "w", encoding="utf-8") as handle:
+                handle.write(text)
+            self._run.save(path, base_path=self._run.dir, policy="now")
+
+    def log_system(self, values: dict, at: float | None) -> None:
+        """A `system` record: one sample of the trainer node's system metrics (no row, no step)."""
+        interface = self._run._interface  # not public: wandb is pinned (pyproject)
+        interface._publish(interface._make_record(stats=wandb_meta.stats_record(values, at)))
 
     def update_summary(self, values: dict) -> None:
         self._run.summary.update(values)
