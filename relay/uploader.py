@@ -34,7 +34,6 @@ import fcntl
 import gc
 import logging
 import os
-import select
 import signal
 import sqlite3
 import sys
@@ -51,50 +50,11 @@ from relay.sinks.wandb import RETRYABLE, ArtifactWatch, WandbSink, wandb_core_di
 from relay.sinks.wandb_api import short_error
 from relay.snapshots import open_snapshot
 from relay.spool import Record, Spool
+from relay.wakepipe import RETRY_NOW, WAKE, WakePipe  # noqa: F401 (RETRY_NOW: the server's name for it)
 
 log = logging.getLogger("relay.uploader")
 
-WAKE, RETRY_NOW = b"w", b"r"  # what the server writes to an uploader's wake pipe
 META_WAIT = 10.0  # seconds a new run waits for the provenance its open record announces (the trainer's git diff)
-
-
-class WakePipe:
-    """The server's side of an uploader's waits: a byte on the wake pipe cuts a wait short, end of
-    file there means the server is gone (the uploader exits at once), `interrupt` means stop."""
-
-    def __init__(self, run_id: str, fd: int | None, interrupt: threading.Event):
-        self.run_id = run_id
-        self.fd = fd                # readable when the server has news; EOF when it is gone
-        self.interrupt = interrupt
-
-    def wait(self, seconds: float, wake_on: bytes) -> None:
-        """Wait `seconds`, less if the server sends one of the bytes in `wake_on` (WAKE: records
-        came; RETRY_NOW: W&B answers another uploader again) or we are told to stop."""
-        if self.fd is None:
-            self.interrupt.wait(seconds)
-            return
-        deadline = time.monotonic() + seconds
-        while not self.interrupt.is_set():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            try:
-                readable, _, _ = select.select([self.fd], [], [], min(left, 1.0))
-                if not readable:
-                    continue
-                news = os.read(self.fd, 4096)
-            except InterruptedError:
-                continue
-            if not news:
-                log.warning("run %s: the relay server is gone; uploader exits (records stay in the spool)",
-                            self.run_id)
-                os._exit(3)
-            if any(byte in wake_on for byte in news):
-                return
-
-    def idle(self) -> None:
-        """Wait up to a second for the server's wake-up byte."""
-        self.wait(1.0, RETRY_NOW + WAKE)
 
 
 class RunUploader:
@@ -181,19 +141,15 @@ class RunUploader:
     # -- W&B run lifecycle --------------------------------------------------------------------
 
     def _provenance(self, records: list[Record]) -> dict | None:
-        """The run's `meta` record, for wandb.init (the run's host, program and commit are set
-        there). When the run's open record says one follows and it is not in the spool yet, wait up
-        to META_WAIT for it: the trainer sends it as soon as its `git diff` is done."""
+        """The run's `meta` record for wandb.init (which sets the run's host, program and commit). One
+        its open record announces may take the trainer's `git diff` to come: waited for up to META_WAIT."""
         meta = self._spool.provenance(self.run_id)
-        announced = any(record.kind == "open" and record.body.get("meta") for record in records)
         deadline = time.monotonic() + META_WAIT
-        while meta is None and announced and not self.interrupt.is_set():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                log.info("run %s: its trainer's provenance did not come within %.0f s; the run starts without its "
-                         "host, program and commit (the metadata follows when it comes)", self.run_id, META_WAIT)
-                break
-            self._wake.wait(min(left, 0.5), WAKE)
+        while meta is None and any(r.kind == "open" and r.body.get("meta") for r in records):
+            if self.interrupt.is_set() or time.monotonic() >= deadline:
+                log.info("run %s starts without its trainer's provenance, which has not come", self.run_id)
+                return None
+            self._wake.wait(min(deadline - time.monotonic(), 0.5), WAKE)
             meta = self._spool.provenance(self.run_id)
         return meta
 

@@ -70,7 +70,7 @@ def test_forked_child_logs_as_a_stream_of_its_own_and_is_refused_the_parents_run
 FORK_WHILE_A_THREAD_HOLDS_THE_CLIENT = """
 import json, os, sys, threading, time
 from relay.client import RelayClient
-client = RelayClient(sys.argv[1], spill_dir=sys.argv[2])
+client = RelayClient(sys.argv[1], spill_dir=sys.argv[2], provenance=False, system_metrics=0)
 run = client.start_run(project="tokenHSI", run_id="busy")
 run.log({"a": 1.0}, frame=1)
 waiting = threading.Thread(target=client.flush, args=(20.0,))  # no relay: holds the client for 20 s
@@ -120,7 +120,7 @@ def test_fork_while_another_thread_is_inside_the_client_leaves_the_child_a_worki
 DROPPED_IN_A_CYCLE = """
 import gc, sys, time
 from relay.client import RelayClient
-client = RelayClient(sys.argv[1], spill_dir=sys.argv[2])
+client = RelayClient(sys.argv[1], spill_dir=sys.argv[2], provenance=False, system_metrics=0)
 run = client.start_run(project="tokenHSI", run_id="dropped")
 run.log({"a": 1.0}, frame=1)
 client.cycle = client  # an exception's traceback holding the trainer's frame makes such cycles too
@@ -200,7 +200,7 @@ def test_full_spill_dir_is_tried_once_per_overflow_leaves_no_file_and_counts_wha
     directory = str(full_spill_dir)
     creations = Creations(directory)
     endpoint = "ipc://%s/no-relay.ipc" % short_dir  # nothing listens: every record stays pending
-    client = RelayClient(endpoint, spill_dir=directory, max_pending=100)
+    client = RelayClient(endpoint, spill_dir=directory, max_pending=100, provenance=False, system_metrics=0)
     run = client.start_run(project="tokenHSI", run_id="fullspill")
     for step in range(1000):
         run.log(row(33, step, 4), frame=frame(step), epoch=step + 1)
@@ -236,7 +236,8 @@ def test_spill_after_space_is_freed_holds_every_record_and_relay_replay_delivers
                                                                                       tmp_path):
     directory = str(full_spill_dir)
     creations = Creations(directory)
-    client = RelayClient("ipc://%s/no-relay.ipc" % short_dir, spill_dir=directory, max_pending=100)
+    client = RelayClient("ipc://%s/no-relay.ipc" % short_dir, spill_dir=directory, max_pending=100,
+                         provenance=False, system_metrics=0)
     run = client.start_run(project="tokenHSI", run_id="freed")
     for step in range(150):
         run.log(row(34, step, 4), frame=frame(step), epoch=step + 1)
@@ -285,7 +286,8 @@ import json, sys
 sys.path.insert(0, sys.argv[4])
 from relay.client import RelayClient
 from workload import frame, row
-client = RelayClient(sys.argv[1], spill_dir=sys.argv[2], max_pending=10, heartbeat_every=0)
+client = RelayClient(sys.argv[1], spill_dir=sys.argv[2], max_pending=10, heartbeat_every=0,
+                     provenance=False, system_metrics=0)
 run = client.start_run(project="tokenHSI", run_id="clock")
 for step in range(30):
     if step == 15:

@@ -256,7 +256,8 @@ class SpyClient:
 def held_relay(fake_wandb, relay_factory, tmp_path):
     fake_wandb.set_fault("503")
     relay = relay_factory(fake_wandb, ["--mode", "online", "--artifact-root", str(tmp_path)])
-    client = RelayClient(relay.endpoint, spill_dir=str(tmp_path / "spill"), heartbeat_every=0)
+    client = RelayClient(relay.endpoint, spill_dir=str(tmp_path / "spill"), heartbeat_every=0,
+                         provenance=False, system_metrics=0)
     yield relay, SpyClient(client)
     client.close()
 

@@ -83,7 +83,8 @@ class RelayAlgoObserver(AlgoObserver):
                  entity: Optional[str] = None, group: Optional[str] = None, tags: Optional[List[str]] = None,
                  notes: Optional[str] = None, mode: Optional[str] = None, run_id: Optional[str] = None,
                  endpoint: Optional[str] = None, finish_timeout: float = 10.0, spill_dir: Optional[str] = None,
-                 keys: Optional[str] = None, config: Optional[Dict[str, Any]] = None):
+                 keys: Optional[str] = None, config: Optional[Dict[str, Any]] = None,
+                 provenance: Optional[bool] = None, system_metrics: Optional[float] = None):
         self.client = client
         self._owns_client = False
         self.project = project
@@ -99,6 +100,8 @@ class RelayAlgoObserver(AlgoObserver):
         self.finish_timeout = finish_timeout
         self.spill_dir = spill_dir
         self.config = config       # the W&B config; None: rl_games' params['config'] from before_init
+        self.provenance = provenance          # the trainer node's provenance; None: the client's default (on)
+        self.system_metrics = system_metrics  # seconds between system samples, 0 none; None: the client's (15)
         self.run = None            # the relay Run while reporting, else None
         self.report = None         # what run.finish() returned
         self.algo = None
@@ -136,7 +139,8 @@ class RelayAlgoObserver(AlgoObserver):
             config = self._config if self._config is not None else getattr(algo, "config", {})
         run = self.client.start_run(project=self.project, name=self.name or self._experiment_name,
                                     entity=self.entity, group=self.group, tags=self.tags, notes=self.notes,
-                                    config=sanitize_config(config), mode=self.mode, run_id=self.run_id)
+                                    config=sanitize_config(config), mode=self.mode, run_id=self.run_id,
+                                    provenance=self.provenance, system_metrics=self.system_metrics)
         if getattr(run, "client", None) is None:  # DisabledRun (reporting disabled, as the client saw it)
             return
         self.run = run

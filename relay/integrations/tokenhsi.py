@@ -40,7 +40,7 @@ from relay.modes import reporting_disabled
 log = logging.getLogger("relay.integrations.tokenhsi")
 
 WANDB_KEYS = ("project", "entity", "name", "group", "tags", "notes", "mode")
-RELAY_KEYS = ("endpoint", "spill_dir", "keys", "finish_timeout")
+RELAY_KEYS = ("endpoint", "spill_dir", "keys", "finish_timeout", "provenance", "system_metrics")
 NOT_SET = "Base"  # TokenHSI's default for --experiment and --checkpoint
 
 
@@ -89,15 +89,16 @@ class Reporting(object):
         return RelayAlgoObserver(project=w.get("project") or "tokenHSI", name=name, entity=w.get("entity"),
                                  group=w.get("group"), tags=w.get("tags"), notes=w.get("notes"), mode=w.get("mode"),
                                  endpoint=r.get("endpoint"), spill_dir=r.get("spill_dir"), keys=r.get("keys"),
-                                 finish_timeout=self.finish_timeout, config=config)
+                                 finish_timeout=self.finish_timeout, config=config,
+                                 provenance=r.get("provenance"), system_metrics=r.get("system_metrics"))
 
 
 def reporting_from_train_config(cfg_train, where="cfg_train"):
     # type: (Dict[str, Any], str) -> Reporting
     """Read and check the `use_wandb`, `wandb:` (project, entity, name, group, tags, notes, mode) and
-    `relay:` (endpoint, spill_dir, keys, finish_timeout) keys of a TokenHSI `cfg_train` dict. Unknown
-    keys, wrong types, and these keys placed under `params:` (where they would be ignored) raise
-    ValueError naming the key; `where` names the file in that message."""
+    `relay:` (endpoint, spill_dir, keys, finish_timeout, provenance, system_metrics) keys of a TokenHSI
+    `cfg_train` dict. Unknown keys, wrong types, and these keys placed under `params:` (where they
+    would be ignored) raise ValueError naming the key; `where` names the file in that message."""
     if not isinstance(cfg_train, dict):
         raise ValueError("%s must be a mapping, got %s" % (where, type(cfg_train).__name__))
     refuse_misplaced(cfg_train.get("params"), "params", where)
@@ -116,6 +117,12 @@ def reporting_from_train_config(cfg_train, where="cfg_train"):
     _check_type(relay, "spill_dir", str, where + ": relay")
     _check_type(relay, "keys", str, where + ": relay")
     _check_type(relay, "finish_timeout", (int, float), where + ": relay")
+    if not isinstance(relay.get("provenance", True), bool):
+        raise ValueError("%s: relay.provenance must be True or False, got %r" % (where, relay["provenance"]))
+    _check_type(relay, "system_metrics", (int, float), where + ": relay")
+    if (relay.get("system_metrics") or 0) < 0:
+        raise ValueError("%s: relay.system_metrics must be seconds between samples (0: none), got %r"
+                         % (where, relay["system_metrics"]))
     return Reporting(use_wandb, wandb, relay)
 
 
