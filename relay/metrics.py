@@ -23,8 +23,8 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from relay.config import parse_host_port
 from relay import spool_db
+from relay.config import parse_host_port
 from relay.spool_db import Footprint
 from relay.spool_report import SpoolReport
 from relay.status import RecordTotals, RunCounts, RunStatus
