@@ -100,8 +100,8 @@ class RelayClient:
         self.resend_after = resend_after
         self.warn_every = warn_every
         self.heartbeat_every = heartbeat_every
-        # Each run's defaults for its trainer-node extras (relay.runthreads): the `meta` record, and
-        # a `system` record every `system_metrics` seconds (0 or None: none).
+        # Each run's defaults (relay.runthreads): its provenance sent once, its system metrics
+        # sampled every `system_metrics` seconds (0 or None: none).
         self.provenance = bool(provenance)
         self.system_metrics = float(system_metrics or 0)
         self._closed = False
@@ -152,9 +152,7 @@ class RelayClient:
                   config: Optional[Dict[str, Any]] = None, mode: Optional[str] = None,
                   run_id: Optional[str] = None, job_type: Optional[str] = None,
                   provenance: Optional[bool] = None, system_metrics: Optional[float] = None) -> "Run":
-        """Open a run. `provenance` (default: the client's) sends the trainer node's provenance
-        once (relay.provenance); `system_metrics` (default: the client's; 0: none) samples its
-        system metrics every that many seconds (relay.sysmetrics)."""
+        """Open a run. `provenance` and `system_metrics` (seconds, 0: none): the client's if None."""
         if mode is not None and mode not in protocol.WANDB_MODES:
             raise ValueError("mode must be one of %s, got %r" % (", ".join(protocol.WANDB_MODES), mode))
         run_id = run_id or uuid.uuid4().hex[:12]
@@ -178,24 +176,11 @@ class RelayClient:
         if provenance:
             opening["meta"] = True  # a `meta` record follows: the relay waits a little for it before wandb.init
         self.submit(opening)
-        self._start_threads(run_id, provenance, every)
+        if provenance or every:
+            self._threads[run_id] = RunThreads(self, run_id, provenance, every).start()
         if self._io is not None:
             self._io.runs = frozenset(self._open_runs)
         return run
-
-    def _start_threads(self, run_id: str, provenance: bool, every: float) -> None:
-        if not provenance and not every:
-            return
-        try:
-            self._threads[run_id] = RunThreads(self, run_id, provenance, every).start()
-        except RuntimeError as exc:  # no thread to be had: the run goes on without its extras
-            self._report.warn("threads", "run %s: no provenance or system metrics (%s)" % (run_id, exc))
-
-    def _stop_threads(self, run_id: str, timeout: float) -> None:
-        """Before a run's finish record: its provenance given up to `timeout`, its threads stopped."""
-        threads = self._threads.pop(run_id, None)
-        if threads is not None:
-            threads.finish(timeout)
 
     @_locked
     def _run_finished(self, run_id: str) -> None:
@@ -364,7 +349,9 @@ class Run:
         """Queue the finish record, wait at most `timeout` for acks, spill the rest to disk."""
         self._refuse_if_forked()
         deadline = time.monotonic() + timeout
-        self.client._stop_threads(self.id, timeout)
+        threads = self.client._threads.pop(self.id, None)
+        if threads is not None:  # its provenance given up to `timeout` to come first, then stopped
+            threads.finish(timeout)
         self.client.submit({"t": "finish", "run": self.id, "exit_code": int(exit_code), "time": time.time()})
         self.client._run_finished(self.id)
         delivered = self.client.flush(max(0.0, deadline - time.monotonic()))

@@ -26,9 +26,12 @@ class RunThreads:
         self.sampler = Sampler(run_id, system_metrics, self.submit) if system_metrics else None
 
     def start(self) -> "RunThreads":
-        for thread in (self.provenance, self.sampler):
-            if thread is not None:
-                thread.start()
+        try:
+            for thread in (self.provenance, self.sampler):
+                if thread is not None:
+                    thread.start()
+        except RuntimeError as exc:  # no thread to be had: the run goes on without them
+            self.client._report.warn("threads", "no provenance or system metrics for this run: %s" % exc)
         return self
 
     def submit(self, message: Dict[str, Any]) -> bool:

@@ -171,24 +171,10 @@ class WandbSink:
     def log(self, values: dict, step: int) -> None:
         self._run.log(values, step=step, commit=True)
 
-    def set_provenance(self, meta: dict) -> None:
-        """A `meta` record: the trainer node's metadata (wandb-metadata.json, the config's `e`), and
-        the run files diff.patch (its uncommitted changes) and relay-provenance.json (all of it)."""
-        interface = self._run._interface  # not public: wandb is pinned (pyproject)
-        interface.publish_environment(wandb_meta.environment_record(meta["provenance"]))
-        files = {wandb_meta.PROVENANCE_FILE: wandb_meta.provenance_file(meta["provenance"])}
-        if meta.get("diff"):
-            files[wandb_meta.DIFF_FILE] = meta["diff"]
-        for name, text in files.items():
-            path = os.path.join(self._run.dir, name)
-            with open(path, "w", encoding="utf-8") as handle:
-                handle.write(text)
-            self._run.save(path, base_path=self._run.dir, policy="now")
-
-    def log_system(self, values: dict, at: float | None) -> None:
-        """A `system` record: one sample of the trainer node's system metrics (no row, no step)."""
-        interface = self._run._interface  # not public: wandb is pinned (pyproject)
-        interface._publish(interface._make_record(stats=wandb_meta.stats_record(values, at)))
+    def trainer_node(self, kind: str, body: dict) -> None:
+        """A `meta` or `system` record: the trainer node's metadata and files, or one sample of its
+        system metrics (no row, no step); see relay/sinks/wandb_meta.py."""
+        (wandb_meta.set_provenance if kind == "meta" else wandb_meta.log_system)(self._run, body)
 
     def update_summary(self, values: dict) -> None:
         self._run.summary.update(values)

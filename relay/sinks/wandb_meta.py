@@ -18,6 +18,7 @@ pinned (pyproject), and covered by tests/test_provenance.py.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from wandb.proto import wandb_internal_pb2 as pb
@@ -80,3 +81,23 @@ def stats_record(values: dict, at: float | None) -> pb.StatsRecord:
 
 def provenance_file(provenance: dict) -> str:
     return json.dumps(provenance, indent=2, sort_keys=True) + "\n"
+
+
+def set_provenance(run: Any, meta: dict) -> None:
+    """A `meta` record into the open wandb `run`: the trainer node's metadata (wandb-metadata.json, the
+    config's `e`), and the run files diff.patch (its uncommitted changes) and relay-provenance.json."""
+    run._interface.publish_environment(environment_record(meta["provenance"]))  # not public: wandb is pinned
+    files = {PROVENANCE_FILE: provenance_file(meta["provenance"])}
+    if meta.get("diff"):
+        files[DIFF_FILE] = meta["diff"]
+    for name, text in files.items():
+        path = os.path.join(run.dir, name)
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        run.save(path, base_path=run.dir, policy="now")
+
+
+def log_system(run: Any, system: dict) -> None:
+    """A `system` record into the open wandb `run`: one sample on its events stream."""
+    interface = run._interface  # not public: wandb is pinned (pyproject)
+    interface._publish(interface._make_record(stats=stats_record(system["values"], system.get("time"))))
