@@ -9,7 +9,9 @@ Every frame is one msgpack map. Every message carries:
 
 Client -> relay kinds and their own fields:
 
-    open        run, settings {project, entity, name, group, tags, notes, config, mode}
+    open        run, settings {project, entity, name, group, tags, notes, config, mode}, meta? (true: the
+                client sends a `meta` record for the run; the relay waits a little for it before
+                starting the W&B run, whose host, program and commit it sets)
     log         run, metrics {name: scalar}, frame?, epoch?, ns?, time
     checkpoint  run, path, metadata {..}, aliases [..], time, stat? {size, mtime_ns}: the file as
                 the client saw it when it was logged (the relay refuses it if it has changed since)

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -119,3 +120,53 @@ def test_no_git_absent_fields_and_off_switches(fake_wandb, relay_factory, traine
     assert (off.host, off.program, off.commit, off.events) == (None, "<python with no main file>", None, [])
     assert "wandb-metadata.json" not in off.files and "relay-provenance.json" not in off.files
     assert relay.stop() == 0
+
+
+class StandInNvml:
+    """pynvml's calls as nvidia-ml-py answers them for one GPU (no GPU here: the names and units are checked)."""
+    NVML_TEMPERATURE_GPU = 0
+
+    class Rates:
+        gpu, memory = 87, 41
+
+    class Memory:
+        total, used = 80 * 2 ** 30, 20 * 2 ** 30
+
+    def nvmlInit(self):
+        pass
+
+    def nvmlShutdown(self):
+        pass
+
+    def nvmlDeviceGetCount(self):
+        return 1
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        return ("gpu", index)
+
+    def nvmlDeviceGetName(self, handle):
+        return b"NVIDIA H200"
+
+    def nvmlDeviceGetUtilizationRates(self, handle):
+        return self.Rates()
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        return self.Memory()
+
+    def nvmlDeviceGetTemperature(self, handle, sensor):
+        return 61
+
+    def nvmlDeviceGetPowerUsage(self, handle):
+        return 350500   # mW
+
+    def nvmlDeviceGetEnforcedPowerLimit(self, handle):
+        return 700000
+
+
+def test_nvml_readings_under_wandb_names(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", StandInNvml())
+    assert provenance.nvml_gpus() == [{"name": "NVIDIA H200", "memory_total": 80 * 2 ** 30}]
+    assert sysmetrics.NvmlReader().sample() == {
+        "gpu.0.gpu": 87.0, "gpu.0.memory": 41.0, "gpu.0.memoryAllocated": 25.0,
+        "gpu.0.memoryAllocatedBytes": float(20 * 2 ** 30), "gpu.0.temp": 61.0, "gpu.0.powerWatts": 350.5,
+        "gpu.0.enforcedPowerLimitWatts": 700.0, "gpu.0.powerPercent": 50.07142857142857}
