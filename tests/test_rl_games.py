@@ -517,7 +517,8 @@ def test_observer_from_train_config_opens_the_run_its_yaml_describes(held_relay,
     with open(os.path.join(ROOT, "cfg", "train", "amp_point_multitask.yaml")) as handle:
         cfg_train = yaml.safe_load(handle)
     cfg_train["wandb"].update(entity="lab", group="ablation", name=None, mode="offline")
-    cfg_train["relay"].update(endpoint=relay.endpoint, spill_dir=str(tmp_path / "spill-here"), finish_timeout=20)
+    cfg_train["relay"].update(endpoint=relay.endpoint, spill_dir=str(tmp_path / "spill-here"), finish_timeout=20,
+                              provenance=False, system_metrics=0)
     cfg_train["params"]["config"]["name"] = "HumanoidTraj"
     observer = observer_from_train_config(cfg_train)
     algo = FakeAlgo(ListWriter(), str(tmp_path))
@@ -527,10 +528,11 @@ def test_observer_from_train_config_opens_the_run_its_yaml_describes(held_relay,
     observer.after_print_stats(64, 1, 0.5)
     report = observer.finish()
     assert report["delivered"] is True and observer.client.spill_dir == str(tmp_path / "spill-here")
-    assert observer.finish_timeout == 20.0
+    assert observer.finish_timeout == 20.0 and (observer.provenance, observer.system_metrics) == (False, 0)
     records = spooled(relay, observer.run_id or report["run"])
     assert [kind for kind, _ in records] == ["open", "log", "finish"]
     settings = records[0][1]["settings"]
+    assert "meta" not in records[0][1]   # provenance off: no `meta` record announced
     assert {k: settings.get(k) for k in ("project", "entity", "name", "group", "tags", "notes", "mode")} == {
         "project": "tokenHSI", "entity": "lab", "name": "HumanoidTraj", "group": "ablation",
         "tags": ["amp", "point", "multitask"], "notes": cfg_train["wandb"]["notes"], "mode": "offline"}

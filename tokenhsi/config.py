@@ -32,6 +32,8 @@ class RelaySettings:
     spill_dir: Optional[str] = None
     keys: Optional[str] = None     # CurveZMQ client key directory (`relay keys new`); null: $RELAY_CLIENT_KEYS
     finish_timeout: float = 30.0
+    provenance: bool = True        # the trainer node's provenance, once per run (docs/trainer.md)
+    system_metrics: float = 15.0   # seconds between system metrics samples; 0: none
 
 
 @dataclass(frozen=True)

@@ -174,7 +174,11 @@ class WandbSink:
     def trainer_node(self, kind: str, body: dict) -> None:
         """A `meta` or `system` record: the trainer node's metadata and files, or one sample of its
         system metrics (no row, no step); see relay/sinks/wandb_meta.py."""
-        (wandb_meta.set_provenance if kind == "meta" else wandb_meta.log_system)(self._run, body)
+        try:
+            (wandb_meta.set_provenance if kind == "meta" else wandb_meta.log_system)(self._run, body)
+        except (ValueError, TypeError, OverflowError, OSError) as exc:  # never a reason to stop the run
+            log.warning("run %s: the trainer's %s record (seq %s) is left out of W&B: %s", self.run_id, kind,
+                        body.get("seq"), short_error(exc))
 
     def update_summary(self, values: dict) -> None:
         self._run.summary.update(values)

@@ -18,6 +18,7 @@ pinned (pyproject), and covered by tests/test_provenance.py.
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
@@ -46,12 +47,12 @@ def environment_record(provenance: dict) -> pb.EnvironmentRecord:
         if isinstance(provenance.get(field), str):
             setattr(record, field, provenance[field])
     for field in ("cpu_count", "cpu_count_logical", "gpu_count"):
-        if isinstance(provenance.get(field), int):
+        if _unsigned(provenance.get(field), 32):
             setattr(record, field, provenance[field])
     record.args.extend(provenance.get("args") or [])
-    if isinstance(provenance.get("started_at"), (int, float)):
+    if _time(provenance.get("started_at")):
         record.started_at.FromNanoseconds(int(provenance["started_at"] * 1e9))
-    if isinstance(provenance.get("memory_total"), int):
+    if _unsigned(provenance.get("memory_total"), 64):
         record.memory.total = provenance["memory_total"]
     git = provenance.get("git") or {}
     if git.get("commit"):
@@ -61,14 +62,25 @@ def environment_record(provenance: dict) -> pb.EnvironmentRecord:
     for gpu in provenance.get("gpus") or []:
         entry = record.gpu_nvidia.add()
         entry.name = gpu["name"]
-        if gpu.get("memory_total"):
+        if _unsigned(gpu.get("memory_total"), 64):
             entry.memory_total = gpu["memory_total"]
     return record
 
 
+def _unsigned(value: Any, bits: int) -> bool:
+    """Can the protobuf field (uint32/uint64) hold `value`? Others are left out."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << bits
+
+
+def _time(value: Any) -> bool:
+    """A time a protobuf Timestamp can hold (years 1..9999): others are left out."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and -62135596800 <= value < 253402300800
+
+
 def stats_record(values: dict, at: float | None) -> pb.StatsRecord:
     record = pb.StatsRecord(stats_type=pb.StatsRecord.StatsType.SYSTEM)
-    if at is None:
+    if not _time(at):
         record.timestamp.GetCurrentTime()
     else:
         record.timestamp.FromNanoseconds(int(at * 1e9))
