@@ -302,9 +302,11 @@ class RunUploader:
 
 
 def provenance(spool: Spool, run_id: str, records: list[Record], wake: WakePipe) -> dict | None:
-    """The run's `meta` record for wandb.init (host, program, commit); one announced is awaited."""
-    deadline, announced = time.monotonic() + META_WAIT, any(r.kind == "open" and r.body.get("meta") for r in records)
-    while (meta := spool.uploads.provenance(run_id)) is None and announced:
+    """The `meta` record the run's open announces, for wandb.init (host, program, commit): awaited."""
+    if not any(r.kind == "open" and r.body.get("meta") for r in records):
+        return None
+    deadline = time.monotonic() + META_WAIT
+    while (meta := spool.uploads.provenance(run_id)) is None:
         if wake.interrupt.is_set() or time.monotonic() >= deadline:
             log.info("run %s starts without its trainer's provenance, which has not come", run_id)
             return None

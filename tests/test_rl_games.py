@@ -567,6 +567,9 @@ def test_observer_from_train_config_with_use_wandb_false_reports_nothing(tmp_pat
     ({"use_wandb": True, "wandb": {"tags": "amp"}}, "amp.yaml: wandb.tags must be a list of strings"),
     ({"use_wandb": True, "wandb": {"mode": "sometimes"}}, "amp.yaml: wandb.mode must be online, offline or disabled"),
     ({"use_wandb": True, "relay": {"finish_timeout": "30"}}, "amp.yaml: relay.finish_timeout has the wrong type"),
+    ({"use_wandb": True, "relay": {"provenance": "no"}}, "amp.yaml: relay.provenance must be True or False, got 'no'"),
+    ({"use_wandb": True, "relay": {"system_metrics": -1}}, "amp.yaml: relay.system_metrics must be seconds between "
+     "samples (0: none), got -1"),
     ({"use_wandb": True, "wandb": ["project"]}, "amp.yaml: wandb must be a mapping, got list"),
     ({"params": {"use_wandb": True}}, "amp.yaml: params.use_wandb is misplaced: `use_wandb` belongs at the top level"),
     ({"use_wandb": True, "params": {"config": {"wandb": {"project": "p"}}}},
