@@ -45,7 +45,7 @@ import uuid
 import weakref
 from typing import Any, Dict, List, Optional
 
-from relay import protocol, tensors  # noqa: F401 (tensors: where the outbox starts device copies)
+from relay import media, protocol, tensors  # noqa: F401 (tensors: where the outbox starts device copies)
 from relay.connection import RECONNECT_AFTER, Connection
 from relay.errors import ForkedRunError  # noqa: F401 (part of this module's API)
 from relay.iothread import IOThread
@@ -305,7 +305,29 @@ class Run:
             message["epoch"] = int(epoch)
         if namespace:
             message["ns"] = str(namespace)
-        self.client.submit(message)
+        try:
+            self.client.submit(message)
+        except TypeError:
+            if not media.holds_media(metrics):
+                raise
+            self._log_media(message)
+
+    def _log_media(self, message: Dict[str, Any]) -> None:
+        """A row holding media (relay.media), which packing refused: its scalars and axes go as the
+        `log` record, its media as a `media` record joining that row (`joins`, filled in with the
+        log's seq when it is packed). Media whose file is missing are left out and reported."""
+        metrics, items, problems = media.split(message["metrics"])
+        for problem in problems:
+            self.client._report.error("run %s: %s; the rest of the row is logged" % (self.id, problem))
+        row = {key: message[key] for key in ("frame", "epoch", "ns") if key in message}
+        joins = bool(metrics or "frame" in row or "epoch" in row)
+        if joins:
+            self.client.submit(dict(message, metrics=metrics))
+        if items:
+            record = dict(row, t="media", run=self.id, time=message["time"], values=items)
+            if joins:
+                record["joins"] = None  # the outbox puts the log record's seq here
+            self.client.submit(record)
 
     def log_checkpoint(self, path: str, metadata: Optional[Dict[str, Any]] = None,
                        aliases: Optional[List[str]] = None) -> None:

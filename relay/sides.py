@@ -17,6 +17,8 @@ TRAINER_SIDE = (
     "relay.durable",
     "relay.protocol",
     "relay.tensors",
+    "relay.media",
+    "relay.histogram",
     "relay.keys",
     "relay.client",
     "relay.outbox",

@@ -24,8 +24,9 @@ Invariants:
 - Policy 'hold' (the server): no record is acked while the spool is over max_spool_bytes or less
   than min_free_bytes would be left for it on its disk, so uploads always have room to write the
   steps, states and deletes that empty it.
-- A checkpoint record's snapshot (`snapshots/`, relay/snapshots.py) is deleted right after the
-  transaction that deleted the record; what a crash in between left is swept at the relay's start.
+- A checkpoint record's snapshot (`snapshots/`, relay/snapshots.py), and a media record's copies
+  of its files (relay/mediafiles.py), are deleted right after the transaction that deleted the
+  record; what a crash in between left is swept at the relay's start.
 """
 from __future__ import annotations
 
@@ -532,20 +533,30 @@ class Spool:
         """A resume told us the server holds steps < server_step, and will hold no more (its count
         was trusted): those records are done, and the rest will be handed again from server_step."""
         with self._transaction():
+            media = self._media_below_step(run_id, server_step)
             cursor = self.conn.execute("DELETE FROM records WHERE id IN (SELECT id FROM steps WHERE run_id = ? "
                                        "AND step < ?)", (run_id, server_step))
             self.conn.execute("DELETE FROM steps WHERE run_id = ?", (run_id,))
             self.conn.execute("UPDATE runs SET uploaded_id = 0, steps_handed = ? WHERE run_id = ?",
                               (server_step, run_id))
+        self._delete_snapshots(media)
         return cursor.rowcount
 
     def confirm_logged(self, run_id: str, server_step: int) -> int:
         """Mid-run: W&B holds every row below server_step; those records are done."""
         with self._transaction():
+            media = self._media_below_step(run_id, server_step)
             cursor = self.conn.execute("DELETE FROM records WHERE id IN (SELECT id FROM steps WHERE run_id = ? "
                                        "AND step < ?)", (run_id, server_step))
             self.conn.execute("DELETE FROM steps WHERE run_id = ? AND step < ?", (run_id, server_step))
+        self._delete_snapshots(media)
         return cursor.rowcount
+
+    def _media_below_step(self, run_id: str, server_step: int) -> list[tuple[str, int]]:
+        """(stream, seq) of the media records of rows below server_step: their copies go with them."""
+        return self.conn.execute(
+            "SELECT stream, seq FROM records WHERE kind = 'media' AND id IN (SELECT id FROM steps WHERE run_id = ? "
+            "AND step < ?)", (run_id, server_step)).fetchall()
 
     def live_bytes(self) -> int:
         """Bytes of live data in the spool (deleted rows' pages are reused, so this can shrink)."""
@@ -582,7 +593,7 @@ class Spool:
         """W&B confirmed everything of this run up to record_id (run.finish() returned)."""
         with self._transaction():
             checkpoints = self.conn.execute(
-                "SELECT stream, seq FROM records WHERE run_id = ? AND id <= ? AND kind = 'checkpoint'",
+                "SELECT stream, seq FROM records WHERE run_id = ? AND id <= ? AND kind IN ('checkpoint', 'media')",
                 (run_id, record_id)).fetchall()
             cursor = self.conn.execute("DELETE FROM records WHERE run_id = ? AND id <= ?", (run_id, record_id))
             self.conn.execute("DELETE FROM steps WHERE run_id = ? AND id <= ?", (run_id, record_id))
@@ -612,7 +623,7 @@ class Spool:
         (or a temporary name) are touched: a snapshot above it may belong to a `relay replay` that
         has not committed yet."""
         held = {snapshots.name(stream, seq) for stream, seq in self.conn.execute(
-            "SELECT stream, seq FROM records WHERE kind = 'checkpoint'")}
+            "SELECT stream, seq FROM records WHERE kind IN ('checkpoint', 'media')")}
         watermarks = {snapshots.name(stream, 0).rsplit("-", 1)[0]: upto
                       for stream, upto in self.conn.execute("SELECT stream, upto FROM streams")}
         swept = 0
@@ -627,15 +638,13 @@ class Spool:
             if not entry.endswith(snapshots.PARTIAL) and not (seq.isdigit() and int(seq) <= watermarks.get(
                     stream_hash, -1)):
                 continue
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(snapshots.directory(self.directory), entry))
-                swept += 1
+            snapshots.remove(os.path.join(snapshots.directory(self.directory), entry))
+            swept += 1
         return swept
 
     def _delete_snapshots(self, checkpoints: list[tuple[str, int]]) -> None:
         for stream, seq in checkpoints:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(snapshots.directory(self.directory), snapshots.name(stream, seq)))
+            snapshots.remove(os.path.join(snapshots.directory(self.directory), snapshots.name(stream, seq)))
 
     def set_state(self, run_id: str, state: str, error: str | None = None, location: str | None = None) -> None:
         with self._transaction():

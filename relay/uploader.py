@@ -49,6 +49,7 @@ from relay.config import RelayConfig
 from relay.rowcount import RowCount
 from relay.sinks.wandb import RETRYABLE, ArtifactWatch, WandbSink, wandb_core_dies_with_its_parent
 from relay.sinks.wandb_api import short_error
+from relay.sinks.wandb_media import row_with_media
 from relay.snapshots import open_snapshot
 from relay.spool import Record, Spool
 
@@ -274,8 +275,9 @@ class RunUploader:
         self._spool.assign_steps(self.run_id, batch.steps, batch.through_id)
         self._next_step = batch.next_step
         for item in batch.items:
-            if isinstance(item, planner.Row):
-                self._sink.log(item.values, item.step)
+            if isinstance(item, planner.Row):  # media values: made wandb objects from the spool's copies
+                values = row_with_media(self.run_id, item.values, self.config.spool_dir) if item.media else item.values
+                self._sink.log(values, item.step)
             else:
                 self._cursor = item.id
                 self._apply(item)
