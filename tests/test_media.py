@@ -120,3 +120,60 @@ def test_media_by_path_arrive_in_the_row_of_their_scalars_as_they_were_logged(fa
                       "the run finished and its media copies deleted")
     assert "ERROR" not in relay.log(), relay.log()
     assert relay.stop() == 0
+
+
+def test_histograms_bin_as_numpy_does_from_lists_arrays_and_tensors_in_python_too():
+    numpy = pytest.importorskip("numpy")
+    torch = pytest.importorskip("torch")
+    rng = numpy.random.default_rng(14)
+    samples = [rng.normal(size=1000), numpy.arange(-8, 9) / 4.0, numpy.full(7, 2.5), numpy.array([]),
+               numpy.array([1.0, numpy.nan, numpy.inf, -numpy.inf, 3.0])]
+    for values in samples:
+        for bins in (1, 7, 64, 512):
+            finite = values[numpy.isfinite(values)]
+            counts, edges = numpy.histogram(finite, bins=bins)
+            expected = (counts.tolist(), edges.tolist())
+            assert histogram.bin_values(values, bins) == expected
+            assert histogram.bin_values(values.tolist(), bins) == expected
+            assert histogram.bin_values(torch.from_numpy(values), bins) == expected
+            assert histogram._bin_in_python(values.tolist(), bins) == expected, (values, bins)
+    for bad in (0, 513, 2.0, True):
+        with pytest.raises(ValueError, match="bins must be an int from 1 to 512"):
+            relay_api.Histogram([1.0], bins=bad)
+
+
+def test_media_records_are_checked_item_by_item():
+    image = {"type": "image", "path": "/out/a.png", "stat": {"size": 3, "mtime_ns": 4}, "caption": "c"}
+    curve = {"type": "histogram", "counts": [1, 2], "edges": [0.0, 0.5, 1.0]}
+    base = {"v": 1, "t": "media", "stream": "s", "seq": 2, "run": "r", "time": 1.0, "joins": 1, "frame": 8}
+    protocol.validate(dict(base, values={"a": image, "b": curve}))
+    bad = {
+        "values[%r] must be a map with 'type' one of image, video, audio, html, histogram" % "x": {"type": "pdf"},
+        "values['x'].path must be an absolute path without control characters": dict(image, path="a.png"),
+        "values['x'].stat must be {size: int, mtime_ns: int}": dict(image, stat={"size": 1}),
+        "values['x'].fps must be a positive number, and only a video has one": dict(image, fps=4.0),
+        "values['x'] has unknown fields data": dict(image, data="...."),
+        "values['x'].counts must be 1..512 ints >= 0": dict(curve, counts=[1, -2]),
+        "values['x'].edges must be len(counts) + 1 finite numbers": dict(curve, edges=[0.0, 1.0]),
+        "values['x'].edges must be increasing": dict(curve, edges=[0.0, 1.0, 1.0]),
+    }
+    for reason, item in bad.items():
+        with pytest.raises(protocol.ProtocolError) as refused:
+            protocol.validate(dict(base, values={"x": item}))
+        assert refused.value.reason == reason
+    with pytest.raises(protocol.ProtocolError, match="field 'joins' must be int, got str"):
+        protocol.validate(dict(base, values={"a": image}, joins="1"))
+    with pytest.raises(protocol.ProtocolError, match="field 'values' of a media record is empty"):
+        protocol.validate(dict(base, values={}))
+
+
+def test_a_video_of_another_format_or_html_without_html_name_is_left_out_with_the_reason(tmp_path):
+    (tmp_path / "clip.avi").write_bytes(b"avi")
+    (tmp_path / "page.htm").write_bytes(b"<p>")
+    scalars, items, problems = media.split({"x": 1.0, "v": relay_api.Video(str(tmp_path / "clip.avi")),
+                                            "h": relay_api.Html(str(tmp_path / "page.htm"))})
+    assert (scalars, items) == ({"x": 1.0}, {})
+    assert problems == ["v: video %s cannot be logged: W&B takes .gif, .mp4, .webm, .ogg video files"
+                        % (tmp_path / "clip.avi"),
+                        "h: html %s cannot be logged: W&B takes HTML files whose name ends in .html"
+                        % (tmp_path / "page.htm")]
