@@ -10,7 +10,8 @@ same v, the range is (v - 0.5, v + 0.5); with no finite value at all, (0, 1).
 - a torch tensor on the CPU: its values as a numpy array, `numpy.histogram`;
 - a tensor on an accelerator: binned there (min, max and a bincount of the bin indices) and the
   counts with the range copied to the host in one transfer: one wait for the device per
-  histogram, never one per value;
+  histogram (per `bin_many` call for several), never one per value; a value within rounding of
+  an edge may fall in the bin beside the one numpy would choose;
 - anything else: `numpy.histogram` when numpy can be imported, else the same binning in Python.
 
 Imports nothing outside the standard library at module level (numpy and torch only when a value
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Any, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 MAX_BINS = 512  # W&B's own limit
 
@@ -87,8 +88,29 @@ def _bin_in_python(values: List[float], bins: int) -> Tuple[List[int], List[floa
     return counts, edges
 
 
+def bin_many(named: Dict[str, Any], bins: int = 64) -> Dict[str, Tuple[List[int], List[float]]]:
+    """`bin_values` of several tensors (or lists) at once: the ones on an accelerator are binned there
+    and copied to the host together, in ONE transfer (the rl_games observer's actions and rewards)."""
+    bins = check_bins(bins)
+    torch = sys.modules.get("torch")
+    on_device = [name for name, values in named.items() if torch is not None and isinstance(values, torch.Tensor)
+                 and values.device.type != "cpu"]
+    binned = {name: bin_values(values, bins) for name, values in named.items() if name not in on_device}
+    if on_device:
+        parts = torch.cat([_device_parts(torch, named[name].detach(), bins).to(named[on_device[0]].device)
+                           for name in on_device]).cpu().tolist()
+        for index, name in enumerate(on_device):
+            binned[name] = _from_parts(parts[index * (bins + 3):(index + 1) * (bins + 3)], bins)
+    return {name: binned[name] for name in named}
+
+
 def _bin_on_device(torch: Any, values: Any, bins: int) -> Tuple[List[int], List[float]]:
-    """Bin on the tensor's own device; one copy of (counts, lo, hi) to the host."""
+    """Bin on the tensor's own device; one copy of (counts, lo, hi, how many) to the host."""
+    return _from_parts(_device_parts(torch, values, bins).cpu().tolist(), bins)
+
+
+def _device_parts(torch: Any, values: Any, bins: int) -> Any:
+    """[counts..., lo, hi, finite values] as one float64 tensor on the values' device."""
     flat = values.reshape(-1).double()
     flat = flat[torch.isfinite(flat)]
     if flat.numel():
@@ -98,9 +120,12 @@ def _bin_on_device(torch: Any, values: Any, bins: int) -> Tuple[List[int], List[
     width = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
     index = ((flat - lo) * (bins / width)).floor().clamp_(0, bins - 1).long()
     counts = torch.bincount(index, minlength=bins).double()
-    host = torch.cat([counts, torch.stack([lo, hi]), torch.tensor([float(flat.numel())], dtype=torch.float64,
-                                                                   device=flat.device)]).cpu().tolist()
-    counts, (lo, hi, finite) = [int(count) for count in host[:bins]], host[bins:]
+    finite = torch.full((1,), float(flat.numel()), dtype=torch.float64, device=flat.device)
+    return torch.cat([counts, torch.stack([lo, hi]), finite])
+
+
+def _from_parts(parts: List[float], bins: int) -> Tuple[List[int], List[float]]:
+    counts, (lo, hi, finite) = [int(count) for count in parts[:bins]], parts[bins:]
     if not finite:
         return [0] * bins, _edges(0.0, 1.0, bins)
     if lo == hi:  # every value in the middle bin, as numpy puts them
