@@ -177,3 +177,42 @@ def test_a_video_of_another_format_or_html_without_html_name_is_left_out_with_th
                         % (tmp_path / "clip.avi"),
                         "h: html %s cannot be logged: W&B takes HTML files whose name ends in .html"
                         % (tmp_path / "page.htm")]
+
+
+def test_replayed_spill_file_copies_its_media_and_refuses_a_file_changed_since_the_log(fake_wandb, relay_factory,
+                                                                                      tmp_path):
+    import subprocess
+    import sys
+
+    from harness import wandb_env
+
+    root = tmp_path / "output"
+    root.mkdir()
+    (root / "a.png").write_bytes(png((10, 20, 30)))
+    (root / "b.png").write_bytes(png((40, 50, 60)))
+    relay = relay_factory(fake_wandb, ["--mode", "online", "--artifact-root", str(root)], start=False)
+    client = RelayClient(relay.endpoint, spill_dir=str(tmp_path / "spill"))
+    run = client.start_run(project="tokenHSI", run_id="spilled-media")
+    run.log({"x": 1.0, "a": relay_api.Image(str(root / "a.png"))}, frame=1)
+    run.log({"x": 2.0, "b": relay_api.Image(str(root / "b.png"))}, frame=2)
+    report = run.finish(exit_code=0, timeout=0.5)                  # no relay: all of it goes to the spill file
+    client.close()
+    assert report["delivered"] is False
+    (root / "a.png").write_bytes(png((70, 80, 90)) + b"later")     # the trainer wrote over it since
+    relay.start()
+    env = dict(wandb_env(fake_wandb, str(tmp_path / "home")), RELAY_ARTIFACT_ROOTS=str(root))
+    replay = subprocess.run([sys.executable, "-m", "relay", "replay", "--spool-dir", relay.spool_dir,
+                             report["spill_file"]], env=env, capture_output=True, text=True, timeout=60)
+    assert replay.returncode == 1, replay.stderr
+    assert "refused seq 3: media file %s refused: it changed after it was logged" % (root / "a.png") in replay.stderr
+    assert "5 records new, 0 already delivered, 1 refused" in replay.stdout
+    (root / "b.png").unlink()                                      # the replay's copy is what uploads
+    fake_wandb.wait_for(lambda: fake_wandb.complete("spilled-media"), 120)
+    fake_run = fake_wandb.run("spilled-media")
+    assert [(row["x"], sorted(row)) for row in fake_run.history] == [
+        (1.0, ["_runtime", "_step", "_timestamp", "frame", "x"]),
+        (2.0, ["_runtime", "_step", "_timestamp", "b", "frame", "x"])]
+    assert sha(fake_run.files[fake_run.history[1]["b"]["path"]]) == sha(png((40, 50, 60)))
+    relay.wait_status(lambda s: s["runs"][0]["finished"] and snapshot_entries(relay) == [], 30,
+                      "the run finished and its media copies deleted")
+    assert relay.stop() == 0
