@@ -39,7 +39,7 @@ TRAINER_SIDE = (
 )
 
 # Top-level modules the server extra (`pip install 'tokenhsi-relay[server]'`) provides.
-SERVER_EXTRA_MODULES = ("wandb", "pydantic", "yaml", "tenacity", "rich", "prometheus_client")
+SERVER_EXTRA_MODULES = ("wandb", "pydantic", "yaml", "tenacity", "rich", "prometheus_client", "PIL")
 
 SERVER_EXTRA_INSTALL = "pip install 'tokenhsi-relay[server]'"
 
