@@ -110,18 +110,21 @@ def _bin_on_device(torch: Any, values: Any, bins: int) -> Tuple[List[int], List[
 
 
 def _device_parts(torch: Any, values: Any, bins: int) -> Any:
-    """[counts..., lo, hi, finite values] as one float64 tensor on the values' device."""
+    """[counts..., lo, hi, finite values] as one float64 tensor on the values' device. Nothing here
+    waits for the device (no boolean indexing, no `.item()`): non-finite values are weighed 0."""
     flat = values.reshape(-1).double()
-    flat = flat[torch.isfinite(flat)]
-    if flat.numel():
-        lo, hi = torch.aminmax(flat)
-    else:
-        lo = hi = torch.zeros((), dtype=torch.float64, device=flat.device)
-    width = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
-    index = ((flat - lo) * (bins / width)).floor().clamp_(0, bins - 1).long()
-    counts = torch.bincount(index, minlength=bins).double()
-    finite = torch.full((1,), float(flat.numel()), dtype=torch.float64, device=flat.device)
-    return torch.cat([counts, torch.stack([lo, hi]), finite])
+    zero = torch.zeros((), dtype=torch.float64, device=flat.device)
+    if not flat.numel():
+        return torch.cat([torch.zeros(bins, dtype=torch.float64, device=flat.device), zero.repeat(3)])
+    finite = torch.isfinite(flat)
+    count = finite.sum().double()
+    lo = torch.where(finite, flat, zero + math.inf).min()
+    hi = torch.where(finite, flat, zero - math.inf).max()
+    lo, hi = torch.where(count > 0, lo, zero), torch.where(count > 0, hi, zero)
+    width = torch.where(hi > lo, hi - lo, zero + 1.0)
+    index = ((torch.where(finite, flat, lo) - lo) * (bins / width)).floor().clamp_(0, bins - 1).long()
+    counts = torch.bincount(index, weights=finite.double(), minlength=bins)
+    return torch.cat([counts, torch.stack([lo, hi, count])])
 
 
 def _from_parts(parts: List[float], bins: int) -> Tuple[List[int], List[float]]:

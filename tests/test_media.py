@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import wave
 
@@ -137,6 +138,17 @@ def test_histograms_bin_as_numpy_does_from_lists_arrays_and_tensors_in_python_to
             assert histogram.bin_values(values.tolist(), bins) == expected
             assert histogram.bin_values(torch.from_numpy(values), bins) == expected
             assert histogram._bin_in_python(values.tolist(), bins) == expected, (values, bins)
+    # the binning a device tensor gets (there, then one copy), run here on the CPU: numpy's bins for
+    # values off the edges, and bin_many's split of the one transfer
+    values = torch.from_numpy(rng.normal(size=999))
+    counts, edges = numpy.histogram(values.numpy(), bins=33)
+    assert histogram._from_parts(histogram._device_parts(torch, values, 33).tolist(), 33) == (
+        counts.tolist(), edges.tolist())
+    for odd in ([2.5] * 5, [1.0, math.nan, 3.0, -math.inf], [math.nan], []):
+        assert histogram._from_parts(histogram._device_parts(torch, torch.tensor(odd, dtype=torch.float64), 4)
+                                     .tolist(), 4) == histogram.bin_values(odd, 4), odd
+    assert histogram.bin_many({"a": values, "b": [1.0, 2.0]}, bins=33) == {
+        "a": (counts.tolist(), edges.tolist()), "b": histogram.bin_values([1.0, 2.0], 33)}
     for bad in (0, 513, 2.0, True):
         with pytest.raises(ValueError, match="bins must be an int from 1 to 512"):
             relay_api.Histogram([1.0], bins=bad)
