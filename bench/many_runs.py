@@ -57,6 +57,7 @@ sys.path.insert(0, HERE)
 from common import (ROOT, Relay, available_mib, bench_env, cpu_seconds, descendants, metrics_row,  # noqa: E402
                     percentile, pss_kib, ready_wait, run_workers)
 
+from fakewandb import FakeWandb  # noqa: E402
 from relay import protocol  # noqa: E402
 from relay.status import query_status  # noqa: E402
 from relay.testing import free_tcp_port  # noqa: E402
@@ -172,7 +173,7 @@ class Watch:
             if now >= next_sample:
                 self.samples.append(sample(self.relay.pid))
                 next_sample = now + SAMPLE_EVERY
-            if self.unseen and now >= next_look:
+            if now >= next_look:
                 self.look_for_rows()
                 next_look = time.time() + 1.0
             if now >= query_at:
@@ -183,11 +184,24 @@ class Watch:
             trainers.join(max(0.0, wake - time.time()))
 
     def look_for_rows(self) -> None:
+        if not self.unseen:
+            return
         now = time.time()
         for run in runs_after(self.relay.endpoint, self.cursor):
             if run["run_id"] in self.unseen and run["received"] - run["unsent"] >= 2:  # the open, then a row
                 self.unseen.discard(run["run_id"])
                 self.first_rows[run["run_id"]] = now
+
+    def wait_finished(self, fake, run_ids: list[str], timeout: float) -> bool:
+        """Whether every run finished in W&B in time (online, in the fake too); still looks for rows."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.look_for_rows()
+            if self.relay.status(30.0)["run_counts"]["active"] == 0 and (
+                    fake is None or all(fake.complete(run_id) for run_id in run_ids)):
+                return True
+            time.sleep(1.0)
+        return False
 
     def query(self) -> None:
         """One status request and one /metrics scrape, each timed."""
@@ -217,8 +231,6 @@ def steady(watch: Watch, go: float, seconds: int, all_rows_at: float | None) -> 
 
 
 def run_case(runs: int, seconds: int, workdir: str, online: bool, history: int, name: str, code: str) -> dict:
-    from fakewandb import FakeWandb
-
     tag = "%s-%d" % (name, runs)
     home = os.path.join(workdir, "home-" + tag)
     extra = {"HOME": home, "WANDB_CONFIG_DIR": os.path.join(home, ".config"),
@@ -227,8 +239,7 @@ def run_case(runs: int, seconds: int, workdir: str, online: bool, history: int, 
     if fake:
         fake.start()
         extra.update(fake.env())
-    mode = "online" if online else "offline"
-    spool = os.path.join(workdir, "spool-" + tag)
+    mode, spool = "online" if online else "offline", os.path.join(workdir, "spool-" + tag)
     if history:
         fill_history(spool, history, mode, code)
     port = free_tcp_port()
@@ -247,7 +258,7 @@ def run_case(runs: int, seconds: int, workdir: str, online: bool, history: int, 
         watch.follow(trainers, seconds)
         if len(results) != len(jobs):
             raise RuntimeError("the trainers failed (above); the relay's log ends:\n%s" % relay.log()[-4000:])
-        finished = wait_finished(relay, fake, run_ids, timeout=300.0)
+        finished = watch.wait_finished(fake, run_ids, timeout=300.0)
         if fake:
             for run_id in run_ids:
                 arrived = [t for t in fake.run(run_id).arrived if t is not None]
@@ -277,17 +288,6 @@ def run_case(runs: int, seconds: int, workdir: str, online: bool, history: int, 
             "delivered": all(result["delivered"] for result in results), "finished": finished}
     case["pss_per_run_mib"] = round(case["pss_steady_mib"] / runs, 1)
     return case
-
-
-def wait_finished(relay: Relay, fake, run_ids: list[str], timeout: float) -> bool:
-    """Whether every run finished in W&B (no active run in the relay; online, in the fake too)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = relay.status(30.0)
-        if status["run_counts"]["active"] == 0 and (fake is None or all(fake.complete(r) for r in run_ids)):
-            return True
-        time.sleep(1.0)
-    return False
 
 
 # -- the sweep ----------------------------------------------------------------------------------
