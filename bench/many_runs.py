@@ -1,5 +1,4 @@
-"""Many live runs on one relay: memory, processes, CPU, how soon every run has rows in W&B,
-`relay status` and `/metrics` latency, upload lag.
+"""Many live runs on one relay: memory, processes, CPU, time to rows in W&B, status latency, lag.
 
 N runs (50, 200, 1,000) each log one row of 40 metrics a second for `--seconds`, all opened at
 once, from worker processes of 50 runs each (one RelayClient per worker). The relay runs in W&B
@@ -14,11 +13,10 @@ with `/metrics` on. Per N:
   the fake's first history line of the run; offline, the first status (asked each second for this
   case's runs) showing a row of the run handed to the wandb SDK, which writes it to the offline run.
   p50, max, and whether every run had rows within 30 s;
-- status and /metrics latency, 20 of each spread over the logging (the status round trip of
-  relay.status.query_status; the `relay status` command adds its interpreter's start);
-- lag at the end of the logging, from the last of those statuses: records not yet handed to the SDK
-  (`unsent`), not confirmed by W&B (`pending`; offline, a run's records are confirmed at its finish)
-  and the age of the oldest one that only a row count confirms.
+- status and /metrics latency, 20 of each over the logging (`query_status`'s round trip: the
+  `relay status` command adds its interpreter's start); lag at the end of the logging, from the last
+  status: records not handed to the SDK (`unsent`), not confirmed by W&B (`pending`; offline, at the
+  run's finish) and the age of the oldest one that only a row count confirms.
 
 `--history N`: before the relay starts, its spool gets N finished, fully uploaded runs (rows of
 `runs` and their streams' watermarks, written with sqlite3 in the schema of the relay measured).
@@ -220,8 +218,10 @@ def steady(watch: Watch, go: float, seconds: int, all_rows_at: float | None) -> 
     """PSS, processes and cores over the steady window (see the module's docstring)."""
     end = go + seconds
     start = min(max(go + seconds / 3.0, all_rows_at or end), end - seconds / 4.0)
-    inside = [s for s in watch.samples if start <= s["t"] <= end] or watch.samples[-1:]
-    first, last = inside[0], inside[-1]
+    first = next((s for s in reversed(watch.samples) if s["t"] <= start), watch.samples[0])  # bracketing it
+    last = next((s for s in reversed(watch.samples) if first["t"] < s["t"] <= end),
+                next((s for s in watch.samples if s["t"] > end), first))
+    inside = [s for s in watch.samples if first["t"] <= s["t"] <= last["t"]]
     span = last["t"] - first["t"]
     used = sum(spent - first["cpu"].get(pid, 0.0) for pid, spent in last["cpu"].items())
     return {"steady_window_s": round(span, 1),
