@@ -91,8 +91,9 @@ def worker(job: dict) -> dict:
 
 def fill_history(spool_dir: str, count: int, mode: str, code: str, rows: int = 3600) -> None:
     """`count` finished runs, every row confirmed by W&B (no records left), in a new spool: what
-    a relay keeps of the runs it has uploaded. The schema is the one `code`'s relay.spool states."""
-    schema = subprocess.run([sys.executable, "-c", "from relay.spool import SCHEMA; print(SCHEMA)"],
+    a relay keeps of the runs it has uploaded, in the schema of `code`'s spool (an older relay's in relay.spool)."""
+    schema = subprocess.run([sys.executable, "-c", "try:\n from relay.spool_db import SCHEMA\nexcept ImportError:\n"
+                             " from relay.spool import SCHEMA\nprint(SCHEMA)"],
                             env=bench_env(code=code), cwd=code, capture_output=True, text=True, check=True).stdout
     os.makedirs(spool_dir, exist_ok=True)
     conn = sqlite3.connect(os.path.join(spool_dir, "spool.sqlite"), isolation_level=None)
@@ -276,8 +277,7 @@ def run_case(runs: int, seconds: int, workdir: str, online: bool, history: int, 
     case = {"relay": name, "mode": mode, "runs": runs, "history": history, "seconds": seconds,
             "pss_max_mib": round(max(s["pss_kib"] for s in watch.samples) / 1024),
             "processes_max": max(s["processes"] for s in watch.samples),
-            **steady(watch, watch.go, seconds, all_rows_at),
-            "runs_with_rows": len(delays),
+            **steady(watch, watch.go, seconds, all_rows_at), "runs_with_rows": len(delays),
             "first_rows_p50_s": round(percentile(delays, 0.5), 1) if delays else None,
             "first_rows_max_s": round(max(delays), 1) if delays else None,
             "all_within_30s": len(delays) == runs and max(delays) <= WITHIN,
