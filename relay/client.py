@@ -274,6 +274,7 @@ class RelayClient:
     def _start_io(self) -> IOThread:
         connection = Connection(self.endpoint, self.keys, self._report, self.reconnect_after)
         self._spills = SpillThread(self._outbox.spilling, self._report)
+        self._outbox.spilling.waker = self._spills.nudge
         io = IOThread(self._outbox, connection, self._report, self.heartbeat_every, self._spills)
         io.runs = frozenset(self._open_runs)
         io.start()

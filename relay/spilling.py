@@ -18,8 +18,8 @@ SpillThread writes the batches. A thread of its own rather than the I/O thread: 
 durable write (fsync; seconds on a slow or network filesystem), and meanwhile the I/O thread must go
 on reading acks, sending and heartbeating (an overflow also happens with a slow relay, not only an
 absent one). It exists only in a client that overflowed: the I/O thread starts it at the first batch
-handed over and wakes it when `wanted` is set, so no trainer call starts a thread or waits for one;
-it ends with the I/O thread (after the write in flight, if any). A forked child never runs it: the
+handed over (no trainer call starts a thread or waits for one); later hand-overs wake it at once
+through `waker` (an Event set). It ends with the I/O thread (after the write in flight, if any). A forked child never runs it: the
 child's client starts over with its own outbox (relay.client), and threads do not survive fork.
 
 This module must stay importable on Python 3.8 (IsaacGym environments).
@@ -59,6 +59,7 @@ class Spilling:
         self.batches = deque()         # type: deque  ((stream, {seq: frame}), oldest first)
         self.count = 0
         self.wanted = False            # work for the spill thread: a batch handed over, or an attempt due again
+        self.waker = None              # type: Optional[Callable[[], None]]  (SpillThread.nudge, once there is one)
         self._spill = spill
         self._offered = 0              # records offered to the outbox since it was made
         self._retry_at = None          # type: Optional[int]  (_offered at which a failed write is tried again)
@@ -69,7 +70,12 @@ class Spilling:
     def add(self, stream: str, frames: Dict[int, bytes]) -> None:
         self.batches.append((stream, frames))
         self.count += len(frames)
+        self._want()
+
+    def _want(self) -> None:
         self.wanted = True
+        if self.waker is not None:
+            self.waker()
 
     def offered(self, pending: int, kind: str) -> bool:
         """A record comes while `pending` records are in the live stream: False when it is to be
@@ -78,7 +84,7 @@ class Spilling:
         self._offered += 1
         if self._retry_at is not None and self._offered >= self._retry_at:
             self._retry_at = None
-            self.wanted = True
+            self._want()
         if pending + self.count < self.max_buffered or kind == "open":
             if self._dropping:
                 self._say("client buffer has room again: %d records were dropped while it was full (policy "
@@ -155,6 +161,11 @@ class SpillThread(threading.Thread):
             self._begun = True
             self.start()
         self._wake.set()
+
+    def nudge(self) -> None:
+        """Look for work, if started (the trainer's thread, at a hand-over: an Event set, O(1))."""
+        if self._begun:
+            self._wake.set()
 
     def stop(self) -> None:
         """End after the write in flight (only in the process that made it)."""
