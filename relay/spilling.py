@@ -95,11 +95,12 @@ class Spilling:
         self.stats["dropped_full"] += 1
         self._dropping += 1
         if self._dropping == 1:
+            where = getattr(self._spill, "directory", None) or "the spill directory"  # relay.spill.Spiller's
             self._say("client buffer full: %d records held (max_buffered=%d), not acked by the relay and not in a "
                       "spill file yet (the last spill failed, or is still being written); dropping new records "
                       "(policy drop_newest, counted in statistics()['dropped_full']), starting with a %s record, "
-                      "until a spill succeeds: start the relay, %s, or raise max_buffered"
-                      % (pending + self.count, self.max_buffered, kind, SPILL_FIX))
+                      "until a spill to %s succeeds: start the relay, %s, or raise max_buffered"
+                      % (pending + self.count, self.max_buffered, kind, where, SPILL_FIX))
         return False
 
     def _say(self, text: str) -> None:

@@ -301,9 +301,9 @@ def test_a_spill_directory_that_fills_bounds_memory_and_counts_every_dropped_rec
     assert starts[-1] == (
         "client buffer full: 300 records held (max_buffered=300), not acked by the relay and not in a spill file yet "
         "(the last spill failed, or is still being written); dropping new records (policy drop_newest, counted in "
-        "statistics()['dropped_full']), starting with a log record, until a spill succeeds: start the relay, free "
-        "space there, or point RELAY_SPILL_DIR or the client's spill_dir at a directory with room, or raise "
-        "max_buffered")
+        "statistics()['dropped_full']), starting with a log record, until a spill to %s succeeds: start the relay, "
+        "free space there, or point RELAY_SPILL_DIR or the client's spill_dir at a directory with room, or raise "
+        "max_buffered" % directory)
     stats = client.statistics()
     assert (stats["pending"], stats["spilling"], stats["lost"], stats["dropped_full"]) == (0, 0, 0, dropped)
     assert sorted(os.listdir(directory)) == sorted(os.path.basename(path) for path in client.spill_files)
