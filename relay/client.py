@@ -12,8 +12,9 @@ Invariants (DESIGN.md):
   read there, once), added to the outbox, and the I/O thread is nudged; no trainer call touches the
   socket. Problems are counted in `statistics()` and warned about, rate-limited.
 - A record the client accepted is at every moment in exactly one place: the bounded outbox
-  (re-sent until acked), a spill file (written on overflow or at finish/close, ingested later by
-  `relay replay`), or the relay's spool (which acks only after its commit). relay.outbox says how.
+  (pending, re-sent until acked; or handed over at an overflow, on its way to a file), a spill file
+  (written by the spill thread after an overflow, or at finish/close; ingested later by `relay
+  replay`), or the relay's spool (which acks only after its commit). relay.outbox says how.
 - `flush(timeout)` and `finish(timeout)` are the only calls that wait, for at most `timeout`
   (and `finish`/`close` for the spill files they write). An overflow (`max_pending` records
   unacked) only hands the records over to the spill thread (relay.spilling): no trainer call

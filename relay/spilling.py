@@ -19,8 +19,12 @@ durable write (fsync; seconds on a slow or network filesystem), and meanwhile th
 on reading acks, sending and heartbeating (an overflow also happens with a slow relay, not only an
 absent one). It exists only in a client that overflowed: the I/O thread starts it at the first batch
 handed over (no trainer call starts a thread or waits for one); later hand-overs wake it at once
-through `waker` (an Event set). It ends with the I/O thread (after the write in flight, if any). A forked child never runs it: the
-child's client starts over with its own outbox (relay.client), and threads do not survive fork.
+through `waker` (an Event set). It ends with the I/O thread (after the write in flight, if any). A
+forked child never runs its parent's: the child's client starts over with an outbox of its own
+(relay.client), threads do not survive fork, and the parent's batches stay the parent's to write.
+
+The bound counts records, not bytes; drop_newest rather than block (the trainer never waits) or
+drop_oldest (what is held is older, and the open records of the streams in files are among it).
 
 This module must stay importable on Python 3.8 (IsaacGym environments).
 """
