@@ -23,8 +23,9 @@ through `waker` (an Event set). It ends with the I/O thread (after the write in 
 forked child never runs its parent's: the child's client starts over with an outbox of its own
 (relay.client), threads do not survive fork, and the parent's batches stay the parent's to write.
 
-The bound counts records, not bytes; drop_newest rather than block (the trainer never waits) or
-drop_oldest (what is held is older, and the open records of the streams in files are among it).
+The bound counts records, not bytes. drop_newest rather than block (the trainer never waits) or
+drop_oldest (the oldest records are a batch whose file may be being written right now, and each
+batch begins with its stream's open record).
 
 This module must stay importable on Python 3.8 (IsaacGym environments).
 """
