@@ -238,7 +238,7 @@ def test_overflow_spills_off_the_trainers_thread_and_every_record_reaches_a_file
     assert replay.returncode == 0, replay.stderr
     assert "replayed 5 files: 500 new records" in replay.stdout, replay.stdout
     spool = Spool(relay.spool_dir)
-    records = spool.records("offthread", 0, 10000)
+    records = spool.uploads.records("offthread", 0, 10000)
     spool.close()
     keys = [(r.body["stream"], r.body["seq"]) for r in records]
     assert len(keys) == len(set(keys)) == 606
@@ -388,6 +388,6 @@ def test_spill_files_sort_in_the_order_written_when_the_wall_clock_is_set_back(s
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert replay.returncode == 0, replay.stderr
     spool = Spool(spool_dir)
-    records = spool.records("clock", 0, 1000)
+    records = spool.uploads.records("clock", 0, 1000)
     spool.close()
     assert [r.body["epoch"] for r in records if r.kind == "log"] == list(range(1, 31))
