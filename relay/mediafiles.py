@@ -38,7 +38,10 @@ def file_items(message: dict) -> list[tuple[int, dict]]:
 
 
 def check_paths(message: dict, roots: list[str], max_bytes: int) -> str:
-    """The refusal of a media record whose files the relay may not read ('' if none)."""
+    """The refusal of a media record whose files the relay may not read ('' if none, and for a
+    record of another kind)."""
+    if message["t"] != "media":
+        return ""
     for _, item in file_items(message):
         try:
             resolve_checkpoint(item["path"], roots, max_bytes, WHAT, LIMIT)

@@ -116,7 +116,8 @@ class RelayAlgoObserver(AlgoObserver):
             raise ValueError("histograms_every must be an int >= 0 (0: no histograms), got %r" % (histograms_every,))
         self.histograms_every = histograms_every  # every N epochs: histograms of the rollout's actions, rewards
         self.rows = Rows(self._send, lambda: (getattr(self.algo, "frame", None), getattr(self.algo, "epoch_num", None)),
-                         self._warn_once, self._histograms if histograms_every else None)
+                         self._warn_once, (lambda epoch: epoch_histograms(self.algo, histograms_every, epoch,
+                                                                          self._warn_once)) if histograms_every else None)
         self._epoch_hook = False   # True once `algo.update_epoch` is wrapped: rows end where epochs end
         self._train_started = False
         self._warned = set()       # type: set
@@ -264,20 +265,6 @@ class RelayAlgoObserver(AlgoObserver):
         if run is not None:
             run.log(values, frame=frame, epoch=epoch)
 
-    def _histograms(self, epoch: Optional[int]) -> Dict[str, Any]:
-        """Every `histograms_every` epochs, for the epoch's row: histograms of the actions and rewards
-        in the agent's experience buffer (the epoch's rollout), binned where they are and copied to
-        the host together (relay.histogram.bin_many)."""
-        if not epoch or epoch % self.histograms_every:
-            return {}
-        buffers = getattr(getattr(self.algo, "experience_buffer", None), "tensor_dict", None) or {}
-        named = {"histograms/" + key: buffers[key] for key in HISTOGRAM_BUFFERS if buffers.get(key) is not None}
-        if not named:
-            self._warn_once("histograms", "relay: histograms_every is set, but the agent has no experience_buffer "
-                            "with %s: no histograms" % " or ".join(HISTOGRAM_BUFFERS))
-            return {}
-        return {name: Histogram.of_bins(*binned) for name, binned in bin_many(named).items()}
-
     def _save(self, original: Callable[..., Any], fn: Any, *args: Any, **kwargs: Any) -> Any:
         """The wrapped `algo.save`: an atomic save (rl_games_checkpoints), then the epoch's row and
         the checkpoint reported."""
@@ -297,6 +284,21 @@ class RelayAlgoObserver(AlgoObserver):
         if key not in self._warned:
             self._warned.add(key)
             log.warning(text)
+
+
+def epoch_histograms(algo: Any, every: int, epoch: Optional[int], warn_once: Callable[[str, str], None]) -> Dict[str, Any]:
+    """Every `every` epochs, for the epoch's row: histograms of the actions and rewards in the agent's
+    experience buffer (the epoch's rollout), binned where they are and copied to the host together
+    (relay.histogram.bin_many)."""
+    if not epoch or epoch % every:
+        return {}
+    buffers = getattr(getattr(algo, "experience_buffer", None), "tensor_dict", None) or {}
+    named = {"histograms/" + key: buffers[key] for key in HISTOGRAM_BUFFERS if buffers.get(key) is not None}
+    if not named:
+        warn_once("histograms", "relay: histograms_every is set, but the agent has no experience_buffer with %s: "
+                  "no histograms" % " or ".join(HISTOGRAM_BUFFERS))
+        return {}
+    return {name: Histogram.of_bins(*binned) for name, binned in bin_many(named).items()}
 
 
 class MultiObserver(AlgoObserver):
