@@ -21,6 +21,7 @@ TRAINER_SIDE = (
     "relay.client",
     "relay.outbox",
     "relay.spill",
+    "relay.spilling",
     "relay.connection",
     "relay.iothread",
     "relay.status",
