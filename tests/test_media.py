@@ -77,6 +77,9 @@ def test_media_by_path_arrive_in_the_row_of_their_scalars_as_they_were_logged(fa
              "eval/actions": relay_api.Histogram(actions, bins=5)}, frame=1000, epoch=1)
     assert client.flush(30)
     (root / "picture.png").write_bytes(png((0, 0, 250)))           # the next evaluation writes over it
+    assert len(snapshot_entries(relay)) == 1                       # the record's copies, one directory
+    relay.wait_status(lambda s: snapshot_entries(relay) == [], 60,
+                      "the copies deleted mid-run, once W&B counted the row")
     run.log({"eval/reward": 2.5, "eval/picture": relay_api.Image(str(root / "picture.png"))}, frame=2000, epoch=2)
     run.log({"x": 3.0, "out": relay_api.Image(str(root / ".." / "secret.png"))}, frame=3000)
     run.log({"x": 4.0, "link": relay_api.Image(str(root / "link.png"))}, frame=4000)
