@@ -14,11 +14,14 @@ Invariants (DESIGN.md):
   read there, once), added to the outbox, and the I/O thread is nudged; no trainer call touches the
   socket. Problems are counted in `statistics()` and warned about, rate-limited.
 - A record the client accepted is at every moment in exactly one place: the bounded outbox
-  (re-sent until acked), a spill file (written on overflow or at finish/close, ingested later by
-  `relay replay`), or the relay's spool (which acks only after its commit). relay.outbox says how.
-- `flush(timeout)` and `finish(timeout)` are the only calls that wait, for at most `timeout`.
-  An overflow (`max_pending` records unacked) spills them on the calling thread: a bounded write,
-  at most one attempt per `max_pending` records.
+  (pending, re-sent until acked; or handed over at an overflow, on its way to a file), a spill file
+  (written by the spill thread after an overflow, or at finish/close; ingested later by `relay
+  replay`), or the relay's spool (which acks only after its commit). relay.outbox says how.
+- `flush(timeout)` and `finish(timeout)` are the only calls that wait, for at most `timeout`
+  (and `finish`/`close` for the spill files they write). An overflow (`max_pending` records
+  unacked) only hands the records over to the spill thread (relay.spilling): no trainer call
+  writes a file on overflow. At most `max_buffered` records are held; past that, new records are
+  dropped and counted (policy drop_newest).
 - While the trainer is quiet (a long evaluation, a save) the I/O thread goes on: records waiting
   for a relay that came back are sent without another call, and heartbeats name the open runs.
 - After `os.fork()` the child's copy of a client is a new, empty client of the child's: a new
@@ -28,8 +31,8 @@ Invariants (DESIGN.md):
   forked child it raises ForkedRunError, and so does `start_run` there with the id of a run the
   parent has open. A run has one writer: two would interleave their rows in one W&B history, merge
   rows that share a `frame`, and the first `finish` would end the run for both.
-- What `close()` cannot spill (see relay.spill) is lost: counted (`lost`), logged with its count,
-  the directory and what to do.
+- `close()` waits for a spill in flight, then spills what is left. What it cannot spill (see
+  relay.spill) is lost: counted (`lost`), logged with its count, the directory and what to do.
 
 Exceptions raised to the caller (the trainer's misuse, never transport trouble): ValueError and
 TypeError for arguments and values the wire cannot carry, ForkedRunError (a RuntimeError) for a run
@@ -47,15 +50,16 @@ import uuid
 import weakref
 from typing import Any, Dict, List, Optional
 
-from relay import protocol, tensors  # noqa: F401 (tensors: where the outbox starts device copies)
+from relay import media, protocol, tensors  # noqa: F401 (tensors: where the outbox starts device copies)
 from relay.connection import RECONNECT_AFTER, Connection
 from relay.errors import ForkedRunError  # noqa: F401 (part of this module's API)
 from relay.iothread import IOThread
 from relay.keys import CLIENT_KEYS_VARIABLE, ClientKeys, load_client_keys
-from relay.modes import reporting_disabled
+from relay.modes import DisabledRun, reporting_disabled  # noqa: F401 (DisabledRun: part of this module's API)
 from relay.outbox import MAX_DEFERRED, Outbox  # noqa: F401 (MAX_DEFERRED: part of this module's API)
 from relay.runthreads import RunThreads
 from relay.spill import SPILL_FIX, Reporter, Spiller, default_spill_dir
+from relay.spilling import SpillThread
 
 JOIN_TIMEOUT = 2.0     # seconds close() gives the I/O thread to end its slice and close the socket
 
@@ -88,7 +92,7 @@ class RelayClient:
                  spill_dir: Optional[str] = None, resend_after: float = 1.0,
                  warn_every: float = 30.0, stream: Optional[str] = None, heartbeat_every: float = 10.0,
                  keys: Optional[str] = None, reconnect_after: float = RECONNECT_AFTER,
-                 provenance: bool = True, system_metrics: Optional[float] = 15.0):
+                 max_buffered: Optional[int] = None, provenance: bool = True, system_metrics: Optional[float] = 15.0):
         self.endpoint = endpoint or os.environ.get("RELAY_ENDPOINT") or protocol.DEFAULT_ENDPOINT
         # CurveZMQ keys (the DIR/<name>/ directory of `relay keys new`); a bad directory raises
         # CurveKeyError here, at start: a configuration mistake, not a transport problem.
@@ -96,14 +100,12 @@ class RelayClient:
         self.keys = load_client_keys(keys) if keys else None  # type: Optional[ClientKeys]
         self.reconnect_after = reconnect_after
         self.max_pending = max(1, int(max_pending))
+        self.max_buffered = max_buffered
         self.spill_dir = spill_dir or default_spill_dir()
         self.resend_after = resend_after
         self.warn_every = warn_every
         self.heartbeat_every = heartbeat_every
-        # Each run's defaults (relay.runthreads): its provenance sent once, its system metrics
-        # sampled every `system_metrics` seconds (0 or None: none).
-        self.provenance = bool(provenance)
-        self.system_metrics = float(system_metrics or 0)
+        self.provenance, self.system_metrics = bool(provenance), float(system_metrics or 0)  # runs' defaults
         self._closed = False
         self._parent_runs = set()      # type: set  (runs open in the process this one was forked from)
         self._begin(stream)
@@ -115,8 +117,9 @@ class RelayClient:
         self._report = Reporter(self.warn_every)
         self._spiller = Spiller(self.spill_dir, self._report)
         self._outbox = Outbox(stream, self.max_pending, self.resend_after, spill=self._spiller,
-                              reopen=self._reopen_messages, reporter=self._report)
+                              reopen=self._reopen_messages, reporter=self._report, max_buffered=self.max_buffered)
         self._io = None                # type: Optional[IOThread]  (started with the first record)
+        self._spills = None            # type: Optional[SpillThread]  (made with the I/O thread, started by it)
         self._open_runs = {}           # type: Dict[str, Dict[str, Any]]  (run id -> settings)
         self._threads = {}             # type: Dict[str, RunThreads]  (run id -> its provenance and sampler)
         self._lock = threading.RLock()
@@ -152,7 +155,6 @@ class RelayClient:
                   config: Optional[Dict[str, Any]] = None, mode: Optional[str] = None,
                   run_id: Optional[str] = None, job_type: Optional[str] = None,
                   provenance: Optional[bool] = None, system_metrics: Optional[float] = None) -> "Run":
-        """Open a run. `provenance` and `system_metrics` (seconds, 0: none): the client's if None."""
         if mode is not None and mode not in protocol.WANDB_MODES:
             raise ValueError("mode must be one of %s, got %r" % (", ".join(protocol.WANDB_MODES), mode))
         run_id = run_id or uuid.uuid4().hex[:12]
@@ -170,14 +172,9 @@ class RelayClient:
         protocol.validate_settings(settings)
         run = Run(self, run_id, name)
         self._open_runs[run_id] = settings
-        provenance = self.provenance if provenance is None else bool(provenance)
-        every = self.system_metrics if system_metrics is None else float(system_metrics or 0)
-        opening = {"t": "open", "run": run_id, "settings": settings}
-        if provenance:
-            opening["meta"] = True  # a `meta` record follows: the relay waits a little for it before wandb.init
-        self.submit(opening)
-        if provenance or every:
-            self._threads[run_id] = RunThreads(self, run_id, provenance, every).start()
+        threads = RunThreads(self, run_id, provenance, system_metrics)  # None: the client's
+        self.submit(threads.open_record(settings))
+        self._threads[run_id] = threads.start()
         if self._io is not None:
             self._io.runs = frozenset(self._open_runs)
         return run
@@ -200,6 +197,7 @@ class RelayClient:
                 outbox.deferred.release(wait=False)
             stats = dict(outbox.stats)
             stats["pending"] = outbox.count()
+            stats["spilling"] = outbox.spilling.count
         stats["last_error"] = self._report.last()
         stats["spill_files"] = list(self._spiller.files)
         return stats
@@ -224,10 +222,12 @@ class RelayClient:
 
     @_locked
     def spill_pending(self) -> Optional[str]:
-        """Write every pending record to a new spill file now; returns its path (None if none)."""
+        """Write every pending record to a new spill file now, after the records an overflow handed
+        over (waiting for a spill in flight); returns the new file's path (None if nothing was
+        pending, or the spill failed)."""
         with self._outbox.lock:
             self._outbox.deferred.release(wait=True)
-            return self._outbox.spill()
+        return self._outbox.spill(reopen=not self._closed)
 
     @_locked
     def close(self, timeout: float = 0.0) -> Optional[str]:
@@ -248,8 +248,12 @@ class RelayClient:
         outbox = self._outbox
         with outbox.lock:
             outbox.deferred.release(wait=True)
-            spilled = outbox.spill()
-            if outbox.pending:  # the spill failed: these records are in no place any more
+        spilled = outbox.spill()       # after the spill in flight, if any
+        if self._spills is not None:
+            self._spills.stop()
+            self._spills.join_if_started(JOIN_TIMEOUT)
+        with outbox.lock:
+            if outbox.pending or outbox.spilling.count:  # a spill failed: these records are in no place any more
                 lost = outbox.drop_all()
                 text = ("%d records lost at close: the relay at %s had not acked them and they could not be "
                         "spilled: %s (%s)" % (lost, self.endpoint, self._spiller.last_error, SPILL_FIX))
@@ -280,7 +284,9 @@ class RelayClient:
 
     def _start_io(self) -> IOThread:
         connection = Connection(self.endpoint, self.keys, self._report, self.reconnect_after)
-        io = IOThread(self._outbox, connection, self._report, self.heartbeat_every)
+        self._spills = SpillThread(self._outbox.spilling, self._report)
+        self._outbox.spilling.waker = self._spills.nudge
+        io = IOThread(self._outbox, connection, self._report, self.heartbeat_every, self._spills)
         io.runs = frozenset(self._open_runs)
         io.start()
         # A client dropped without close(): its thread ends too (not at exit, where a trainer's own
@@ -325,7 +331,29 @@ class Run:
             message["epoch"] = int(epoch)
         if namespace:
             message["ns"] = str(namespace)
-        self.client.submit(message)
+        try:
+            self.client.submit(message)
+        except TypeError:
+            if not media.holds_media(metrics):
+                raise
+            self._log_media(message)
+
+    def _log_media(self, message: Dict[str, Any]) -> None:
+        """A row holding media (relay.media), which packing refused: its scalars and axes go as the
+        `log` record, its media as a `media` record joining that row (`joins`, filled in with the
+        log's seq when it is packed). Media whose file is missing are left out and reported."""
+        metrics, items, problems = media.split(message["metrics"])
+        for problem in problems:
+            self.client._report.error("run %s: %s; the rest of the row is logged" % (self.id, problem))
+        row = {key: message[key] for key in ("frame", "epoch", "ns") if key in message}
+        joins = bool(metrics or "frame" in row or "epoch" in row)
+        if joins:
+            self.client.submit(dict(message, metrics=metrics))
+        if items:
+            record = dict(row, t="media", run=self.id, time=message["time"], values=items)
+            if joins:
+                record["joins"] = None  # the outbox puts the log record's seq here
+            self.client.submit(record)
 
     def log_checkpoint(self, path: str, metadata: Optional[Dict[str, Any]] = None,
                        aliases: Optional[List[str]] = None) -> None:
@@ -355,30 +383,7 @@ class Run:
         self.client.submit({"t": "finish", "run": self.id, "exit_code": int(exit_code), "time": time.time()})
         self.client._run_finished(self.id)
         delivered = self.client.flush(max(0.0, deadline - time.monotonic()))
-        spill_file = None if delivered else self.client.spill_pending()
+        spill_file = self.client.spill_pending()  # what is not acked, after what an overflow handed over
         stats = self.client.statistics()
         return {"run": self.id, "delivered": delivered, "spill_file": spill_file,
                 "acked": stats["acked"], "spilled": stats["spilled"], "errors": stats["errors"]}
-
-
-class DisabledRun:
-    """What `start_run` returns when reporting is disabled (mode or WANDB_MODE=disabled)."""
-
-    def __init__(self, run_id: str, name: Optional[str]):
-        self.id = run_id
-        self.name = name
-
-    def log(self, metrics: Dict[str, Any], frame: Optional[int] = None, epoch: Optional[int] = None,
-            namespace: Optional[str] = None) -> None:
-        pass
-
-    def log_checkpoint(self, path: str, metadata: Optional[Dict[str, Any]] = None,
-                       aliases: Optional[List[str]] = None) -> None:
-        pass
-
-    def summary(self, values: Dict[str, Any]) -> None:
-        pass
-
-    def finish(self, exit_code: int = 0, timeout: float = 10.0) -> Dict[str, Any]:
-        return {"run": self.id, "delivered": True, "spill_file": None, "acked": 0, "spilled": 0,
-                "errors": 0, "disabled": True}

@@ -3,7 +3,7 @@
 Pure: no wandb, no spool, no I/O. The uploader commits the plan's (record, step) pairs to the spool
 *before* it hands a row to the SDK (relay/spool_uploads.py's invariants), then walks the plan's items in
 order: rows go to `log`, every other record (open, summary, checkpoint, finish) is applied between
-them, where it came.
+them, where it came. `media` records are rows, or parts of rows, as `log` records are.
 
 Rules:
 - Every row gets the next step of the run, one more than the row before (steps never go backwards:
@@ -12,9 +12,13 @@ Rules:
   record of another kind between them ends the row. A batch's first `log` record always starts a
   row of its own.
 - A `log` record with no values at all (no metrics, no axes) takes its step but makes no row.
+- A `media` record whose `joins` is the seq of the `log` record just before it (same stream) goes
+  into that record's row, under its step. Any other `media` record is a row as a `log` record is
+  (merged with the row before it when both have the same `frame` and it joins nothing). A media
+  record at the start of a batch, its `log` record in the batch before, is a row of its own.
 - Records of the trainer node beside the rows (SIDE_KINDS: `meta`, `system`) take no step and do
-  not end a row: they are applied where they came, and same-frame `log` records around them are
-  still one row.
+  not end a row: they are applied where they came, and the rows around them are made as if they
+  were not there.
 - A `finish` ends the plan: records after it belong to a run resumed later, and wait for the next
   batch.
 """
@@ -24,9 +28,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence, Union
 
 
-SIDE_KINDS = ("meta", "system")
-
-
 class Entry(Protocol):
     """What the planner reads of a spooled record (relay.spool_uploads.Record has it)."""
     id: int
@@ -34,16 +35,32 @@ class Entry(Protocol):
     body: dict
 
 
+ROW_KINDS = ("log", "media")
+SIDE_KINDS = ("meta", "system")   # records of the trainer node: no step, no row ended
+
+
 @dataclass
 class Row:
-    """One W&B history row: the merged values of one or more `log` records, and its step."""
+    """One W&B history row: the merged values of one or more `log` and `media` records, and its
+    step. Media values are MediaValue (`media`: the row has some)."""
     step: int
     values: dict[str, Any]
+    media: bool = False
+
+
+@dataclass
+class MediaValue:
+    """A media record's item (relay/media.py's wire item), with the record and the item's place in
+    it, where the uploader finds the copy of its file (relay/mediafiles.py)."""
+    item: dict
+    stream: str
+    seq: int
+    index: int
 
 
 @dataclass
 class Plan:
-    steps: list[tuple[int, int]]           # (record id, step) of every `log` record: commit before logging
+    steps: list[tuple[int, int]]           # (record id, step) of every `log` and `media` record: commit first
     through_id: int                        # the last record the plan covers (the spool's uploaded_id)
     next_step: int                         # the run's next step after these rows
     items: list[Union[Row, Entry]] = field(default_factory=list)  # rows and other records, in order
@@ -56,21 +73,22 @@ def plan(records: Sequence[Entry], next_step: int) -> Plan:
     steps: list[tuple[int, int]] = []
     items: list[Union[Row, Entry]] = []
     last_frame = None
-    previous: Entry | None = None   # the last record that is not a side record
-    row: Row | None = None          # the last row made
+    previous: Entry | None = None
+    row: Row | None = None  # the row the previous record went into
     for record in records:
         if record.kind in SIDE_KINDS:
             items.append(record)
             through = record
             continue
-        if record.kind == "log":
+        if record.kind in ROW_KINDS:
             frame = record.body.get("frame")
-            same_row = frame is not None and frame == last_frame and previous is not None and previous.kind == "log"
-            if same_row and row is not None:
-                row.values.update(row_values(record.body))
-            elif not same_row:
-                values = row_values(record.body)
-                row = Row(next_step, values) if values else None
+            values = row_values(record.body) if record.kind == "log" else media_values(record.body)
+            if row is not None and (joins(record, previous) or (
+                    frame is not None and frame == last_frame and record.body.get("joins") is None)):
+                row.values.update(values)
+                row.media = row.media or record.kind == "media"
+            else:
+                row = Row(next_step, values, media=record.kind == "media") if values else None
                 if row is not None:
                     items.append(row)
                 next_step += 1
@@ -78,10 +96,25 @@ def plan(records: Sequence[Entry], next_step: int) -> Plan:
             steps.append((record.id, next_step - 1))
         else:
             items.append(record)
+            row = None
         previous = through = record
         if record.kind == "finish":
             break
     return Plan(steps, through.id, next_step, items)
+
+
+def joins(record: Entry, previous: Entry | None) -> bool:
+    """A media record that joins the row of the `log` record just before it (same stream, its seq)."""
+    return (record.kind == "media" and previous is not None and previous.kind == "log"
+            and record.body.get("joins") is not None and record.body.get("joins") == previous.body.get("seq")
+            and record.body.get("stream") == previous.body.get("stream"))
+
+
+def media_values(body: dict) -> dict[str, Any]:
+    """A `media` record's values as MediaValues, named and with axes as row_values does."""
+    items = {name: MediaValue(item, body["stream"], body["seq"], index)
+             for index, (name, item) in enumerate(body["values"].items())}
+    return row_values(dict(body, metrics=items))
 
 
 def row_values(body: dict) -> dict[str, Any]:

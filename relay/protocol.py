@@ -16,6 +16,9 @@ Client -> relay kinds and their own fields:
     checkpoint  run, path, metadata {..}, aliases [..], time, stat? {size, mtime_ns}: the file as
                 the client saw it when it was logged (the relay refuses it if it has changed since)
     summary     run, values {name: scalar}
+    media       run, values {name: item}, frame?, epoch?, ns?, time, joins? (the seq of the `log`
+                record of the same `run.log` call, whose row it joins): images, videos, audio and
+                HTML by path, histograms; relay/media.py specifies the items
     finish      run, exit_code, time
     meta        run, provenance {host, program, args, root, ..., git {commit, remote_url, dirty}},
                 diff? (str): where and how the trainer runs, taken on the trainer's node once per run
@@ -48,6 +51,7 @@ from typing import Any, Dict, Optional
 
 import msgpack
 
+from relay import media
 from relay.errors import ProtocolError  # noqa: F401 (part of this module's API)
 
 VERSION = 1
@@ -71,7 +75,7 @@ MAX_TAG_LEN = 64
 ALIAS_FORBIDDEN = "/:"
 MAX_METADATA_KEYS = 100
 
-RECORD_KINDS = ("open", "log", "checkpoint", "summary", "finish", "meta", "system")
+RECORD_KINDS = ("open", "log", "checkpoint", "summary", "finish", "media", "meta", "system")
 UNSPOOLED_KINDS = ("status", "heartbeat")
 CLIENT_KINDS = RECORD_KINDS + UNSPOOLED_KINDS
 WANDB_MODES = ("online", "offline", "disabled")
@@ -181,6 +185,8 @@ def validate(message: Dict[str, Any]) -> None:
     elif kind == "summary":
         _require(message, "values", dict)
         _check_scalars(message["values"], "values")
+    elif kind == "media":
+        _check_media(message)
     elif kind == "finish":
         _require(message, "exit_code", int)
         if not EXIT_CODE_MIN <= message["exit_code"] <= EXIT_CODE_MAX:
@@ -285,6 +291,16 @@ def _check_scalars(values: Dict[str, Any], where: str) -> None:
         if not isinstance(value, (int, float, str, bool)):
             raise ProtocolError("%s[%s] must be int, float, bool or str, got %s"
                                 % (where, _show(key), type(value).__name__))
+
+
+def _check_media(message: Dict[str, Any]) -> None:
+    _require(message, "values", dict)
+    media.check_values(message["values"])
+    for axis in ("frame", "epoch", "joins"):
+        if message.get(axis) is not None:
+            _require(message, axis, int)
+    if message.get("ns") is not None:
+        _require(message, "ns", str)
 
 
 def _check_metadata(metadata: Dict[str, Any]) -> None:

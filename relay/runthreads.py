@@ -19,11 +19,23 @@ from relay.sysmetrics import Sampler
 class RunThreads:
     """A run's provenance thread (when `provenance`) and sampler (every `system_metrics` seconds)."""
 
-    def __init__(self, client: Any, run_id: str, provenance: bool, system_metrics: Optional[float]):
+    def __init__(self, client: Any, run_id: str, provenance: Optional[bool], system_metrics: Optional[float]):
+        """`provenance`, `system_metrics` (seconds, 0: none): the client's when None."""
         self.client = client
+        self.run_id = run_id
         self.stopped = False
+        provenance = client.provenance if provenance is None else bool(provenance)
+        every = client.system_metrics if system_metrics is None else float(system_metrics or 0)
         self.provenance = Provenance(run_id, self.submit) if provenance else None
-        self.sampler = Sampler(run_id, system_metrics, self.submit) if system_metrics else None
+        self.sampler = Sampler(run_id, every, self.submit) if every else None
+
+    def open_record(self, settings: Dict[str, Any]) -> Dict[str, Any]:
+        """The run's `open` record; `meta` says a `meta` record follows (the relay waits a little for
+        it before wandb.init, where the run's host, program and commit are set)."""
+        record = {"t": "open", "run": self.run_id, "settings": settings}
+        if self.provenance is not None:
+            record["meta"] = True
+        return record
 
     def start(self) -> "RunThreads":
         try:

@@ -23,6 +23,9 @@ No writer outlives its relay: the uploaders exit when the server is gone (the li
 wandb-core gets a parent-death signal (relay/sinks/wandb.py). Asking W&B for that count first is
 also how an outage fails before `wandb.init`, not in wandb-core.
 
+With many live runs, rows go to the SDK in bursts, paced so that the runs together stay within
+`upload_requests` W&B requests a second (relay/cadence.py).
+
 While a run is open, W&B is asked every `confirm_every` seconds how many rows it holds, and the
 spool lets go of those; at most `max_unconfirmed_rows` rows are handed over beyond that. Init
 failures (unreachable, 5xx, timeouts) are retried with capped exponential backoff while the
@@ -45,10 +48,12 @@ from typing import Any
 import tenacity
 
 from relay import planner
+from relay.cadence import Cadence
 from relay.config import RelayConfig
 from relay.rowcount import RowCount
 from relay.sinks.wandb import RETRYABLE, WandbSink, wandb_core_dies_with_its_parent
 from relay.sinks.wandb_api import short_error
+from relay.sinks.wandb_media import row_with_media
 from relay.spool import Spool
 from relay.spool_uploads import Record
 from relay.uploader_checkpoints import Checkpoints
@@ -116,6 +121,7 @@ class RunUploader:
         self._next_step = 0
         self._spool: Spool | None = None
         self._count: RowCount | None = None  # W&B's count of the run's rows (made with the spool)
+        self._cadence: Cadence | None = None  # when rows may go to the SDK (made with the spool)
         self._wake = WakePipe(run_id, wake_fd, self.interrupt)
         self._sink = WandbSink(run_id, config)
         self._checkpoints: Checkpoints | None = None  # made with the spool
@@ -128,6 +134,7 @@ class RunUploader:
         self._count = RowCount(self.run_id, self.config, self._spool.uploads, self._sink.history_count,
                                self._wake.wait, self.interrupt)
         self._checkpoints = Checkpoints(self.run_id, self.config, self._spool.uploads, self._sink)
+        self._cadence = Cadence(self.config, self._spool.report.live_runs)
         try:
             self._loop()
             return 0
@@ -177,6 +184,10 @@ class RunUploader:
                     if self.drain.is_set() or self.stop.is_set():
                         return
                 continue  # the resume may have confirmed records: read them again
+            wait = self._cadence.wait() if online and not self.drain.is_set() else 0.0
+            if wait > 0:  # many live runs: this run's rows go to the SDK in bursts (relay/cadence.py)
+                self._wake.wait(wait, b"")
+                continue
             self._upload(records)
 
     # -- W&B run lifecycle --------------------------------------------------------------------
@@ -219,8 +230,7 @@ class RunUploader:
     def _init_once(self, settings: dict, meta: dict | None) -> None:
         if self.mode == "online":
             self._count.settle(settings)
-        self._sink.open(settings, self.mode, lambda: upload_interval(self.config, self._spool.report.live_runs()),
-                        on_left_open_closed=lambda: self._left_open_closed(settings),
+        self._sink.open(settings, self.mode, on_left_open_closed=lambda: self._left_open_closed(settings),
                         provenance=meta and meta["provenance"])
 
     def _left_open_closed(self, settings: dict) -> None:
@@ -277,8 +287,9 @@ class RunUploader:
         self._spool.uploads.assign_steps(self.run_id, batch.steps, batch.through_id)
         self._next_step = batch.next_step
         for item in batch.items:
-            if isinstance(item, planner.Row):
-                self._sink.log(item.values, item.step)
+            if isinstance(item, planner.Row):  # media values: made wandb objects from the spool's copies
+                values = row_with_media(self.run_id, item.values, self.config.spool_dir) if item.media else item.values
+                self._sink.log(values, item.step)
             else:
                 self._cursor = item.id
                 self._apply(item)
@@ -300,25 +311,14 @@ class RunUploader:
             self._sink.trainer_node(record.kind, body)
 
 
-
 def provenance(spool: Spool, run_id: str, records: list[Record], wake: WakePipe) -> dict | None:
-    """The `meta` record the run's open announces, for wandb.init (host, program, commit): awaited."""
-    if not any(r.kind == "open" and r.body.get("meta") for r in records):
-        return None
+    """The `meta` record the run's open announces, for wandb.init (host, program, commit), if it comes in time."""
     deadline = time.monotonic() + META_WAIT
-    while (meta := spool.uploads.provenance(run_id)) is None:
-        if wake.interrupt.is_set() or time.monotonic() >= deadline:
-            log.info("run %s starts without its trainer's provenance, which has not come", run_id)
-            return None
+    while any(r.kind == "open" and r.body.get("meta") for r in records) and not wake.interrupt.is_set():
+        if (meta := spool.uploads.provenance(run_id)) is not None or time.monotonic() >= deadline:
+            return meta
         wake.wait(min(deadline - time.monotonic(), 0.5), WAKE)
-    return meta
-
-
-def upload_interval(config: RelayConfig, live_runs: int) -> float:
-    """wandb-core's file-stream interval for a run that starts now: `upload_interval`, stretched so
-    that the live runs together make at most `upload_requests` requests a second (runs that start
-    later are given longer intervals; one already started keeps its own)."""
-    return max(config.upload_interval, max(1, live_runs) / config.upload_requests)
+    return None
 
 
 def _lock(spool_dir: str, run_id: str) -> int | None:

@@ -159,3 +159,19 @@ def test_system_sample_on_python38(py38_python):
     assert sorted(sample) == ["cpu", "memory_percent", "proc.cpu.threads", "proc.memory.availableMB",
                               "proc.memory.percent", "proc.memory.rssMB"]
     assert 0 < sample["cpu"] <= 100 and 0 < sample["proc.memory.rssMB"] < sample["proc.memory.availableMB"] * 100
+
+
+def test_python38_media_items_and_histograms_in_plain_python(py38_python, tmp_path):
+    """relay.Image and relay.Histogram on 3.8: the wire item of a file, bins without numpy equal numpy's."""
+    (tmp_path / "a.png").write_bytes(b"png")
+    script = ("import json, sys, numpy, relay; from relay import histogram, media;"
+              "values = [v / 7.0 for v in range(-20, 31)] + [float('nan')];"
+              "mine = histogram._bin_in_python(values, 9);"
+              "counts, edges = numpy.histogram(numpy.array(values[:-1]), bins=9);"
+              "scalars, items, problems = media.split({'x': 1, 'a': relay.Image(sys.argv[1]),"
+              " 'h': relay.Histogram(values, bins=9)});"
+              "print(json.dumps([mine == (counts.tolist(), edges.tolist()), scalars, items['a']['path'],"
+              " items['a']['stat']['size'], items['h']['counts'] == mine[0], problems]))")
+    result = run([py38_python, "-c", script, str(tmp_path / "a.png")])
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == [True, {"x": 1}, str(tmp_path / "a.png"), 3, True, []]

@@ -32,6 +32,7 @@ class RelaySettings:
     spill_dir: Optional[str] = None
     keys: Optional[str] = None     # CurveZMQ client key directory (`relay keys new`); null: $RELAY_CLIENT_KEYS
     finish_timeout: float = 30.0
+    histograms_every: int = 0      # every N epochs, histograms of the rollout's actions and rewards; 0: none
     provenance: bool = True        # the trainer node's provenance, once per run (docs/trainer.md)
     system_metrics: float = 15.0   # seconds between system metrics samples; 0: none
 
