@@ -37,6 +37,7 @@ This module must stay importable on Python 3.8 (IsaacGym environments).
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import threading
@@ -47,6 +48,7 @@ from typing import Any, Dict, List, Optional
 
 from relay import protocol, tensors  # noqa: F401 (tensors: where the outbox starts device copies)
 from relay.connection import RECONNECT_AFTER, Connection
+from relay.console import ConsoleCapture, ConsoleLimits
 from relay.errors import ForkedRunError  # noqa: F401 (part of this module's API)
 from relay.iothread import IOThread
 from relay.keys import CLIENT_KEYS_VARIABLE, ClientKeys, load_client_keys
@@ -55,6 +57,7 @@ from relay.outbox import MAX_DEFERRED, Outbox  # noqa: F401 (MAX_DEFERRED: part 
 from relay.spill import SPILL_FIX, Reporter, Spiller, default_spill_dir
 
 JOIN_TIMEOUT = 2.0     # seconds close() gives the I/O thread to end its slice and close the socket
+CONSOLE_EXIT_FLUSH = 2.0  # seconds the exit of a process whose run was never finished waits for its last lines
 
 
 def _locked(method):
@@ -107,8 +110,9 @@ class RelayClient:
         self._report = Reporter(self.warn_every)
         self._spiller = Spiller(self.spill_dir, self._report)
         self._outbox = Outbox(stream, self.max_pending, self.resend_after, spill=self._spiller,
-                              reopen=self._reopen_messages, reporter=self._report)
+                              reopen=self._reopen_messages, reporter=self._report, endpoint=self.endpoint)
         self._io = None                # type: Optional[IOThread]  (started with the first record)
+        self._console = None           # type: Optional[ConsoleCapture]  (the console a run of this client captures)
         self._open_runs = {}           # type: Dict[str, Dict[str, Any]]  (run id -> settings)
         self._lock = threading.RLock()
 
@@ -141,7 +145,12 @@ class RelayClient:
     def start_run(self, project: str, name: Optional[str] = None, entity: Optional[str] = None,
                   group: Optional[str] = None, tags: Optional[List[str]] = None, notes: Optional[str] = None,
                   config: Optional[Dict[str, Any]] = None, mode: Optional[str] = None,
-                  run_id: Optional[str] = None, job_type: Optional[str] = None) -> "Run":
+                  run_id: Optional[str] = None, job_type: Optional[str] = None,
+                  console: "bool | ConsoleLimits" = False) -> "Run":
+        """Open a W&B run. `console`: True (or a ConsoleLimits) sends the process's stdout and
+        stderr to the run's Logs until the run finishes (relay.console)."""
+        if not isinstance(console, (bool, ConsoleLimits)):
+            raise TypeError("console must be True, False or a relay.console.ConsoleLimits, got %r" % (console,))
         if mode is not None and mode not in protocol.WANDB_MODES:
             raise ValueError("mode must be one of %s, got %r" % (", ".join(protocol.WANDB_MODES), mode))
         run_id = run_id or uuid.uuid4().hex[:12]
@@ -162,6 +171,8 @@ class RelayClient:
         self.submit({"t": "open", "run": run_id, "settings": settings})
         if self._io is not None:
             self._io.runs = frozenset(self._open_runs)
+        if console is not False:
+            run._capture_console(console if isinstance(console, ConsoleLimits) else ConsoleLimits())
         return run
 
     @_locked
@@ -217,6 +228,8 @@ class RelayClient:
         What cannot be spilled is lost: counted in `lost`, logged with the reason."""
         if self._closed:
             return None
+        if self._console is not None:
+            self._console_stopped(self._console)
         if timeout > 0:
             self.flush(timeout)
         io = self._io
@@ -258,10 +271,51 @@ class RelayClient:
             if io.idle:
                 io.nudge()
 
+    def _submit_console(self, message: Dict[str, Any]) -> bool:
+        """A console record, from the I/O thread or the trainer's (without the client's lock, which
+        close() holds while it waits for the I/O thread). False when the relay does not take them."""
+        outbox = self._outbox
+        with outbox.lock:
+            if self._closed or message["t"] in outbox.unsupported:
+                return False
+            outbox.submit(message)
+        io = self._io
+        if io is not None:
+            io.nudge()
+        return True
+
+    def _nudge(self) -> None:
+        io = self._io
+        if io is not None:
+            io.nudge()
+
+    def _console_started(self, capture: ConsoleCapture) -> bool:
+        """Whether `capture` may take this process's console (one run at a time does)."""
+        for client in list(_CLIENTS):
+            if client._console is not None and client._console.active:
+                self._report.warn("console", "relay: the console already goes to run %s; run %s does not capture "
+                                  "it" % (client._console.run_id, capture.run_id), force=True)
+                return False
+        if not capture.start():
+            return False
+        self._console = capture
+        if self._io is not None:
+            self._io.pump = capture.pump
+        return True
+
+    def _console_stopped(self, capture: ConsoleCapture) -> None:
+        """Put the streams back and queue the last console lines (a run's finish, close, exit)."""
+        if self._console is capture:
+            self._console = None
+            if self._io is not None:
+                self._io.pump = None
+        capture.stop()
+
     def _start_io(self) -> IOThread:
         connection = Connection(self.endpoint, self.keys, self._report, self.reconnect_after)
         io = IOThread(self._outbox, connection, self._report, self.heartbeat_every)
         io.runs = frozenset(self._open_runs)
+        io.pump = self._console.pump if self._console is not None else None
         io.start()
         # A client dropped without close(): its thread ends too (not at exit, where a trainer's own
         # atexit handler may still finish a run through it).
@@ -282,6 +336,34 @@ class Run:
         self.name = name
         self._life = client._life
         self._pid = os.getpid()
+        self._console = None  # type: Optional[ConsoleCapture]
+
+    def _capture_console(self, limits: ConsoleLimits) -> None:
+        capture = ConsoleCapture(self.id, self.client._submit_console, self.client._nudge, limits)
+        if self.client._console_started(capture):
+            self._console = capture
+            atexit.register(self._console_at_exit)
+
+    def _stop_console(self) -> None:
+        capture, self._console = self._console, None
+        if capture is not None:
+            atexit.unregister(self._console_at_exit)
+            self.client._console_stopped(capture)
+
+    def _console_at_exit(self) -> None:
+        """The process exits with this run not finished (a crash, or no finish()): its last lines,
+        the traceback too, go to the relay, waiting at most CONSOLE_EXIT_FLUSH; spilled if not acked."""
+        if self._console is None or self._life is not self.client._life:
+            return
+        self._stop_console()
+        if not self.client._closed and not self.client.flush(CONSOLE_EXIT_FLUSH):
+            self.client.spill_pending()
+
+    def _console_exception(self, exc: BaseException) -> None:
+        """The traceback of `exc` into the run's Logs now (for an integration that finishes the run
+        before the interpreter prints it)."""
+        if self._console is not None:
+            self._console.exception(exc)
 
     def _refuse_if_forked(self) -> None:
         if self._life is not self.client._life:
@@ -328,6 +410,7 @@ class Run:
     def finish(self, exit_code: int = 0, timeout: float = 10.0) -> Dict[str, Any]:
         """Queue the finish record, wait at most `timeout` for acks, spill the rest to disk."""
         self._refuse_if_forked()
+        self._stop_console()
         self.client.submit({"t": "finish", "run": self.id, "exit_code": int(exit_code), "time": time.time()})
         self.client._run_finished(self.id)
         delivered = self.client.flush(timeout)

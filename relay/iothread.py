@@ -10,6 +10,7 @@ send and receive, and the outbox's lock is held only to take or give a slice):
 - sends what is unsent (at most SEND_SLICE frames per slice); when a send finds no connection it
   tries again RETRY_EVERY seconds later;
 - packs waiting device rows whose copy has landed (never waits for one);
+- makes the console records that are due (`pump`, relay.console: at least once a second);
 - sends a heartbeat every `heartbeat_every` seconds (0: none) naming the client's open runs: when
   the trainer dies the heartbeats stop and the relay finishes its runs after its silence timeout.
 
@@ -25,7 +26,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Callable, FrozenSet, List
+from typing import Callable, FrozenSet, List, Optional
 
 import zmq
 
@@ -75,6 +76,7 @@ class IOThread(threading.Thread):
         self.report = reporter
         self.heartbeat_every = heartbeat_every
         self.runs = frozenset()        # type: FrozenSet[str]  (open runs, for heartbeats; replaced, never changed)
+        self.pump = None               # type: Optional[Callable[[], None]]  (makes due console records)
         self.pid = os.getpid()
         self.idle = False              # True while asleep in its poll (or about to be)
         self.work = False              # set by nudge(): a record came since the last slice began
@@ -118,6 +120,9 @@ class IOThread(threading.Thread):
         try:
             while not self._stopping:
                 try:
+                    pump = self.pump
+                    if pump is not None:
+                        pump()
                     busy = self._slice()
                     if self.heartbeat_every > 0 and time.monotonic() >= next_beat:
                         next_beat = time.monotonic() + self.heartbeat_every

@@ -39,6 +39,7 @@ spill that failed leaves the records pending; the next attempt comes `max_pendin
 """
 from __future__ import annotations
 
+import re
 import threading
 import time
 import uuid
@@ -51,6 +52,10 @@ from relay import protocol, tensors
 from relay.errors import RelayError
 from relay.spill import Reporter
 
+# The record kinds a relay older than this client may not know, and what they carry.
+NEWER_KINDS = {"console": "the trainer's console output", "meta": "the trainer node's provenance",
+               "system": "the trainer node's system metrics", "media": "images, videos and histograms"}
+_UNKNOWN_KIND = re.compile(r"unknown message kind '([A-Za-z0-9_]+)'")
 MAX_DEFERRED = 64      # rows waiting for their device values' copy before a call waits for the oldest
 VALUE_FIELDS = {"log": "metrics", "summary": "values"}   # the fields whose device values are batched
 
@@ -79,8 +84,11 @@ class Outbox:
 
     def __init__(self, stream: Optional[str] = None, max_pending: int = 10000, resend_after: float = 1.0,
                  spill: Optional[Spill] = None, reopen: Callable[[], Iterable[Dict[str, Any]]] = tuple,
-                 reporter: Optional[Reporter] = None, clock: Callable[[], float] = time.monotonic):
+                 reporter: Optional[Reporter] = None, clock: Callable[[], float] = time.monotonic,
+                 endpoint: str = ""):
         self.lock = threading.Condition(threading.Lock())
+        self.endpoint = endpoint       # the relay's, for the messages that name it
+        self.unsupported = set()       # type: set  (record kinds the relay said it does not know)
         self.max_pending = max(1, int(max_pending))
         self.resend_after = resend_after
         self.report = reporter or Reporter()
@@ -104,7 +112,11 @@ class Outbox:
 
     def submit(self, message: Dict[str, Any]) -> None:
         """Accept one record: packed now, or (values on an accelerator) waiting behind the rows
-        that wait. Raises TypeError/ValueError at once for a value the wire cannot carry."""
+        that wait. Raises TypeError/ValueError at once for a value the wire cannot carry. A record
+        of a kind the relay said it does not take is dropped (counted)."""
+        if self.unsupported and message.get("t") in self.unsupported:
+            self.stats["dropped"] += 1
+            return
         self.deferred.submit(message)
 
     def _queue(self, message: Dict[str, Any], default: Any) -> None:
@@ -218,9 +230,27 @@ class Outbox:
             if isinstance(reply.get("seq"), int) and reply.get("stream") in (None, self.stream):
                 removed = int(self.pending.pop(reply["seq"], None) is not None)  # no use re-sending it
             self.stats["errors"] += 1
-            self.report.error("relay refused record seq=%s: %s" % (reply.get("seq"), reply.get("reason")))
+            self._refused(reply.get("seq"), reply.get("reason"))
             return removed
         return 0
+
+    def _refused(self, seq: Any, reason: Any) -> None:
+        """Say why the relay refused a record. An older relay names a kind of record it does not
+        know: that kind is not sent to it any more (`unsupported`), and the trainer is told once."""
+        match = _UNKNOWN_KIND.match(reason) if isinstance(reason, str) else None
+        if match is None:
+            self.report.error("relay refused record seq=%s: %s" % (seq, reason))
+            return
+        kind = match.group(1)
+        if kind in self.unsupported:
+            return  # told already; records of that kind sent before it was known
+        self.unsupported.add(kind)
+        self.report.error(
+            "the relay at %s is older than this client and does not take %r records (%s); they are not sent "
+            "to it (record seq=%s refused: %s): upgrade the relay (pip install -U 'tokenhsi-relay[server]' "
+            "where it runs, then restart `relay serve`)"
+            % (self.endpoint or "its endpoint", kind, NEWER_KINDS.get(kind, "a kind newer than the relay"),
+               seq, reason))
 
     def _on_ack(self, reply: Dict[str, Any]) -> int:
         if reply.get("stream") not in (None, self.stream):

@@ -15,6 +15,11 @@ Client -> relay kinds and their own fields:
                 the client saw it when it was logged (the relay refuses it if it has changed since)
     summary     run, values {name: scalar}
     finish      run, exit_code, time
+    console     run, lines [[stream, text], ...], dropped, time: the trainer's console. `stream` is
+                "out" (stdout) or "err" (stderr), `text` one line without its "\n" (at most
+                MAX_CONSOLE_LINES lines a record); `dropped` (int >= 0) counts the lines the client
+                dropped since its previous console record (its limits: relay/console.py). Takes no
+                W&B step.
     status      page? (answered, never spooled): without `page`, the relay-wide totals and the
                 runs worth a look (the active ones, the last few finished); with `page` (0, then
                 the reply's `next`), the same totals and every run in turn, a page at a time
@@ -63,10 +68,12 @@ MAX_TAG_LEN = 64
 ALIAS_FORBIDDEN = "/:"
 MAX_METADATA_KEYS = 100
 
-RECORD_KINDS = ("open", "log", "checkpoint", "summary", "finish")
+RECORD_KINDS = ("open", "log", "checkpoint", "summary", "finish", "console")
 UNSPOOLED_KINDS = ("status", "heartbeat")
 CLIENT_KINDS = RECORD_KINDS + UNSPOOLED_KINDS
 WANDB_MODES = ("online", "offline", "disabled")
+CONSOLE_STREAMS = ("out", "err")
+MAX_CONSOLE_LINES = 1000
 
 
 def encode(message: Dict[str, Any]) -> bytes:
@@ -173,6 +180,8 @@ def validate(message: Dict[str, Any]) -> None:
     elif kind == "summary":
         _require(message, "values", dict)
         _check_scalars(message["values"], "values")
+    elif kind == "console":
+        _check_console(message)
     elif kind == "finish":
         _require(message, "exit_code", int)
         if not EXIT_CODE_MIN <= message["exit_code"] <= EXIT_CODE_MAX:
@@ -240,6 +249,21 @@ def _check_scalars(values: Dict[str, Any], where: str) -> None:
         if not isinstance(value, (int, float, str, bool)):
             raise ProtocolError("%s[%s] must be int, float, bool or str, got %s"
                                 % (where, _show(key), type(value).__name__))
+
+
+def _check_console(message: Dict[str, Any]) -> None:
+    lines = message.get("lines")
+    if not isinstance(lines, list) or len(lines) > MAX_CONSOLE_LINES:
+        raise ProtocolError("field 'lines' must be a list of at most %d [stream, text] pairs" % MAX_CONSOLE_LINES)
+    for index, line in enumerate(lines):
+        if not (isinstance(line, list) and len(line) == 2 and line[0] in CONSOLE_STREAMS and isinstance(line[1], str)):
+            raise ProtocolError("lines[%d] must be [stream, text] with stream 'out' or 'err' and text a str, got %s"
+                                % (index, _show(line)))
+    dropped = message.get("dropped")
+    if not (_is_int(dropped) and dropped >= 0):
+        raise ProtocolError("field 'dropped' must be an int >= 0, got %s" % _show(dropped))
+    if message.get("time") is not None and not isinstance(message["time"], (int, float)):
+        raise ProtocolError("field 'time' must be a number, got %s" % type(message["time"]).__name__)
 
 
 def _check_metadata(metadata: Dict[str, Any]) -> None:

@@ -19,6 +19,7 @@ TRAINER_SIDE = (
     "relay.tensors",
     "relay.keys",
     "relay.client",
+    "relay.console",
     "relay.outbox",
     "relay.spill",
     "relay.connection",

@@ -287,6 +287,8 @@ class RunUploader:
             self._sink.update_summary(body["values"])
         elif record.kind == "open":
             self._sink.update_config(body["settings"].get("config") or {})
+        elif record.kind == "console":
+            self._sink.write_console(body["lines"], body.get("dropped") or 0)
         elif record.kind == "checkpoint":
             self._wait_for_wandb()  # log_artifact talks to W&B in this thread, and raises when it cannot
             self._log_checkpoint(record)

@@ -86,6 +86,11 @@ KIND_FIELDS = {
     "finish": st.fixed_dictionaries({"run": RUN_IDS, "exit_code": st.integers(protocol.EXIT_CODE_MIN,
                                                                               protocol.EXIT_CODE_MAX)},
                                     optional={"time": FLOATS}),
+    "console": st.fixed_dictionaries(
+        {"run": RUN_IDS, "lines": st.lists(st.tuples(st.sampled_from(protocol.CONSOLE_STREAMS), st.text(max_size=80))
+                                           .map(list), max_size=5),
+         "dropped": st.integers(0, protocol.INT_MAX)},
+        optional={"time": FLOATS}),
     "status": st.just({}),
     "heartbeat": st.fixed_dictionaries({"runs": st.lists(RUN_IDS, max_size=5)}),
 }

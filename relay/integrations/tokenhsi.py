@@ -40,7 +40,7 @@ from relay.modes import reporting_disabled
 log = logging.getLogger("relay.integrations.tokenhsi")
 
 WANDB_KEYS = ("project", "entity", "name", "group", "tags", "notes", "mode")
-RELAY_KEYS = ("endpoint", "spill_dir", "keys", "finish_timeout")
+RELAY_KEYS = ("endpoint", "spill_dir", "keys", "finish_timeout", "console")
 NOT_SET = "Base"  # TokenHSI's default for --experiment and --checkpoint
 
 
@@ -89,13 +89,14 @@ class Reporting(object):
         return RelayAlgoObserver(project=w.get("project") or "tokenHSI", name=name, entity=w.get("entity"),
                                  group=w.get("group"), tags=w.get("tags"), notes=w.get("notes"), mode=w.get("mode"),
                                  endpoint=r.get("endpoint"), spill_dir=r.get("spill_dir"), keys=r.get("keys"),
-                                 finish_timeout=self.finish_timeout, config=config)
+                                 finish_timeout=self.finish_timeout, config=config,
+                                 console=r.get("console", True))
 
 
 def reporting_from_train_config(cfg_train, where="cfg_train"):
     # type: (Dict[str, Any], str) -> Reporting
     """Read and check the `use_wandb`, `wandb:` (project, entity, name, group, tags, notes, mode) and
-    `relay:` (endpoint, spill_dir, keys, finish_timeout) keys of a TokenHSI `cfg_train` dict. Unknown
+    `relay:` (endpoint, spill_dir, keys, finish_timeout, console) keys of a TokenHSI `cfg_train` dict. Unknown
     keys, wrong types, and these keys placed under `params:` (where they would be ignored) raise
     ValueError naming the key; `where` names the file in that message."""
     if not isinstance(cfg_train, dict):
@@ -116,6 +117,8 @@ def reporting_from_train_config(cfg_train, where="cfg_train"):
     _check_type(relay, "spill_dir", str, where + ": relay")
     _check_type(relay, "keys", str, where + ": relay")
     _check_type(relay, "finish_timeout", (int, float), where + ": relay")
+    if not isinstance(relay.get("console", True), bool):
+        raise ValueError("%s: relay.console must be true or false, got %r" % (where, relay["console"]))
     return Reporting(use_wandb, wandb, relay)
 
 
