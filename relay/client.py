@@ -199,8 +199,11 @@ class RelayClient:
 
     @_locked
     def flush(self, timeout: float) -> bool:
-        """Wait at most `timeout` seconds for every pending record to be acked."""
+        """Wait at most `timeout` seconds for every pending record to be acked (the console lines
+        queued so far are packed into a record first)."""
         deadline = time.monotonic() + timeout
+        if self._console is not None:
+            self._console.flush()
         outbox = self._outbox
         with outbox.lock:
             outbox.deferred.release(wait=True)

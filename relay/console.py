@@ -290,6 +290,12 @@ class ConsoleCapture(object):
         if self.active and self.buffer.due():
             self._send(final=False)
 
+    def flush(self):
+        # type: () -> None
+        """Make a record of the lines queued so far now (the client's flush)."""
+        if self.active:
+            self._send(final=False)
+
     def stop(self):
         # type: () -> None
         """Put the streams back and send what is left, the unfinished lines too."""

@@ -200,6 +200,7 @@ class RunUploader:
             return False
         self._open = True
         server_step = self._sink.starting_step if self.mode == "online" else 0
+        self._spool.confirm_console(self.run_id, server_step)  # else a resume would write them again
         confirmed = self._spool.confirm_below_step(self.run_id, server_step)
         if server_step:
             log.info("run %s resumed at W&B step %d (%d spooled records were already there)",

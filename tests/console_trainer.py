@@ -1,7 +1,8 @@
 """A trainer whose console goes to its W&B run, for tests/test_console.py.
 
-Run as: python tests/console_trainer.py '<json args>'. Prints `lines` pairs of known lines, one to
-stdout and one to stderr, then `flood` lines as fast as it can (timing each thousand), then
+Run as: python tests/console_trainer.py '<json args>'. Logs a row; for each of `phases` [lines,
+rows], once a line comes on stdin, prints that many lines and logs that many rows; prints `lines`
+pairs of known lines, one to stdout and one to stderr, then `flood` lines as fast as it can (timing each thousand), then
 finishes the run, or raises (`crash`) without finishing it. What it measured (and finish()'s
 report, the client's errors) goes to the file `report`: its stdout is the console under test.
 """
@@ -18,6 +19,14 @@ def main(args: dict) -> None:
     console = ConsoleLimits(**args["limits"]) if args.get("limits") else args.get("console", True)
     run = client.start_run(project="relay-tests", run_id=args["run_id"], console=console)
     run.log({"loss": 0.5}, frame=1)
+    for phase, (lines, rows) in enumerate(args.get("phases", ())):  # each after a line on stdin
+        sys.stdin.readline()
+        for index in range(lines):
+            print("phase %d line %d" % (phase, index))
+        client.flush(30)  # the lines' record first, then the rows
+        for index in range(rows):
+            run.log({"loss": float(index)}, frame=1000 * (phase + 1) + index)
+        client.flush(30)
     for index in range(args.get("lines", 0)):
         print("line %d of stdout" % index)
         print("line %d of stderr" % index, file=sys.stderr)

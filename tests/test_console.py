@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -92,6 +93,33 @@ def test_a_flood_is_dropped_counted_exactly_and_costs_the_trainer_little(fake_wa
     assert told and sum(told) == 200000 - len(delivered), "dropped lines told: %s, delivered %d" % (
         told, len(delivered))
     assert 100 <= len(delivered) < 200000 // 4, "the limits let %d lines through" % len(delivered)
+
+
+def test_a_relay_killed_mid_run_writes_no_console_line_twice(fake_wandb, relay_factory, tmp_path):
+    relay = relay_factory(fake_wandb, ["--mode", "online"])
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "RELAY_", "PYTHON"))}
+    env["PYTHONPATH"] = ROOT
+    args = {"endpoint": relay.endpoint, "run_id": "killed", "phases": [[5, 3], [4, 2]],
+            "spill_dir": str(tmp_path / "spill"), "report": str(tmp_path / "killed.json")}
+    trainer = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "console_trainer.py"), json.dumps(args)],
+                               env=env, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        trainer.stdin.write("\n")
+        trainer.stdin.flush()
+        fake_wandb.wait_for(lambda: "killed" in fake_wandb.runs() and len(fake_wandb.run("killed").history) == 4, 90)
+        # W&B's count confirmed the rows (the open record alone is left): the console lines before them too
+        relay.wait_status(lambda status: status["runs"][0]["pending"] == 1, 60, "the rows confirmed")
+        relay.stop(signal.SIGKILL)
+        relay.start()
+        trainer.stdin.write("\n")
+        trainer.stdin.close()
+        assert trainer.wait(timeout=120) == 0
+    finally:
+        trainer.kill()
+    fake_wandb.wait_for(lambda: fake_wandb.complete("killed"), 120)
+    assert logs(fake_wandb.run("killed")) == [("out", "phase %d line %d" % (phase, index))
+                                              for phase, lines in ((0, 5), (1, 4)) for index in range(lines)]
+    assert len(fake_wandb.run("killed").history) == 6
 
 
 # -- the capture, unit-sized ----------------------------------------------------------------------------

@@ -225,8 +225,9 @@ class RelayAlgoObserver(AlgoObserver):
                 observer.finish(exit_code=0 if exc.code in (None, 0) else 1)
                 raise
             except BaseException as exc:
-                if observer.run is not None:  # its traceback into the Logs: printed only after the finish
-                    observer.run._console_exception(exc)
+                note = getattr(observer.run, "_console_exception", None)  # a relay Run (not a stand-in)
+                if note is not None:  # its traceback into the Logs: the interpreter prints it after the finish
+                    note(exc)
                 observer.finish(exit_code=1)
                 raise
             observer.finish(exit_code=0)
