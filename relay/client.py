@@ -48,7 +48,7 @@ from typing import Any, Dict, List, Optional
 
 from relay import protocol, tensors  # noqa: F401 (tensors: where the outbox starts device copies)
 from relay.connection import RECONNECT_AFTER, Connection
-from relay.console import ConsoleCapture, ConsoleLimits
+from relay.console import EXIT_FLUSH, ConsoleCapture, ConsoleLimits, capture_for, console_limits
 from relay.errors import ForkedRunError  # noqa: F401 (part of this module's API)
 from relay.iothread import IOThread
 from relay.keys import CLIENT_KEYS_VARIABLE, ClientKeys, load_client_keys
@@ -57,7 +57,6 @@ from relay.outbox import MAX_DEFERRED, Outbox  # noqa: F401 (MAX_DEFERRED: part 
 from relay.spill import SPILL_FIX, Reporter, Spiller, default_spill_dir
 
 JOIN_TIMEOUT = 2.0     # seconds close() gives the I/O thread to end its slice and close the socket
-CONSOLE_EXIT_FLUSH = 2.0  # seconds the exit of a process whose run was never finished waits for its last lines
 
 
 def _locked(method):
@@ -149,8 +148,7 @@ class RelayClient:
                   console: "bool | ConsoleLimits" = False) -> "Run":
         """Open a W&B run. `console`: True (or a ConsoleLimits) sends the process's stdout and
         stderr to the run's Logs until the run finishes (relay.console)."""
-        if not isinstance(console, (bool, ConsoleLimits)):
-            raise TypeError("console must be True, False or a relay.console.ConsoleLimits, got %r" % (console,))
+        limits = console_limits(console)
         if mode is not None and mode not in protocol.WANDB_MODES:
             raise ValueError("mode must be one of %s, got %r" % (", ".join(protocol.WANDB_MODES), mode))
         run_id = run_id or uuid.uuid4().hex[:12]
@@ -171,8 +169,8 @@ class RelayClient:
         self.submit({"t": "open", "run": run_id, "settings": settings})
         if self._io is not None:
             self._io.runs = frozenset(self._open_runs)
-        if console is not False:
-            run._capture_console(console if isinstance(console, ConsoleLimits) else ConsoleLimits())
+        if limits is not None:
+            run._capture_console(limits)
         return run
 
     @_locked
@@ -231,8 +229,8 @@ class RelayClient:
         What cannot be spilled is lost: counted in `lost`, logged with the reason."""
         if self._closed:
             return None
-        if self._console is not None:
-            self._console_stopped(self._console)
+        if self._console is not None:  # a run not finished captures it: its last lines go now (or to the spill)
+            self._console.stop()
         if timeout > 0:
             self.flush(timeout)
         io = self._io
@@ -274,51 +272,10 @@ class RelayClient:
             if io.idle:
                 io.nudge()
 
-    def _submit_console(self, message: Dict[str, Any]) -> bool:
-        """A console record, from the I/O thread or the trainer's (without the client's lock, which
-        close() holds while it waits for the I/O thread). False when the relay does not take them."""
-        outbox = self._outbox
-        with outbox.lock:
-            if self._closed or message["t"] in outbox.unsupported:
-                return False
-            outbox.submit(message)
-        io = self._io
-        if io is not None:
-            io.nudge()
-        return True
-
-    def _nudge(self) -> None:
-        io = self._io
-        if io is not None:
-            io.nudge()
-
-    def _console_started(self, capture: ConsoleCapture) -> bool:
-        """Whether `capture` may take this process's console (one run at a time does)."""
-        for client in list(_CLIENTS):
-            if client._console is not None and client._console.active:
-                self._report.warn("console", "relay: the console already goes to run %s; run %s does not capture "
-                                  "it" % (client._console.run_id, capture.run_id), force=True)
-                return False
-        if not capture.start():
-            return False
-        self._console = capture
-        if self._io is not None:
-            self._io.pump = capture.pump
-        return True
-
-    def _console_stopped(self, capture: ConsoleCapture) -> None:
-        """Put the streams back and queue the last console lines (a run's finish, close, exit)."""
-        if self._console is capture:
-            self._console = None
-            if self._io is not None:
-                self._io.pump = None
-        capture.stop()
-
     def _start_io(self) -> IOThread:
         connection = Connection(self.endpoint, self.keys, self._report, self.reconnect_after)
         io = IOThread(self._outbox, connection, self._report, self.heartbeat_every)
         io.runs = frozenset(self._open_runs)
-        io.pump = self._console.pump if self._console is not None else None
         io.start()
         # A client dropped without close(): its thread ends too (not at exit, where a trainer's own
         # atexit handler may still finish a run through it).
@@ -342,31 +299,27 @@ class Run:
         self._console = None  # type: Optional[ConsoleCapture]
 
     def _capture_console(self, limits: ConsoleLimits) -> None:
-        capture = ConsoleCapture(self.id, self.client._submit_console, self.client._nudge, limits)
-        if self.client._console_started(capture):
-            self._console = capture
+        io = self.client._io  # None: the client is closed, nothing would send the lines
+        capture = capture_for(self.id, self.client._outbox, io, limits) if io is not None else None
+        if capture is not None:
+            self.client._console = self._console = capture
             atexit.register(self._console_at_exit)
 
     def _stop_console(self) -> None:
+        """Put the streams back and queue the last lines (the finish, or the exit of the process)."""
         capture, self._console = self._console, None
         if capture is not None:
             atexit.unregister(self._console_at_exit)
-            self.client._console_stopped(capture)
+            capture.stop()
 
     def _console_at_exit(self) -> None:
         """The process exits with this run not finished (a crash, or no finish()): its last lines,
-        the traceback too, go to the relay, waiting at most CONSOLE_EXIT_FLUSH; spilled if not acked."""
+        the traceback too, go to the relay, waiting at most EXIT_FLUSH seconds; spilled if not acked."""
         if self._console is None or self._life is not self.client._life:
             return
         self._stop_console()
-        if not self.client._closed and not self.client.flush(CONSOLE_EXIT_FLUSH):
+        if not self.client._closed and not self.client.flush(EXIT_FLUSH):
             self.client.spill_pending()
-
-    def _console_exception(self, exc: BaseException) -> None:
-        """The traceback of `exc` into the run's Logs now (for an integration that finishes the run
-        before the interpreter prints it)."""
-        if self._console is not None:
-            self._console.exception(exc)
 
     def _refuse_if_forked(self) -> None:
         if self._life is not self.client._life:

@@ -47,6 +47,7 @@ STREAMS = ("out", "err")          # the wire's names of stdout and stderr
 BATCH_LINES = 100                 # lines in one console record at most
 BATCH_BYTES = 256 * 1024          # characters in one console record at most (a frame stays under 1 MiB)
 BATCH_EVERY = 1.0                 # seconds a queued line waits at most for its record
+EXIT_FLUSH = 10.0                 # seconds an exit with the run not finished waits for the acks (as finish)
 
 
 class ConsoleLimits(object):
@@ -66,6 +67,16 @@ class ConsoleLimits(object):
         self.max_line_length = max_line_length
         self.lines_per_second = float(lines_per_second)
         self.burst = burst
+
+
+def console_limits(console):
+    # type: (Any) -> Optional[ConsoleLimits]
+    """`start_run`'s `console` argument: False -> None, True -> the default limits, or the limits given."""
+    if isinstance(console, ConsoleLimits):
+        return console
+    if not isinstance(console, bool):
+        raise TypeError("console must be True, False or a relay.console.ConsoleLimits, got %r" % (console,))
+    return ConsoleLimits() if console else None
 
 
 class _Quiet(threading.local):
@@ -187,7 +198,8 @@ class ConsoleBuffer(object):
             self.totals["lines"] += len(self._lines)
             while self._lines:
                 lines, size = [], 0  # type: List[List[str]], int
-                while self._lines and len(lines) < BATCH_LINES and (not lines or size + len(self._lines[0][1]) <= BATCH_BYTES):
+                while self._lines and len(lines) < BATCH_LINES and (
+                        not lines or size + len(self._lines[0][1]) <= BATCH_BYTES):
                     index, text = self._lines.popleft()
                     lines.append([STREAMS[index], text])
                     size += len(text)
@@ -235,13 +247,21 @@ class ConsoleCapture(object):
         self._nudge = nudge
         self._packing = threading.Lock()  # one packer at a time (I/O thread, finish): records in order
         self._installed = []  # type: List[Tuple[Any, Any, Any]]  (stream, our write, its own write or None)
+        self.io = None        # type: Any  (the client's I/O thread, whose `pump` this is while it runs)
         _CAPTURES.add(self)
 
     def start(self):
         # type: () -> bool
-        """Install on sys.stdout and sys.stderr; False when neither could be wrapped."""
+        """Install on sys.stdout and sys.stderr; False when neither could be wrapped, or when
+        another run of this process captures the console (one at a time does)."""
         import sys
 
+        for other in list(_CAPTURES):
+            if other.active and other is not self:
+                with quiet():
+                    log.warning("relay: the console already goes to run %s; run %s does not capture it",
+                                other.run_id, self.run_id)
+                return False
         for index, stream in enumerate((sys.stdout, sys.stderr)):
             try:
                 self._install(stream, index)
@@ -302,6 +322,8 @@ class ConsoleCapture(object):
         if not self._installed and not self.active:
             return
         self.active = False
+        if self.io is not None and self.io.pump == self.pump:
+            self.io.pump = None
         self._uninstall()
         self._send(final=True)
 
@@ -332,3 +354,25 @@ class ConsoleCapture(object):
                     self.active = False  # the relay does not take console records: stop queueing
                     self.buffer.clear()
                     return
+
+
+def capture_for(run_id, outbox, io, limits):
+    # type: (str, Any, Any, ConsoleLimits) -> Optional[ConsoleCapture]
+    """The console capture of a client's run, started: its records go into the client's `outbox`
+    (relay.outbox; without the client's lock, which close() holds while it waits for the I/O
+    thread), made on the client's I/O thread `io` (relay.iothread) while it runs. None when it
+    could not start."""
+    def offer(record):
+        # type: (dict) -> bool
+        with outbox.lock:
+            if record["t"] in outbox.unsupported:
+                return False  # the relay is older than the client: it refused a console record
+            outbox.submit(record)
+        return True
+
+    capture = ConsoleCapture(run_id, offer, io.nudge, limits)
+    if not capture.start():
+        return None
+    capture.io = io
+    io.pump = capture.pump
+    return capture

@@ -15,6 +15,9 @@ A record's states (every accepted record is in exactly one):
             the others unsent. A pending record is sent again until it is acked.
 - acked:    the relay committed it to its spool: gone from `pending`.
 - refused:  the relay answered an error for its seq (it can never be accepted): gone, counted.
+            An older relay refuses a kind of record it does not know ("unknown message kind
+            'X'"): the trainer is told once to upgrade the relay, and later records of that kind
+            are dropped at `submit` (counted), the rest goes on.
 - spilled:  written to a spill file (fsynced, renamed into place): gone, counted.
 - lost:     only at close, when a spill failed: gone, counted and said.
 
@@ -230,27 +233,14 @@ class Outbox:
             if isinstance(reply.get("seq"), int) and reply.get("stream") in (None, self.stream):
                 removed = int(self.pending.pop(reply["seq"], None) is not None)  # no use re-sending it
             self.stats["errors"] += 1
-            self._refused(reply.get("seq"), reply.get("reason"))
+            newer = unknown_kind(reply.get("reason"))
+            if newer is None:
+                self.report.error("relay refused record seq=%s: %s" % (reply.get("seq"), reply.get("reason")))
+            elif newer not in self.unsupported:  # said once: records of the kind sent before it was known
+                self.unsupported.add(newer)
+                self.report.error(older_relay(self.endpoint, newer, reply.get("seq"), reply.get("reason")))
             return removed
         return 0
-
-    def _refused(self, seq: Any, reason: Any) -> None:
-        """Say why the relay refused a record. An older relay names a kind of record it does not
-        know: that kind is not sent to it any more (`unsupported`), and the trainer is told once."""
-        match = _UNKNOWN_KIND.match(reason) if isinstance(reason, str) else None
-        if match is None:
-            self.report.error("relay refused record seq=%s: %s" % (seq, reason))
-            return
-        kind = match.group(1)
-        if kind in self.unsupported:
-            return  # told already; records of that kind sent before it was known
-        self.unsupported.add(kind)
-        self.report.error(
-            "the relay at %s is older than this client and does not take %r records (%s); they are not sent "
-            "to it (record seq=%s refused: %s): upgrade the relay (pip install -U 'tokenhsi-relay[server]' "
-            "where it runs, then restart `relay serve`)"
-            % (self.endpoint or "its endpoint", kind, NEWER_KINDS.get(kind, "a kind newer than the relay"),
-               seq, reason))
 
     def _on_ack(self, reply: Dict[str, Any]) -> int:
         if reply.get("stream") not in (None, self.stream):
@@ -279,6 +269,20 @@ class Outbox:
     def count(self) -> int:
         """Records accepted and neither acked, refused, spilled nor lost."""
         return len(self.pending) + len(self.deferred)
+
+
+def unknown_kind(reason: Any) -> Optional[str]:
+    """The kind an older relay names in its refusal "unknown message kind 'X'", else None."""
+    match = _UNKNOWN_KIND.match(reason) if isinstance(reason, str) else None
+    return match.group(1) if match else None
+
+
+def older_relay(endpoint: str, kind: str, seq: Any, reason: str) -> str:
+    """What the trainer is told when the relay does not know a kind of record: upgrade it."""
+    return ("the relay at %s is older than this client and does not take %r records (%s); they are not sent to "
+            "it (record seq=%s refused: %s): upgrade the relay (pip install -U 'tokenhsi-relay[server]' where it "
+            "runs, then restart `relay serve`)"
+            % (endpoint or "its endpoint", kind, NEWER_KINDS.get(kind, "a kind newer than the relay"), seq, reason))
 
 
 def _start_device_copy(message: Dict[str, Any]) -> Optional[tensors.Transfer]:

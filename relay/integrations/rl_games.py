@@ -225,9 +225,9 @@ class RelayAlgoObserver(AlgoObserver):
                 observer.finish(exit_code=0 if exc.code in (None, 0) else 1)
                 raise
             except BaseException as exc:
-                note = getattr(observer.run, "_console_exception", None)  # a relay Run (not a stand-in)
-                if note is not None:  # its traceback into the Logs: the interpreter prints it after the finish
-                    note(exc)
+                capture = getattr(observer.run, "_console", None)  # the Run's console capture, if it has one
+                if capture is not None:  # the traceback into the Logs: the interpreter prints it after the finish
+                    capture.exception(exc)
                 observer.finish(exit_code=1)
                 raise
             observer.finish(exit_code=0)

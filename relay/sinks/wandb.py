@@ -119,12 +119,7 @@ class WandbSink:
         os.environ.pop("WANDB_SERVICE", None)
 
     def _init(self, settings: dict, upload_interval: float) -> Any:
-        run = self._init_run(settings, upload_interval)
-        run._restore()  # the SDK's capture of this process's stdout/stderr, off (wandb 0.31, pinned)
-        return run
-
-    def _init_run(self, settings: dict, upload_interval: float) -> Any:
-        return wandb.init(
+        run = wandb.init(
             project=settings["project"], entity=settings.get("entity"), name=settings.get("name"),
             group=settings.get("group"), tags=settings.get("tags") or None, notes=settings.get("notes"),
             job_type=settings.get("job_type"), config=settings.get("config") or None,
@@ -155,6 +150,8 @@ class WandbSink:
                 x_graphql_timeout_seconds=self.config.request_timeout,
                 x_file_transfer_timeout_seconds=self.config.request_timeout),
         )
+        run._restore()  # the SDK's capture of this process's stdout/stderr, off (wandb 0.31, pinned)
+        return run
 
     # -- an open run --------------------------------------------------------------------------
 
