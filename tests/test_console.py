@@ -11,9 +11,10 @@ import signal
 import subprocess
 import sys
 
+import msgpack
 import pytest
 
-from harness import ROOT
+from harness import ROOT, free_tcp_port
 from relay import console
 from relay.console import ConsoleBuffer, ConsoleCapture, ConsoleLimits
 
@@ -228,6 +229,35 @@ def test_a_forked_child_passes_writes_through_and_sends_nothing(monkeypatch):
     assert os.waitstatus_to_exitcode(status) == 0
     assert [line for record in records for line in record["lines"]] == [["out", "parent before"],
                                                                         ["out", "parent after"]]
+
+
+def test_the_observer_puts_a_failed_trainings_traceback_in_the_logs_before_the_finish(tmp_path):
+    from relay.client import RelayClient
+    from relay.rl_games import RelayAlgoObserver
+    from test_rl_games import FakeAlgo, ListWriter
+
+    free = "tcp://127.0.0.1:%d" % free_tcp_port()  # no relay: finish() spills what it holds
+    client = RelayClient(free, spill_dir=str(tmp_path / "spill"), heartbeat_every=0)
+    observer = RelayAlgoObserver(client=client, run_id="crash", finish_timeout=0.2)
+    algo = FakeAlgo(ListWriter(), str(tmp_path))
+
+    def train():
+        print("epoch 1")
+        raise RuntimeError("simulation exploded")
+
+    algo.train = train
+    observer.before_init("run", {"name": "unit"}, "unit")
+    observer.after_init(algo)
+    with pytest.raises(RuntimeError, match="simulation exploded"):
+        algo.train()
+    client.close()
+    with open(observer.report["spill_file"], "rb") as handle:
+        records = [msgpack.unpackb(frame, raw=False) for frame in msgpack.Unpacker(handle, raw=False)]
+    assert [record["t"] for record in records] == ["open", "console", "finish"]
+    lines = records[1]["lines"]
+    assert lines[:2] == [["out", "epoch 1"], ["err", "Traceback (most recent call last):"]]
+    assert lines[-1] == ["err", "RuntimeError: simulation exploded"] and records[2]["exit_code"] == 1
+    assert "write" not in vars(sys.stdout) and "write" not in vars(sys.stderr)  # put back at the finish
 
 
 def test_limits_are_checked():
