@@ -9,6 +9,7 @@ import os
 import random
 import subprocess
 import sys
+from typing import Callable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -17,8 +18,8 @@ if ROOT not in sys.path:
 
 from relay.testing import RelayProcess, free_endpoint  # noqa: E402
 
-__all__ = ["ROOT", "Relay", "bench_env", "descendants", "free_endpoint", "metrics_row", "percentile", "pss_kib",
-           "ready_wait", "rss_kib", "run_workers"]
+__all__ = ["ROOT", "Relay", "available_mib", "bench_env", "cpu_seconds", "descendants", "free_endpoint", "metrics_row",
+           "percentile", "pss_kib", "ready_wait", "rss_kib", "run_workers"]
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -56,6 +57,22 @@ def pss_kib(pid: int) -> int:
             return next(int(line.split()[1]) for line in handle if line.startswith("Pss:"))
     except (OSError, StopIteration):
         return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time a process has used so far, user + system (0 when it is gone)."""
+    try:
+        with open("/proc/%d/stat" % pid) as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def available_mib() -> int:
+    """MemAvailable of this machine, in MiB."""
+    with open("/proc/meminfo") as handle:
+        return next(int(line.split()[1]) // 1024 for line in handle if line.startswith("MemAvailable:"))
 
 
 def descendants(pid: int) -> list[int]:
@@ -100,9 +117,10 @@ def ready_wait() -> None:
     sys.stdin.readline()
 
 
-def run_workers(script: str, kind: str, jobs: list[dict], env: dict | None = None) -> list[dict]:
+def run_workers(script: str, kind: str, jobs: list[dict], env: dict | None = None,
+                on_go: Callable[[], None] | None = None) -> list[dict]:
     """Start `script --worker KIND JOB` once per job, wait until every one is ready, let them all go
-    at once, and return each one's last stdout line (JSON)."""
+    at once (then call `on_go`), and return each one's last stdout line (JSON)."""
     procs = [subprocess.Popen([sys.executable, script, "--worker", kind, json.dumps(job)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True, env=env or bench_env(), cwd=ROOT)
              for job in jobs]
@@ -113,6 +131,8 @@ def run_workers(script: str, kind: str, jobs: list[dict], env: dict | None = Non
         for proc in procs:
             proc.stdin.write("go\n")
             proc.stdin.flush()
+        if on_go is not None:
+            on_go()
         results = []
         for proc in procs:
             out, _ = proc.communicate(timeout=900)

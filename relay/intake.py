@@ -22,6 +22,7 @@ from relay.artifacts import RefusedPath, resolve_checkpoint
 from relay.config import RelayConfig
 from relay.snapshots import CopyThread, SnapshotDir, SnapshotError
 from relay.spool import Spool, SpoolError
+from relay.spool_db import Footprint
 from relay.status import RelayStatus
 from relay.watches import GapWatch, RefusalLog, SilenceWatch
 
@@ -55,9 +56,9 @@ def classify(frame: bytes, config: RelayConfig) -> tuple[dict, str]:
 class Room:
     """Policy 'hold': whether the spool has room for more records (`holds`), and its WAL kept small."""
 
-    def __init__(self, config: RelayConfig, spool: Spool):
+    def __init__(self, config: RelayConfig, footprint: Footprint):
         self.config = config
-        self.spool = spool
+        self.footprint = footprint
         self.holding = False   # no room in the spool: records are not taken
         self.hold_reason: str | None = None
         self.held_bytes = 0    # frame bytes of the last batch held
@@ -71,8 +72,8 @@ class Room:
         WAL once a scan: a WAL that readers keep from being reused grows with every write (uploads
         rewrite rows when they assign steps), which would eat the reserve that lets them go on."""
         try:
-            if self.spool.room_bytes() < 2 * self.config.min_free_bytes:
-                self.spool.truncate_wal()
+            if self.footprint.room_bytes() < 2 * self.config.min_free_bytes:
+                self.footprint.truncate_wal()
         except (OSError, sqlite3.Error) as exc:
             log.debug("cannot truncate the spool's WAL: %s", exc)
 
@@ -82,13 +83,13 @@ class Room:
         truncated now, and while that cannot be done the batch waits (a pause, not a hold: it is
         counted as held but not logged), so that the WAL never eats the reserve."""
         limit = self.config.min_free_bytes // 4
-        if not limit or self.spool.wal_bytes() <= limit:
+        if not limit or self.footprint.wal_bytes() <= limit:
             return False
         try:
-            self.spool.truncate_wal()
+            self.footprint.truncate_wal()
         except sqlite3.Error as exc:
             log.debug("cannot truncate the spool's WAL: %s", exc)
-        return self.spool.wal_bytes() > limit
+        return self.footprint.wal_bytes() > limit
 
     def holds(self, incoming: int = 0) -> bool:
         """Take no new records while the spool holds more than max_spool_bytes, or while less than
@@ -104,8 +105,8 @@ class Room:
         if self.holding and not incoming:
             incoming = self.held_bytes  # a scan: would the batch it last held fit now?
         try:
-            live = self.spool.live_bytes() + snapshots.held_bytes(self.config.spool_dir)
-            room = self.spool.room_bytes()
+            live = self.footprint.live_bytes() + snapshots.held_bytes(self.config.spool_dir)
+            room = self.footprint.room_bytes()
         except (OSError, sqlite3.Error) as exc:
             log.debug("cannot measure the spool's room (%s); holding stays %s", exc, self.holding)
             return self.holding
@@ -231,7 +232,7 @@ class Intake:
         self.status_of = status_of
         self.counters: Counter = Counter()
         self.refusals = RefusalLog()
-        self.room = Room(config, spool)
+        self.room = Room(config, spool.footprint)
         self.commits = Commits(spool, snapshot_dir, self.counters, self.reply, new_records)
         self.copying: dict[str, int] = {}  # stream -> seq of its checkpoint being copied: the stream waits
         self.touch_error: str | None = None  # the last failed heartbeat write, until one succeeds

@@ -15,7 +15,6 @@ import ipaddress
 import logging
 import os
 import re
-import sqlite3
 import threading
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator
@@ -24,8 +23,10 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from relay import spool_db
 from relay.config import parse_host_port
-from relay.spool import Spool
+from relay.spool_db import Footprint
+from relay.spool_report import SpoolReport
 from relay.status import RecordTotals, RunCounts, RunStatus
 
 log = logging.getLogger("relay.metrics")
@@ -43,15 +44,18 @@ SERVER_COUNTERS = {  # server counter -> (metric name without relay_ and _total,
 }
 
 
-class SpoolReader(Spool):
-    """A read-only view of a running relay's spool for another thread: no check, no recovery, no
-    schema changes (the relay did those at start), its own connection."""
+class SpoolReader:
+    """A read-only view of a running relay's spool for another thread: its own connection, and the
+    spool's report and footprint on it; no check, no recovery, no schema changes (the relay did
+    those at start)."""
 
-    def __init__(self, directory: str):  # not super().__init__: that checks, recovers, creates
-        self.directory = directory
-        self.path = os.path.join(directory, Spool.FILENAME)
-        self.conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
-        self.conn.execute("PRAGMA query_only = 1")
+    def __init__(self, directory: str):
+        self.conn = spool_db.connect_reader(os.path.join(directory, spool_db.FILENAME))
+        self.report = SpoolReport(self.conn, directory)
+        self.footprint = Footprint(self.conn, directory)
+
+    def close(self) -> None:
+        self.conn.close()
 
 
 def error_kind(error: str | None) -> str:
@@ -82,8 +86,8 @@ class RelayCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         relay = self.gauges()
         with self.lock:
-            status = self.reader.status(max_bytes=None)  # every active run, when there are at most STATUS_RUNS
-            live = self.reader.live_bytes()
+            status = self.reader.report.status(max_bytes=None)  # every active run, when there are at most STATUS_RUNS
+            live = self.reader.footprint.live_bytes()
         for key, (name, text) in SERVER_COUNTERS.items():
             yield CounterMetricFamily("relay_%s" % name, text, value=relay.counters.get(key, 0))
         errors = CounterMetricFamily("relay_wandb_errors", "W&B failures seen by the relay, by kind: a run "

@@ -1,7 +1,7 @@
 """The uploader's row planner: a run's spooled records and its next W&B step in, the plan out.
 
 Pure: no wandb, no spool, no I/O. The uploader commits the plan's (record, step) pairs to the spool
-*before* it hands a row to the SDK (relay/spool.py's invariants), then walks the plan's items in
+*before* it hands a row to the SDK (relay/spool_uploads.py's invariants), then walks the plan's items in
 order: rows go to `log`, every other record (open, summary, checkpoint, finish) is applied between
 them, where it came.
 
@@ -22,7 +22,7 @@ from typing import Any, Protocol, Sequence, Union
 
 
 class Entry(Protocol):
-    """What the planner reads of a spooled record (relay.spool.Record has it)."""
+    """What the planner reads of a spooled record (relay.spool_uploads.Record has it)."""
     id: int
     kind: str
     body: dict

@@ -33,9 +33,9 @@ Relay -> client kinds:
             by this batch, including ones above `upto` and re-acked duplicates)
     error   seq, reason: the message can never be accepted; its seq is consumed (also acked)
     status  stream, runs [...], records {totals}, run_counts {...}, next (with `page`),
-            spool_bytes, ... (the reply to `status`; relay/spool.py's Spool.status says what each
-            holds). One client gets one reply per batch the relay reads, however many requests
-            it sent: to the last of them, whose `stream` the reply carries.
+            spool_bytes, ... (the reply to `status`; relay/spool_report.py's SpoolReport.status
+            says what each holds). One client gets one reply per batch the relay reads, however
+            many requests it sent: to the last of them, whose `stream` the reply carries.
 
 This module must stay importable on Python 3.8 (IsaacGym environments).
 """

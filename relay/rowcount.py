@@ -14,7 +14,7 @@ from relay.config import RelayConfig
 from relay.errors import RelayError
 from relay.settle import Settling
 from relay.sinks.wandb_api import COUNT_ERRORS, probe, short_error
-from relay.spool import Spool
+from relay.spool_uploads import Uploads
 
 log = logging.getLogger("relay.uploader")  # part of the uploader's log, as operators read it
 
@@ -27,11 +27,11 @@ class RowCount:
     """One run's count in W&B, for its uploader. `wait(seconds, wake_on)` is the uploader's wait
     (cut short by the server's bytes in `wake_on`, or by `interrupt`)."""
 
-    def __init__(self, run_id: str, config: RelayConfig, spool: Spool, count: Callable[[], int],
+    def __init__(self, run_id: str, config: RelayConfig, uploads: Uploads, count: Callable[[], int],
                  wait: Callable[[float, bytes], None], interrupt: threading.Event):
         self.run_id = run_id
         self.config = config
-        self._spool = spool
+        self._uploads = uploads
         self._count = count                # the open run's count (raises one of COUNT_ERRORS)
         self._wait = wait
         self._interrupt = interrupt
@@ -47,7 +47,7 @@ class RowCount:
     def settle(self, settings: dict) -> None:
         """Return once W&B's count of the run's history rows can be trusted; raise Unreachable
         (relay/sinks/wandb_api.py) if W&B does not answer, Interrupted if told to stop."""
-        settling = Settling(self._spool.steps_handed(self.run_id), self.config.wandb_count_lag,
+        settling = Settling(self._uploads.steps_handed(self.run_id), self.config.wandb_count_lag,
                             self.writers_gone, time.monotonic())
         waited = False
         while True:
@@ -55,7 +55,7 @@ class RowCount:
             why = settling.look(count, time.monotonic())
             if why is None:
                 break
-            self._spool.set_state(self.run_id, "settling", why)
+            self._uploads.set_state(self.run_id, "settling", why)
             waited = True
             self._wait(settling.wait, b"")
             if self._interrupt.is_set():
@@ -64,7 +64,7 @@ class RowCount:
             log.info("run %s: W&B counts %d rows (the relay handed %d) and nothing more can arrive: resuming "
                      "there", self.run_id, count, settling.handed)
         if waited:
-            self._spool.set_state(self.run_id, "initialising")
+            self._uploads.set_state(self.run_id, "initialising")
 
     # -- while the run is open ----------------------------------------------------------------
 
@@ -88,13 +88,13 @@ class RowCount:
             server_step = self._count()
         except COUNT_ERRORS as exc:
             self.unreachable = True
-            self._spool.set_state(self.run_id, "retrying", "asking W&B for the run failed: %s" % short_error(exc))
+            self._uploads.set_state(self.run_id, "retrying", "asking W&B for the run failed: %s" % short_error(exc))
             return
         self.unreachable = False
-        self._spool.set_state(self.run_id, "uploading")
+        self._uploads.set_state(self.run_id, "uploading")
         if server_step > self.confirmed_step:
-            self._spool.confirm_console(self.run_id, server_step)
-            confirmed = self._spool.confirm_logged(self.run_id, server_step)
+            self._uploads.confirm_console(self.run_id, server_step)
+            confirmed = self._uploads.confirm_logged(self.run_id, server_step)
             log.debug("run %s: W&B holds %d rows; %d spooled records let go", self.run_id, server_step, confirmed)
             self.confirmed_step = server_step
 

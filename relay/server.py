@@ -30,6 +30,7 @@ from relay.keys import CurveKeyError
 from relay.metrics import MetricsEndpoint, RelayGauges
 from relay.snapshots import CopyThread, SnapshotDir
 from relay.spool import Spool
+from relay.spool_recovery import sweep_snapshots
 from relay.status import RelayStatus
 from relay.supervisor import Supervisor, Uploader, uploader_context
 from relay.sinks.wandb_api import default_mode
@@ -42,7 +43,7 @@ log = logging.getLogger("relay.server")
 SCAN_EVERY = 1.0  # seconds between looks at the spool for runs that need an uploader
 # Replies queued for one client at most (ZeroMQ's own default). Past it the ROUTER socket drops
 # replies to that client: a client that does not read loses replies (acks are re-earned by
-# re-sending), the relay does not hold them. Status replies are kept small (relay/spool.py).
+# re-sending), the relay does not hold them. Status replies are kept small (relay/spool_report.py).
 SEND_HWM = 1000
 
 
@@ -101,7 +102,7 @@ class RelayServer:
                              self.supervisor.ensure_uploader, self.status)
         if self.config.metrics_bind:
             self.metrics = MetricsEndpoint(self.config.metrics_bind, self.config.spool_dir, self.gauges)
-        waiting = self.spool.status()["records"]["pending"]
+        waiting = self.spool.report.status()["records"]["pending"]
         log.info("relay listening on %s (%s), W&B mode %s, spool %s (%d records waiting), artifact roots: %s",
                  self.config.bind, "CurveZMQ" if self.config.curve_dir else "no encryption", self.mode,
                  self.spool.path, waiting,
@@ -118,12 +119,12 @@ class RelayServer:
         if self.spool.recovery:
             log.error("%s; records that could not be read are lost", self.spool.recovery)
         self.spool.load_watermarks()
-        self.silence.heard(self.spool.unfinished_runs(), time.monotonic())
+        self.silence.heard(self.spool.report.unfinished_runs(), time.monotonic())
         try:
             self.spool.forget_refusals()
         except sqlite3.Error as exc:  # disk full: they are let go at a later start
             log.warning("cannot delete passed refusals from spool %s: %s; going on without", self.spool.path, exc)
-        swept = self.spool.sweep_snapshots()
+        swept = sweep_snapshots(self.spool.conn, self.spool.directory)
         if swept:
             log.info("deleted %d checkpoint snapshots no spooled record holds (left by a crash)", swept)
         try:
@@ -191,12 +192,12 @@ class RelayServer:
         clean = self.supervisor.drain(lambda: self.force_exit)
         self.intake.refusals.roll(force=True)
         counters = self.intake.counters
-        left = self.spool.status()["records"]
+        left = self.spool.report.status()["records"]
         log.info("relay stopped: received=%d acked=%d duplicates=%d refused=%d malformed=%d left_in_spool=%d "
                  "unsent=%d unconfirmed=%d%s", counters["received"], counters["acked"], counters["duplicates"],
                  counters["refused"], counters["malformed"], left["pending"], left["unsent"], left["unconfirmed"],
                  "" if clean else " (drain cut short; the rest is uploaded at the next start)")
-        for run_id, location in self.spool.offline_locations():
+        for run_id, location in self.spool.report.offline_locations():
             if os.path.isdir(location):
                 log.info("offline run %s is in %s; upload it with: wandb sync %s", run_id, location, location)
         if self.metrics is not None:
@@ -211,10 +212,10 @@ class RelayServer:
     # -- what the relay reports ---------------------------------------------------------------
 
     def status(self, page: int | None = None) -> RelayStatus:
-        """What a `status` request is answered with: the spool's status (relay/spool.py: the
+        """What a `status` request is answered with: the spool's status (relay/spool_report.py: the
         summary, or a page of every run) and the relay's own state and counters."""
         return RelayStatus.from_dict(dict(
-            self.spool.status(page), mode=self.mode, bind=self.config.bind,
+            self.spool.report.status(page), mode=self.mode, bind=self.config.bind,
             uptime=round(time.monotonic() - self.started_monotonic, 1), counters=dict(self.intake.counters),
             wandb_down_since=self.supervisor.wandb_down_since, holding=self.intake.room.holding,
             hold_reason=self.intake.room.hold_reason, spool_error=self.intake.commits.spool_error,

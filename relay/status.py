@@ -6,7 +6,7 @@ map as JSON; `to_dict()` gives exactly that map and `from_dict()` reads it back:
 `RelayStatus.from_dict(reply).to_dict() == reply`. Keys this version does not know (a newer relay)
 are kept in `extra` and written back as they came, so an older `relay status --json` loses none.
 
-The relay builds the status from its spool (relay/spool.py `Spool.status`: the runs and the
+The relay builds the status from its spool (relay/spool_report.py `SpoolReport.status`: the runs and the
 totals) and its own state (counters, holding, W&B reachability). `relay status` (table, `--all`,
 `--json`), `--watch`, `relay demo` and the test and benchmark harnesses (relay.testing) ask
 through `query_status`, which returns the reply as it came (a dict); they read it through these

@@ -101,7 +101,7 @@ class Supervisor:
         self.reap_uploaders()
         self.watch_core()
         self.finish_silent_runs()
-        for run_id in self.spool.runs_with_work():
+        for run_id in self.spool.report.runs_with_work():
             self.ensure_uploader(run_id)
         self.watch_wandb()
         self.report_backlogs()
@@ -191,8 +191,8 @@ class Supervisor:
         an online run gets through to W&B, the runs still retrying retry at once rather than at the
         end of their backoff (up to backoff_max: a minute by default)."""
         now = time.time()  # compared with the state_since that uploaders store (wall clock)
-        retrying = self.spool.runs_in_state("retrying")
-        if retrying and self.spool.reached_wandb_since(self.wandb_checked_at):
+        retrying = self.spool.report.runs_in_state("retrying")
+        if retrying and self.spool.report.reached_wandb_since(self.wandb_checked_at):
             for run_id, _ in retrying:
                 if run_id in self.uploaders:
                     self.uploaders[run_id].wake(uploader_module.RETRY_NOW)
@@ -215,7 +215,7 @@ class Supervisor:
 
     def report_backlogs(self) -> None:
         """Progress lines (count, rate, ETA) for runs with a large backlog to upload."""
-        for line in self.progress.update(time.monotonic(), self.spool.pending_counts()):
+        for line in self.progress.update(time.monotonic(), self.spool.report.pending_counts()):
             log.info(line)
 
     def drain(self, cut: Callable[[], bool]) -> bool:

@@ -3,16 +3,16 @@ records to W&B, confirms them, and waits (for the server, for W&B, for W&B's cou
 
 Why a process and not a thread: the wandb SDK keeps per-process state that a failure poisons, so
 each run's Python side lives in a process of its own; the server restarts a failed uploader, which
-resumes the W&B run by id (nothing is lost or doubled: see spool.py). One uploader per run is
-enforced by an flock on `<spool>/locks/<run>.lock`. The processes are forked from a fork server
-that imported this module (and, through relay/sinks/wandb.py, wandb) once, so starting one costs a
-fork, not an import of wandb. The server wakes an uploader by writing a byte to its wake pipe; end
+resumes the W&B run by id (nothing is lost or doubled: see relay/spool_uploads.py). One uploader
+per run is enforced by an flock on `<spool>/locks/<run>.lock`. The processes are forked from a
+fork server that imported this module (and, through relay/sinks/wandb.py, wandb) once, so
+starting one costs a fork, not an import of wandb. The server wakes an uploader by writing a byte to its wake pipe; end
 of file there, or on its lifeline, means the server is gone, and the uploader exits at once.
 
 The uploader owns W&B's step: every row it logs gets the next value of a per-run counter, and
 the (record, step) pairing is committed to the spool before the row goes to the SDK (see the
-invariants in spool.py). relay/planner.py makes the rows: consecutive `log` records of one run
-with the same `frame` are one row, and a `finish` ends a batch. The trainer's own axes, `frame`
+invariants in relay/spool_uploads.py). relay/planner.py makes the rows: consecutive `log` records
+of one run with the same `frame` are one row, and a `finish` ends a batch. The trainer's own axes, `frame`
 and `epoch`, are ordinary metrics made into axes, so a trainer that restarts from an older
 checkpoint never logs a step that W&B would drop.
 
@@ -47,10 +47,11 @@ import tenacity
 from relay import planner
 from relay.config import RelayConfig
 from relay.rowcount import RowCount
-from relay.sinks.wandb import RETRYABLE, ArtifactWatch, WandbSink, wandb_core_dies_with_its_parent
+from relay.sinks.wandb import RETRYABLE, WandbSink, wandb_core_dies_with_its_parent
 from relay.sinks.wandb_api import short_error
-from relay.snapshots import open_snapshot
-from relay.spool import Record, Spool
+from relay.spool import Spool
+from relay.spool_uploads import Record
+from relay.uploader_checkpoints import Checkpoints
 
 log = logging.getLogger("relay.uploader")
 
@@ -116,15 +117,16 @@ class RunUploader:
         self._count: RowCount | None = None  # W&B's count of the run's rows (made with the spool)
         self._wake = WakePipe(run_id, wake_fd, self.interrupt)
         self._sink = WandbSink(run_id, config)
-        self._artifacts = ArtifactWatch(run_id)  # checkpoints logged, until W&B commits them
+        self._checkpoints: Checkpoints | None = None  # made with the spool
         self._losses_told: dict | None = None  # what the run's W&B summary says about records it will not get
 
     # -- process ------------------------------------------------------------------------------
 
     def run(self) -> int:
         self._spool = Spool(self.config.spool_dir, check=False)  # the server checked it at its start
-        self._count = RowCount(self.run_id, self.config, self._spool, self._sink.history_count, self._wake.wait,
-                               self.interrupt)
+        self._count = RowCount(self.run_id, self.config, self._spool.uploads, self._sink.history_count,
+                               self._wake.wait, self.interrupt)
+        self._checkpoints = Checkpoints(self.run_id, self.config, self._spool.uploads, self._sink)
         try:
             self._loop()
             return 0
@@ -136,7 +138,7 @@ class RunUploader:
         except Exception as exc:  # a bug or a broken SDK: say so, keep the records, the server restarts us
             log.exception("uploader for run %s failed; its records stay in the spool", self.run_id)
             try:
-                self._spool.set_state(self.run_id, "failed", short_error(exc))
+                self._spool.uploads.set_state(self.run_id, "failed", short_error(exc))
             except sqlite3.Error as also:
                 log.warning("run %s: cannot note the failure in the spool either: %s", self.run_id, also)
             return 1
@@ -144,14 +146,13 @@ class RunUploader:
             self._spool.close()
 
     def _loop(self) -> None:
-        spool = self._spool
+        uploads = self._spool.uploads
         while not self.stop.is_set():
-            for record_id in self._artifacts.committed():
-                spool.confirm_checkpoint(self.run_id, record_id)
+            self._checkpoints.let_go_committed()
             online = self._open and self.mode == "online"
             if online and self._count.due(self._next_step):
                 self._count.confirm()
-            records = spool.records(self.run_id, self._cursor, self.config.batch_max)
+            records = uploads.records(self.run_id, self._cursor, self.config.batch_max)
             if not records:
                 if not self._open:
                     return  # finished, or nothing to do: the server starts a new uploader when more comes
@@ -164,9 +165,9 @@ class RunUploader:
                 self._wake.idle()  # the backlog stays in the spool, not in wandb-core's memory
                 continue
             if not self._open:
-                settings = spool.settings(self.run_id)
+                settings = uploads.settings(self.run_id)
                 if settings is None:
-                    spool.set_state(self.run_id, "waiting for open")
+                    uploads.set_state(self.run_id, "waiting for open")
                     if self.drain.is_set():
                         return
                     self._wake.idle()
@@ -183,9 +184,9 @@ class RunUploader:
         self.mode = settings.get("mode") or self.default_mode
         if self.mode == "disabled":
             self._open = True
-            self._spool.set_state(self.run_id, "disabled")
+            self._spool.uploads.set_state(self.run_id, "disabled")
             return True
-        self._spool.set_state(self.run_id, "initialising")
+        self._spool.uploads.set_state(self.run_id, "initialising")
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(RETRYABLE),
             wait=tenacity.wait_exponential_jitter(initial=1.0, max=self.config.backoff_max),
@@ -200,8 +201,8 @@ class RunUploader:
             return False
         self._open = True
         server_step = self._sink.starting_step if self.mode == "online" else 0
-        self._spool.confirm_console(self.run_id, server_step)  # else a resume would write them again
-        confirmed = self._spool.confirm_below_step(self.run_id, server_step)
+        self._spool.uploads.confirm_console(self.run_id, server_step)  # else a resume would write them again
+        confirmed = self._spool.uploads.confirm_below_step(self.run_id, server_step)
         if server_step:
             log.info("run %s resumed at W&B step %d (%d spooled records were already there)",
                      self.run_id, server_step, confirmed)
@@ -211,14 +212,14 @@ class RunUploader:
         self._losses_told = None  # tell this W&B run about records it will not get, if any
         self._sink.use_axes(("frame", "epoch"), step_axis="frame")
         self.location = self._sink.location
-        self._spool.set_state(self.run_id, "uploading", location=self.location)
+        self._spool.uploads.set_state(self.run_id, "uploading", location=self.location)
         log.info("run %s started in W&B mode %s at %s", self.run_id, self.mode, self.location)
         return True
 
     def _init_once(self, settings: dict) -> None:
         if self.mode == "online":
             self._count.settle(settings)
-        self._sink.open(settings, self.mode, lambda: upload_interval(self.config, self._spool.live_runs()),
+        self._sink.open(settings, self.mode, lambda: upload_interval(self.config, self._spool.report.live_runs()),
                         on_left_open_closed=lambda: self._left_open_closed(settings))
 
     def _left_open_closed(self, settings: dict) -> None:
@@ -230,7 +231,7 @@ class RunUploader:
 
     def _on_retry(self, state: tenacity.RetryCallState) -> None:
         error = state.outcome.exception()
-        self._spool.set_state(self.run_id, "retrying", short_error(error))  # the server logs the outage once
+        self._spool.uploads.set_state(self.run_id, "retrying", short_error(error))  # the server logs the outage once
         log.debug("run %s: wandb.init failed (%s); retry in %.1f s", self.run_id, short_error(error),
                   state.next_action.sleep if state.next_action else 0)
 
@@ -249,9 +250,9 @@ class RunUploader:
             self._sink.finish(exit_code)  # no exit code: the relay stops while the trainer runs on
         self._open = False
         done = self._cursor if through_id is None else through_id
-        self._spool.confirm_through(self.run_id, done, exit_code, finished=exit_code is not None)
+        self._spool.uploads.confirm_through(self.run_id, done, exit_code, finished=exit_code is not None)
         self._cursor = 0 if through_id is None else self._cursor
-        self._spool.set_state(self.run_id, "finished" if exit_code is not None else "paused")
+        self._spool.uploads.set_state(self.run_id, "finished" if exit_code is not None else "paused")
         log.info("run %s %s at %s", self.run_id,
                  "finished with exit code %s" % exit_code if exit_code is not None else "paused (relay stopping)",
                  self.location)
@@ -263,16 +264,16 @@ class RunUploader:
         if self.mode == "disabled":  # accepted and acked, then dropped on purpose
             finish = next((r for r in records if r.kind == "finish"), None)
             self._cursor = records[-1].id
-            self._spool.confirm_through(self.run_id, self._cursor, finish and finish.body["exit_code"],
+            self._spool.uploads.confirm_through(self.run_id, self._cursor, finish and finish.body["exit_code"],
                                         finished=finish is not None)
             return
-        losses = self._spool.losses(self.run_id)  # unreadable records set aside, acked records found lost
+        losses = self._spool.uploads.losses(self.run_id)  # unreadable records set aside, acked records found lost
         if losses != self._losses_told:
             if losses:  # shown in the run's W&B summary: the run lacks what these records held
                 self._sink.update_summary(losses)
             self._losses_told = losses
         batch = planner.plan(records, self._next_step)
-        self._spool.assign_steps(self.run_id, batch.steps, batch.through_id)
+        self._spool.uploads.assign_steps(self.run_id, batch.steps, batch.through_id)
         self._next_step = batch.next_step
         for item in batch.items:
             if isinstance(item, planner.Row):
@@ -292,25 +293,11 @@ class RunUploader:
             self._sink.write_console(body["lines"], body.get("dropped") or 0)
         elif record.kind == "checkpoint":
             self._wait_for_wandb()  # log_artifact talks to W&B in this thread, and raises when it cannot
-            self._log_checkpoint(record)
+            self._checkpoints.log(record)
         elif record.kind == "finish":
             self._wait_for_wandb()
             self._finish(body["exit_code"], through_id=record.id)
 
-    def _log_checkpoint(self, record: Record) -> None:
-        """Log the checkpoint's snapshot, taken when the relay took the record (relay/snapshots.py)."""
-        body = record.body
-        try:
-            fd = open_snapshot(self.config.spool_dir, body)
-        except OSError as exc:
-            log.error("checkpoint %s of run %s (seq %d) is not uploaded: its snapshot in the spool cannot be read "
-                      "(%s); the record is let go", body["path"], self.run_id, body["seq"], exc)
-            self._spool.confirm_checkpoint(self.run_id, record.id)
-            return
-        logged = self._sink.log_checkpoint(fd, os.path.basename(body["path"]), body.get("metadata") or {},
-                                           body.get("aliases") or None)
-        self._artifacts.watch(record.id, logged, body["path"])
-        log.info("run %s: checkpoint %s logged as a model artifact", self.run_id, body["path"])
 
 
 def upload_interval(config: RelayConfig, live_runs: int) -> float:

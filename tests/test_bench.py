@@ -23,6 +23,7 @@ SCRIPTS = {
     "soak": ["sent", "delivered", "lost", "duplicated"],
     "learning_curve": ["epochs"],
     "visible": ["cases", "seconds"],
+    "many_runs": ["cases", "seconds", "history"],
 }
 
 
@@ -63,5 +64,11 @@ def test_bench_script_runs(runs, name):
     elif name == "visible":
         assert sorted(case["kind"] for case in summary["cases"]) == ["relay", "wandb"]
         assert all(case["rows"] == summary["seconds"] * case["runs"] for case in summary["cases"]), summary
+    elif name == "many_runs":
+        assert [(case["runs"], case["history"]) for case in summary["cases"]] == [(5, 100)], summary
+        case = summary["cases"][0]
+        assert case["delivered"] is True and case["finished"] is True, case
+        assert case["runs_with_rows"] == 5 and case["first_rows_max_s"] > 0, case
+        assert case["processes_max"] >= 3 and case["pss_max_mib"] > 0 and case["cores"] is not None, case
     elif name == "soak":
         assert summary["delivered"] == summary["sent"] and summary["lost"] == summary["duplicated"] == 0

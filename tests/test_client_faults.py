@@ -265,7 +265,7 @@ def test_spill_after_space_is_freed_holds_every_record_and_relay_replay_delivers
     assert replay.returncode == 0, replay.stderr
     assert "replayed 2 files: 253 new records" in replay.stdout, replay.stdout
     spool = Spool(spool_dir)
-    records = spool.records("freed", 0, 1000)
+    records = spool.uploads.records("freed", 0, 1000)
     spool.close()
     assert [r.kind for r in records] == ["open"] + ["log"] * 199 + ["open"] + ["log"] * 51 + ["finish"]
     logs = [r.body for r in records if r.kind == "log"]
@@ -319,6 +319,6 @@ def test_spill_files_sort_in_the_order_written_when_the_wall_clock_is_set_back(s
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert replay.returncode == 0, replay.stderr
     spool = Spool(spool_dir)
-    records = spool.records("clock", 0, 1000)
+    records = spool.uploads.records("clock", 0, 1000)
     spool.close()
     assert [r.body["epoch"] for r in records if r.kind == "log"] == list(range(1, 31))

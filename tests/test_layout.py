@@ -47,13 +47,19 @@ def test_public_exception_import_paths_still_work():
     assert all(issubclass(error, RelayError) for error in (MissingExtra, PatchError, SnapshotError, SpoolError))
 
 
-def module_tree(module: str) -> ast.Module:
-    """The parsed source of a relay module (a package's __init__.py for a package)."""
+def module_source(module: str) -> tuple[str, str]:
+    """(path, source) of a relay module (a package's __init__.py for a package)."""
     path = os.path.join(ROOT, *module.split(".")) + ".py"
     if not os.path.isfile(path):
         path = os.path.join(ROOT, *module.split("."), "__init__.py")
     with open(path, encoding="utf-8") as handle:
-        return ast.parse(handle.read(), path)
+        return path, handle.read()
+
+
+def module_tree(module: str) -> ast.Module:
+    """The parsed source of a relay module."""
+    path, source = module_source(module)
+    return ast.parse(source, path)
 
 
 def imports_of(module: str) -> set:
@@ -118,3 +124,28 @@ def wandb_imports_of(module: str) -> set:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
     return names
+
+
+MAX_METHODS, MAX_CLASS_LINES, MAX_MODULE_LINES = 15, 210, 400
+
+
+def test_no_class_or_module_in_relay_is_over_the_size_limits():
+    """Each class one concern (at most MAX_METHODS methods and MAX_CLASS_LINES lines, nested classes
+    counted on their own), each module at most MAX_MODULE_LINES lines: a part that outgrows them is
+    split by what it does, not assembled from mixins."""
+    over = []
+    for name in MODULES:
+        path, source = module_source(name)
+        tree = ast.parse(source, path)
+        lines = len(source.splitlines())
+        if lines > MAX_MODULE_LINES:
+            over.append("%s: %d lines" % (name, lines))
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.ClassDef):
+                continue
+            methods = [item.name for item in node.body if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef))]
+            length = node.end_lineno - node.lineno + 1
+            if len(methods) > MAX_METHODS or length > MAX_CLASS_LINES:
+                over.append("%s.%s: %d methods, %d lines" % (name, node.name, len(methods), length))
+    assert over == [], "over the limits (%d methods, %d lines a class, %d lines a module):\n%s" % (
+        MAX_METHODS, MAX_CLASS_LINES, MAX_MODULE_LINES, "\n".join(over))

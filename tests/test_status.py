@@ -26,7 +26,8 @@ from workload import frame, row
 from relay import protocol
 from relay.cli import query_status
 from relay.client import RelayClient
-from relay.spool import STATUS_BYTES, STATUS_PAGE_BYTES, Spool
+from relay.spool import Spool
+from relay.spool_report import STATUS_BYTES, STATUS_PAGE_BYTES
 from relay.status import RelayStatus, RunStatus
 
 pytestmark = pytest.mark.timeout(240)
@@ -48,7 +49,7 @@ def write_history(spool_dir: str, count: int, disabled: int = 0, name_chars: int
         rows.append((run_id, settings, 1000 + i, 1000 + i, "disabled" if i < disabled else "finished",
                      now - 2 * count + i, 0, "https://wandb.example/tokenhsi/tokenHSI/runs/%s" % run_id,
                      now - 3 * count + i, now - 2 * count + i))
-    with spool._transaction():
+    with spool.transaction():
         spool.conn.executemany(
             "INSERT INTO runs (run_id, settings, received, uploaded_id, state, state_since, exit_code, finished, "
             "location, created, last_seen) VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?)", rows)

@@ -102,7 +102,7 @@ def test_spool_takes_live_streams_in_order_only(tmp_path):
     spool.load_watermarks()
     outcomes = spool.ingest([_log(1), _log(3), _log(2), _log(3)])
     assert [o.status for o in outcomes] == ["new", "gap", "new", "new"]
-    assert [r.body["seq"] for r in spool.records("r1", 0, 10)] == [1, 2, 3]
+    assert [r.body["seq"] for r in spool.uploads.records("r1", 0, 10)] == [1, 2, 3]
 
 
 def test_spool_dedupes_by_stream_and_seq_across_reopen(tmp_path):
@@ -118,9 +118,9 @@ def test_spool_dedupes_by_stream_and_seq_across_reopen(tmp_path):
     reopened = Spool(str(tmp_path))
     reopened.load_watermarks()
     assert [o.status for o in reopened.ingest([_log(3), _log(5)], allow_gaps=True)] == ["dup", "new"]
-    rows = reopened.records("r1", 0, 100)
+    rows = reopened.uploads.records("r1", 0, 100)
     assert [(r.body["stream"], r.body["seq"]) for r in rows] == [("s1", 1), ("s1", 2), ("s1", 4), ("s1", 3), ("s2", 1), ("s1", 5)]
-    assert reopened.status()["runs"][0]["received"] == 6
+    assert reopened.report.status()["runs"][0]["received"] == 6
 
 
 def test_spool_refusal_consumes_the_seq(tmp_path):
@@ -129,7 +129,7 @@ def test_spool_refusal_consumes_the_seq(tmp_path):
     outcomes = spool.ingest([_log(1), ({"stream": "s1", "seq": 2}, "bad path"), _log(3)])
     assert [(o.status, o.reason) for o in outcomes] == [("new", ""), ("error", "bad path"), ("new", "")]
     assert spool.upto("s1") == 3
-    assert [r.body["seq"] for r in spool.records("r1", 0, 10)] == [1, 3]
+    assert [r.body["seq"] for r in spool.uploads.records("r1", 0, 10)] == [1, 3]
 
 
 def _stored(spool, stream="s1"):
@@ -155,20 +155,20 @@ def test_spool_keeps_nothing_of_refusals_the_watermark_passes(tmp_path):
     assert reopened.upto("s1") == 104
     # ... and let go of at the next start.
     assert reopened.forget_refusals() == 1 and _stored(reopened) == [101, 102, 103]
-    assert [r.body["seq"] for r in reopened.records("r1", 0, 10)] == [101, 102, 103]
+    assert [r.body["seq"] for r in reopened.uploads.records("r1", 0, 10)] == [101, 102, 103]
 
 
 def test_spool_confirms_by_step_and_by_finish(tmp_path):
     spool = Spool(str(tmp_path))
     spool.load_watermarks()
     spool.ingest([_log(seq) for seq in range(1, 11)])
-    records = spool.records("r1", 0, 100)
-    spool.assign_steps("r1", [(r.id, i) for i, r in enumerate(records)], records[-1].id)
-    assert spool.confirm_below_step("r1", 6) == 6  # the server holds steps 0..5
-    left = spool.records("r1", 0, 100)
+    records = spool.uploads.records("r1", 0, 100)
+    spool.uploads.assign_steps("r1", [(r.id, i) for i, r in enumerate(records)], records[-1].id)
+    assert spool.uploads.confirm_below_step("r1", 6) == 6  # the server holds steps 0..5
+    left = spool.uploads.records("r1", 0, 100)
     assert [r.body["seq"] for r in left] == [7, 8, 9, 10] and all(r.step is None for r in left)
-    assert spool.confirm_through("r1", left[1].id) == 2
-    assert [r.body["seq"] for r in spool.records("r1", 0, 100)] == [9, 10]
+    assert spool.uploads.confirm_through("r1", left[1].id) == 2
+    assert [r.body["seq"] for r in spool.uploads.records("r1", 0, 100)] == [9, 10]
 
 
 def test_spool_lets_console_records_go_with_the_rows_wandb_holds_after_them(tmp_path):
@@ -176,30 +176,31 @@ def test_spool_lets_console_records_go_with_the_rows_wandb_holds_after_them(tmp_
     spool.load_watermarks()
     console = [message(t="console", seq=seq, lines=[["out", "line %d" % seq]], dropped=0) for seq in (1, 3, 5, 7)]
     spool.ingest([(console[0], ""), _log(2), (console[1], ""), _log(4), (console[2], ""), _log(6), (console[3], "")])
-    records = spool.records("r1", 0, 100)
+    uploads = spool.uploads
+    records = uploads.records("r1", 0, 100)
     rows = [r for r in records if r.kind == "log"]
-    spool.assign_steps("r1", [(r.id, i) for i, r in enumerate(rows)], records[-1].id)
-    assert spool.confirm_console("r1", 0) == 0   # W&B holds no row: every console record may be missing there
-    assert spool.confirm_console("r1", 2) == 2   # rows 0 and 1 (seqs 2, 4) are there: the console lines before them
-    assert spool.confirm_logged("r1", 2) == 2
-    assert [(r.kind, r.body["seq"]) for r in spool.records("r1", 0, 100)] == [("console", 5), ("log", 6),
-                                                                              ("console", 7)]
+    uploads.assign_steps("r1", [(r.id, i) for i, r in enumerate(rows)], records[-1].id)
+    assert uploads.confirm_console("r1", 0) == 0   # W&B holds no row: any console line may be missing there
+    assert uploads.confirm_console("r1", 2) == 2   # rows 0 and 1 (seqs 2, 4) are there: the lines before them too
+    assert uploads.confirm_logged("r1", 2) == 2
+    assert [(r.kind, r.body["seq"]) for r in uploads.records("r1", 0, 100)] == [("console", 5), ("log", 6),
+                                                                                ("console", 7)]
 
 
 def test_spool_keeps_the_steps_handed_to_wandb_after_their_records_are_gone(tmp_path):
     spool = Spool(str(tmp_path))
     spool.load_watermarks()
     spool.ingest([_log(seq) for seq in range(1, 11)])
-    assert spool.steps_handed("r1") == 0
-    records = spool.records("r1", 0, 100)
-    spool.assign_steps("r1", [(r.id, i) for i, r in enumerate(records[:8])], records[7].id)
-    assert spool.steps_handed("r1") == 8
-    spool.confirm_through("r1", records[-1].id)  # a finish: every record let go, the count of steps kept
+    assert spool.uploads.steps_handed("r1") == 0
+    records = spool.uploads.records("r1", 0, 100)
+    spool.uploads.assign_steps("r1", [(r.id, i) for i, r in enumerate(records[:8])], records[7].id)
+    assert spool.uploads.steps_handed("r1") == 8
+    spool.uploads.confirm_through("r1", records[-1].id)  # a finish: every record let go, the count of steps kept
     spool.close()
     spool = Spool(str(tmp_path))
-    assert spool.steps_handed("r1") == 8
-    spool.confirm_below_step("r1", 5)  # a resume on a trusted count: steps 5.. are handed again
-    assert spool.steps_handed("r1") == 5
+    assert spool.uploads.steps_handed("r1") == 8
+    spool.uploads.confirm_below_step("r1", 5)  # a resume on a trusted count: steps 5.. are handed again
+    assert spool.uploads.steps_handed("r1") == 5
 
 
 def test_spool_made_before_steps_handed_gets_the_column(tmp_path):
@@ -216,9 +217,9 @@ def test_spool_made_before_steps_handed_gets_the_column(tmp_path):
     spool = Spool(str(tmp_path))
     spool.load_watermarks()
     spool.ingest([_log(1)])
-    records = spool.records("r1", 0, 10)
-    spool.assign_steps("r1", [(records[0].id, 3)], records[0].id)
-    assert spool.steps_handed("r1") == 4
+    records = spool.uploads.records("r1", 0, 10)
+    spool.uploads.assign_steps("r1", [(records[0].id, 3)], records[0].id)
+    assert spool.uploads.steps_handed("r1") == 4
 
 
 def test_garbage_spool_file_is_set_aside_and_a_new_one_started(tmp_path):

@@ -1,0 +1,185 @@
+"""The spool's SQLite file: its schema, how it is opened (WAL, synchronous=FULL), transactions,
+bringing a spool made by an earlier relay to this schema, and how much room it takes and has.
+
+What the tables hold, and the invariants that keep them, are written at the top of relay/spool.py
+(ingest, streams, acks) and relay/spool_uploads.py (steps, confirmations, quarantine).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+from typing import Iterator
+
+FILENAME = "spool.sqlite"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS streams (
+    stream TEXT PRIMARY KEY,
+    upto   INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id      TEXT PRIMARY KEY,
+    settings    BLOB,                        -- msgpack of the `open` settings, NULL until one arrives
+    received    INTEGER NOT NULL DEFAULT 0,  -- records ever stored for this run
+    uploaded_id INTEGER NOT NULL DEFAULT 0,  -- highest record id handed to the wandb SDK
+    steps_handed INTEGER NOT NULL DEFAULT 0, -- W&B steps handed to the wandb SDK (every row below it)
+    state       TEXT NOT NULL DEFAULT 'waiting',
+    state_since REAL,
+    last_error  TEXT,
+    exit_code   INTEGER,
+    finished    INTEGER NOT NULL DEFAULT 0,  -- 1 once W&B confirmed the finish
+    location    TEXT,                        -- W&B URL, or the offline run directory
+    created     REAL NOT NULL,
+    last_seen   REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS records (
+    id       INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id   TEXT NOT NULL,
+    stream   TEXT NOT NULL,
+    seq      INTEGER NOT NULL,
+    kind     TEXT NOT NULL,
+    body     BLOB NOT NULL,
+    received REAL NOT NULL,
+    step     INTEGER,                        -- NULL (steps live in the steps table; opening moves any here)
+    crc      INTEGER,                        -- zlib.crc32 of body (NULL in spools older than the column)
+    UNIQUE (stream, seq)
+);
+CREATE TABLE IF NOT EXISTS quarantine (      -- records whose body cannot be read, set aside by the uploader
+    id       INTEGER PRIMARY KEY,            -- the id it had in records
+    run_id   TEXT NOT NULL,
+    stream   TEXT NOT NULL,
+    seq      INTEGER NOT NULL,
+    kind     TEXT NOT NULL,
+    body     BLOB,
+    received REAL,
+    reason   TEXT NOT NULL,
+    set_aside REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS lost (            -- acked records found missing: seqs the spool gave up waiting for
+    run_id    TEXT NOT NULL,
+    stream    TEXT NOT NULL,
+    first_seq INTEGER NOT NULL,
+    last_seq  INTEGER NOT NULL,
+    noticed   REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS records_by_run ON records (run_id, id);
+CREATE TABLE IF NOT EXISTS steps (           -- W&B step of a record, assigned just before upload; a table
+    id     INTEGER PRIMARY KEY,              -- of its own, so that assigning one does not rewrite the
+    run_id TEXT NOT NULL,                    -- record (that grew every full page of a backlog into two)
+    step   INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS steps_by_run ON steps (run_id, step);
+"""
+
+
+def connect(path: str) -> sqlite3.Connection:
+    """A connection for this thread: WAL, and a commit is durable when COMMIT returns."""
+    conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=True)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    return conn
+
+
+def connect_reader(path: str) -> sqlite3.Connection:
+    """A read-only connection to a running relay's spool, for another thread (the relay checked,
+    recovered and upgraded the file at its start; a WAL reader does not block its writes)."""
+    conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA query_only = 1")
+    return conn
+
+
+def create(conn: sqlite3.Connection) -> None:
+    """The tables, and what a spool made by an earlier relay lacks of them."""
+    conn.executescript(SCHEMA)
+    _upgrade(conn)
+    _add_missing_columns(conn)
+
+
+def _upgrade(conn: sqlite3.Connection) -> None:
+    """Bring a spool made by an earlier relay to this schema (PRAGMA user_version 1)."""
+    if conn.execute("PRAGMA user_version").fetchone()[0] >= 1:
+        return
+    with transaction(conn):
+        if "crc" not in {row[1] for row in conn.execute("PRAGMA table_info(records)")}:
+            conn.execute("ALTER TABLE records ADD COLUMN crc INTEGER")
+        conn.execute("INSERT OR REPLACE INTO steps (id, run_id, step) "
+                     "SELECT id, run_id, step FROM records WHERE step IS NOT NULL")
+        conn.execute("UPDATE records SET step = NULL WHERE step IS NOT NULL")
+        conn.execute("PRAGMA user_version = 1")
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    """Columns added to the schema since a spool was made (CREATE TABLE IF NOT EXISTS adds none)."""
+    if "steps_handed" not in {row[1] for row in conn.execute("PRAGMA table_info(runs)")}:
+        conn.execute("ALTER TABLE runs ADD COLUMN steps_handed INTEGER NOT NULL DEFAULT 0")
+
+
+@contextlib.contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction: committed when the block ends, rolled back if it raises."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        rollback(conn)
+        raise
+    conn.execute("COMMIT")
+
+
+def rollback(conn: sqlite3.Connection) -> None:
+    try:
+        conn.execute("ROLLBACK")
+    except sqlite3.Error:
+        pass
+
+
+def files_bytes(path: str) -> int:
+    """Bytes of the spool's files on disk: the database, its WAL and its shared memory."""
+    total = 0
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            total += os.path.getsize(path + suffix)
+        except OSError:
+            pass
+    return total
+
+
+class Footprint:
+    """How much the spool holds and how much room it has left, and its WAL kept short (what the
+    hold policy and `/metrics` measure)."""
+
+    def __init__(self, conn: sqlite3.Connection, directory: str):
+        self.conn = conn
+        self.directory = directory
+        self.path = os.path.join(directory, FILENAME)
+
+    def live_bytes(self) -> int:
+        """Bytes of live data in the spool (deleted rows' pages are reused, so this can shrink)."""
+        pages, free, size = (self.conn.execute("PRAGMA %s" % name).fetchone()[0]
+                             for name in ("page_count", "freelist_count", "page_size"))
+        return (pages - free) * size
+
+    def wal_bytes(self) -> int:
+        try:
+            return os.path.getsize(self.path + "-wal")
+        except OSError:
+            return 0
+
+    def truncate_wal(self) -> None:
+        """Copy the WAL into the database and cut it to nothing, if no reader or writer is in the way
+        within a moment (else leave it: SQLite's own checkpoints go on). A WAL that readers keep from
+        being reused grows with every write, which a disk with little room cannot afford."""
+        self.conn.execute("PRAGMA busy_timeout = 200")
+        try:
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        finally:
+            self.conn.execute("PRAGMA busy_timeout = 30000")
+
+    def room_bytes(self) -> int:
+        """Bytes the spool can still take: what its filesystem has free, plus the spool's own free
+        pages (deleted rows' pages, which SQLite reuses before the file grows)."""
+        disk = os.statvfs(self.directory)
+        free_pages, page_size = (self.conn.execute("PRAGMA %s" % name).fetchone()[0]
+                                 for name in ("freelist_count", "page_size"))
+        return disk.f_bavail * disk.f_frsize + free_pages * page_size

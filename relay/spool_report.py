@@ -1,0 +1,188 @@
+"""What the spool tells about its runs: the spool's part of `relay status` (and of `/metrics`),
+its size kept far below the frame limit however many runs the spool has held, and the runs the
+server's loop asks for (unfinished, with work, in a state, backlog progress, offline locations).
+Read only: nothing here writes to the spool.
+"""
+from __future__ import annotations
+
+import heapq
+import os
+import sqlite3
+import time
+from typing import Any
+
+import msgpack
+
+from relay import protocol, spool_db
+
+# What one status lists, so that its reply stays far below the frame limit however many runs the
+# spool has held: every active run up to STATUS_RUNS, and the most recently finished runs.
+STATUS_RUNS = 100
+STATUS_RECENT_FINISHED = 10
+STATUS_BYTES = 64 * 1024           # packed size of a status's runs at most (at least one run is listed)
+STATUS_PAGE_RUNS = 1000            # a page of every run (`relay status --all`): this many runs at most,
+STATUS_PAGE_BYTES = 256 * 1024     # and about this many bytes
+STATUS_TEXT = 256                  # characters of a run's project, name or last error that a status shows
+
+# One row per run with its counts: pending (records not yet confirmed by W&B: all the run's records
+# in the spool), unsent (not yet handed to the SDK) and the receive time of the oldest record that
+# W&B has not confirmed and that only a row count can confirm, or that is not handed over yet (an
+# `open`, summary or checkpoint handed over is confirmed only by the run's finish: it would make
+# every live run look as old as itself). Each count is an index range of records_by_run.
+_RUN_ROWS = """
+SELECT rowid, run_id, received, uploaded_id, state, state_since, last_error, finished, exit_code, location, last_seen,
+    (SELECT count(*) FROM records WHERE records.run_id = runs.run_id),
+    (SELECT count(*) FROM records WHERE records.run_id = runs.run_id AND records.id > runs.uploaded_id),
+    (SELECT received FROM records WHERE records.run_id = runs.run_id
+        AND (records.id > runs.uploaded_id OR records.id IN (SELECT id FROM steps WHERE steps.run_id = runs.run_id))
+        ORDER BY records.id LIMIT 1)
+FROM runs ORDER BY rowid
+"""
+
+
+def _cut(text: str | None) -> str | None:
+    return text if text is None or len(text) <= STATUS_TEXT else text[:STATUS_TEXT - 1] + "…"
+
+
+class SpoolReport:
+    """The spool's runs and counts, read on a connection of the spool's (the relay's own, or a
+    read-only one of another thread's: relay/metrics.py)."""
+
+    def __init__(self, conn: sqlite3.Connection, directory: str):
+        self.conn = conn
+        self.path = os.path.join(directory, spool_db.FILENAME)
+
+    # -- the status ---------------------------------------------------------------------------
+
+    def status(self, page: int | None = None, max_bytes: int | None = STATUS_BYTES) -> dict[str, Any]:
+        """The spool's part of `relay status`, of a size that does not grow with the spool's history.
+
+        `records`: totals over every run: received, uploaded (confirmed by W&B), pending (not yet
+        confirmed) = unsent (not yet handed to the wandb SDK) + unconfirmed (handed to it, not yet
+        confirmed), and `oldest_pending_age` (see _RUN_ROWS for which records count). `run_counts`: runs in the spool by
+        state (`by_state`), those still active (not finished, or with records pending) by state,
+        and how many `runs` lists.
+
+        `runs` (see `_run` for one entry), in the order the runs came: without `page`, the active
+        runs and then the STATUS_RECENT_FINISHED most recently finished ones, STATUS_RUNS and
+        `max_bytes` of packed size at most (None: no size limit), taken in that order. With `page`
+        (0 for the first), every run in turn: the runs after that cursor, STATUS_PAGE_RUNS and
+        about STATUS_PAGE_BYTES of them at most, and `next`, the cursor of the next page (None
+        after the last). At least one run is listed when there is one.
+        """
+        now = time.time()
+        totals = {"received": 0, "pending": 0, "unsent": 0}
+        oldest = None
+        by_state: dict[str, int] = {}
+        active_by_state: dict[str, int] = {}
+        active: list[tuple] = []
+        recent: list[tuple] = []      # (state_since, rowid, row) of the most recently finished runs
+        listed: list[tuple] = []      # a page
+        more = False
+        for row in self.conn.execute(_RUN_ROWS):
+            rowid, received, finished, state, since, pending, unsent, first = (
+                row[0], row[2], row[7], row[4], row[5], row[11], row[12], row[13])
+            totals["received"] += received
+            totals["pending"] += pending
+            totals["unsent"] += unsent
+            if first is not None and (oldest is None or first < oldest):
+                oldest = first
+            by_state[state] = by_state.get(state, 0) + 1
+            is_active = not finished or pending > 0
+            if is_active:
+                active_by_state[state] = active_by_state.get(state, 0) + 1
+            if page is not None:
+                if rowid > page:
+                    if len(listed) < STATUS_PAGE_RUNS:
+                        listed.append(row)
+                    else:
+                        more = True
+            elif is_active:
+                if len(active) < STATUS_RUNS:
+                    active.append(row)
+            else:
+                heapq.heappush(recent, (since or 0.0, rowid, row))
+                if len(recent) > STATUS_RECENT_FINISHED:
+                    heapq.heappop(recent)
+        if page is None:  # active runs first, then the most recently finished
+            listed = active + [row for _, _, row in sorted(recent, reverse=True)]
+            budget = max_bytes
+        else:
+            budget = STATUS_PAGE_BYTES
+        runs, size = [], 0
+        for row in listed[:STATUS_RUNS] if page is None else listed:
+            run = self._run(row, now)
+            if budget is not None:
+                size += len(protocol.encode(run[0]))
+                if runs and size > budget:
+                    more = True
+                    break
+            runs.append(run)
+        runs.sort(key=lambda run: run[1])
+        status: dict[str, Any] = {
+            "runs": [run for run, _ in runs],
+            "records": {
+                "received": totals["received"], "uploaded": totals["received"] - totals["pending"],
+                "pending": totals["pending"], "unsent": totals["unsent"],
+                "unconfirmed": totals["pending"] - totals["unsent"],
+                "oldest_pending_age": round(now - oldest, 3) if oldest is not None else None},
+            "run_counts": {"total": sum(by_state.values()), "active": sum(active_by_state.values()),
+                           "listed": len(runs), "by_state": by_state, "active_by_state": active_by_state},
+            "spool_bytes": spool_db.files_bytes(self.path), "spool_path": self.path,
+        }
+        if page is not None:
+            status["next"] = runs[-1][1] if more and runs else None
+        return status
+
+    def _run(self, row: tuple, now: float) -> tuple[dict[str, Any], int]:
+        """One run of a status, and its cursor. Client-given names and error texts are cut to
+        STATUS_TEXT characters, so that a run's entry has a size limit."""
+        (rowid, run_id, received, uploaded_id, state, since, error, finished, exit_code, location, last_seen,
+         pending, unsent, first) = row
+        settings = self.conn.execute("SELECT settings FROM runs WHERE rowid = ?", (rowid,)).fetchone()[0]
+        info = msgpack.unpackb(settings, raw=False) if settings else {}
+        return {
+            "run_id": run_id, "project": _cut(info.get("project")), "name": _cut(info.get("name")),
+            "received": received, "uploaded": max(0, received - pending), "pending": pending,
+            "unsent": unsent, "unconfirmed": pending - unsent,
+            "oldest_pending_age": round(now - first, 3) if first is not None else None,
+            "state": state, "state_since": since, "last_error": _cut(error),
+            "exit_code": exit_code, "finished": bool(finished), "location": location, "last_seen": last_seen,
+        }, rowid
+
+    # -- the runs the server's loop and the uploaders follow -----------------------------------
+
+    def unfinished_runs(self) -> list[str]:
+        return [row[0] for row in self.conn.execute("SELECT run_id FROM runs WHERE finished = 0")]
+
+    def runs_with_work(self) -> list[str]:
+        """Runs that have records not yet confirmed by W&B."""
+        return [row[0] for row in self.conn.execute(
+            "SELECT DISTINCT run_id FROM records WHERE run_id != '' ORDER BY run_id")]
+
+    def runs_in_state(self, state: str) -> list[tuple[str, str]]:
+        return list(self.conn.execute("SELECT run_id, coalesce(last_error, '') FROM runs WHERE state = ?", (state,)))
+
+    def reached_wandb_since(self, since: float) -> bool:
+        """Did W&B answer an online run's uploader at `since` or later: did one start uploading (a
+        wandb.init, or a query after failed ones, went through), finish or pause there?"""
+        return self.conn.execute(
+            "SELECT 1 FROM runs WHERE state IN ('uploading', 'finished', 'paused') AND state_since >= ? "
+            "AND location LIKE 'http%' LIMIT 1", (since,)).fetchone() is not None
+
+    def live_runs(self) -> int:
+        """Runs whose finish W&B has not confirmed."""
+        return self.conn.execute("SELECT count(*) FROM runs WHERE finished = 0").fetchone()[0]
+
+    def offline_locations(self) -> list[tuple[str, str]]:
+        """(run id, location) of the runs whose W&B location is not a URL: offline run directories."""
+        return list(self.conn.execute(
+            "SELECT run_id, location FROM runs WHERE location IS NOT NULL AND location NOT LIKE 'http%' "
+            "ORDER BY rowid"))
+
+    def pending_counts(self) -> dict[str, tuple[int, int]]:
+        """Run id -> (received, records not yet handed to the SDK) for every unfinished run (what
+        backlog progress follows)."""
+        return {run_id: (received, pending) for run_id, received, pending in self.conn.execute(
+            "SELECT run_id, received, (SELECT count(*) FROM records WHERE records.run_id = runs.run_id "
+            "AND records.id > runs.uploaded_id) FROM runs WHERE finished = 0")}
