@@ -100,13 +100,14 @@ def quiet():
 
 class ConsoleBuffer(object):
     """Lines assembled per stream, queued within the limits, taken in batches. Safe from any thread;
-    its lock is a leaf (nothing is called while it is held). `clock` is injected for tests."""
+    its lock is a leaf (nothing is called while it is held), and reentrant: a signal handler that
+    prints while its thread is inside `write` must not wait for itself. `clock` is injected for tests."""
 
     def __init__(self, limits, clock=time.monotonic):
         # type: (ConsoleLimits, Callable[[], float]) -> None
         self.limits = limits
         self._clock = clock
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._partial = ["", ""]     # the unfinished line of each stream
         self._return = [False, False]  # the stream's last write ended in "\r"
         self._lines = collections.deque()  # type: Deque[Tuple[int, str]]
@@ -245,7 +246,7 @@ class ConsoleCapture(object):
         self.active = False
         self._submit = submit
         self._nudge = nudge
-        self._packing = threading.Lock()  # one packer at a time (I/O thread, finish): records in order
+        self._packing = threading.RLock()  # one packer at a time (I/O thread, finish): records in order
         self._installed = []  # type: List[Tuple[Any, Any, Any]]  (stream, our write, its own write or None)
         self.io = None        # type: Any  (the client's I/O thread, whose `pump` this is while it runs)
         _CAPTURES.add(self)
@@ -341,8 +342,8 @@ class ConsoleCapture(object):
         """In a forked child: pass writes through, forget the parent's lines."""
         self.active = False
         self._installed = []
-        self._packing = threading.Lock()
-        self.buffer._lock = threading.Lock()
+        self._packing = threading.RLock()
+        self.buffer._lock = threading.RLock()
         self.buffer.clear()
 
     def _send(self, final):

@@ -257,7 +257,14 @@ def test_the_observer_puts_a_failed_trainings_traceback_in_the_logs_before_the_f
     lines = records[1]["lines"]
     assert lines[:2] == [["out", "epoch 1"], ["err", "Traceback (most recent call last):"]]
     assert lines[-1] == ["err", "RuntimeError: simulation exploded"] and records[2]["exit_code"] == 1
-    assert "write" not in vars(sys.stdout) and "write" not in vars(sys.stderr)  # put back at the finish
+    assert not client._console.active and client._console._installed == []  # the streams put back at the finish
+
+
+def test_a_signal_handler_printing_inside_a_write_does_not_wait_for_itself():
+    buffer = ConsoleBuffer(ConsoleLimits(), Clock())
+    with buffer._lock:  # what the handler's thread holds while it is inside write()
+        buffer.write(0, "from the handler\n")
+    assert taken(buffer) == ([["out", "from the handler"]], 0)
 
 
 def test_limits_are_checked():
