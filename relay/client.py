@@ -12,11 +12,14 @@ Invariants (DESIGN.md):
   read there, once), added to the outbox, and the I/O thread is nudged; no trainer call touches the
   socket. Problems are counted in `statistics()` and warned about, rate-limited.
 - A record the client accepted is at every moment in exactly one place: the bounded outbox
-  (re-sent until acked), a spill file (written on overflow or at finish/close, ingested later by
-  `relay replay`), or the relay's spool (which acks only after its commit). relay.outbox says how.
-- `flush(timeout)` and `finish(timeout)` are the only calls that wait, for at most `timeout`.
-  An overflow (`max_pending` records unacked) spills them on the calling thread: a bounded write,
-  at most one attempt per `max_pending` records.
+  (pending, re-sent until acked; or handed over at an overflow, on its way to a file), a spill file
+  (written by the spill thread after an overflow, or at finish/close; ingested later by `relay
+  replay`), or the relay's spool (which acks only after its commit). relay.outbox says how.
+- `flush(timeout)` and `finish(timeout)` are the only calls that wait, for at most `timeout`
+  (and `finish`/`close` for the spill files they write). An overflow (`max_pending` records
+  unacked) only hands the records over to the spill thread (relay.spilling): no trainer call
+  writes a file on overflow. At most `max_buffered` records are held; past that, new records are
+  dropped and counted (policy drop_newest).
 - While the trainer is quiet (a long evaluation, a save) the I/O thread goes on: records waiting
   for a relay that came back are sent without another call, and heartbeats name the open runs.
 - After `os.fork()` the child's copy of a client is a new, empty client of the child's: a new
@@ -26,8 +29,8 @@ Invariants (DESIGN.md):
   forked child it raises ForkedRunError, and so does `start_run` there with the id of a run the
   parent has open. A run has one writer: two would interleave their rows in one W&B history, merge
   rows that share a `frame`, and the first `finish` would end the run for both.
-- What `close()` cannot spill (see relay.spill) is lost: counted (`lost`), logged with its count,
-  the directory and what to do.
+- `close()` waits for a spill in flight, then spills what is left. What it cannot spill (see
+  relay.spill) is lost: counted (`lost`), logged with its count, the directory and what to do.
 
 Exceptions raised to the caller (the trainer's misuse, never transport trouble): ValueError and
 TypeError for arguments and values the wire cannot carry, ForkedRunError (a RuntimeError) for a run
@@ -37,7 +40,6 @@ This module must stay importable on Python 3.8 (IsaacGym environments).
 """
 from __future__ import annotations
 
-import atexit
 import functools
 import os
 import threading
@@ -48,13 +50,14 @@ from typing import Any, Dict, List, Optional
 
 from relay import protocol, tensors  # noqa: F401 (tensors: where the outbox starts device copies)
 from relay.connection import RECONNECT_AFTER, Connection
-from relay.console import EXIT_FLUSH, ConsoleCapture, ConsoleLimits, capture_for, console_limits
+from relay.console import NO_CAPTURE, ConsoleCapture, ConsoleLimits, capture_for, console_limits  # noqa: F401
 from relay.errors import ForkedRunError  # noqa: F401 (part of this module's API)
 from relay.iothread import IOThread
 from relay.keys import CLIENT_KEYS_VARIABLE, ClientKeys, load_client_keys
 from relay.modes import reporting_disabled
 from relay.outbox import MAX_DEFERRED, Outbox  # noqa: F401 (MAX_DEFERRED: part of this module's API)
 from relay.spill import SPILL_FIX, Reporter, Spiller, default_spill_dir
+from relay.spilling import SpillThread
 
 JOIN_TIMEOUT = 2.0     # seconds close() gives the I/O thread to end its slice and close the socket
 
@@ -86,7 +89,8 @@ class RelayClient:
     def __init__(self, endpoint: Optional[str] = None, max_pending: int = 10000,
                  spill_dir: Optional[str] = None, resend_after: float = 1.0,
                  warn_every: float = 30.0, stream: Optional[str] = None, heartbeat_every: float = 10.0,
-                 keys: Optional[str] = None, reconnect_after: float = RECONNECT_AFTER):
+                 keys: Optional[str] = None, reconnect_after: float = RECONNECT_AFTER,
+                 max_buffered: Optional[int] = None):
         self.endpoint = endpoint or os.environ.get("RELAY_ENDPOINT") or protocol.DEFAULT_ENDPOINT
         # CurveZMQ keys (the DIR/<name>/ directory of `relay keys new`); a bad directory raises
         # CurveKeyError here, at start: a configuration mistake, not a transport problem.
@@ -94,6 +98,7 @@ class RelayClient:
         self.keys = load_client_keys(keys) if keys else None  # type: Optional[ClientKeys]
         self.reconnect_after = reconnect_after
         self.max_pending = max(1, int(max_pending))
+        self.max_buffered = max_buffered
         self.spill_dir = spill_dir or default_spill_dir()
         self.resend_after = resend_after
         self.warn_every = warn_every
@@ -109,9 +114,11 @@ class RelayClient:
         self._report = Reporter(self.warn_every)
         self._spiller = Spiller(self.spill_dir, self._report)
         self._outbox = Outbox(stream, self.max_pending, self.resend_after, spill=self._spiller,
-                              reopen=self._reopen_messages, reporter=self._report, endpoint=self.endpoint)
+                              reopen=self._reopen_messages, reporter=self._report, max_buffered=self.max_buffered,
+                              endpoint=self.endpoint)
         self._io = None                # type: Optional[IOThread]  (started with the first record)
-        self._console = None           # type: Optional[ConsoleCapture]  (the console a run of this client captures)
+        self._spills = None            # type: Optional[SpillThread]  (made with the I/O thread, started by it)
+        self._console = NO_CAPTURE     # type: ConsoleCapture  (the console a run of this client captures)
         self._open_runs = {}           # type: Dict[str, Dict[str, Any]]  (run id -> settings)
         self._lock = threading.RLock()
 
@@ -144,11 +151,8 @@ class RelayClient:
     def start_run(self, project: str, name: Optional[str] = None, entity: Optional[str] = None,
                   group: Optional[str] = None, tags: Optional[List[str]] = None, notes: Optional[str] = None,
                   config: Optional[Dict[str, Any]] = None, mode: Optional[str] = None,
-                  run_id: Optional[str] = None, job_type: Optional[str] = None,
-                  console: "bool | ConsoleLimits" = False) -> "Run":
-        """Open a W&B run. `console`: True (or a ConsoleLimits) sends the process's stdout and
-        stderr to the run's Logs until the run finishes (relay.console)."""
-        limits = console_limits(console)
+                  run_id: Optional[str] = None, job_type: Optional[str] = None, console: Any = False) -> "Run":
+        limits = console_limits(console)  # True or a ConsoleLimits: stdout/stderr to the run's Logs (relay.console)
         if mode is not None and mode not in protocol.WANDB_MODES:
             raise ValueError("mode must be one of %s, got %r" % (", ".join(protocol.WANDB_MODES), mode))
         run_id = run_id or uuid.uuid4().hex[:12]
@@ -169,8 +173,7 @@ class RelayClient:
         self.submit({"t": "open", "run": run_id, "settings": settings})
         if self._io is not None:
             self._io.runs = frozenset(self._open_runs)
-        if limits is not None:
-            run._capture_console(limits)
+        run._console = self._console = capture_for(run.id, self._outbox, self._io, limits, self)
         return run
 
     @_locked
@@ -191,17 +194,16 @@ class RelayClient:
                 outbox.deferred.release(wait=False)
             stats = dict(outbox.stats)
             stats["pending"] = outbox.count()
+            stats["spilling"] = outbox.spilling.count
         stats["last_error"] = self._report.last()
         stats["spill_files"] = list(self._spiller.files)
         return stats
 
     @_locked
     def flush(self, timeout: float) -> bool:
-        """Wait at most `timeout` seconds for every pending record to be acked (the console lines
-        queued so far are packed into a record first)."""
+        """Wait at most `timeout` seconds for every pending record to be acked."""
         deadline = time.monotonic() + timeout
-        if self._console is not None:
-            self._console.flush()
+        self._console.flush()  # the console lines queued so far go in a record first
         outbox = self._outbox
         with outbox.lock:
             outbox.deferred.release(wait=True)
@@ -218,10 +220,12 @@ class RelayClient:
 
     @_locked
     def spill_pending(self) -> Optional[str]:
-        """Write every pending record to a new spill file now; returns its path (None if none)."""
+        """Write every pending record to a new spill file now, after the records an overflow handed
+        over (waiting for a spill in flight); returns the new file's path (None if nothing was
+        pending, or the spill failed)."""
         with self._outbox.lock:
             self._outbox.deferred.release(wait=True)
-            return self._outbox.spill()
+        return self._outbox.spill(reopen=not self._closed)
 
     @_locked
     def close(self, timeout: float = 0.0) -> Optional[str]:
@@ -229,8 +233,7 @@ class RelayClient:
         What cannot be spilled is lost: counted in `lost`, logged with the reason."""
         if self._closed:
             return None
-        if self._console is not None:  # a run not finished captures it: its last lines go now (or to the spill)
-            self._console.stop()
+        self._console.stop()  # a run not finished captures it: its last lines go now (or to the spill)
         if timeout > 0:
             self.flush(timeout)
         io = self._io
@@ -242,8 +245,12 @@ class RelayClient:
         outbox = self._outbox
         with outbox.lock:
             outbox.deferred.release(wait=True)
-            spilled = outbox.spill()
-            if outbox.pending:  # the spill failed: these records are in no place any more
+        spilled = outbox.spill()       # after the spill in flight, if any
+        if self._spills is not None:
+            self._spills.stop()
+            self._spills.join_if_started(JOIN_TIMEOUT)
+        with outbox.lock:
+            if outbox.pending or outbox.spilling.count:  # a spill failed: these records are in no place any more
                 lost = outbox.drop_all()
                 text = ("%d records lost at close: the relay at %s had not acked them and they could not be "
                         "spilled: %s (%s)" % (lost, self.endpoint, self._spiller.last_error, SPILL_FIX))
@@ -274,7 +281,9 @@ class RelayClient:
 
     def _start_io(self) -> IOThread:
         connection = Connection(self.endpoint, self.keys, self._report, self.reconnect_after)
-        io = IOThread(self._outbox, connection, self._report, self.heartbeat_every)
+        self._spills = SpillThread(self._outbox.spilling, self._report)
+        self._outbox.spilling.waker = self._spills.nudge
+        io = IOThread(self._outbox, connection, self._report, self.heartbeat_every, self._spills)
         io.runs = frozenset(self._open_runs)
         io.start()
         # A client dropped without close(): its thread ends too (not at exit, where a trainer's own
@@ -296,30 +305,7 @@ class Run:
         self.name = name
         self._life = client._life
         self._pid = os.getpid()
-        self._console = None  # type: Optional[ConsoleCapture]
-
-    def _capture_console(self, limits: ConsoleLimits) -> None:
-        io = self.client._io  # None: the client is closed, nothing would send the lines
-        capture = capture_for(self.id, self.client._outbox, io, limits) if io is not None else None
-        if capture is not None:
-            self.client._console = self._console = capture
-            atexit.register(self._console_at_exit)
-
-    def _stop_console(self) -> None:
-        """Put the streams back and queue the last lines (the finish, or the exit of the process)."""
-        capture, self._console = self._console, None
-        if capture is not None:
-            atexit.unregister(self._console_at_exit)
-            capture.stop()
-
-    def _console_at_exit(self) -> None:
-        """The process exits with this run not finished (a crash, or no finish()): its last lines,
-        the traceback too, go to the relay, waiting at most EXIT_FLUSH seconds; spilled if not acked."""
-        if self._console is None or self._life is not self.client._life:
-            return
-        self._stop_console()
-        if not self.client._closed and not self.client.flush(EXIT_FLUSH):
-            self.client.spill_pending()
+        self._console = NO_CAPTURE  # type: ConsoleCapture
 
     def _refuse_if_forked(self) -> None:
         if self._life is not self.client._life:
@@ -366,11 +352,11 @@ class Run:
     def finish(self, exit_code: int = 0, timeout: float = 10.0) -> Dict[str, Any]:
         """Queue the finish record, wait at most `timeout` for acks, spill the rest to disk."""
         self._refuse_if_forked()
-        self._stop_console()
+        self._console.stop()
         self.client.submit({"t": "finish", "run": self.id, "exit_code": int(exit_code), "time": time.time()})
         self.client._run_finished(self.id)
         delivered = self.client.flush(timeout)
-        spill_file = None if delivered else self.client.spill_pending()
+        spill_file = self.client.spill_pending()  # what is not acked, after what an overflow handed over
         stats = self.client.statistics()
         return {"run": self.id, "delivered": delivered, "spill_file": spill_file,
                 "acked": stats["acked"], "spilled": stats["spilled"], "errors": stats["errors"]}

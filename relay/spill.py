@@ -26,7 +26,7 @@ from typing import Dict, List, Optional
 import msgpack
 
 from relay import durable
-from relay.console import quiet
+from relay.console_lines import quiet
 
 log = logging.getLogger("relay.client")
 
