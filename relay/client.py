@@ -337,8 +337,8 @@ class Run:
             self.client._report.error("run %s: %s; the rest of the row is logged" % (self.id, problem))
         row = {key: message[key] for key in ("frame", "epoch", "ns") if key in message}
         joins = bool(metrics or "frame" in row or "epoch" in row)
-        if joins:
-            self.client.submit(dict(message, metrics=metrics))
+        if joins:  # `with_media`: the relay's uploader holds the row a moment for its media record
+            self.client.submit(dict(message, metrics=metrics, **({"with_media": True} if items else {})))
         if items:
             record = dict(row, t="media", run=self.id, time=message["time"], values=items)
             if joins:

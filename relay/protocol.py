@@ -10,7 +10,8 @@ Every frame is one msgpack map. Every message carries:
 Client -> relay kinds and their own fields:
 
     open        run, settings {project, entity, name, group, tags, notes, config, mode}
-    log         run, metrics {name: scalar}, frame?, epoch?, ns?, time
+    log         run, metrics {name: scalar}, frame?, epoch?, ns?, time, with_media? (true: a `media`
+                record joining this row follows; the relay holds the row a moment for it)
     checkpoint  run, path, metadata {..}, aliases [..], time, stat? {size, mtime_ns}: the file as
                 the client saw it when it was logged (the relay refuses it if it has changed since)
     summary     run, values {name: scalar}

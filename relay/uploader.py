@@ -183,6 +183,10 @@ class RunUploader:
                     if self.drain.is_set() or self.stop.is_set():
                         return
                 continue  # the resume may have confirmed records: read them again
+            records, media_wait = planner.ready(records, records[-1].received, time.time(), self.drain.is_set())
+            if media_wait:  # the media record of the row is on its way: woken when it is spooled
+                self._wake.wait(media_wait, WAKE)
+                continue
             wait = self._cadence.wait() if online and not self.drain.is_set() else 0.0
             if wait > 0:  # many live runs: this run's rows go to the SDK in bursts (relay/cadence.py)
                 self._wake.wait(wait, b"")
