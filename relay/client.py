@@ -48,13 +48,13 @@ import uuid
 import weakref
 from typing import Any, Dict, List, Optional
 
-from relay import protocol, tensors  # noqa: F401 (tensors: where the outbox starts device copies)
+from relay import media, protocol, tensors  # noqa: F401 (tensors: where the outbox starts device copies)
 from relay.connection import RECONNECT_AFTER, Connection
 from relay.console import NO_CAPTURE, ConsoleCapture, ConsoleLimits, capture_for, console_limits  # noqa: F401
 from relay.errors import ForkedRunError  # noqa: F401 (part of this module's API)
 from relay.iothread import IOThread
 from relay.keys import CLIENT_KEYS_VARIABLE, ClientKeys, load_client_keys
-from relay.modes import reporting_disabled
+from relay.modes import DisabledRun, reporting_disabled  # noqa: F401 (DisabledRun: part of this module's API)
 from relay.outbox import MAX_DEFERRED, Outbox  # noqa: F401 (MAX_DEFERRED: part of this module's API)
 from relay.spill import SPILL_FIX, Reporter, Spiller, default_spill_dir
 from relay.spilling import SpillThread
@@ -329,7 +329,29 @@ class Run:
             message["epoch"] = int(epoch)
         if namespace:
             message["ns"] = str(namespace)
-        self.client.submit(message)
+        try:
+            self.client.submit(message)
+        except TypeError:
+            if not media.holds_media(metrics):
+                raise
+            self._log_media(message)
+
+    def _log_media(self, message: Dict[str, Any]) -> None:
+        """A row holding media (relay.media), which packing refused: its scalars and axes go as the
+        `log` record, its media as a `media` record joining that row (`joins`, filled in with the
+        log's seq when it is packed). Media whose file is missing are left out and reported."""
+        metrics, items, problems = media.split(message["metrics"])
+        for problem in problems:
+            self.client._report.error("run %s: %s; the rest of the row is logged" % (self.id, problem))
+        row = {key: message[key] for key in ("frame", "epoch", "ns") if key in message}
+        joins = bool(metrics or "frame" in row or "epoch" in row)
+        if joins:  # `with_media`: the relay's uploader holds the row a moment for its media record
+            self.client.submit(dict(message, metrics=metrics, **({"with_media": True} if items else {})))
+        if items:
+            record = dict(row, t="media", run=self.id, time=message["time"], values=items)
+            if joins:
+                record["joins"] = None  # the outbox puts the log record's seq here
+            self.client.submit(record)
 
     def log_checkpoint(self, path: str, metadata: Optional[Dict[str, Any]] = None,
                        aliases: Optional[List[str]] = None) -> None:
@@ -360,26 +382,3 @@ class Run:
         stats = self.client.statistics()
         return {"run": self.id, "delivered": delivered, "spill_file": spill_file,
                 "acked": stats["acked"], "spilled": stats["spilled"], "errors": stats["errors"]}
-
-
-class DisabledRun:
-    """What `start_run` returns when reporting is disabled (mode or WANDB_MODE=disabled)."""
-
-    def __init__(self, run_id: str, name: Optional[str]):
-        self.id = run_id
-        self.name = name
-
-    def log(self, metrics: Dict[str, Any], frame: Optional[int] = None, epoch: Optional[int] = None,
-            namespace: Optional[str] = None) -> None:
-        pass
-
-    def log_checkpoint(self, path: str, metadata: Optional[Dict[str, Any]] = None,
-                       aliases: Optional[List[str]] = None) -> None:
-        pass
-
-    def summary(self, values: Dict[str, Any]) -> None:
-        pass
-
-    def finish(self, exit_code: int = 0, timeout: float = 10.0) -> Dict[str, Any]:
-        return {"run": self.id, "delivered": True, "spill_file": None, "acked": 0, "spilled": 0,
-                "errors": 0, "disabled": True}

@@ -143,6 +143,8 @@ class Outbox:
         message["v"] = protocol.VERSION
         message["stream"] = self.stream
         message["seq"] = self.seq + 1
+        if "joins" in message and message["joins"] is None:  # a media record: the row of the log before it
+            message["joins"] = self.seq
         # protocol.encode's packing, with `default` chosen by the caller (see _host_value); a value
         # the wire cannot carry raises here, before the seq is taken
         frame = msgpack.packb(message, use_bin_type=True, default=default)

@@ -1,5 +1,6 @@
-"""The W&B sink: one run's side in the wandb SDK, and the wandb-core the uploaders share. The only
-module of the relay that imports wandb; every workaround for the SDK (pinned in pyproject) is here.
+"""The W&B sink: one run's side in the wandb SDK, and the wandb-core the uploaders share. With its
+sibling wandb_media.py (a row's media as wandb objects), the only module of the relay that imports
+wandb; every workaround for the SDK (pinned in pyproject) is here.
 
 The uploaders share one wandb-core (the SDK's Go service), which the server starts (SharedCore)
 and hands to each uploader as a WANDB_SERVICE token: one Go process instead of one per run, and a
