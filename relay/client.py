@@ -52,6 +52,7 @@ from typing import Any, Dict, List, Optional
 
 from relay import media, protocol, tensors  # noqa: F401 (tensors: where the outbox starts device copies)
 from relay.connection import RECONNECT_AFTER, Connection
+from relay.console import NO_CAPTURE, ConsoleCapture, ConsoleLimits, capture_for, console_limits  # noqa: F401
 from relay.errors import ForkedRunError  # noqa: F401 (part of this module's API)
 from relay.iothread import IOThread
 from relay.keys import CLIENT_KEYS_VARIABLE, ClientKeys, load_client_keys
@@ -105,8 +106,7 @@ class RelayClient:
         self.resend_after = resend_after
         self.warn_every = warn_every
         self.heartbeat_every = heartbeat_every
-        self.provenance, self.system_metrics = bool(provenance), float(system_metrics or 0)  # runs' defaults
-        self._closed = False
+        self._closed, self.provenance, self.system_metrics = False, bool(provenance), float(system_metrics or 0)
         self._parent_runs = set()      # type: set  (runs open in the process this one was forked from)
         self._begin(stream)
         _CLIENTS.add(self)
@@ -117,11 +117,12 @@ class RelayClient:
         self._report = Reporter(self.warn_every)
         self._spiller = Spiller(self.spill_dir, self._report)
         self._outbox = Outbox(stream, self.max_pending, self.resend_after, spill=self._spiller,
-                              reopen=self._reopen_messages, reporter=self._report, max_buffered=self.max_buffered)
+                              reopen=self._reopen_messages, reporter=self._report, max_buffered=self.max_buffered,
+                              endpoint=self.endpoint)
         self._io = None                # type: Optional[IOThread]  (started with the first record)
         self._spills = None            # type: Optional[SpillThread]  (made with the I/O thread, started by it)
+        self._console = NO_CAPTURE     # type: ConsoleCapture  (the console a run of this client captures)
         self._open_runs = {}           # type: Dict[str, Dict[str, Any]]  (run id -> settings)
-        self._threads = {}             # type: Dict[str, RunThreads]  (run id -> its provenance and sampler)
         self._lock = threading.RLock()
 
     def _after_fork(self) -> None:
@@ -152,9 +153,10 @@ class RelayClient:
     @_locked
     def start_run(self, project: str, name: Optional[str] = None, entity: Optional[str] = None,
                   group: Optional[str] = None, tags: Optional[List[str]] = None, notes: Optional[str] = None,
-                  config: Optional[Dict[str, Any]] = None, mode: Optional[str] = None,
-                  run_id: Optional[str] = None, job_type: Optional[str] = None,
-                  provenance: Optional[bool] = None, system_metrics: Optional[float] = None) -> "Run":
+                  config: Optional[Dict[str, Any]] = None, mode: Optional[str] = None, run_id: Optional[str] = None,
+                  job_type: Optional[str] = None, console: Any = False, provenance: Optional[bool] = None,
+                  system_metrics: Optional[float] = None) -> "Run":
+        limits = console_limits(console)  # True or a ConsoleLimits: stdout/stderr to the run's Logs (relay.console)
         if mode is not None and mode not in protocol.WANDB_MODES:
             raise ValueError("mode must be one of %s, got %r" % (", ".join(protocol.WANDB_MODES), mode))
         run_id = run_id or uuid.uuid4().hex[:12]
@@ -172,11 +174,10 @@ class RelayClient:
         protocol.validate_settings(settings)
         run = Run(self, run_id, name)
         self._open_runs[run_id] = settings
-        threads = RunThreads(self, run_id, provenance, system_metrics)  # None: the client's
-        self.submit(threads.open_record(settings))
-        self._threads[run_id] = threads.start()
+        run._threads = RunThreads(self, run_id, provenance, system_metrics).open(settings)
         if self._io is not None:
             self._io.runs = frozenset(self._open_runs)
+        run._console = self._console = capture_for(run.id, self._outbox, self._io, limits, self)
         return run
 
     @_locked
@@ -206,6 +207,7 @@ class RelayClient:
     def flush(self, timeout: float) -> bool:
         """Wait at most `timeout` seconds for every pending record to be acked."""
         deadline = time.monotonic() + timeout
+        self._console.flush()  # the console lines queued so far go in a record first
         outbox = self._outbox
         with outbox.lock:
             outbox.deferred.release(wait=True)
@@ -235,8 +237,7 @@ class RelayClient:
         What cannot be spilled is lost: counted in `lost`, logged with the reason."""
         if self._closed:
             return None
-        for threads in list(self._threads.values()):
-            threads.stop()
+        self._console.stop()  # a run not finished captures it: its last lines go now (or to the spill)
         if timeout > 0:
             self.flush(timeout)
         io = self._io
@@ -308,6 +309,8 @@ class Run:
         self.name = name
         self._life = client._life
         self._pid = os.getpid()
+        self._threads = None  # type: Optional[RunThreads]  (its provenance and sampler: relay.runthreads)
+        self._console = NO_CAPTURE  # type: ConsoleCapture
 
     def _refuse_if_forked(self) -> None:
         if self._life is not self.client._life:
@@ -347,8 +350,8 @@ class Run:
             self.client._report.error("run %s: %s; the rest of the row is logged" % (self.id, problem))
         row = {key: message[key] for key in ("frame", "epoch", "ns") if key in message}
         joins = bool(metrics or "frame" in row or "epoch" in row)
-        if joins:
-            self.client.submit(dict(message, metrics=metrics))
+        if joins:  # `with_media`: the relay's uploader holds the row a moment for its media record
+            self.client.submit(dict(message, metrics=metrics, **({"with_media": True} if items else {})))
         if items:
             record = dict(row, t="media", run=self.id, time=message["time"], values=items)
             if joins:
@@ -377,9 +380,9 @@ class Run:
         """Queue the finish record, wait at most `timeout` for acks, spill the rest to disk."""
         self._refuse_if_forked()
         deadline = time.monotonic() + timeout
-        threads = self.client._threads.pop(self.id, None)
-        if threads is not None:  # its provenance given up to `timeout` to come first, then stopped
-            threads.finish(timeout)
+        if self._threads is not None:  # its provenance given up to `timeout` to come first; then no more
+            self._threads.finish(timeout)
+        self._console.stop()
         self.client.submit({"t": "finish", "run": self.id, "exit_code": int(exit_code), "time": time.time()})
         self.client._run_finished(self.id)
         delivered = self.client.flush(max(0.0, deadline - time.monotonic()))

@@ -1,9 +1,9 @@
 """Whether reporting is switched off: the one place that reads `WANDB_MODE` on the trainer side.
 
 `WANDB_MODE=disabled` in a trainer's environment, or a run's own `mode="disabled"`, means nothing
-is reported: the client hands back a DisabledRun, the rl_games observer wraps nothing, and a
-TokenHSI run.py keeps its own observer alone (relay.integrations.tokenhsi). Standard library only (Python 3.8).
-`DisabledRun` is what the client's `start_run` hands back then (relay.client re-exports it).
+is reported: the client hands back a DisabledRun (defined here, a run whose every call does
+nothing), the rl_games observer wraps nothing, and a TokenHSI run.py keeps its own observer alone
+(relay.integrations.tokenhsi). Standard library only (Python 3.8).
 """
 from __future__ import annotations
 

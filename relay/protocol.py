@@ -12,7 +12,8 @@ Client -> relay kinds and their own fields:
     open        run, settings {project, entity, name, group, tags, notes, config, mode}, meta? (true: the
                 client sends a `meta` record for the run; the relay waits a little for it before
                 starting the W&B run, whose host, program and commit it sets)
-    log         run, metrics {name: scalar}, frame?, epoch?, ns?, time
+    log         run, metrics {name: scalar}, frame?, epoch?, ns?, time, with_media? (true: a `media`
+                record joining this row follows; the relay holds the row a moment for it)
     checkpoint  run, path, metadata {..}, aliases [..], time, stat? {size, mtime_ns}: the file as
                 the client saw it when it was logged (the relay refuses it if it has changed since)
     summary     run, values {name: scalar}
@@ -20,6 +21,11 @@ Client -> relay kinds and their own fields:
                 record of the same `run.log` call, whose row it joins): images, videos, audio and
                 HTML by path, histograms; relay/media.py specifies the items
     finish      run, exit_code, time
+    console     run, lines [[stream, text], ...], dropped, time: the trainer's console. `stream` is
+                "out" (stdout) or "err" (stderr), `text` one line without its "\n" (at most
+                MAX_CONSOLE_LINES lines a record); `dropped` (int >= 0) counts the lines the client
+                dropped since its previous console record (its limits: relay/console.py). Takes no
+                W&B step.
     meta        run, provenance {host, program, args, root, ..., git {commit, remote_url, dirty}},
                 diff? (str): where and how the trainer runs, taken on the trainer's node once per run
                 (relay/provenance.py says what each field holds); the relay hands it to W&B as the
@@ -52,6 +58,7 @@ from typing import Any, Dict, Optional
 import msgpack
 
 from relay import media
+from relay import provenance
 from relay.errors import ProtocolError  # noqa: F401 (part of this module's API)
 
 VERSION = 1
@@ -75,10 +82,12 @@ MAX_TAG_LEN = 64
 ALIAS_FORBIDDEN = "/:"
 MAX_METADATA_KEYS = 100
 
-RECORD_KINDS = ("open", "log", "checkpoint", "summary", "finish", "media", "meta", "system")
+RECORD_KINDS = ("open", "log", "checkpoint", "summary", "finish", "media", "console", "meta", "system")
 UNSPOOLED_KINDS = ("status", "heartbeat")
 CLIENT_KINDS = RECORD_KINDS + UNSPOOLED_KINDS
 WANDB_MODES = ("online", "offline", "disabled")
+CONSOLE_STREAMS = ("out", "err")
+MAX_CONSOLE_LINES = 1000
 
 
 def encode(message: Dict[str, Any]) -> bytes:
@@ -187,47 +196,19 @@ def validate(message: Dict[str, Any]) -> None:
         _check_scalars(message["values"], "values")
     elif kind == "media":
         _check_media(message)
+    elif kind == "console":
+        _check_console(message)
     elif kind == "finish":
         _require(message, "exit_code", int)
         if not EXIT_CODE_MIN <= message["exit_code"] <= EXIT_CODE_MAX:
             raise ProtocolError("field 'exit_code' %d is outside the 32-bit range W&B stores" % message["exit_code"])
     elif kind == "meta":
-        validate_provenance(message)
+        provenance.validate(message)
     elif kind == "system":
         _require(message, "values", dict)
         for key, value in message["values"].items():
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
+            if type(value) not in (int, float):
                 raise ProtocolError("values[%s] must be a number, got %s" % (_show(key), type(value).__name__))
-
-
-# The fields of a `meta` record's provenance the relay reads, and their types. Other fields are
-# kept (and shown in the run file relay-provenance.json), unchecked.
-PROVENANCE_FIELDS = {
-    "host": str, "program": str, "args": list, "root": str, "executable": str, "python": str, "os": str,
-    "username": str, "started_at": float, "cpu_count": int, "cpu_count_logical": int, "memory_total": int,
-    "torch": str, "cuda_version": str, "gpu_type": str, "gpu_count": int, "gpus": list, "git": dict,
-}
-GIT_FIELDS = {"commit": str, "remote_url": str, "root": str, "dirty": bool, "diff_bytes": int, "diff_left_out": str}
-
-
-def validate_provenance(message: Dict[str, Any]) -> None:
-    """A `meta` record: `provenance` a map of known fields of the right types, `diff` a string."""
-    _require(message, "provenance", dict)
-    if message.get("diff") is not None:
-        _require(message, "diff", str)
-    provenance = message["provenance"]
-    for fields, where, values in ((PROVENANCE_FIELDS, "provenance", provenance),
-                                  (GIT_FIELDS, "provenance.git", provenance.get("git") or {})):
-        for key, kind in fields.items():
-            value = values.get(key)
-            wanted = (int, float) if kind is float else kind
-            if value is not None and (not isinstance(value, wanted) or (kind is not bool and isinstance(value, bool))):
-                raise ProtocolError("field %s.%s must be %s, got %s" % (where, key, kind.__name__, type(value).__name__))
-    if not all(isinstance(arg, str) for arg in provenance.get("args") or []):
-        raise ProtocolError("field provenance.args must be a list of strings")
-    for gpu in provenance.get("gpus") or []:
-        if not isinstance(gpu, dict) or not isinstance(gpu.get("name"), str) or not _is_int(gpu.get("memory_total", 0)):
-            raise ProtocolError("field provenance.gpus must be a list of {name: str, memory_total: int}")
 
 
 SETTINGS_FIELDS = {
@@ -301,6 +282,21 @@ def _check_media(message: Dict[str, Any]) -> None:
             _require(message, axis, int)
     if message.get("ns") is not None:
         _require(message, "ns", str)
+
+
+def _check_console(message: Dict[str, Any]) -> None:
+    lines = message.get("lines")
+    if not isinstance(lines, list) or len(lines) > MAX_CONSOLE_LINES:
+        raise ProtocolError("field 'lines' must be a list of at most %d [stream, text] pairs" % MAX_CONSOLE_LINES)
+    for index, line in enumerate(lines):
+        if not (isinstance(line, list) and len(line) == 2 and line[0] in CONSOLE_STREAMS and isinstance(line[1], str)):
+            raise ProtocolError("lines[%d] must be [stream, text] with stream 'out' or 'err' and text a str, got %s"
+                                % (index, _show(line)))
+    dropped = message.get("dropped")
+    if not (_is_int(dropped) and dropped >= 0):
+        raise ProtocolError("field 'dropped' must be an int >= 0, got %s" % _show(dropped))
+    if message.get("time") is not None and not isinstance(message["time"], (int, float)):
+        raise ProtocolError("field 'time' must be a number, got %s" % type(message["time"]).__name__)
 
 
 def _check_metadata(metadata: Dict[str, Any]) -> None:

@@ -12,7 +12,7 @@
                    directory (HEAD, refs, packed-refs, config), the dirty flag and the diff
                    (`git diff HEAD`, as in-process wandb takes it) from one `git` subprocess
 A field that cannot be read (no git, no repository, no GPU, no /proc) is absent; nothing here
-raises. `Provenance` runs `collect()` on a short-lived daemon thread, off the trainer's thread, and
+raises. `validate` is the relay's check of a `meta` record (relay.protocol). `Provenance` runs `collect()` on a short-lived daemon thread, off the trainer's thread, and
 hands the record to the run when it is ready (before the run's finish, or never).
 
 This module must stay importable on Python 3.8 (IsaacGym environments).
@@ -29,6 +29,8 @@ import sys
 import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from relay.errors import ProtocolError
 
 MAX_DIFF_BYTES = 60 * 1024     # a bigger diff is left out (its size is noted): the record's string limit is 64 KiB
 GIT_TIMEOUT = 5.0              # seconds the `git diff` subprocess may take
@@ -77,6 +79,40 @@ class Provenance(threading.Thread):
         if diff is not None:
             message["diff"] = diff
         self.submit(message)
+
+
+# -- the `meta` record as the relay checks it (relay.protocol.validate) ------------------------------
+
+# A `meta` record's provenance fields the relay reads, and their types (others are kept unchecked).
+PROVENANCE_FIELDS = {
+    "host": str, "program": str, "args": list, "root": str, "executable": str, "python": str, "os": str,
+    "username": str, "started_at": float, "cpu_count": int, "cpu_count_logical": int, "memory_total": int,
+    "torch": str, "cuda_version": str, "gpu_type": str, "gpu_count": int, "gpus": list, "git": dict,
+}
+GIT_FIELDS = {"commit": str, "remote_url": str, "root": str, "dirty": bool, "diff_bytes": int, "diff_left_out": str}
+
+
+def validate(message: Dict[str, Any]) -> None:
+    """A `meta` record: `provenance` a map of known fields of the right types, `diff` a string."""
+    found = message.get("provenance")
+    if not isinstance(found, dict):
+        raise ProtocolError("field 'provenance' must be dict, got %s" % type(found).__name__)
+    if message.get("diff") is not None and not isinstance(message["diff"], str):
+        raise ProtocolError("field 'diff' must be str, got %s" % type(message["diff"]).__name__)
+    for fields, where, values in ((PROVENANCE_FIELDS, "provenance", found),
+                                  (GIT_FIELDS, "provenance.git", found.get("git") or {})):
+        for key, kind in fields.items():
+            value = values.get(key)
+            wanted = (int, float) if kind is float else kind
+            if value is not None and (not isinstance(value, wanted) or (kind is not bool and isinstance(value, bool))):
+                raise ProtocolError("field %s.%s must be %s, got %s"
+                                    % (where, key, kind.__name__, type(value).__name__))
+    if not all(isinstance(arg, str) for arg in found.get("args") or []):
+        raise ProtocolError("field provenance.args must be a list of strings")
+    for gpu in found.get("gpus") or []:
+        memory = gpu.get("memory_total", 0) if isinstance(gpu, dict) else None
+        if not isinstance(gpu, dict) or not isinstance(gpu.get("name"), str) or type(memory) is not int:
+            raise ProtocolError("field provenance.gpus must be a list of {name: str, memory_total: int}")
 
 
 # -- git, from the .git directory's files --------------------------------------------------------

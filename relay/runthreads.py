@@ -29,13 +29,15 @@ class RunThreads:
         self.provenance = Provenance(run_id, self.submit) if provenance else None
         self.sampler = Sampler(run_id, every, self.submit) if every else None
 
-    def open_record(self, settings: Dict[str, Any]) -> Dict[str, Any]:
-        """The run's `open` record; `meta` says a `meta` record follows (the relay waits a little for
-        it before wandb.init, where the run's host, program and commit are set)."""
+    def open(self, settings: Dict[str, Any]) -> "RunThreads":
+        """Send the run's `open` record (its `meta` says a `meta` record follows: the relay waits a
+        little for it before wandb.init, where the run's host, program and commit are set), then
+        start the threads."""
         record = {"t": "open", "run": self.run_id, "settings": settings}
         if self.provenance is not None:
             record["meta"] = True
-        return record
+        self.client.submit(record)
+        return self.start()
 
     def start(self) -> "RunThreads":
         try:

@@ -70,12 +70,6 @@ class Uploads:
         row = self.conn.execute("SELECT settings FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         return msgpack.unpackb(row[0], raw=False) if row and row[0] is not None else None
 
-    def provenance(self, run_id: str) -> dict | None:
-        """The run's last `meta` record in the spool (its body), or None."""
-        row = self.conn.execute("SELECT CAST(body AS BLOB), crc FROM records WHERE run_id = ? AND kind = 'meta' "
-                                "ORDER BY id DESC LIMIT 1", (run_id,)).fetchone()
-        return read_body("meta", row[0], row[1])[0] if row else None
-
     def set_state(self, run_id: str, state: str, error: str | None = None, location: str | None = None) -> None:
         with transaction(self.conn):
             self.conn.execute(
@@ -156,6 +150,19 @@ class Uploads:
             self.conn.execute("UPDATE runs SET uploaded_id = 0, steps_handed = ? WHERE run_id = ?",
                               (server_step, run_id))
         self._delete_snapshots(media)
+        return cursor.rowcount
+
+    def confirm_console(self, run_id: str, server_step: int) -> int:
+        """W&B holds the rows below server_step: the console records handed before the last of
+        them are done too (they take no step, and wandb-core sends what it was handed in order).
+        Called before those rows' own confirmation, which forgets their steps."""
+        with transaction(self.conn):
+            last = self.conn.execute("SELECT MAX(id) FROM steps WHERE run_id = ? AND step < ?",
+                                     (run_id, server_step)).fetchone()[0]
+            if last is None:
+                return 0
+            cursor = self.conn.execute("DELETE FROM records WHERE run_id = ? AND kind = 'console' AND id < ?",
+                                       (run_id, last))
         return cursor.rowcount
 
     def confirm_logged(self, run_id: str, server_step: int) -> int:

@@ -47,7 +47,7 @@ from typing import Any
 
 import tenacity
 
-from relay import planner
+from relay import planner, uploader_meta
 from relay.cadence import Cadence
 from relay.config import RelayConfig
 from relay.rowcount import RowCount
@@ -61,7 +61,6 @@ from relay.uploader_checkpoints import Checkpoints
 log = logging.getLogger("relay.uploader")
 
 WAKE, RETRY_NOW = b"w", b"r"  # what the server writes to an uploader's wake pipe
-META_WAIT = 10.0  # seconds a new run waits for the `meta` record its open announces (the trainer's git diff)
 
 
 class WakePipe:
@@ -180,10 +179,14 @@ class RunUploader:
                         return
                     self._wake.idle()
                     continue
-                if not self._start(settings, provenance(self._spool, self.run_id, records, self._wake)):
+                if not self._start(settings):
                     if self.drain.is_set() or self.stop.is_set():
                         return
                 continue  # the resume may have confirmed records: read them again
+            records, media_wait = planner.ready(records, records[-1].received, time.time(), self.drain.is_set())
+            if media_wait:  # the media record of the row is on its way: woken when it is spooled
+                self._wake.wait(media_wait, WAKE)
+                continue
             wait = self._cadence.wait() if online and not self.drain.is_set() else 0.0
             if wait > 0:  # many live runs: this run's rows go to the SDK in bursts (relay/cadence.py)
                 self._wake.wait(wait, b"")
@@ -192,7 +195,7 @@ class RunUploader:
 
     # -- W&B run lifecycle --------------------------------------------------------------------
 
-    def _start(self, settings: dict, meta: dict | None = None) -> bool:
+    def _start(self, settings: dict) -> bool:
         self.mode = settings.get("mode") or self.default_mode
         if self.mode == "disabled":
             self._open = True
@@ -208,11 +211,12 @@ class RunUploader:
             reraise=True,
         )
         try:
-            retrying(self._init_once, settings, meta)
+            retrying(self._init_once, settings, uploader_meta.provenance(self._spool, self.run_id, self._wake))
         except RETRYABLE:
             return False
         self._open = True
         server_step = self._sink.starting_step if self.mode == "online" else 0
+        self._spool.uploads.confirm_console(self.run_id, server_step)  # else a resume would write them again
         confirmed = self._spool.uploads.confirm_below_step(self.run_id, server_step)
         if server_step:
             log.info("run %s resumed at W&B step %d (%d spooled records were already there)",
@@ -230,8 +234,7 @@ class RunUploader:
     def _init_once(self, settings: dict, meta: dict | None) -> None:
         if self.mode == "online":
             self._count.settle(settings)
-        self._sink.open(settings, self.mode, on_left_open_closed=lambda: self._left_open_closed(settings),
-                        provenance=meta and meta["provenance"])
+        self._sink.open(settings, self.mode, lambda: self._left_open_closed(settings), provenance=meta)
 
     def _left_open_closed(self, settings: dict) -> None:
         """The sink closed a stream of this run left open in the shared wandb-core: what it held has
@@ -301,24 +304,15 @@ class RunUploader:
             self._sink.update_summary(body["values"])
         elif record.kind == "open":
             self._sink.update_config(body["settings"].get("config") or {})
+        elif record.kind in uploader_meta.NODE_KINDS:  # the trainer node's: console, provenance, system metrics
+            uploader_meta.apply(self._sink, record.kind, body)
         elif record.kind == "checkpoint":
             self._wait_for_wandb()  # log_artifact talks to W&B in this thread, and raises when it cannot
             self._checkpoints.log(record)
         elif record.kind == "finish":
             self._wait_for_wandb()
             self._finish(body["exit_code"], through_id=record.id)
-        elif record.kind in planner.SIDE_KINDS:
-            self._sink.trainer_node(record.kind, body)
 
-
-def provenance(spool: Spool, run_id: str, records: list[Record], wake: WakePipe) -> dict | None:
-    """The `meta` record the run's open announces, for wandb.init (host, program, commit), if it comes in time."""
-    deadline = time.monotonic() + META_WAIT
-    while any(r.kind == "open" and r.body.get("meta") for r in records) and not wake.interrupt.is_set():
-        if (meta := spool.uploads.provenance(run_id)) is not None or time.monotonic() >= deadline:
-            return meta
-        wake.wait(min(deadline - time.monotonic(), 0.5), WAKE)
-    return None
 
 
 def _lock(spool_dir: str, run_id: str) -> int | None:

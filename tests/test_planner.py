@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.planner import MediaValue, Row, plan, row_values
+from relay.planner import MEDIA_WAIT, MediaValue, Row, plan, ready, row_values
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -181,3 +181,18 @@ def test_media_records_of_one_frame_coalesce_like_log_records():
              next_step=4)
     assert p.steps == [(1, 4), (2, 4), (3, 4)] and p.next_step == 5
     assert media_shape(p.items) == [(4, True, {"a": ("image", 1, 0), "frame": 3, "x": 1, "b": ("image", 3, 0)})]
+
+
+def test_a_batchs_last_log_record_marked_with_media_waits_for_its_media_record_a_bounded_time():
+    marked = R(2, "log", {"metrics": {"x": 1}, "with_media": True})
+    assert ready([log(1), marked], received=100.0, now=100.5, draining=False) == ([log(1)], 0.0)
+    assert ready([marked], received=100.0, now=100.5, draining=False) == ([], MEDIA_WAIT - 0.5)
+    assert ready([marked], received=100.0, now=100.0 + MEDIA_WAIT, draining=False) == ([marked], 0.0)
+    assert ready([marked], received=100.0, now=100.5, draining=True) == ([marked], 0.0)
+    assert ready([marked], received=100.0, now=50.0, draining=False) == ([], MEDIA_WAIT)  # clock set back
+    assert ready([marked, log(3)], received=100.0, now=100.5, draining=False) == ([marked, log(3)], 0.0)
+    assert ready([log(1)], received=100.0, now=100.5, draining=False) == ([log(1)], 0.0)
+    # A system or meta record that came between the log record and its media record waits with it.
+    side = [other(3, "system"), other(4, "meta")]
+    assert ready([log(1), marked, *side], received=100.0, now=100.5, draining=False) == ([log(1)], 0.0)
+    assert ready([marked, *side], received=100.0, now=100.5, draining=False) == ([], MEDIA_WAIT - 0.5)

@@ -18,11 +18,14 @@ pinned (pyproject), and covered by tests/test_provenance.py.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from typing import Any
 
 from wandb.proto import wandb_internal_pb2 as pb
+
+log = logging.getLogger("relay.uploader")  # part of the uploader's log, as operators read it
 
 PROVENANCE_FILE = "relay-provenance.json"   # the whole provenance as the trainer sent it (a run file)
 DIFF_FILE = "diff.patch"                    # the trainer checkout's uncommitted changes, as in-process wandb
@@ -107,6 +110,17 @@ def set_provenance(run: Any, meta: dict) -> None:
         with open(path, "w", encoding="utf-8") as handle:
             handle.write(text)
         run.save(path, base_path=run.dir, policy="now")
+
+
+def trainer_node(sink: Any, kind: str, body: dict) -> None:
+    """A `meta` or `system` record into the W&B sink's open run (relay/sinks/wandb.py's WandbSink):
+    the trainer node's metadata and files, or one sample of its system metrics (no row, no step).
+    What wandb refuses of one is logged and left out: never a reason to stop the run."""
+    try:
+        (set_provenance if kind == "meta" else log_system)(sink._run, body)
+    except (ValueError, TypeError, OverflowError, OSError) as exc:
+        log.warning("run %s: the trainer's %s record (seq %s) is left out of W&B: %s", sink.run_id, kind,
+                    body.get("seq"), exc)
 
 
 def log_system(run: Any, system: dict) -> None:
