@@ -206,7 +206,7 @@ def test_replayed_spill_file_copies_its_media_and_refuses_a_file_changed_since_t
     (root / "a.png").write_bytes(png((10, 20, 30)))
     (root / "b.png").write_bytes(png((40, 50, 60)))
     relay = relay_factory(fake_wandb, ["--mode", "online", "--artifact-root", str(root)], start=False)
-    client = RelayClient(relay.endpoint, spill_dir=str(tmp_path / "spill"))
+    client = RelayClient(relay.endpoint, spill_dir=str(tmp_path / "spill"), provenance=False, system_metrics=0)
     run = client.start_run(project="tokenHSI", run_id="spilled-media")
     run.log({"x": 1.0, "a": relay_api.Image(str(root / "a.png"))}, frame=1)
     run.log({"x": 2.0, "b": relay_api.Image(str(root / "b.png"))}, frame=2)
