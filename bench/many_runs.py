@@ -19,7 +19,9 @@ with `/metrics` on. Per N:
   run's finish) and the age of the oldest one that only a row count confirms.
 
 `--history N`: before the relay starts, its spool gets N finished, fully uploaded runs (rows of
-`runs` and their streams' watermarks, written with sqlite3 in the schema of the relay measured).
+`runs` and their streams' watermarks, written with sqlite3 in the schema of the relay measured),
+finished more than HISTORY_AGE ago: past the default `retention`, so a relay that archives moves
+them out of `runs` itself; the trainers start once it has (`history_archived_s`, how long it took).
 
     python bench/many_runs.py                       # 50, 200 and 1,000 runs, 90 s each (--online, --runs 50,200)
     python bench/many_runs.py --history 10000 --runs 5 --seconds 20
@@ -64,6 +66,7 @@ RUNS_PER_WORKER = 50
 SAMPLE_EVERY = 3.0      # seconds between PSS / CPU samples
 QUERIES = 20            # status and /metrics queries over the logging
 WITHIN = 30.0           # every run should have rows this soon after its open
+HISTORY_AGE = 8 * 86400.0   # the history's runs finished longer ago than this (the default retention: 7 days)
 
 
 def worker(job: dict) -> dict:
@@ -89,9 +92,10 @@ def worker(job: dict) -> dict:
 
 # -- the spool's history ----------------------------------------------------------------------
 
-def fill_history(spool_dir: str, count: int, mode: str, code: str, rows: int = 3600) -> None:
+def fill_history(spool_dir: str, count: int, mode: str, code: str, rows: int = 3600) -> bool:
     """`count` finished runs, every row confirmed by W&B (no records left), in a new spool: what
-    a relay keeps of the runs it has uploaded, in the schema of `code`'s spool (an older relay's in relay.spool)."""
+    a relay keeps of the runs it has uploaded, in the schema of `code`'s spool (an older relay's in relay.spool).
+    Whether that relay archives finished runs (its schema has `runs_done`)."""
     schema = subprocess.run([sys.executable, "-c", "try:\n from relay.spool_db import SCHEMA\nexcept ImportError:\n"
                              " from relay.spool import SCHEMA\nprint(SCHEMA)"],
                             env=bench_env(code=code), cwd=code, capture_output=True, text=True, check=True).stdout
@@ -103,7 +107,7 @@ def fill_history(spool_dir: str, count: int, mode: str, code: str, rows: int = 3
         now = time.time()
         conn.execute("BEGIN")
         for i in range(count):
-            run_id, ended = "history-%06d" % i, now - (count - i) * 60.0
+            run_id, ended = "history-%06d" % i, now - HISTORY_AGE - (count - i) * 60.0
             location = (os.path.join(spool_dir, "wandb", "offline-run-history-" + run_id) if mode == "offline"
                         else "https://wandb.example/many/history/runs/" + run_id)
             settings = msgpack.packb({"project": "history", "name": run_id, "mode": mode})
@@ -116,6 +120,17 @@ def fill_history(spool_dir: str, count: int, mode: str, code: str, rows: int = 3
         conn.execute("COMMIT")
     finally:
         conn.close()
+    return "runs_done" in schema
+
+
+def wait_archived(relay: Relay, timeout: float = 120.0) -> float | None:
+    """Seconds until the relay's status lists no run (its history archived), None past `timeout`."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if relay.status(30.0)["run_counts"]["listed"] == 0:
+            return round(time.monotonic() - started, 1)
+        time.sleep(0.5)
+    return None
 
 
 def sample(relay_pid: int) -> dict:
@@ -241,8 +256,7 @@ def run_case(runs: int, seconds: int, workdir: str, online: bool, history: int, 
         fake.start()
         extra.update(fake.env())
     mode, spool = "online" if online else "offline", os.path.join(workdir, "spool-" + tag)
-    if history:
-        fill_history(spool, history, mode, code)
+    archives = fill_history(spool, history, mode, code) if history else False
     port = free_tcp_port()
     relay = Relay(spool, mode=mode, env=bench_env(extra, code=code), args=["--metrics-bind", "127.0.0.1:%d" % port],
                   log_path=os.path.join(workdir, "relay-%s.log" % tag), code=code)
@@ -250,6 +264,7 @@ def run_case(runs: int, seconds: int, workdir: str, online: bool, history: int, 
     watch = Watch(relay, port, run_ids, cursor=history, poll_rows=not online)
     try:
         relay.wait_ready()
+        archived_s = wait_archived(relay) if archives else None
         jobs = [{"endpoint": relay.endpoint, "run_ids": run_ids[i:i + RUNS_PER_WORKER], "seconds": seconds, "seed": i}
                 for i in range(0, runs, RUNS_PER_WORKER)]
         results: list[dict] = []
@@ -274,7 +289,8 @@ def run_case(runs: int, seconds: int, workdir: str, online: bool, history: int, 
     all_rows_at = max(watch.first_rows.values()) if len(watch.first_rows) == runs else None
     status = watch.last_status or {}
     records = status.get("records", {})
-    case = {"relay": name, "mode": mode, "runs": runs, "history": history, "seconds": seconds,
+    case = {"relay": name, "mode": mode, "runs": runs, "history": history, "history_archived_s": archived_s,
+            "seconds": seconds,
             "pss_max_mib": round(max(s["pss_kib"] for s in watch.samples) / 1024),
             "processes_max": max(s["processes"] for s in watch.samples),
             **steady(watch, watch.go, seconds, all_rows_at), "runs_with_rows": len(delays),
@@ -323,6 +339,8 @@ def line(case: dict) -> str:
         case["pss_per_run_mib"], case["cores"], rows, "yes" if case["all_within_30s"] else "NO", case["status_p50_ms"],
         case["status_max_ms"], case["metrics_p50_ms"], case["metrics_max_ms"], case["lag_unsent"],
         "-" if oldest is None else "%.0f s" % oldest)
+    if case["history_archived_s"] is not None:
+        text += "  (history archived in %.1f s first)" % case["history_archived_s"]
     if case["runs_with_rows"] < case["runs"]:
         text += "  (%d of %d runs had rows)" % (case["runs_with_rows"], case["runs"])
     if not (case["delivered"] and case["finished"]):

@@ -2,7 +2,8 @@
 bringing a spool made by an earlier relay to this schema, and how much room it takes and has.
 
 What the tables hold, and the invariants that keep them, are written at the top of relay/spool.py
-(ingest, streams, acks) and relay/spool_uploads.py (steps, confirmations, quarantine).
+(ingest, streams, acks), relay/spool_uploads.py (steps, confirmations, quarantine) and
+relay/spool_retention.py (the archive `runs_done`, `tallies`, how long watermarks are kept).
 """
 from __future__ import annotations
 
