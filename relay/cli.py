@@ -81,7 +81,8 @@ def main() -> None:
 @click.option("--init-timeout", type=float, help="seconds wandb.init may take before it is retried [60]")
 @click.option("--metrics-bind", help="HOST:PORT to serve Prometheus metrics on (/metrics) [off]")
 @click.option("--upload-interval", type=float,
-              help="seconds between a run's uploads of new rows to W&B, within --upload-requests per second [2]")
+              help="whole seconds between a run's uploads of new rows to W&B, while the runs stay within "
+                   "upload_requests per second [2]")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 @click.option("--curve", "curve_dir", type=click.Path(file_okay=False),
               help="directory made by `relay keys new`: encrypt with CurveZMQ and let in only the client keys "

@@ -65,11 +65,11 @@ class RelayConfig(BaseModel):
     progress_backlog: int = Field(10000, gt=0, description="a run with this many records waiting to upload gets "
                                   "progress lines in the log (count, rate, ETA) until its backlog is gone")
     progress_every: float = Field(10.0, gt=0, description="seconds between backlog progress lines")
-    upload_interval: float = Field(2.0, gt=0, description="seconds between a run's uploads of new rows to W&B "
-                                   "(wandb-core's file-stream interval), while the budget below allows it")
+    upload_interval: float = Field(2.0, ge=1, description="whole seconds between a run's uploads of new rows to "
+                                   "W&B (wandb-core's file-stream interval), while the budget below allows it")
     upload_requests: float = Field(20.0, gt=0, description="W&B file-stream requests per second the relay allows "
-                                   "itself, all runs together: a run starting while N runs are live uploads every "
-                                   "max(upload_interval, N / upload_requests) seconds")
+                                   "itself, all runs together: while N runs are live, each uploads every "
+                                   "max(upload_interval, N / upload_requests) seconds on average")
     retention: float = Field(7 * 86400.0, ge=0, description="seconds a run stays in the spool's runs table (and in "
                              "`relay status`) after W&B confirmed its finish and every record, before it moves to the "
                              "archive (`relay status --all` still lists it); 0: at once")
@@ -79,6 +79,15 @@ class RelayConfig(BaseModel):
                                        "makes a re-sent or replayed record a duplicate) is kept after the stream's last "
                                        "record; a spill file replayed later than that is refused, not uploaded twice")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("upload_interval")
+    @classmethod
+    def _whole_seconds(cls, value: float) -> float:
+        if value != int(value):
+            raise ValueError("%g is not a whole number of seconds: wandb-core counts its file-stream interval in "
+                             "whole seconds (it would cut %g to %d); use %d or %d" % (
+                                 value, value, int(value), int(value), int(value) + 1))
+        return value
 
     @field_validator("metrics_bind")
     @classmethod

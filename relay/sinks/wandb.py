@@ -66,15 +66,14 @@ class WandbSink:
 
     # -- opening ------------------------------------------------------------------------------
 
-    def open(self, settings: dict, mode: str, upload_interval: Callable[[], float],
-             on_left_open_closed: Callable[[], None]) -> None:
+    def open(self, settings: dict, mode: str, on_left_open_closed: Callable[[], None]) -> None:
         """wandb.init the run (resumed if W&B has it). Raises one of RETRYABLE on an outage.
         `on_left_open_closed` is called after a stream of this run left open in the shared core was
         closed, before the run starts again (its rows reached W&B, not yet its count)."""
         self.mode = mode
         if self.shared_core:
             try:
-                self._run = self._open_on_shared_core(settings, upload_interval, on_left_open_closed)
+                self._run = self._open_on_shared_core(settings, on_left_open_closed)
                 return
             except Exception as exc:
                 self.shared_core_failures += 1
@@ -82,16 +81,15 @@ class WandbSink:
                     raise  # an outage that began after the probe; the next try closes the stream it left
                 self._leave_shared_core(exc)
         try:
-            self._run = self._init(settings, upload_interval())
+            self._run = self._init(settings)
         except RETRYABLE:
             # The failed run id stays registered in this process's wandb-core: start a fresh one.
             wandb.teardown()
             raise
 
-    def _open_on_shared_core(self, settings: dict, upload_interval: Callable[[], float],
-                             on_left_open_closed: Callable[[], None]) -> Any:
+    def _open_on_shared_core(self, settings: dict, on_left_open_closed: Callable[[], None]) -> Any:
         try:
-            return self._init(settings, upload_interval())
+            return self._init(settings)
         except Exception as exc:
             if "is in use" not in str(exc):
                 raise
@@ -103,7 +101,7 @@ class WandbSink:
         stale.mark_preempting()
         stale.finish()
         on_left_open_closed()
-        return self._init(settings, upload_interval())
+        return self._init(settings)
 
     def _leave_shared_core(self, error: BaseException) -> None:
         log.warning("run %s: the shared wandb-core failed it (%s); this run goes on with a wandb-core of its own",
@@ -112,7 +110,7 @@ class WandbSink:
         wandb.teardown()  # this process's connection only: the shared core runs on for the others
         os.environ.pop("WANDB_SERVICE", None)
 
-    def _init(self, settings: dict, upload_interval: float) -> Any:
+    def _init(self, settings: dict) -> Any:
         return wandb.init(
             project=settings["project"], entity=settings.get("entity"), name=settings.get("name"),
             group=settings.get("group"), tags=settings.get("tags") or None, notes=settings.get("notes"),
@@ -136,7 +134,9 @@ class WandbSink:
                 x_file_stream_retry_wait_max_seconds=self.config.backoff_max,
                 x_graphql_retry_wait_max_seconds=self.config.backoff_max,
                 x_file_transfer_retry_wait_max_seconds=self.config.backoff_max,
-                x_file_stream_transmit_interval=upload_interval,
+                # Whole seconds (wandb-core cuts a fraction off), fixed for the run's life; how
+                # often rows are handed over under load is the uploader's (relay/cadence.py).
+                x_file_stream_transmit_interval=self.config.upload_interval,
                 x_file_stream_timeout_seconds=self.config.request_timeout,
                 x_graphql_timeout_seconds=self.config.request_timeout,
                 x_file_transfer_timeout_seconds=self.config.request_timeout),
