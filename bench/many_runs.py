@@ -20,8 +20,10 @@ with `/metrics` on. Per N:
 
 `--history N`: before the relay starts, its spool gets N finished, fully uploaded runs (rows of
 `runs` and their streams' watermarks, written with sqlite3 in the schema of the relay measured),
-finished more than HISTORY_AGE ago: past the default `retention`, so a relay that archives moves
-them out of `runs` itself; the trainers start once it has (`history_archived_s`, how long it took).
+finished `--history-age` days ago and before (8: past the default `retention` of 7 days, so a
+relay that archives moves them out of `runs` itself; the trainers start once it has,
+`history_archived_s` saying how long it took; 0: all finished within the last 7 days, one a
+minute, which such a relay keeps in `runs`).
 
     python bench/many_runs.py                       # 50, 200 and 1,000 runs, 90 s each (--online, --runs 50,200)
     python bench/many_runs.py --history 10000 --runs 5 --seconds 20
@@ -59,6 +61,7 @@ from common import (ROOT, Relay, available_mib, bench_env, cpu_seconds, descenda
 
 from fakewandb import FakeWandb  # noqa: E402
 from relay import protocol  # noqa: E402
+from relay.spool_report import HOT_CURSOR  # noqa: E402
 from relay.status import query_status  # noqa: E402
 from relay.testing import free_tcp_port  # noqa: E402
 
@@ -66,7 +69,6 @@ RUNS_PER_WORKER = 50
 SAMPLE_EVERY = 3.0      # seconds between PSS / CPU samples
 QUERIES = 20            # status and /metrics queries over the logging
 WITHIN = 30.0           # every run should have rows this soon after its open
-HISTORY_AGE = 8 * 86400.0   # the history's runs finished longer ago than this (the default retention: 7 days)
 
 
 def worker(job: dict) -> dict:
@@ -92,10 +94,11 @@ def worker(job: dict) -> dict:
 
 # -- the spool's history ----------------------------------------------------------------------
 
-def fill_history(spool_dir: str, count: int, mode: str, code: str, rows: int = 3600) -> bool:
+def fill_history(spool_dir: str, count: int, mode: str, code: str, age: float, rows: int = 3600) -> bool:
     """`count` finished runs, every row confirmed by W&B (no records left), in a new spool: what
     a relay keeps of the runs it has uploaded, in the schema of `code`'s spool (an older relay's in relay.spool).
-    Whether that relay archives finished runs (its schema has `runs_done`)."""
+    The newest finished `age` seconds ago. Whether that relay archives finished runs (its schema has
+    `runs_done`)."""
     schema = subprocess.run([sys.executable, "-c", "try:\n from relay.spool_db import SCHEMA\nexcept ImportError:\n"
                              " from relay.spool import SCHEMA\nprint(SCHEMA)"],
                             env=bench_env(code=code), cwd=code, capture_output=True, text=True, check=True).stdout
@@ -107,7 +110,7 @@ def fill_history(spool_dir: str, count: int, mode: str, code: str, rows: int = 3
         now = time.time()
         conn.execute("BEGIN")
         for i in range(count):
-            run_id, ended = "history-%06d" % i, now - HISTORY_AGE - (count - i) * 60.0
+            run_id, ended = "history-%06d" % i, now - age - (count - i) * 60.0
             location = (os.path.join(spool_dir, "wandb", "offline-run-history-" + run_id) if mode == "offline"
                         else "https://wandb.example/many/history/runs/" + run_id)
             settings = msgpack.packb({"project": "history", "name": run_id, "mode": mode})
@@ -246,7 +249,8 @@ def steady(watch: Watch, go: float, seconds: int, all_rows_at: float | None) -> 
             "cores": round(used / span, 2) if span > 0 else None}
 
 
-def run_case(runs: int, seconds: int, workdir: str, online: bool, history: int, name: str, code: str) -> dict:
+def run_case(runs: int, seconds: int, workdir: str, online: bool, history: int, name: str, code: str,
+             history_age: float = 8 * 86400.0) -> dict:
     tag = "%s-%d" % (name, runs)
     home = os.path.join(workdir, "home-" + tag)
     extra = {"HOME": home, "WANDB_CONFIG_DIR": os.path.join(home, ".config"),
@@ -256,12 +260,16 @@ def run_case(runs: int, seconds: int, workdir: str, online: bool, history: int, 
         fake.start()
         extra.update(fake.env())
     mode, spool = "online" if online else "offline", os.path.join(workdir, "spool-" + tag)
-    archives = fill_history(spool, history, mode, code) if history else False
+    keeps_archive = fill_history(spool, history, mode, code, history_age) if history else False
+    archives = keeps_archive and history_age > 7 * 86400.0   # past the default retention
+    # The page cursor after the history: a relay with an archive pages through it first, then its
+    # hot runs at HOT_CURSOR + rowid (the history archived: only the new runs are hot).
+    cursor = (HOT_CURSOR + (0 if archives else history)) if keeps_archive else history
     port = free_tcp_port()
     relay = Relay(spool, mode=mode, env=bench_env(extra, code=code), args=["--metrics-bind", "127.0.0.1:%d" % port],
                   log_path=os.path.join(workdir, "relay-%s.log" % tag), code=code)
     run_ids = ["many-%d-%04d" % (runs, i) for i in range(runs)]
-    watch = Watch(relay, port, run_ids, cursor=history, poll_rows=not online)
+    watch = Watch(relay, port, run_ids, cursor=cursor, poll_rows=not online)
     try:
         relay.wait_ready()
         archived_s = wait_archived(relay) if archives else None
@@ -358,6 +366,8 @@ def main() -> int:
     parser.add_argument("--online", action="store_true", help="W&B online against the fake W&B (default: offline)")
     parser.add_argument("--history", type=int, default=None, metavar="N",
                         help="finished, fully uploaded runs in the spool before the relay starts")
+    parser.add_argument("--history-age", type=float, default=8.0, metavar="DAYS",
+                        help="the history's newest run finished this many days ago [8: past the default retention]")
     parser.add_argument("--compare", metavar="DIR", help="also run every case with the relay package of DIR")
     parser.add_argument("--json", metavar="PATH", help="write the JSON summary there too")
     parser.add_argument("--quick", action="store_true", help="50 and 200 runs, 45 s")
@@ -392,7 +402,8 @@ def main() -> int:
             for name, code in codes:
                 skipped = too_big(runs, measured[name])
                 case = ({"relay": name, "runs": runs, "skipped": skipped} if skipped else
-                        run_case(runs, seconds, workdir, args.online, history, name, code))
+                        run_case(runs, seconds, workdir, args.online, history, name, code,
+                                 args.history_age * 86400.0))
                 if not skipped:
                     measured[name].append((runs, case["pss_max_mib"]))
                     done[name] = case

@@ -1,7 +1,9 @@
 """What the spool tells about its runs: the spool's part of `relay status` (and of `/metrics`),
 its size kept far below the frame limit however many runs the spool has held, and the runs the
 server's loop asks for (unfinished, with work, in a state, backlog progress, offline locations).
-Read only: nothing here writes to the spool.
+The hot table `runs` is read whole, its records counted in grouped queries (not one per run); of the
+archive `runs_done` (relay/spool_retention.py), a status reads a count per state and a running
+total, and `--all` its pages. Read only: nothing here writes to the spool.
 """
 from __future__ import annotations
 
@@ -31,11 +33,13 @@ HOT_CURSOR = 1 << 40
 # The runs of the hot table, in the order they came.
 _RUN_ROWS = ("SELECT rowid, run_id, received, uploaded_id, state, state_since, last_error, finished, exit_code, "
              "location, last_seen FROM runs ORDER BY rowid")
-# Per run with records, in one grouped pass over the index records_by_run: pending (records not yet
-# confirmed by W&B: all the run's records in the spool), unsent (not yet handed to the SDK), and the
-# first unsent record's id.
-_COUNTS = ("SELECT r.run_id, count(*), sum(r.id > u.uploaded_id), min(CASE WHEN r.id > u.uploaded_id THEN r.id END) "
-           "FROM records r JOIN runs u ON u.run_id = r.run_id GROUP BY r.run_id")
+# Per run with records, in one grouped query that walks each run's range of the index records_by_run
+# (the runs first: CROSS JOIN keeps that order, so no record looks its run up): pending (records not
+# yet confirmed by W&B: all the run's records in the spool), unsent (not yet handed to the SDK), and
+# the first unsent record's id.
+_COUNTS = ("SELECT u.run_id, count(*), count(CASE WHEN r.id > u.uploaded_id THEN 1 END), "
+           "min(CASE WHEN r.id > u.uploaded_id THEN r.id END) "
+           "FROM runs u CROSS JOIN records r ON r.run_id = u.run_id GROUP BY u.run_id")
 # Per run, the first record handed to the SDK and not yet confirmed. The oldest pending age of a run
 # is the receive time of the earlier of this and its first unsent record: of the records W&B has not
 # confirmed, those that a row count can confirm or that are not handed over yet (an `open`, summary
