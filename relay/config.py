@@ -36,9 +36,11 @@ class RelayConfig(BaseModel):
     mode: Optional[Literal["online", "offline", "disabled"]] = Field(
         None, description="W&B mode for runs that do not ask for one; default online if an API key is configured")
     artifact_roots: list[str] = Field(default_factory=list,
-                                      description="the only directories checkpoints may be read from")
+                                      description="the only directories checkpoints and media may be read from")
     max_frame_bytes: int = Field(protocol.MAX_FRAME_BYTES, gt=0, description="largest accepted frame")
     max_artifact_bytes: int = Field(4 << 30, gt=0, description="largest checkpoint file uploaded")
+    max_media_bytes: int = Field(100 << 20, gt=0, description="largest media file (image, video, audio, HTML) "
+                                 "uploaded; the relay copies each into its spool")
     init_timeout: float = Field(60.0, gt=0, description="seconds wandb.init may take before it is retried")
     backoff_max: float = Field(60.0, gt=0, description="longest wait between W&B retries (init, uploads)")
     request_timeout: float = Field(60.0, gt=0, description="seconds one W&B HTTP request may take before a retry")

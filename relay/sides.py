@@ -17,8 +17,12 @@ TRAINER_SIDE = (
     "relay.durable",
     "relay.protocol",
     "relay.tensors",
+    "relay.media",
+    "relay.histogram",
     "relay.keys",
     "relay.client",
+    "relay.console",
+    "relay.console_lines",
     "relay.outbox",
     "relay.spill",
     "relay.spilling",
@@ -38,7 +42,7 @@ TRAINER_SIDE = (
 )
 
 # Top-level modules the server extra (`pip install 'tokenhsi-relay[server]'`) provides.
-SERVER_EXTRA_MODULES = ("wandb", "pydantic", "yaml", "tenacity", "rich", "prometheus_client")
+SERVER_EXTRA_MODULES = ("wandb", "pydantic", "yaml", "tenacity", "rich", "prometheus_client", "PIL")
 
 SERVER_EXTRA_INSTALL = "pip install 'tokenhsi-relay[server]'"
 

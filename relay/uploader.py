@@ -53,6 +53,7 @@ from relay.config import RelayConfig
 from relay.rowcount import RowCount
 from relay.sinks.wandb import RETRYABLE, WandbSink, wandb_core_dies_with_its_parent
 from relay.sinks.wandb_api import short_error
+from relay.sinks.wandb_media import row_with_media
 from relay.spool import Spool
 from relay.spool_uploads import Record
 from relay.uploader_checkpoints import Checkpoints
@@ -182,6 +183,10 @@ class RunUploader:
                     if self.drain.is_set() or self.stop.is_set():
                         return
                 continue  # the resume may have confirmed records: read them again
+            records, media_wait = planner.ready(records, records[-1].received, time.time(), self.drain.is_set())
+            if media_wait:  # the media record of the row is on its way: woken when it is spooled
+                self._wake.wait(media_wait, WAKE)
+                continue
             wait = self._cadence.wait() if online and not self.drain.is_set() else 0.0
             if wait > 0:  # many live runs: this run's rows go to the SDK in bursts (relay/cadence.py)
                 self._wake.wait(wait, b"")
@@ -211,6 +216,7 @@ class RunUploader:
             return False
         self._open = True
         server_step = self._sink.starting_step if self.mode == "online" else 0
+        self._spool.uploads.confirm_console(self.run_id, server_step)  # else a resume would write them again
         confirmed = self._spool.uploads.confirm_below_step(self.run_id, server_step)
         if server_step:
             log.info("run %s resumed at W&B step %d (%d spooled records were already there)",
@@ -284,8 +290,9 @@ class RunUploader:
         self._spool.uploads.assign_steps(self.run_id, batch.steps, batch.through_id)
         self._next_step = batch.next_step
         for item in batch.items:
-            if isinstance(item, planner.Row):
-                self._sink.log(item.values, item.step)
+            if isinstance(item, planner.Row):  # media values: made wandb objects from the spool's copies
+                values = row_with_media(self.run_id, item.values, self.config.spool_dir) if item.media else item.values
+                self._sink.log(values, item.step)
             else:
                 self._cursor = item.id
                 self._apply(item)
@@ -297,6 +304,8 @@ class RunUploader:
             self._sink.update_summary(body["values"])
         elif record.kind == "open":
             self._sink.update_config(body["settings"].get("config") or {})
+        elif record.kind == "console":
+            self._sink.write_console(body["lines"], body.get("dropped") or 0)
         elif record.kind == "checkpoint":
             self._wait_for_wandb()  # log_artifact talks to W&B in this thread, and raises when it cannot
             self._checkpoints.log(record)
