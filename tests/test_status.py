@@ -150,7 +150,7 @@ def test_a_relay_archives_its_finished_runs_off_the_hot_path_and_a_resumed_one_c
     assert every.returncode == 0, every.stderr
     assert [run["run_id"] for run in json.loads(every.stdout)["runs"]] == run_ids
 
-    client = RelayClient(relay.endpoint, spill_dir=str(tmp_path / "spill"))
+    client = RelayClient(relay.endpoint, spill_dir=str(tmp_path / "spill"), provenance=False, system_metrics=0)
     try:
         run = client.start_run(project="tokenHSI", run_id=run_ids[7])   # a trainer resumes a finished run
         run.log({"loss": 1.0})
