@@ -167,7 +167,7 @@ def test_media_records_are_checked_item_by_item():
         "values['x'].path must be an absolute path without control characters": dict(image, path="a.png"),
         "values['x'].stat must be {size: int, mtime_ns: int}": dict(image, stat={"size": 1}),
         "values['x'].fps must be a positive number, and only a video has one": dict(image, fps=4.0),
-        "values['x'] has unknown fields data": dict(image, data="...."),
+        "values['x'] has unknown fields 'data'": dict(image, data="...."),
         "values['x'].counts must be 1..512 ints >= 0": dict(curve, counts=[1, -2]),
         "values['x'].edges must be len(counts) + 1 finite numbers": dict(curve, edges=[0.0, 1.0]),
         "values['x'].edges must be increasing": dict(curve, edges=[0.0, 1.0, 1.0]),
