@@ -19,9 +19,9 @@ Rules:
   that this stays the exception, `ready` holds back a batch's last `log` record marked `with_media`
   (the client sends its media record right after it) until that media record is in the spool, or
   for at most MEDIA_WAIT seconds (the relay may have refused the media record).
-- Records of the trainer node beside the rows (SIDE_KINDS: `meta`, `system`) take no step and do
-  not end a row: they are applied where they came, and the rows around them are made as if they
-  were not there.
+- Records of the trainer node beside the rows (SIDE_KINDS: `console`, `meta`, `system`) take no
+  step and do not end a row: they are applied where they came, and the rows around them are made
+  as if they were not there.
 - A `finish` ends the plan: records after it belong to a run resumed later, and wait for the next
   batch.
 """
@@ -40,7 +40,7 @@ class Entry(Protocol):
 
 ROW_KINDS = ("log", "media")
 MEDIA_WAIT = 2.0  # seconds a `log` record marked `with_media` waits for its media record (see `ready`)
-SIDE_KINDS = ("meta", "system")   # records of the trainer node: no step, no row ended
+SIDE_KINDS = ("console", "meta", "system")  # records of the trainer node: no step, no row ended
 
 
 @dataclass

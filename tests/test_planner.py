@@ -69,11 +69,13 @@ def test_a_summary_or_checkpoint_between_rows_ends_the_row_and_stays_in_place():
                               (12, {"c": 3, "frame": 5})]
 
 
-def test_meta_and_system_records_take_no_step_and_do_not_end_a_row():
-    records = [log(1, frame=4, a=1), other(2, "system"), log(3, frame=4, b=2), other(4, "meta"), log(5, frame=5)]
+def test_console_meta_and_system_records_take_no_step_and_do_not_end_a_row():
+    records = [log(1, frame=4, a=1), other(2, "system"), log(3, frame=4, b=2), other(4, "meta"),
+               other(6, "console"), log(5, frame=4, c=3), log(7, frame=5)]
     p = plan(records, next_step=0)
-    assert p.steps == [(1, 0), (3, 0), (5, 1)] and p.next_step == 2
-    assert shape(p.items) == [(0, {"a": 1, "b": 2, "frame": 4}), "system", "meta", (1, {"x": 5, "frame": 5})]
+    assert p.steps == [(1, 0), (3, 0), (5, 0), (7, 1)] and p.next_step == 2
+    assert shape(p.items) == [(0, {"a": 1, "b": 2, "c": 3, "frame": 4}), "system", "meta", "console",
+                              (1, {"x": 7, "frame": 5})]
     assert plan([other(1, "system")], next_step=3).through_id == 1
 
 
