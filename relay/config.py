@@ -70,6 +70,11 @@ class RelayConfig(BaseModel):
     upload_requests: float = Field(20.0, gt=0, description="W&B file-stream requests per second the relay allows "
                                    "itself, all runs together: a run starting while N runs are live uploads every "
                                    "max(upload_interval, N / upload_requests) seconds")
+    runs_per_uploader: int = Field(50, ge=1, le=1000, description="most runs one uploader process serves, "
+                                   "each in a thread of its own over the shared wandb-core; 1: a process per run")
+    stuck_timeout: float = Field(300.0, gt=0, description="seconds one W&B call of a run may take in an uploader "
+                                 "process serving other runs too; then that process is replaced (its other runs "
+                                 "resume in a fresh one) and the run goes on in a process of its own")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("metrics_bind")

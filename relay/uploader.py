@@ -47,7 +47,7 @@ import tenacity
 from relay import planner
 from relay.config import RelayConfig
 from relay.rowcount import RowCount
-from relay.sinks.wandb import RETRYABLE, WandbSink, wandb_core_dies_with_its_parent
+from relay.sinks.wandb import RETRYABLE, OwnCoreNeeded, WandbSink, wandb_core_dies_with_its_parent
 from relay.sinks.wandb_api import short_error
 from relay.spool import Spool
 from relay.spool_uploads import Record
@@ -56,6 +56,7 @@ from relay.uploader_checkpoints import Checkpoints
 log = logging.getLogger("relay.uploader")
 
 WAKE, RETRY_NOW = b"w", b"r"  # what the server writes to an uploader's wake pipe
+EXIT_OWN_CORE = 2  # run() in an uploader host: the run must go on with a wandb-core of its own
 
 
 class WakePipe:
@@ -101,7 +102,8 @@ class RunUploader:
     """The loop of one run's uploader: spool -> planner -> sink, W&B's count confirmed, waits and
     backoff. A first SIGTERM sets `drain`, a second `stop` (main's handler); either sets `interrupt`."""
 
-    def __init__(self, run_id: str, config: RelayConfig, mode: str, wake_fd: int | None = None):
+    def __init__(self, run_id: str, config: RelayConfig, mode: str, wake_fd: int | None = None,
+                 sink: WandbSink | None = None):
         self.run_id = run_id
         self.config = config
         self.default_mode = mode
@@ -116,7 +118,7 @@ class RunUploader:
         self._spool: Spool | None = None
         self._count: RowCount | None = None  # W&B's count of the run's rows (made with the spool)
         self._wake = WakePipe(run_id, wake_fd, self.interrupt)
-        self._sink = WandbSink(run_id, config)
+        self._sink = WandbSink(run_id, config) if sink is None else sink
         self._checkpoints: Checkpoints | None = None  # made with the spool
         self._losses_told: dict | None = None  # what the run's W&B summary says about records it will not get
 
@@ -135,6 +137,8 @@ class RunUploader:
                         "its next uploader resumes the run (free disk space if it is full)",
                         self.run_id, self._spool.path, exc)
             return 1
+        except OwnCoreNeeded:  # in an uploader host: the server moves the run to a process of its own
+            return EXIT_OWN_CORE
         except Exception as exc:  # a bug or a broken SDK: say so, keep the records, the server restarts us
             log.exception("uploader for run %s failed; its records stay in the spool", self.run_id)
             try:
