@@ -96,11 +96,13 @@ class HostPool:
         return sum(len(host.runs) for host in self.hosts if host.alive())
 
     def wake(self, run_id: str, news: bytes) -> bool:
-        """Pass `news` (WAKE, RETRY_NOW) to the run in its host; False if no live host serves it."""
+        """Pass `news` (WAKE, RETRY_NOW) to the run in its host; False if no host has it (a host that
+        exited still has it until `reap`, so that a run is never placed twice)."""
         host = self.where.get(run_id)
-        if host is None or not host.alive():
+        if host is None:
             return False
-        host.tell(news, run_id)
+        if host.alive():
+            host.tell(news, run_id)
         return True
 
     def place(self, run_id: str, failures: int) -> None:
