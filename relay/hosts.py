@@ -12,6 +12,7 @@ import logging
 import multiprocessing.context
 import multiprocessing.process
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -45,6 +46,8 @@ class Host:
     report_fd: int        # read end of the host's report pipe (lines <word> <run id>)
     runs: dict[str, int] = field(default_factory=dict)  # run -> its failures so far
     partial: bytes = b""
+    started: threading.Event = field(default_factory=threading.Event)  # set once start() returned or failed
+    start_failed: bool = False
 
     def tell(self, kind: bytes, run_id: str) -> None:
         try:
@@ -68,13 +71,20 @@ class Host:
         return [tuple(line.decode("ascii").split(" ", 1)) for line in lines if b" " in line]
 
     def alive(self) -> bool:
-        return self.process.is_alive()
+        """Starting (messages wait in its pipe) or running."""
+        return not self.started.is_set() or (not self.start_failed and self.process.is_alive())
+
+    def exitcode(self) -> int | None:
+        if not self.started.is_set():
+            return None
+        return 1 if self.start_failed else self.process.exitcode
 
     def release(self) -> None:
         """After the process ended: close our end of its pipes."""
         for fd in (self.wake_fd, self.lifeline_fd, self.report_fd):
             os.close(fd)
-        self.process.close()
+        if not self.start_failed:
+            self.process.close()
 
 
 class HostPool:
@@ -115,6 +125,9 @@ class HostPool:
         host.tell(START, run_id)
 
     def _start(self) -> Host:
+        """A new host, started on a thread of its own: a start waits for the fork server (its
+        imports, at the relay's start), which the server's loop must not. What the server tells
+        the host meanwhile waits in its wake pipe."""
         self._started += 1
         name = "relay-uploader-host-%d" % self._started
         # The write ends of wake and lifeline, and the read end of report, stay in this process
@@ -126,12 +139,6 @@ class HostPool:
             target=uploader_host.host_main, name=name, daemon=True,
             args=(name, self.mode, self.config.model_dump_json(), wake_reader, life_reader, report_writer,
                   self.core()))
-        try:
-            process.start()
-        finally:
-            wake_reader.close()
-            life_reader.close()
-            report_writer.close()
         fds = [os.dup(end.fileno()) for end in (wake_writer, life_writer, report_reader)]
         for end in (wake_writer, life_writer, report_reader):
             end.close()
@@ -139,14 +146,28 @@ class HostPool:
         os.set_blocking(fds[2], False)
         host = Host(name, process, *fds)
         self.hosts.append(host)
-        log.debug("uploader host %s started (pid %d)", name, process.pid)
+        threading.Thread(target=self._run_start, args=(host, (wake_reader, life_reader, report_writer)),
+                         name="relay-host-start", daemon=True).start()
         return host
+
+    @staticmethod
+    def _run_start(host: Host, child_ends: tuple) -> None:
+        try:
+            host.process.start()
+            log.debug("uploader host %s started (pid %d)", host.name, host.process.pid)
+        except Exception as exc:  # the fork server is gone: the host's runs back off, and are placed again
+            host.start_failed = True
+            log.error("cannot start uploader host %s: %s", host.name, exc)
+        finally:
+            for end in child_ends:
+                end.close()
+            host.started.set()
 
     def reap(self) -> list[Ended]:
         """The runs that hosts reported ended, and those of hosts that exited."""
         ended: list[Ended] = []
         for host in list(self.hosts):
-            code = host.process.exitcode  # read before the reports: an exited host reported all it will
+            code = host.exitcode()  # read before the reports: an exited host reported all it will
             for word, run_id in host.reports():
                 if self.where.get(run_id) is host:
                     del self.where[run_id]
@@ -164,4 +185,7 @@ class HostPool:
         return ended
 
     def processes(self) -> list[multiprocessing.process.BaseProcess]:
-        return [host.process for host in self.hosts if host.alive()]
+        """The hosts' processes that run (after the starts under way)."""
+        for host in self.hosts:
+            host.started.wait(10.0)
+        return [host.process for host in self.hosts if host.started.is_set() and host.alive()]
