@@ -13,6 +13,12 @@ backlog      A trainer logs 5,000 rows while its relay is frozen (SIGSTOP: conne
              1 ms step (plus `statistics()` every 50 steps) until the backlog is acked. Each
              call's wall time and the trainer thread's own CPU time (`time.thread_time()`) are
              measured: the socket work must not land on that thread.
+overflow     No relay at all, a small `max_pending` (`--max-pending`, default a tenth of the calls):
+             the trainer logs a row per call, pausing a simulated 1 ms step every 10 calls, so that
+             `max_pending` overflows about ten times, each one spilling a file. Each call's wall time
+             and trainer-thread CPU time are measured, as in backlog: the spill file's packing,
+             write and fsync must not land on that thread (before the spill thread, the call that
+             overflowed did all of it). Afterwards: files written, records spilled and dropped.
 
 Each measurement runs in a worker subprocess whose `relay` package (the client) comes from a
 checkout: this one, and with `--compare DIR` another one (say, main's), one after the other; the
@@ -22,6 +28,7 @@ relay side always comes from this checkout.
     python bench/client_latency.py --quick            # 2,000 calls each
     python bench/client_latency.py --quick --compare /path/to/other/checkout
     python bench/client_latency.py --quick --dry-run  # 50 calls, a 200-row backlog: does it still run
+    python bench/client_latency.py --quick --only overflow --compare /tmp/before   # before/after side by side
 
 Prints a table per checkout; the last line is a JSON summary (`compare` holds the other checkout's).
 Targets: the relay client >= 20x cheaper than wandb at p50 and >= 10x at p99, interleaved call by
@@ -182,6 +189,36 @@ def worker_backlog(job: dict) -> dict:
     return result
 
 
+def worker_overflow(job: dict) -> dict:
+    from relay.client import RelayClient
+
+    workdir, calls, max_pending = job["workdir"], job["calls"], job["max_pending"]
+    rng = random.Random(2)
+    rows = [metrics(rng) for _ in range(100)]
+    spill_dir = os.path.join(workdir, "spill-overflow")
+    client = RelayClient(free_endpoint(), spill_dir=spill_dir, max_pending=max_pending, heartbeat_every=0)
+    run = client.start_run(project="bench", run_id="bench-overflow")
+    for step in range(max_pending // 2):  # warm-up, not counted: the I/O thread and the socket exist
+        run.log(rows[step % 100], frame=step)
+    samples = []
+    for step in range(max_pending // 2, max_pending // 2 + calls):
+        _timed(lambda: run.log(rows[step % 100], frame=step), samples)
+        if step % 10 == 0:
+            time.sleep(STEP)
+    stats = client.statistics()
+    run.finish(timeout=0.0)
+    client.close()
+    final = client.statistics()
+    cpu, wall = [s[0] for s in samples], [s[1] for s in samples]
+    return {"overflow_calls": calls, "overflow_max_pending": max_pending,
+            "overflow_files_during": len(stats["spill_files"]), "overflow_files": len(final["spill_files"]),
+            "overflow_spilled": final["spilled"], "overflow_dropped": final["dropped"], "overflow_lost": final["lost"],
+            "overflow_max_cpu_ms": round(max(cpu) * 1e3, 3), "overflow_p99_cpu_ms": round(percentile(cpu, 0.99) * 1e3, 3),
+            "overflow_max_wall_ms": round(max(wall) * 1e3, 3),
+            "overflow_p99_wall_ms": round(percentile(wall, 0.99) * 1e3, 3),
+            "overflow_calls_over_2ms_cpu": sum(1 for value in cpu if value > 0.002)}
+
+
 # -- the measurement ----------------------------------------------------------------------------
 
 def measure(kind: str, job: dict, code: str) -> dict:
@@ -211,6 +248,8 @@ def show(label: str, code: str, result: dict, block: int) -> None:
         show_interleaved(result, block)
     if "backlog" in result:
         show_backlog(result)
+    if "overflow_calls" in result:
+        show_overflow(result)
 
 
 def show_interleaved(result: dict, block: int) -> None:
@@ -236,6 +275,18 @@ def show_backlog(result: dict) -> None:
     print("  targets: <= 2 ms CPU, <= 20 ms wall during the backlog")
 
 
+def show_overflow(result: dict) -> None:
+    print("overflow, no relay: %d calls with max_pending=%d; %d spill files while logging, %d in all; "
+          "%d records spilled, %d dropped, %d lost:"
+          % (result["overflow_calls"], result["overflow_max_pending"], result["overflow_files_during"],
+             result["overflow_files"], result["overflow_spilled"], result["overflow_dropped"], result["overflow_lost"]))
+    print("  one call: max %.3f ms CPU of the trainer's thread (p99 %.3f), max %.3f ms wall (p99 %.3f); "
+          "%d calls over 2 ms CPU" % (result["overflow_max_cpu_ms"], result["overflow_p99_cpu_ms"],
+                                      result["overflow_max_wall_ms"], result["overflow_p99_wall_ms"],
+                                      result["overflow_calls_over_2ms_cpu"]))
+    print("  targets: <= 2 ms CPU, <= 20 ms wall")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=20000)
@@ -244,12 +295,14 @@ def main() -> int:
     parser.add_argument("--block", type=int, default=1, help="calls per turn in the interleaving [1]")
     parser.add_argument("--backlog", type=int, default=5000, help="rows logged while the relay is down [5000]")
     parser.add_argument("--compare", metavar="DIR", help="also measure the client of this checkout")
-    parser.add_argument("--only", choices=("interleaved", "backlog"), help="one of the two measurements")
+    parser.add_argument("--max-pending", type=int, help="max_pending of the overflow measurement [calls / 10]")
+    parser.add_argument("--only", choices=("interleaved", "backlog", "overflow"), help="one of the measurements")
     parser.add_argument("--worker", nargs=2, metavar=("KIND", "JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         kind, job = args.worker
-        print(json.dumps({"interleaved": worker_interleaved, "backlog": worker_backlog}[kind](json.loads(job))))
+        workers = {"interleaved": worker_interleaved, "backlog": worker_backlog, "overflow": worker_overflow}
+        print(json.dumps(workers[kind](json.loads(job))))
         return 0
     calls = 2000 if args.quick else args.calls
     if args.dry_run:
@@ -259,9 +312,10 @@ def main() -> int:
     for label, code in checkouts:
         workdir = tempfile.mkdtemp(prefix="relay-bench-")
         try:
-            job = {"workdir": workdir, "calls": calls, "block": args.block, "backlog": args.backlog}
+            job = {"workdir": workdir, "calls": calls, "block": args.block, "backlog": args.backlog,
+                   "max_pending": args.max_pending or max(10, calls // 10)}
             result = {}
-            for kind in ("interleaved", "backlog"):
+            for kind in ("interleaved", "backlog", "overflow"):
                 if args.only in (None, kind):
                     result.update(measure(kind, job, code))
         finally:

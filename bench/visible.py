@@ -3,7 +3,8 @@
 Trainers log one row of 40 metrics a second, each row carrying the wall time it was logged at
 (`sent_at`). The suite's fake W&B backend (tests/fakewandb.py, online, in this process) notes when
 each history line first arrives. Time to visible = arrival - sent_at. Also counted: file_stream
-requests per run per second, and for all runs together (what the relay's upload budget bounds).
+requests per run per second, and for all runs together (what the relay's upload budget bounds),
+and the GraphQL requests besides (run starts, config, the relay's row-count queries).
 
 - relay: `relay serve` with its defaults (upload_interval 2 s, upload_requests 20/s); the runs'
   clients live in a few worker processes (runs / 50, at least 1).
@@ -77,7 +78,7 @@ def measure(fake, run_ids: list[str], seconds: float) -> dict:
     """Time to visible (s) over every row of `run_ids`, and file_stream requests per second: over
     the whole case (`seconds`: starts and finishes included) and in the steady middle (from the
     moment every run's first row was visible to the last row's logging)."""
-    delays, posts, times, first_seen, last_sent = [], 0, [], [], []
+    delays, sent_at, posts, times, first_seen, last_sent = [], [], 0, [], [], []
     for run_id in run_ids:
         run = fake.run(run_id)
         posts += run.file_stream_posts
@@ -86,6 +87,7 @@ def measure(fake, run_ids: list[str], seconds: float) -> dict:
                 if line and arrived is not None and "sent_at" in line]
         for line, arrived in rows:
             delays.append(arrived - line["sent_at"])
+            sent_at.append(line["sent_at"])
         if rows:
             first_seen.append(rows[0][1])
             last_sent.append(rows[-1][0]["sent_at"])
@@ -93,11 +95,15 @@ def measure(fake, run_ids: list[str], seconds: float) -> dict:
         raise RuntimeError("no row of %d runs reached W&B" % len(run_ids))
     start, end = max(first_seen), min(last_sent)
     steady = (sum(1 for t in times if start <= t <= end) / (end - start)) if end - start >= 5 else None
+    steady_delays = [delay for delay, sent in zip(delays, sent_at) if start <= sent <= end]
     return {"runs": len(run_ids), "rows": len(delays), "visible_p50_s": round(percentile(delays, 0.5), 2),
             "visible_p99_s": round(percentile(delays, 0.99), 2), "visible_max_s": round(max(delays), 2),
             "requests_per_s": round(posts / seconds, 2), "requests_per_run_per_s": round(posts / seconds / len(run_ids), 3),
             "steady_requests_per_s": None if steady is None else round(steady, 2),
-            "steady_window_s": round(max(0.0, end - start), 1)}
+            "steady_visible_p50_s": round(percentile(steady_delays, 0.5), 2) if steady_delays else None,
+            "steady_visible_p99_s": round(percentile(steady_delays, 0.99), 2) if steady_delays else None,
+            "steady_window_s": round(max(0.0, end - start), 1),
+            "graphql_per_s": round(fake.requests_seen["graphql"] / seconds, 2)}
 
 
 def run_case(kind: str, runs: int, seconds: int, workdir: str) -> dict:
@@ -167,10 +173,12 @@ def main() -> None:
                 if runs in (relay_runs if kind == "relay" else wandb_runs):
                     case = run_case(kind, runs, seconds, workdir)
                     print("%-6s %4d runs: visible after p50 %.2f s, p99 %.2f s, max %.2f s; file_stream requests "
-                          "%.2f/s (%.3f per run), %s/s in the steady %.0f s" % (
+                          "%.2f/s (%.3f per run); in the steady %.0f s: %s requests/s, visible after p50 %s s, "
+                          "p99 %s s; GraphQL %.2f/s" % (
                               kind, runs, case["visible_p50_s"], case["visible_p99_s"], case["visible_max_s"],
-                              case["requests_per_s"], case["requests_per_run_per_s"], case["steady_requests_per_s"],
-                              case["steady_window_s"]), flush=True)
+                              case["requests_per_s"], case["requests_per_run_per_s"], case["steady_window_s"],
+                              case["steady_requests_per_s"], case["steady_visible_p50_s"],
+                              case["steady_visible_p99_s"], case["graphql_per_s"]), flush=True)
                     cases.append(case)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -81,7 +81,8 @@ def main() -> None:
 @click.option("--init-timeout", type=float, help="seconds wandb.init may take before it is retried [60]")
 @click.option("--metrics-bind", help="HOST:PORT to serve Prometheus metrics on (/metrics) [off]")
 @click.option("--upload-interval", type=float,
-              help="seconds between a run's uploads of new rows to W&B, within --upload-requests per second [2]")
+              help="whole seconds between a run's uploads of new rows to W&B, while the runs stay within "
+                   "upload_requests per second [2]")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 @click.option("--curve", "curve_dir", type=click.Path(file_okay=False),
               help="directory made by `relay keys new`: encrypt with CurveZMQ and let in only the client keys "
@@ -226,12 +227,12 @@ def replay(config_path, spool_dir, artifact_roots, files) -> None:
                        "--config) and run it again" % (path, checkpoints), err=True)
             totals["skipped"] += 1
             continue
-        items = [_snapshot(item, snapshot_dir, spool) for item in items]
+        items = [_snapshot(item, snapshot_dir, spool, cfg.max_media_bytes) for item in items]
         counts = {"new": 0, "dup": 0, "error": 0}
         for start in range(0, len(items), cfg.batch_max):
             batch = items[start:start + cfg.batch_max]
             for item, outcome in zip(batch, spool.ingest(batch, allow_gaps=True)):
-                if item[0].get("t") == "checkpoint" and outcome.status != "new" and not item[1] and \
+                if item[0].get("t") in ("checkpoint", "media") and outcome.status != "new" and not item[1] and \
                         not spool.has_record(outcome.stream, outcome.seq):
                     snapshot_dir.discard(item[0])
                 counts[outcome.status] += 1
@@ -253,16 +254,21 @@ def replay(config_path, spool_dir, artifact_roots, files) -> None:
         sys.exit(1)
 
 
-def _snapshot(item: tuple, snapshot_dir, spool) -> tuple:
-    """A replayed checkpoint record gets its snapshot as the relay's intake would give it (a copy
-    is made here, in this process): the file as it is now, refused if it changed since it was logged."""
+def _snapshot(item: tuple, snapshot_dir, spool, max_media_bytes: int) -> tuple:
+    """A replayed checkpoint or media record gets its snapshot as the relay's intake would give it
+    (a copy is made here, in this process): the files as they are now, refused if they changed since
+    they were logged."""
+    from relay import mediafiles
     from relay.artifacts import RefusedPath
     from relay.snapshots import SnapshotError
 
     message, refusal = item[0], item[1]
-    if message.get("t") != "checkpoint" or refusal or message["seq"] <= spool.upto(message["stream"]):
+    if message.get("t") not in ("checkpoint", "media") or refusal or message["seq"] <= spool.upto(message["stream"]):
         return item
     try:
+        if message["t"] == "media":
+            mediafiles.take(snapshot_dir, message, max_media_bytes)
+            return item
         opened = snapshot_dir.take(message)
         if opened is not None:
             try:

@@ -12,11 +12,14 @@ Invariants (DESIGN.md):
   read there, once), added to the outbox, and the I/O thread is nudged; no trainer call touches the
   socket. Problems are counted in `statistics()` and warned about, rate-limited.
 - A record the client accepted is at every moment in exactly one place: the bounded outbox
-  (re-sent until acked), a spill file (written on overflow or at finish/close, ingested later by
-  `relay replay`), or the relay's spool (which acks only after its commit). relay.outbox says how.
-- `flush(timeout)` and `finish(timeout)` are the only calls that wait, for at most `timeout`.
-  An overflow (`max_pending` records unacked) spills them on the calling thread: a bounded write,
-  at most one attempt per `max_pending` records.
+  (pending, re-sent until acked; or handed over at an overflow, on its way to a file), a spill file
+  (written by the spill thread after an overflow, or at finish/close; ingested later by `relay
+  replay`), or the relay's spool (which acks only after its commit). relay.outbox says how.
+- `flush(timeout)` and `finish(timeout)` are the only calls that wait, for at most `timeout`
+  (and `finish`/`close` for the spill files they write). An overflow (`max_pending` records
+  unacked) only hands the records over to the spill thread (relay.spilling): no trainer call
+  writes a file on overflow. At most `max_buffered` records are held; past that, new records are
+  dropped and counted (policy drop_newest).
 - While the trainer is quiet (a long evaluation, a save) the I/O thread goes on: records waiting
   for a relay that came back are sent without another call, and heartbeats name the open runs.
 - After `os.fork()` the child's copy of a client is a new, empty client of the child's: a new
@@ -26,8 +29,8 @@ Invariants (DESIGN.md):
   forked child it raises ForkedRunError, and so does `start_run` there with the id of a run the
   parent has open. A run has one writer: two would interleave their rows in one W&B history, merge
   rows that share a `frame`, and the first `finish` would end the run for both.
-- What `close()` cannot spill (see relay.spill) is lost: counted (`lost`), logged with its count,
-  the directory and what to do.
+- `close()` waits for a spill in flight, then spills what is left. What it cannot spill (see
+  relay.spill) is lost: counted (`lost`), logged with its count, the directory and what to do.
 
 Exceptions raised to the caller (the trainer's misuse, never transport trouble): ValueError and
 TypeError for arguments and values the wire cannot carry, ForkedRunError (a RuntimeError) for a run
@@ -45,7 +48,7 @@ import uuid
 import weakref
 from typing import Any, Dict, List, Optional
 
-from relay import protocol, tensors  # noqa: F401 (tensors: where the outbox starts device copies)
+from relay import media, protocol, tensors  # noqa: F401 (tensors: where the outbox starts device copies)
 from relay.connection import RECONNECT_AFTER, Connection
 from relay.errors import ForkedRunError  # noqa: F401 (part of this module's API)
 from relay.iothread import IOThread
@@ -53,6 +56,7 @@ from relay.keys import CLIENT_KEYS_VARIABLE, ClientKeys, load_client_keys
 from relay.modes import reporting_disabled
 from relay.outbox import MAX_DEFERRED, Outbox  # noqa: F401 (MAX_DEFERRED: part of this module's API)
 from relay.spill import SPILL_FIX, Reporter, Spiller, default_spill_dir
+from relay.spilling import SpillThread
 
 JOIN_TIMEOUT = 2.0     # seconds close() gives the I/O thread to end its slice and close the socket
 
@@ -84,7 +88,8 @@ class RelayClient:
     def __init__(self, endpoint: Optional[str] = None, max_pending: int = 10000,
                  spill_dir: Optional[str] = None, resend_after: float = 1.0,
                  warn_every: float = 30.0, stream: Optional[str] = None, heartbeat_every: float = 10.0,
-                 keys: Optional[str] = None, reconnect_after: float = RECONNECT_AFTER):
+                 keys: Optional[str] = None, reconnect_after: float = RECONNECT_AFTER,
+                 max_buffered: Optional[int] = None):
         self.endpoint = endpoint or os.environ.get("RELAY_ENDPOINT") or protocol.DEFAULT_ENDPOINT
         # CurveZMQ keys (the DIR/<name>/ directory of `relay keys new`); a bad directory raises
         # CurveKeyError here, at start: a configuration mistake, not a transport problem.
@@ -92,6 +97,7 @@ class RelayClient:
         self.keys = load_client_keys(keys) if keys else None  # type: Optional[ClientKeys]
         self.reconnect_after = reconnect_after
         self.max_pending = max(1, int(max_pending))
+        self.max_buffered = max_buffered
         self.spill_dir = spill_dir or default_spill_dir()
         self.resend_after = resend_after
         self.warn_every = warn_every
@@ -107,8 +113,9 @@ class RelayClient:
         self._report = Reporter(self.warn_every)
         self._spiller = Spiller(self.spill_dir, self._report)
         self._outbox = Outbox(stream, self.max_pending, self.resend_after, spill=self._spiller,
-                              reopen=self._reopen_messages, reporter=self._report)
+                              reopen=self._reopen_messages, reporter=self._report, max_buffered=self.max_buffered)
         self._io = None                # type: Optional[IOThread]  (started with the first record)
+        self._spills = None            # type: Optional[SpillThread]  (made with the I/O thread, started by it)
         self._open_runs = {}           # type: Dict[str, Dict[str, Any]]  (run id -> settings)
         self._lock = threading.RLock()
 
@@ -182,6 +189,7 @@ class RelayClient:
                 outbox.deferred.release(wait=False)
             stats = dict(outbox.stats)
             stats["pending"] = outbox.count()
+            stats["spilling"] = outbox.spilling.count
         stats["last_error"] = self._report.last()
         stats["spill_files"] = list(self._spiller.files)
         return stats
@@ -206,10 +214,12 @@ class RelayClient:
 
     @_locked
     def spill_pending(self) -> Optional[str]:
-        """Write every pending record to a new spill file now; returns its path (None if none)."""
+        """Write every pending record to a new spill file now, after the records an overflow handed
+        over (waiting for a spill in flight); returns the new file's path (None if nothing was
+        pending, or the spill failed)."""
         with self._outbox.lock:
             self._outbox.deferred.release(wait=True)
-            return self._outbox.spill()
+        return self._outbox.spill(reopen=not self._closed)
 
     @_locked
     def close(self, timeout: float = 0.0) -> Optional[str]:
@@ -228,8 +238,12 @@ class RelayClient:
         outbox = self._outbox
         with outbox.lock:
             outbox.deferred.release(wait=True)
-            spilled = outbox.spill()
-            if outbox.pending:  # the spill failed: these records are in no place any more
+        spilled = outbox.spill()       # after the spill in flight, if any
+        if self._spills is not None:
+            self._spills.stop()
+            self._spills.join_if_started(JOIN_TIMEOUT)
+        with outbox.lock:
+            if outbox.pending or outbox.spilling.count:  # a spill failed: these records are in no place any more
                 lost = outbox.drop_all()
                 text = ("%d records lost at close: the relay at %s had not acked them and they could not be "
                         "spilled: %s (%s)" % (lost, self.endpoint, self._spiller.last_error, SPILL_FIX))
@@ -260,7 +274,9 @@ class RelayClient:
 
     def _start_io(self) -> IOThread:
         connection = Connection(self.endpoint, self.keys, self._report, self.reconnect_after)
-        io = IOThread(self._outbox, connection, self._report, self.heartbeat_every)
+        self._spills = SpillThread(self._outbox.spilling, self._report)
+        self._outbox.spilling.waker = self._spills.nudge
+        io = IOThread(self._outbox, connection, self._report, self.heartbeat_every, self._spills)
         io.runs = frozenset(self._open_runs)
         io.start()
         # A client dropped without close(): its thread ends too (not at exit, where a trainer's own
@@ -305,7 +321,29 @@ class Run:
             message["epoch"] = int(epoch)
         if namespace:
             message["ns"] = str(namespace)
-        self.client.submit(message)
+        try:
+            self.client.submit(message)
+        except TypeError:
+            if not media.holds_media(metrics):
+                raise
+            self._log_media(message)
+
+    def _log_media(self, message: Dict[str, Any]) -> None:
+        """A row holding media (relay.media), which packing refused: its scalars and axes go as the
+        `log` record, its media as a `media` record joining that row (`joins`, filled in with the
+        log's seq when it is packed). Media whose file is missing are left out and reported."""
+        metrics, items, problems = media.split(message["metrics"])
+        for problem in problems:
+            self.client._report.error("run %s: %s; the rest of the row is logged" % (self.id, problem))
+        row = {key: message[key] for key in ("frame", "epoch", "ns") if key in message}
+        joins = bool(metrics or "frame" in row or "epoch" in row)
+        if joins:  # `with_media`: the relay's uploader holds the row a moment for its media record
+            self.client.submit(dict(message, metrics=metrics, **({"with_media": True} if items else {})))
+        if items:
+            record = dict(row, t="media", run=self.id, time=message["time"], values=items)
+            if joins:
+                record["joins"] = None  # the outbox puts the log record's seq here
+            self.client.submit(record)
 
     def log_checkpoint(self, path: str, metadata: Optional[Dict[str, Any]] = None,
                        aliases: Optional[List[str]] = None) -> None:
@@ -331,7 +369,7 @@ class Run:
         self.client.submit({"t": "finish", "run": self.id, "exit_code": int(exit_code), "time": time.time()})
         self.client._run_finished(self.id)
         delivered = self.client.flush(timeout)
-        spill_file = None if delivered else self.client.spill_pending()
+        spill_file = self.client.spill_pending()  # what is not acked, after what an overflow handed over
         stats = self.client.statistics()
         return {"run": self.id, "delivered": delivered, "spill_file": spill_file,
                 "acked": stats["acked"], "spilled": stats["spilled"], "errors": stats["errors"]}

@@ -36,9 +36,11 @@ class RelayConfig(BaseModel):
     mode: Optional[Literal["online", "offline", "disabled"]] = Field(
         None, description="W&B mode for runs that do not ask for one; default online if an API key is configured")
     artifact_roots: list[str] = Field(default_factory=list,
-                                      description="the only directories checkpoints may be read from")
+                                      description="the only directories checkpoints and media may be read from")
     max_frame_bytes: int = Field(protocol.MAX_FRAME_BYTES, gt=0, description="largest accepted frame")
     max_artifact_bytes: int = Field(4 << 30, gt=0, description="largest checkpoint file uploaded")
+    max_media_bytes: int = Field(100 << 20, gt=0, description="largest media file (image, video, audio, HTML) "
+                                 "uploaded; the relay copies each into its spool")
     init_timeout: float = Field(60.0, gt=0, description="seconds wandb.init may take before it is retried")
     backoff_max: float = Field(60.0, gt=0, description="longest wait between W&B retries (init, uploads)")
     request_timeout: float = Field(60.0, gt=0, description="seconds one W&B HTTP request may take before a retry")
@@ -65,17 +67,26 @@ class RelayConfig(BaseModel):
     progress_backlog: int = Field(10000, gt=0, description="a run with this many records waiting to upload gets "
                                   "progress lines in the log (count, rate, ETA) until its backlog is gone")
     progress_every: float = Field(10.0, gt=0, description="seconds between backlog progress lines")
-    upload_interval: float = Field(2.0, gt=0, description="seconds between a run's uploads of new rows to W&B "
-                                   "(wandb-core's file-stream interval), while the budget below allows it")
+    upload_interval: float = Field(2.0, ge=1, description="whole seconds between a run's uploads of new rows to "
+                                   "W&B (wandb-core's file-stream interval), while the budget below allows it")
     upload_requests: float = Field(20.0, gt=0, description="W&B file-stream requests per second the relay allows "
-                                   "itself, all runs together: a run starting while N runs are live uploads every "
-                                   "max(upload_interval, N / upload_requests) seconds")
+                                   "itself, all runs together: while N runs are live, each uploads every "
+                                   "max(upload_interval, N / upload_requests) seconds on average")
     runs_per_uploader: int = Field(50, ge=1, le=1000, description="most runs one uploader process serves, "
                                    "each in a thread of its own over the shared wandb-core; 1: a process per run")
     stuck_timeout: float = Field(300.0, gt=0, description="seconds one W&B call of a run may take in an uploader "
                                  "process serving other runs too; then that process is replaced (its other runs "
                                  "resume in a fresh one) and the run goes on in a process of its own")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("upload_interval")
+    @classmethod
+    def _whole_seconds(cls, value: float) -> float:
+        if value != int(value):
+            raise ValueError("%g is not a whole number of seconds: wandb-core counts its file-stream interval in "
+                             "whole seconds (it would cut %g to %d); use %d or %d" % (
+                                 value, value, int(value), int(value), int(value) + 1))
+        return value
 
     @field_validator("metrics_bind")
     @classmethod

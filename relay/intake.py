@@ -1,6 +1,6 @@
 """The relay's intake: a batch read from the ROUTER socket, each frame classified, checkpoints
-snapshotted, records committed to the spool and only then acked; refusals answered, heartbeats
-noted, status requests answered.
+and media files snapshotted, records committed to the spool and only then acked; refusals
+answered, heartbeats noted, status requests answered.
 
 An ack means the record is committed to the spool (relay/spool.py). A record that is not taken
 (the spool has no room, cannot be written, or the record's checkpoint cannot be snapshotted now)
@@ -17,7 +17,7 @@ from typing import Callable
 
 import zmq
 
-from relay import protocol, snapshots
+from relay import mediafiles, protocol, snapshots
 from relay.artifacts import RefusedPath, resolve_checkpoint
 from relay.config import RelayConfig
 from relay.snapshots import CopyThread, SnapshotDir, SnapshotError
@@ -50,7 +50,7 @@ def classify(frame: bytes, config: RelayConfig) -> tuple[dict, str]:
             resolve_checkpoint(message["path"], config.artifact_roots, config.max_artifact_bytes)
         except RefusedPath as exc:
             return message, str(exc)
-    return message, ""
+    return message, mediafiles.check_paths(message, config.artifact_roots, config.max_media_bytes)
 
 
 class Room:
@@ -190,10 +190,10 @@ class Commits:
             self.new_records(run_id)
 
     def discard_snapshots(self, items: list[tuple[dict, str, bytes]], statuses: list[str]) -> None:
-        """Delete the snapshots taken for checkpoint records that were not stored after all (a gap,
+        """Delete the snapshots taken for checkpoint and media records not stored after all (a gap,
         a failed commit), unless a stored record holds that name (an earlier copy of the record)."""
         for (message, refusal, _), status in zip(items, statuses):
-            if message["t"] != "checkpoint" or refusal or status == "new":
+            if message["t"] not in ("checkpoint", "media") or refusal or status == "new":
                 continue
             try:
                 if not self.spool.has_record(message["stream"], message["seq"]):
@@ -296,7 +296,7 @@ class Intake:
             if self.room.holding or message["stream"] in self.copying or message["stream"] in unsnapped:
                 self.counters["held"] += 1  # not acked: the client keeps it, re-sends it, spills it
                 continue
-            if message["t"] == "checkpoint" and not refusal:
+            if message["t"] in ("checkpoint", "media") and not refusal:
                 try:
                     refusal, opened = self.snapshot(message)
                 except SnapshotError as exc:
@@ -325,12 +325,13 @@ class Intake:
         self.answer_status(status_requests)
 
     def snapshot(self, message: dict) -> tuple[str, snapshots.Opened | None]:
-        """Take the snapshot of a checkpoint before its record is committed (relay/snapshots.py).
-        Returns (refusal reason or '', the opened file when it must be copied); raises
-        SnapshotError when the relay cannot take it for a reason of its own (its disk)."""
+        """Snapshot a checkpoint or copy a media record's files (relay/mediafiles.py) before the commit:
+        (refusal reason or '', the opened checkpoint to copy); SnapshotError: the relay's own trouble."""
         if message["seq"] <= self.spool.upto(message["stream"]):
             return "", None  # a re-sent record already spooled: its snapshot was taken then
         try:
+            if message["t"] == "media":
+                return mediafiles.take(self.snapshots, message, self.config.max_media_bytes), None
             return "", self.snapshots.take(message)
         except RefusedPath as exc:
             return str(exc), None

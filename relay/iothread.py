@@ -10,6 +10,8 @@ send and receive, and the outbox's lock is held only to take or give a slice):
 - sends what is unsent (at most SEND_SLICE frames per slice); when a send finds no connection it
   tries again RETRY_EVERY seconds later;
 - packs waiting device rows whose copy has landed (never waits for one);
+- wakes the spill thread (relay.spilling; started here the first time) when an overflow handed
+  records over or a failed spill is due again, and ends it when it ends itself;
 - sends a heartbeat every `heartbeat_every` seconds (0: none) naming the client's open runs: when
   the trainer dies the heartbeats stop and the relay finishes its runs after its silence timeout.
 
@@ -25,7 +27,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Callable, FrozenSet, List
+from typing import Callable, FrozenSet, List, Optional
 
 import zmq
 
@@ -33,6 +35,7 @@ from relay import protocol
 from relay.connection import Connection
 from relay.outbox import Outbox
 from relay.spill import Reporter
+from relay.spilling import SpillThread
 
 SEND_SLICE = 64        # frames handed to ZeroMQ per slice
 RECV_SLICE = 256       # replies read per slice
@@ -68,9 +71,11 @@ _write_holding_the_gil = _gil_holding_write()
 class IOThread(threading.Thread):
     """Moves records from the outbox to the relay and acks back; see the module's text."""
 
-    def __init__(self, outbox: Outbox, connection: Connection, reporter: Reporter, heartbeat_every: float = 10.0):
+    def __init__(self, outbox: Outbox, connection: Connection, reporter: Reporter, heartbeat_every: float = 10.0,
+                 spills: Optional[SpillThread] = None):
         super().__init__(name="relay-client-io", daemon=True)
         self.outbox = outbox
+        self.spills = spills
         self.connection = connection
         self.report = reporter
         self.heartbeat_every = heartbeat_every
@@ -129,6 +134,8 @@ class IOThread(threading.Thread):
                     self._sleep(next_beat if self.heartbeat_every > 0 else None)
         finally:
             self.connection.close()
+            if self.spills is not None:
+                self.spills.stop()
 
     def _slice(self) -> bool:
         """One slice of socket work; True when more is waiting right now."""
@@ -144,6 +151,8 @@ class IOThread(threading.Thread):
             outbox.maybe_rewind()
             stream, frames = outbox.take(SEND_SLICE)
             pending = len(outbox.pending)
+        if outbox.spilling.wanted and self.spills is not None:
+            self.spills.wake()
         for seq, frame in frames:
             if not connection.send(frame):
                 with outbox.lock:

@@ -15,6 +15,8 @@ A record's states (every accepted record is in exactly one):
             the others unsent. A pending record is sent again until it is acked.
 - acked:    the relay committed it to its spool: gone from `pending`.
 - refused:  the relay answered an error for its seq (it can never be accepted): gone, counted.
+- spilling: handed over at an overflow (or by `spill()`) with its stream's other pending records,
+            in `spilling`, not in a file yet: being written, or kept after a failed write.
 - spilled:  written to a spill file (fsynced, renamed into place): gone, counted.
 - lost:     only at close, when a spill failed: gone, counted and said.
 
@@ -22,20 +24,31 @@ An ack names its stream: `upto` N means every seq <= N of that stream is committ
 ranges [low, high] committed in one batch of the relay's. Acks and errors of another stream (one
 left behind at an overflow, whose records are in a spill file now) remove nothing.
 
-A record leaves `pending` only by an ack, an error reply, a spill that succeeded, or at close.
+A record leaves `pending` only by an ack, an error reply, a hand-over to `spilling`, or at close;
+it leaves `spilling` only by a spill that succeeded, or at close.
 A record is never accepted (counted `dropped`, its seq not taken, so the relay sees no gap) when
-its frame is over protocol.MAX_FRAME_BYTES or it comes after close; one with a value the wire
-cannot carry raises TypeError/ValueError to the caller instead.
+its frame is over protocol.MAX_FRAME_BYTES, it comes after close, or `max_buffered` records are
+held; one with a value the wire cannot carry raises TypeError/ValueError to the caller instead.
 
 Re-sending: when records are in flight and no ack has made progress for `resend_after` seconds, the
 cursor goes back to the oldest pending record and everything unacked is sent again (the relay acks
 duplicates again and stores each record once). A socket made anew starts again from there too.
 
-Overflow (`max_pending` records pending: the relay is away or slow): every pending record is
-spilled to a file and the outbox goes on in a new stream, naming its open runs again first, so that
-the relay, which takes each stream in order, does not wait for records that now live in a file. A
-spill that failed leaves the records pending; the next attempt comes `max_pending` records later
-(one attempt per overflow, not one per call), and the buffer grows meanwhile rather than lose them.
+Overflow (`max_pending` records pending: the relay is away or slow): the trainer's call hands
+every pending record over as one batch to `spilling` (relay.spilling; O(1): the dict itself
+moves), and the outbox goes on in a new stream, naming its open runs again first, so that the
+relay, which takes each stream in order, does not wait for records that now live in a file. The
+spill thread writes the batch; `spill()` (finish, close) waits for a write in flight, then writes
+what is left, so files keep the records' order. While a batch is in `spilling` no other is handed
+over: the live stream grows past `max_pending`, and the first record after the batch is written
+hands all of it over. A failed write keeps its batch in `spilling` and is tried again
+`max_pending` records later. Records in `spilling` are never sent again: the relay gets them only
+through the file (`relay replay`).
+
+Bounded memory, policy drop_newest: at most `max_buffered` records are held (`pending` plus
+`spilling`; default twice `max_pending`, at least 20,000). A record that comes when that many are
+held (spills fail, or the trainer logs faster than the disk writes) is dropped, counted (`dropped`,
+`dropped_full`) and said (relay.spilling). Open records (one per run) are never dropped.
 """
 from __future__ import annotations
 
@@ -50,13 +63,10 @@ import msgpack
 from relay import protocol, tensors
 from relay.errors import RelayError
 from relay.spill import Reporter
+from relay.spilling import Spill, Spilling, default_max_buffered
 
 MAX_DEFERRED = 64      # rows waiting for their device values' copy before a call waits for the oldest
 VALUE_FIELDS = {"log": "metrics", "summary": "values"}   # the fields whose device values are batched
-
-# What an overflow does with the pending records: spill(stream, pending) -> the file's path, or None
-# when it could not be written (said and counted by the spiller).
-Spill = Callable[[str, "OrderedDict[int, bytes]"], Optional[str]]
 
 
 class _OnDevice(RelayError):
@@ -73,23 +83,25 @@ def _host_value(value: Any) -> Any:
 
 
 class Outbox:
-    """Seq numbering, the pending buffer, acks, re-send decisions, overflow; waiting device rows in
-    `deferred` (DeviceRows).
-    `clock` is injected (time.monotonic) so that tests can drive the re-send timer."""
+    """Seq numbering, the pending buffer, acks, re-send decisions, overflow hand-overs; the batches
+    being spilled in `spilling` (relay.spilling.Spilling); waiting device rows in `deferred`
+    (DeviceRows). `clock` is injected (time.monotonic) so that tests can drive the re-send timer."""
 
     def __init__(self, stream: Optional[str] = None, max_pending: int = 10000, resend_after: float = 1.0,
                  spill: Optional[Spill] = None, reopen: Callable[[], Iterable[Dict[str, Any]]] = tuple,
-                 reporter: Optional[Reporter] = None, clock: Callable[[], float] = time.monotonic):
+                 reporter: Optional[Reporter] = None, clock: Callable[[], float] = time.monotonic,
+                 max_buffered: Optional[int] = None):
         self.lock = threading.Condition(threading.Lock())
         self.max_pending = max(1, int(max_pending))
         self.resend_after = resend_after
         self.report = reporter or Reporter()
         self.stats = {"sent": 0, "acked": 0, "spilled": 0, "dropped": 0, "errors": 0, "resent": 0,
-                      "spill_failed": 0, "lost": 0}
-        self._spill = spill
+                      "spill_failed": 0, "lost": 0, "dropped_full": 0}
+        bound = (max(self.max_pending + 1, int(max_buffered)) if max_buffered is not None
+                 else default_max_buffered(self.max_pending))
+        self.spilling = Spilling(self.lock, self.stats, self.report, spill, self.max_pending, bound)
         self._reopen = reopen
         self._clock = clock
-        self._spill_again_at = 0       # records accepted before an overflow may try a failed spill again
         self.deferred = DeviceRows(self._queue)
         self._restart(stream)
 
@@ -110,11 +122,15 @@ class Outbox:
     def _queue(self, message: Dict[str, Any], default: Any) -> None:
         """Give the record its seq, pack it, add it to `pending`. Raises _OnDevice (with
         `_host_value`) before taking a seq when a value lives on an accelerator."""
-        if len(self.pending) >= self.max_pending:
-            self._overflow()
+        if len(self.pending) >= self.max_pending and not self.spilling.batches:
+            self._hand_over(reopen=True)
+        if not self.spilling.offered(len(self.pending), message["t"]):
+            return  # dropped (the bound): its seq is not taken, so the relay sees no gap
         message["v"] = protocol.VERSION
         message["stream"] = self.stream
         message["seq"] = self.seq + 1
+        if "joins" in message and message["joins"] is None:  # a media record: the row of the log before it
+            message["joins"] = self.seq
         # protocol.encode's packing, with `default` chosen by the caller (see _host_value); a value
         # the wire cannot carry raises here, before the seq is taken
         frame = msgpack.packb(message, use_bin_type=True, default=default)
@@ -127,33 +143,34 @@ class Outbox:
         self.pending[self.seq] = frame
         self.stats["sent"] += 1
 
-    def _overflow(self) -> None:
-        if self.stats["sent"] < self._spill_again_at:
-            return  # the last attempt failed: the next one comes with the next overflow
-        if self.spill() is None:
-            self._spill_again_at = self.stats["sent"] + self.max_pending
-            return
+    def _hand_over(self, reopen: bool) -> None:
+        """Move every pending record into `spilling` as one batch (the dict itself: O(1)) and go on
+        in a new stream, which names the open runs again first when `reopen`."""
+        self.spilling.add(self.stream, self.pending)
         self._restart(None)
-        for message in self._reopen():  # the new stream names its runs again, first
-            self._queue(message, protocol.to_scalar)
+        if reopen:
+            for message in self._reopen():
+                self._queue(message, protocol.to_scalar)
 
-    def spill(self) -> Optional[str]:
-        """Move every pending record into a new spill file; its path, or None (nothing pending, or
-        the spill failed: then the records stay pending)."""
-        if not self.pending or self._spill is None:
-            return None
-        path = self._spill(self.stream, self.pending)
-        if path is None:
-            self.stats["spill_failed"] += 1
-            return None
-        self.stats["spilled"] += len(self.pending)
-        self.pending.clear()
-        self._spill_again_at = 0
-        return path
+    def spill(self, reopen: bool = False) -> Optional[str]:
+        """Hand every pending record over and write every batch handed over, in order, now (after
+        a write in flight: this waits for it). The path of the file holding what was pending; None
+        when nothing was pending or a write failed (then those records stay in `spilling`).
+        `reopen`: the client goes on, so the new stream names the open runs again. Call it without
+        holding `lock`."""
+        spilling = self.spilling
+        with spilling.write_lock:
+            with self.lock:
+                handed = bool(self.pending)
+                if handed:
+                    self._hand_over(reopen)
+                spilling.wanted = False
+            path = spilling.write()
+        return path if handed else None
 
     def drop_all(self) -> int:
-        """At close, after a spill failed: forget every pending record; how many were lost."""
-        lost = len(self.pending)
+        """At close, after a spill failed: forget every record held; how many were lost."""
+        lost = len(self.pending) + self.spilling.clear()
         self.pending.clear()
         self.stats["lost"] += lost
         return lost
@@ -247,7 +264,7 @@ class Outbox:
         return acked
 
     def count(self) -> int:
-        """Records accepted and neither acked, refused, spilled nor lost."""
+        """Records accepted and neither acked, refused, handed over to be spilled nor lost."""
         return len(self.pending) + len(self.deferred)
 
 

@@ -3,7 +3,7 @@
 Pure: no wandb, no spool, no I/O. The uploader commits the plan's (record, step) pairs to the spool
 *before* it hands a row to the SDK (relay/spool_uploads.py's invariants), then walks the plan's items in
 order: rows go to `log`, every other record (open, summary, checkpoint, finish) is applied between
-them, where it came.
+them, where it came. `media` records are rows, or parts of rows, as `log` records are.
 
 Rules:
 - Every row gets the next step of the run, one more than the row before (steps never go backwards:
@@ -12,6 +12,13 @@ Rules:
   record of another kind between them ends the row. A batch's first `log` record always starts a
   row of its own.
 - A `log` record with no values at all (no metrics, no axes) takes its step but makes no row.
+- A `media` record whose `joins` is the seq of the `log` record just before it (same stream) goes
+  into that record's row, under its step. Any other `media` record is a row as a `log` record is
+  (merged with the row before it when both have the same `frame` and it joins nothing). A media
+  record at the start of a batch, its `log` record in the batch before, is a row of its own; so
+  that this stays the exception, `ready` holds back a batch's last `log` record marked `with_media`
+  (the client sends its media record right after it) until that media record is in the spool, or
+  for at most MEDIA_WAIT seconds (the relay may have refused the media record).
 - A `finish` ends the plan: records after it belong to a run resumed later, and wait for the next
   batch.
 """
@@ -28,16 +35,32 @@ class Entry(Protocol):
     body: dict
 
 
+ROW_KINDS = ("log", "media")
+MEDIA_WAIT = 2.0  # seconds a `log` record marked `with_media` waits for its media record (see `ready`)
+
+
 @dataclass
 class Row:
-    """One W&B history row: the merged values of one or more `log` records, and its step."""
+    """One W&B history row: the merged values of one or more `log` and `media` records, and its
+    step. Media values are MediaValue (`media`: the row has some)."""
     step: int
     values: dict[str, Any]
+    media: bool = False
+
+
+@dataclass
+class MediaValue:
+    """A media record's item (relay/media.py's wire item), with the record and the item's place in
+    it, where the uploader finds the copy of its file (relay/mediafiles.py)."""
+    item: dict
+    stream: str
+    seq: int
+    index: int
 
 
 @dataclass
 class Plan:
-    steps: list[tuple[int, int]]           # (record id, step) of every `log` record: commit before logging
+    steps: list[tuple[int, int]]           # (record id, step) of every `log` and `media` record: commit first
     through_id: int                        # the last record the plan covers (the spool's uploaded_id)
     next_step: int                         # the run's next step after these rows
     items: list[Union[Row, Entry]] = field(default_factory=list)  # rows and other records, in order
@@ -51,25 +74,57 @@ def plan(records: Sequence[Entry], next_step: int) -> Plan:
     items: list[Union[Row, Entry]] = []
     last_frame = None
     previous: Entry | None = None
+    row: Row | None = None  # the row the previous record went into
     for record in records:
-        if record.kind == "log":
+        if record.kind in ROW_KINDS:
             frame = record.body.get("frame")
-            same_row = frame is not None and frame == last_frame and previous is not None and previous.kind == "log"
-            if same_row:
-                items[-1].values.update(row_values(record.body))  # type: ignore[union-attr]
+            values = row_values(record.body) if record.kind == "log" else media_values(record.body)
+            if row is not None and (joins(record, previous) or (
+                    frame is not None and frame == last_frame and record.body.get("joins") is None)):
+                row.values.update(values)
+                row.media = row.media or record.kind == "media"
             else:
-                values = row_values(record.body)
-                if values:
-                    items.append(Row(next_step, values))
+                row = Row(next_step, values, media=record.kind == "media") if values else None
+                if row is not None:
+                    items.append(row)
                 next_step += 1
             last_frame = frame
             steps.append((record.id, next_step - 1))
         else:
             items.append(record)
+            row = None
         previous = record
         if record.kind == "finish":
             break
     return Plan(steps, previous.id, next_step, items)  # type: ignore[union-attr]
+
+
+def ready(records: Sequence[Entry], received: float, now: float, draining: bool) -> tuple[list[Entry], float]:
+    """The records that may be planned now, and how long to wait when that is none of them. A
+    batch's last record, a `log` marked `with_media` and received (wall clock) less than MEDIA_WAIT
+    before `now`, waits for the media record that joins its row; while the relay drains, nothing
+    waits."""
+    last = records[-1] if records else None
+    if draining or last is None or last.kind != "log" or not last.body.get("with_media"):
+        return list(records), 0.0
+    wait = min(MEDIA_WAIT, received + MEDIA_WAIT - now)  # min: a wall clock set back waits no longer
+    if wait <= 0:
+        return list(records), 0.0
+    return list(records[:-1]), (wait if len(records) == 1 else 0.0)
+
+
+def joins(record: Entry, previous: Entry | None) -> bool:
+    """A media record that joins the row of the `log` record just before it (same stream, its seq)."""
+    return (record.kind == "media" and previous is not None and previous.kind == "log"
+            and record.body.get("joins") is not None and record.body.get("joins") == previous.body.get("seq")
+            and record.body.get("stream") == previous.body.get("stream"))
+
+
+def media_values(body: dict) -> dict[str, Any]:
+    """A `media` record's values as MediaValues, named and with axes as row_values does."""
+    items = {name: MediaValue(item, body["stream"], body["seq"], index)
+             for index, (name, item) in enumerate(body["values"].items())}
+    return row_values(dict(body, metrics=items))
 
 
 def row_values(body: dict) -> dict[str, Any]:

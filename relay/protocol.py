@@ -10,10 +10,14 @@ Every frame is one msgpack map. Every message carries:
 Client -> relay kinds and their own fields:
 
     open        run, settings {project, entity, name, group, tags, notes, config, mode}
-    log         run, metrics {name: scalar}, frame?, epoch?, ns?, time
+    log         run, metrics {name: scalar}, frame?, epoch?, ns?, time, with_media? (true: a `media`
+                record joining this row follows; the relay holds the row a moment for it)
     checkpoint  run, path, metadata {..}, aliases [..], time, stat? {size, mtime_ns}: the file as
                 the client saw it when it was logged (the relay refuses it if it has changed since)
     summary     run, values {name: scalar}
+    media       run, values {name: item}, frame?, epoch?, ns?, time, joins? (the seq of the `log`
+                record of the same `run.log` call, whose row it joins): images, videos, audio and
+                HTML by path, histograms; relay/media.py specifies the items
     finish      run, exit_code, time
     status      page? (answered, never spooled): without `page`, the relay-wide totals and the
                 runs worth a look (the active ones, the last few finished); with `page` (0, then
@@ -40,6 +44,7 @@ from typing import Any, Dict, Optional
 
 import msgpack
 
+from relay import media
 from relay.errors import ProtocolError  # noqa: F401 (part of this module's API)
 
 VERSION = 1
@@ -63,7 +68,7 @@ MAX_TAG_LEN = 64
 ALIAS_FORBIDDEN = "/:"
 MAX_METADATA_KEYS = 100
 
-RECORD_KINDS = ("open", "log", "checkpoint", "summary", "finish")
+RECORD_KINDS = ("open", "log", "checkpoint", "summary", "finish", "media")
 UNSPOOLED_KINDS = ("status", "heartbeat")
 CLIENT_KINDS = RECORD_KINDS + UNSPOOLED_KINDS
 WANDB_MODES = ("online", "offline", "disabled")
@@ -173,6 +178,8 @@ def validate(message: Dict[str, Any]) -> None:
     elif kind == "summary":
         _require(message, "values", dict)
         _check_scalars(message["values"], "values")
+    elif kind == "media":
+        _check_media(message)
     elif kind == "finish":
         _require(message, "exit_code", int)
         if not EXIT_CODE_MIN <= message["exit_code"] <= EXIT_CODE_MAX:
@@ -240,6 +247,16 @@ def _check_scalars(values: Dict[str, Any], where: str) -> None:
         if not isinstance(value, (int, float, str, bool)):
             raise ProtocolError("%s[%s] must be int, float, bool or str, got %s"
                                 % (where, _show(key), type(value).__name__))
+
+
+def _check_media(message: Dict[str, Any]) -> None:
+    _require(message, "values", dict)
+    media.check_values(message["values"])
+    for axis in ("frame", "epoch", "joins"):
+        if message.get(axis) is not None:
+            _require(message, axis, int)
+    if message.get("ns") is not None:
+        _require(message, "ns", str)
 
 
 def _check_metadata(metadata: Dict[str, Any]) -> None:

@@ -17,10 +17,13 @@ TRAINER_SIDE = (
     "relay.durable",
     "relay.protocol",
     "relay.tensors",
+    "relay.media",
+    "relay.histogram",
     "relay.keys",
     "relay.client",
     "relay.outbox",
     "relay.spill",
+    "relay.spilling",
     "relay.connection",
     "relay.iothread",
     "relay.status",
@@ -37,7 +40,7 @@ TRAINER_SIDE = (
 )
 
 # Top-level modules the server extra (`pip install 'tokenhsi-relay[server]'`) provides.
-SERVER_EXTRA_MODULES = ("wandb", "pydantic", "yaml", "tenacity", "rich", "prometheus_client")
+SERVER_EXTRA_MODULES = ("wandb", "pydantic", "yaml", "tenacity", "rich", "prometheus_client", "PIL")
 
 SERVER_EXTRA_INSTALL = "pip install 'tokenhsi-relay[server]'"
 

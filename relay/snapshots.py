@@ -31,6 +31,7 @@ import errno
 import hashlib
 import os
 import queue
+import shutil
 import stat
 import threading
 from dataclasses import dataclass
@@ -189,10 +190,18 @@ class SnapshotDir:
             raise SnapshotError("cannot store a checkpoint snapshot in %s: %s" % (self.path, exc.strerror)) from exc
 
     def _discard(self, entry: str) -> None:
-        try:
-            os.unlink(entry, dir_fd=self.fd)
-        except FileNotFoundError:
-            pass
+        remove(os.path.join(self.path, entry))
+
+
+def remove(path: str) -> None:
+    """Delete a snapshot: a checkpoint's file, or a media record's directory of copies
+    (relay/mediafiles.py); one already gone is fine."""
+    try:
+        os.unlink(path)
+    except IsADirectoryError:
+        shutil.rmtree(path, ignore_errors=True)
+    except FileNotFoundError:
+        pass
 
 
 def open_snapshot(spool_dir: str, body: dict) -> int:
@@ -222,7 +231,18 @@ def held_bytes(spool_dir: str) -> int:
                 continue
             if info.st_nlink == 1:
                 total += info.st_blocks * 512
+            elif stat.S_ISDIR(info.st_mode):  # a media record's copies
+                total += media_bytes(entry.path)
     return total
+
+
+def media_bytes(path: str) -> int:
+    """Disk the files of a media record's directory hold (relay/mediafiles.py)."""
+    try:
+        with os.scandir(path) as entries:
+            return sum(entry.stat(follow_symlinks=False).st_blocks * 512 for entry in entries)
+    except OSError:
+        return 0
 
 
 class CopyThread:

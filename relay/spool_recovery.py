@@ -5,8 +5,8 @@
 - The file is then read whole (PRAGMA quick_check). A damaged one is set aside as
   `spool.sqlite.damaged-<time>` and every row that can still be read is copied into a new spool;
   what could not be read is lost, and said so in the relay's log.
-- Checkpoint snapshots that no record holds any more (their record was deleted, or never
-  committed, before a crash) are deleted (`sweep_snapshots`).
+- Checkpoint snapshots and media copies that no record holds any more (their record was deleted,
+  or never committed, before a crash) are deleted (`sweep_snapshots`).
 
 Damage found later, while the relay runs, is handled where it is met: an unreadable record body
 by the uploader (relay/spool_uploads.py: the quarantine table), acked seqs the spool lost by the
@@ -14,7 +14,6 @@ intake (relay/spool.py `give_up`: the lost table).
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import sqlite3
 import time
@@ -101,7 +100,7 @@ def sweep_snapshots(conn: sqlite3.Connection, directory: str) -> int:
     (or a temporary name) are touched: a snapshot above it may belong to a `relay replay` that
     has not committed yet. Returns how many were deleted."""
     held = {snapshots.name(stream, seq) for stream, seq in conn.execute(
-        "SELECT stream, seq FROM records WHERE kind = 'checkpoint'")}
+        "SELECT stream, seq FROM records WHERE kind IN ('checkpoint', 'media')")}
     watermarks = {snapshots.name(stream, 0).rsplit("-", 1)[0]: upto
                   for stream, upto in conn.execute("SELECT stream, upto FROM streams")}
     swept = 0
@@ -116,7 +115,6 @@ def sweep_snapshots(conn: sqlite3.Connection, directory: str) -> int:
         if not entry.endswith(snapshots.PARTIAL) and not (seq.isdigit() and int(seq) <= watermarks.get(
                 stream_hash, -1)):
             continue
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(snapshots.directory(directory), entry))
-            swept += 1
+        snapshots.remove(os.path.join(snapshots.directory(directory), entry))
+        swept += 1
     return swept

@@ -13,13 +13,12 @@ Invariants:
   returned), a resume or the periodic count reported a server step past them, or (a checkpoint)
   W&B committed its artifact; or, damaged, they are moved to the `quarantine` table (a body whose
   crc32 or decoding fails: logged, counted in the run's W&B summary as relay/records_set_aside).
-- A checkpoint record's snapshot (`snapshots/`, relay/snapshots.py) is deleted right after the
-  transaction that deleted the record; what a crash in between left is swept at the relay's start
-  (relay/spool_recovery.py).
+- A checkpoint record's snapshot (`snapshots/`, relay/snapshots.py), and a media record's copies
+  of its files (relay/mediafiles.py), are deleted right after the transaction that deleted the
+  record; what a crash in between left is swept at the relay's start (relay/spool_recovery.py).
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sqlite3
@@ -144,27 +143,37 @@ class Uploads:
         """A resume told us the server holds steps < server_step, and will hold no more (its count
         was trusted): those records are done, and the rest will be handed again from server_step."""
         with transaction(self.conn):
+            media = self._media_below_step(run_id, server_step)
             cursor = self.conn.execute("DELETE FROM records WHERE id IN (SELECT id FROM steps WHERE run_id = ? "
                                        "AND step < ?)", (run_id, server_step))
             self.conn.execute("DELETE FROM steps WHERE run_id = ?", (run_id,))
             self.conn.execute("UPDATE runs SET uploaded_id = 0, steps_handed = ? WHERE run_id = ?",
                               (server_step, run_id))
+        self._delete_snapshots(media)
         return cursor.rowcount
 
     def confirm_logged(self, run_id: str, server_step: int) -> int:
         """Mid-run: W&B holds every row below server_step; those records are done."""
         with transaction(self.conn):
+            media = self._media_below_step(run_id, server_step)
             cursor = self.conn.execute("DELETE FROM records WHERE id IN (SELECT id FROM steps WHERE run_id = ? "
                                        "AND step < ?)", (run_id, server_step))
             self.conn.execute("DELETE FROM steps WHERE run_id = ? AND step < ?", (run_id, server_step))
+        self._delete_snapshots(media)
         return cursor.rowcount
+
+    def _media_below_step(self, run_id: str, server_step: int) -> list[tuple[str, int]]:
+        """(stream, seq) of the media records of rows below server_step: their copies go with them."""
+        return self.conn.execute(
+            "SELECT stream, seq FROM records WHERE kind = 'media' AND id IN (SELECT id FROM steps WHERE run_id = ? "
+            "AND step < ?)", (run_id, server_step)).fetchall()
 
     def confirm_through(self, run_id: str, record_id: int, exit_code: int | None = None,
                         finished: bool = False) -> int:
         """W&B confirmed everything of this run up to record_id (run.finish() returned)."""
         with transaction(self.conn):
             checkpoints = self.conn.execute(
-                "SELECT stream, seq FROM records WHERE run_id = ? AND id <= ? AND kind = 'checkpoint'",
+                "SELECT stream, seq FROM records WHERE run_id = ? AND id <= ? AND kind IN ('checkpoint', 'media')",
                 (run_id, record_id)).fetchall()
             cursor = self.conn.execute("DELETE FROM records WHERE run_id = ? AND id <= ?", (run_id, record_id))
             self.conn.execute("DELETE FROM steps WHERE run_id = ? AND id <= ?", (run_id, record_id))
@@ -186,5 +195,4 @@ class Uploads:
 
     def _delete_snapshots(self, checkpoints: list[tuple[str, int]]) -> None:
         for stream, seq in checkpoints:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(snapshots.directory(self.directory), snapshots.name(stream, seq)))
+            snapshots.remove(os.path.join(snapshots.directory(self.directory), snapshots.name(stream, seq)))

@@ -23,6 +23,9 @@ No writer outlives its relay: the uploaders exit when the server is gone (the li
 wandb-core gets a parent-death signal (relay/sinks/wandb.py). Asking W&B for that count first is
 also how an outage fails before `wandb.init`, not in wandb-core.
 
+With many live runs, rows go to the SDK in bursts, paced so that the runs together stay within
+`upload_requests` W&B requests a second (relay/cadence.py).
+
 While a run is open, W&B is asked every `confirm_every` seconds how many rows it holds, and the
 spool lets go of those; at most `max_unconfirmed_rows` rows are handed over beyond that. Init
 failures (unreachable, 5xx, timeouts) are retried with capped exponential backoff while the
@@ -45,10 +48,12 @@ from typing import Any
 import tenacity
 
 from relay import planner
+from relay.cadence import Cadence
 from relay.config import RelayConfig
 from relay.rowcount import RowCount
 from relay.sinks.wandb import RETRYABLE, OwnCoreNeeded, WandbSink, wandb_core_dies_with_its_parent
 from relay.sinks.wandb_api import short_error
+from relay.sinks.wandb_media import row_with_media
 from relay.spool import Spool
 from relay.spool_uploads import Record
 from relay.uploader_checkpoints import Checkpoints
@@ -117,6 +122,7 @@ class RunUploader:
         self._next_step = 0
         self._spool: Spool | None = None
         self._count: RowCount | None = None  # W&B's count of the run's rows (made with the spool)
+        self._cadence: Cadence | None = None  # when rows may go to the SDK (made with the spool)
         self._wake = WakePipe(run_id, wake_fd, self.interrupt)
         self._sink = WandbSink(run_id, config) if sink is None else sink
         self._checkpoints: Checkpoints | None = None  # made with the spool
@@ -129,6 +135,7 @@ class RunUploader:
         self._count = RowCount(self.run_id, self.config, self._spool.uploads, self._sink.history_count,
                                self._wake.wait, self.interrupt)
         self._checkpoints = Checkpoints(self.run_id, self.config, self._spool.uploads, self._sink)
+        self._cadence = Cadence(self.config, self._spool.report.live_runs)
         try:
             self._loop()
             return 0
@@ -180,6 +187,14 @@ class RunUploader:
                     if self.drain.is_set() or self.stop.is_set():
                         return
                 continue  # the resume may have confirmed records: read them again
+            records, media_wait = planner.ready(records, records[-1].received, time.time(), self.drain.is_set())
+            if media_wait:  # the media record of the row is on its way: woken when it is spooled
+                self._wake.wait(media_wait, WAKE)
+                continue
+            wait = self._cadence.wait() if online and not self.drain.is_set() else 0.0
+            if wait > 0:  # many live runs: this run's rows go to the SDK in bursts (relay/cadence.py)
+                self._wake.wait(wait, b"")
+                continue
             self._upload(records)
 
     # -- W&B run lifecycle --------------------------------------------------------------------
@@ -222,8 +237,7 @@ class RunUploader:
     def _init_once(self, settings: dict) -> None:
         if self.mode == "online":
             self._count.settle(settings)
-        self._sink.open(settings, self.mode, lambda: upload_interval(self.config, self._spool.report.live_runs()),
-                        on_left_open_closed=lambda: self._left_open_closed(settings))
+        self._sink.open(settings, self.mode, on_left_open_closed=lambda: self._left_open_closed(settings))
 
     def _left_open_closed(self, settings: dict) -> None:
         """The sink closed a stream of this run left open in the shared wandb-core: what it held has
@@ -279,8 +293,9 @@ class RunUploader:
         self._spool.uploads.assign_steps(self.run_id, batch.steps, batch.through_id)
         self._next_step = batch.next_step
         for item in batch.items:
-            if isinstance(item, planner.Row):
-                self._sink.log(item.values, item.step)
+            if isinstance(item, planner.Row):  # media values: made wandb objects from the spool's copies
+                values = row_with_media(self.run_id, item.values, self.config.spool_dir) if item.media else item.values
+                self._sink.log(values, item.step)
             else:
                 self._cursor = item.id
                 self._apply(item)
@@ -298,14 +313,6 @@ class RunUploader:
         elif record.kind == "finish":
             self._wait_for_wandb()
             self._finish(body["exit_code"], through_id=record.id)
-
-
-
-def upload_interval(config: RelayConfig, live_runs: int) -> float:
-    """wandb-core's file-stream interval for a run that starts now: `upload_interval`, stretched so
-    that the live runs together make at most `upload_requests` requests a second (runs that start
-    later are given longer intervals; one already started keeps its own)."""
-    return max(config.upload_interval, max(1, live_runs) / config.upload_requests)
 
 
 def _lock(spool_dir: str, run_id: str) -> int | None:

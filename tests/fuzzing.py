@@ -86,6 +86,20 @@ KIND_FIELDS = {
     "finish": st.fixed_dictionaries({"run": RUN_IDS, "exit_code": st.integers(protocol.EXIT_CODE_MIN,
                                                                               protocol.EXIT_CODE_MAX)},
                                     optional={"time": FLOATS}),
+    "media": st.fixed_dictionaries(
+        {"run": RUN_IDS, "values": st.dictionaries(KEYS, st.one_of(
+            st.fixed_dictionaries({"type": st.sampled_from(("image", "audio", "html")),
+                                   "path": PRINTABLE.map(lambda p: "/" + p),
+                                   "stat": st.fixed_dictionaries({"size": INT64, "mtime_ns": INT64})},
+                                  optional={"caption": st.text(max_size=20)}),
+            st.fixed_dictionaries({"type": st.just("video"), "path": PRINTABLE.map(lambda p: "/" + p),
+                                   "stat": st.fixed_dictionaries({"size": INT64, "mtime_ns": INT64})},
+                                  optional={"fps": st.floats(0.5, 240.0)}),
+            st.integers(1, 6).flatmap(lambda bins: st.fixed_dictionaries({
+                "type": st.just("histogram"), "counts": st.lists(st.integers(0, 1 << 40), min_size=bins, max_size=bins),
+                "edges": st.just([float(edge) for edge in range(bins + 1)])}))), min_size=1, max_size=4)},
+        optional={"frame": st.none() | INT64, "epoch": st.none() | INT64, "joins": st.none() | SEQS,
+                  "ns": st.none() | st.text(max_size=10), "time": FLOATS}),
     "status": st.just({}),
     "heartbeat": st.fixed_dictionaries({"runs": st.lists(RUN_IDS, max_size=5)}),
 }

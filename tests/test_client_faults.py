@@ -1,21 +1,25 @@
-"""Trainer-side faults: a trainer that forks, a client dropped without close(), a spill directory
-on a full disk, the wall clock set back.
+"""Trainer-side faults: a trainer that forks, a client dropped without close(), overflow spills
+while the relay is away (off the trainer's thread), a spill directory that fills, close() during a
+spill in flight, the wall clock set back.
 
 Real processes (a trainer that really forks, the relay as a subprocess, the real wandb SDK against
-the fake W&B), a real full filesystem (a tmpfs, so root), the kernel's own count of the files made
-(inotify), a real clock set back (libfaketime); outcomes are exact counts.
+the fake W&B), a real filesystem that fills (a tmpfs, so root), an observation probe on os.fsync
+(which thread made each durable write; it can also hold one, as a slow disk would), a real clock
+set back (libfaketime); outcomes are exact counts and the records read back from the files.
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
+import re
 import signal
-import struct
 import subprocess
 import sys
+import threading
+import time
 
+import msgpack
 import pytest
 
 from harness import ROOT, TESTS, mount_tmpfs
@@ -25,9 +29,6 @@ from test_e2e import assert_history
 from workload import frame, row, same_value
 
 pytestmark = pytest.mark.timeout(240)
-
-SPILL_FIX = "free space there, or point RELAY_SPILL_DIR or the client's spill_dir at a directory with room"
-
 
 # -- fork -------------------------------------------------------------------------------------
 
@@ -143,137 +144,201 @@ def test_client_dropped_without_close_in_a_reference_cycle_does_not_hang_the_gar
     assert float(done.stdout) < 5.0, done.stdout
 
 
-# -- a full spill directory -------------------------------------------------------------------
+# -- overflow spills off the trainer's thread; a spill directory that fills -----------------------
 
-IN_CREATE, IN_Q_OVERFLOW = 0x100, 0x4000
+class Fsyncs:
+    """An observation probe on os.fsync (every durable write ends with one): which thread made
+    each. `hold()`: the next fsync on another thread waits until `release()` (a slow disk)."""
+
+    def __init__(self, monkeypatch):
+        self.trainer = threading.get_ident()
+        self.threads: list[int] = []
+        self.inside = threading.Event()
+        self.gate = threading.Event()
+        self.gate.set()
+        self.released_at = 0.0
+        real = os.fsync
+
+        def fsync(fd):
+            self.threads.append(threading.get_ident())
+            if threading.get_ident() != self.trainer and not self.gate.is_set():
+                self.inside.set()
+                assert self.gate.wait(30), "the held fsync was never released"
+            return real(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+
+    def on_trainer(self) -> int:
+        return sum(1 for ident in self.threads if ident == self.trainer)
+
+    def hold(self) -> None:
+        self.gate.clear()
+
+    def release(self) -> None:
+        self.released_at = time.monotonic()
+        self.gate.set()
 
 
-class Creations:
-    """The names of the files made in a directory, as the kernel saw them (inotify IN_CREATE)."""
+def spilled_records(files: list[str]) -> list[dict]:
+    """Every record in the spill files, file by file, in order."""
+    records = []
+    for path in files:
+        with open(path, "rb") as handle:
+            records.extend(msgpack.unpackb(frame, raw=False) for frame in msgpack.Unpacker(handle, raw=False))
+    return records
 
-    def __init__(self, directory: str):
-        libc = ctypes.CDLL(None, use_errno=True)
-        self.fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-        assert self.fd >= 0, os.strerror(ctypes.get_errno())
-        assert libc.inotify_add_watch(self.fd, directory.encode(), IN_CREATE) >= 0, os.strerror(ctypes.get_errno())
-        self.names: list[str] = []
 
-    def read(self) -> list[str]:
-        while True:
-            try:
-                data = os.read(self.fd, 1 << 16)
-            except BlockingIOError:
-                return list(self.names)
-            offset = 0
-            while offset < len(data):
-                _, mask, _, length = struct.unpack_from("iIII", data, offset)
-                assert not mask & IN_Q_OVERFLOW, "more files were made than inotify could queue"
-                self.names.append(data[offset + 16:offset + 16 + length].rstrip(b"\0").decode())
-                offset += 16 + length
+def assert_rows(bodies: list[dict], seed: int, steps: list[int]) -> None:
+    """The log records `bodies` are the rows of `steps`, in that order, values bit-exact."""
+    assert [body["epoch"] - 1 for body in bodies] == steps
+    for step, body in zip(steps, bodies):
+        assert body["frame"] == frame(step)
+        expected = row(seed, step, 4)
+        assert body["metrics"].keys() == expected.keys()
+        assert all(same_value(body["metrics"][name], value) for name, value in expected.items()), step
 
-    def close(self) -> None:
-        os.close(self.fd)
+
+def wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting for " + what
+        time.sleep(0.005)
+
+
+def test_overflow_spills_off_the_trainers_thread_and_every_record_reaches_a_file_or_the_relay_once(
+        monkeypatch, relay_factory, tmp_path):
+    relay = relay_factory(None, ["--mode", "offline"], start=False)  # away while the trainer overflows
+    fsyncs = Fsyncs(monkeypatch)
+    client = RelayClient(relay.endpoint, spill_dir=str(tmp_path / "spill"), max_pending=100, heartbeat_every=0)
+    run = client.start_run(project="tokenHSI", run_id="offthread")
+    for step in range(550):             # handed over at rows 99, 198, 297, 396 and 495: five files
+        run.log(row(36, step, 4), frame=frame(step), epoch=step + 1)
+        if step % 100 == 99:  # a trainer's pace: the batch handed over is written before the next
+            wait_until(lambda: client.statistics()["spilling"] == 0, 30, "the spill thread")
+    assert len(client.spill_files) == 5 and fsyncs.on_trainer() == 0, fsyncs.threads
+    assert len(fsyncs.threads) == 10   # the file and its directory, for each of the five
+
+    relay.start()  # the live stream (the open, rows 495..549) reaches the relay without another call
+    relay.wait_status(lambda status: status["counters"].get("received") == 56, 30, "the live stream")
+    for step in range(550, 600):
+        run.log(row(36, step, 4), frame=frame(step), epoch=step + 1)
+    assert client.flush(30.0) is True
+    client.close()
+    stats = client.statistics()
+    assert (stats["sent"], stats["spilled"], stats["acked"], stats["dropped"], stats["lost"]) == (606, 500, 106, 0, 0)
+    assert fsyncs.on_trainer() == 0
+    assert relay.stop(signal.SIGKILL) == -signal.SIGKILL  # what it took stays in its spool, unconfirmed
+
+    files = client.spill_files
+    assert sorted(files) == files
+    spilled = spilled_records(files)
+    assert [r["t"] for r in spilled] == ["open"] + ["log"] * 99 + (["open"] + ["log"] * 99) * 4
+    replay = subprocess.run([sys.executable, "-m", "relay", "replay", "--spool-dir", relay.spool_dir, *files],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert replay.returncode == 0, replay.stderr
+    assert "replayed 5 files: 500 new records" in replay.stdout, replay.stdout
+    spool = Spool(relay.spool_dir)
+    records = spool.uploads.records("offthread", 0, 10000)
+    spool.close()
+    keys = [(r.body["stream"], r.body["seq"]) for r in records]
+    assert len(keys) == len(set(keys)) == 606
+    [live] = {r.body["stream"] for r in records} - {r["stream"] for r in spilled}  # the one the relay took
+    assert_rows([r.body for r in records if r.kind == "log" and r.body["stream"] == live], 36, list(range(495, 600)))
+    assert_rows([r for r in spilled if r["t"] == "log"], 36, list(range(495)))
 
 
 @pytest.fixture
-def full_spill_dir(tmp_path):
-    """A 256 KiB tmpfs filled to the last block by `filler`: a real full disk, no mocks."""
+def tiny_spill_dir(tmp_path):
+    """A 64 KiB tmpfs: a real disk that fills after a few spill files; `grow()` makes room."""
     mount_point = tmp_path / "spill"
     mount_point.mkdir()
-    unmount = mount_tmpfs(mount_point, "256k")
+    unmount = mount_tmpfs(mount_point, "64k")
     try:
-        fd = os.open(str(mount_point / "filler"), os.O_WRONLY | os.O_CREAT, 0o600)
-        try:
-            while True:
-                os.write(fd, b"\0" * 4096)
-        except OSError as exc:
-            assert exc.errno == 28, exc
-        finally:
-            os.close(fd)
         yield mount_point
     finally:
         unmount()
 
 
-def test_full_spill_dir_is_tried_once_per_overflow_leaves_no_file_and_counts_what_is_lost(full_spill_dir,
-                                                                                         short_dir, caplog):
-    directory = str(full_spill_dir)
-    creations = Creations(directory)
-    endpoint = "ipc://%s/no-relay.ipc" % short_dir  # nothing listens: every record stays pending
-    client = RelayClient(endpoint, spill_dir=directory, max_pending=100)
-    run = client.start_run(project="tokenHSI", run_id="fullspill")
-    for step in range(1000):
-        run.log(row(33, step, 4), frame=frame(step), epoch=step + 1)
-    # 1,001 records (the open and 1,000 rows): overflows at 100, 200, ... 1,000 records sent, one
-    # spill attempt each, every one refused by the full disk; the records stay pending.
-    assert len(creations.read()) == 10, "spill attempts: %d" % len(creations.read())
-    assert os.listdir(directory) == ["filler"], "a failed spill left files behind"
-    stats = client.statistics()
-    assert (stats["sent"], stats["pending"], stats["spill_failed"], stats["spilled"], stats["lost"]) == (
-        1001, 1001, 10, 0, 0), stats
-    full = "cannot write spill file in %s: [Errno 28] No space left on device (ENOSPC)" % directory
-    assert stats["last_error"] == "%s; 1000 records kept in memory (%s)" % (full, SPILL_FIX)
-
-    report = run.finish(timeout=0.2)  # no relay: finish tries to spill (attempt 11)
-    assert (report["delivered"], report["spill_file"]) == (False, None)
+def test_a_spill_directory_that_fills_bounds_memory_and_counts_every_dropped_record(monkeypatch, tiny_spill_dir,
+                                                                                   short_dir, caplog):
+    directory = str(tiny_spill_dir)
+    fsyncs = Fsyncs(monkeypatch)
+    client = RelayClient("ipc://%s/no-relay.ipc" % short_dir, spill_dir=directory, max_pending=100,
+                         max_buffered=300)
+    run = client.start_run(project="tokenHSI", run_id="tiny")
+    slowest, step = 0.0, 0
     with caplog.at_level(logging.WARNING, logger="relay.client"):
-        assert client.close() is None  # and close once more (attempt 12): then they are lost
-    lost = ("1002 records lost at close: the relay at %s had not acked them and they could not be spilled: %s (%s)"
-            % (endpoint, full, SPILL_FIX))
-    assert [r.getMessage() for r in caplog.records if "lost" in r.getMessage()] == [lost]
+        while step < 3000 or client.statistics()["spill_failed"] == 0:
+            started = time.monotonic()
+            run.log(row(37, step, 4), frame=frame(step), epoch=step + 1)
+            slowest = max(slowest, time.monotonic() - started)
+            stats = client.statistics()
+            assert stats["pending"] + stats["spilling"] <= 300, stats
+            step += 1
+            assert step < 100000, "the 64 KiB tmpfs never filled"
+        full = "cannot write spill file in %s: [Errno 28] No space left on device (ENOSPC)" % directory
+        assert any(error.startswith(full) for error in client.errors), client.errors
+        stats = client.statistics()
+        assert stats["dropped_full"] > 0 and stats["dropped"] == stats["dropped_full"]
+        assert fsyncs.on_trainer() == 0 and slowest < 0.5, (fsyncs.on_trainer(), slowest)
+
+        subprocess.run(["mount", "-o", "remount,size=8m", directory], check=True)  # room again
+        while client.statistics()["spilling"] > 0 or client.statistics()["pending"] > 100:
+            run.log(row(37, step, 4), frame=frame(step), epoch=step + 1)  # the attempt comes with records
+            step += 1
+            assert step < 200000, "the spill was not tried again"
+        dropped = client.statistics()["dropped_full"]
+        run.log(row(37, step, 4), frame=frame(step), epoch=step + 1)
+        step += 1
+        client.close()
+    # Each stretch of drops is said when it starts and when it ends, with its count.
+    said = [r.getMessage() for r in caplog.records]
+    starts = [text for text in said if text.startswith("client buffer full: ")]
+    ends = [int(re.match(r"client buffer has room again: (\d+) records were dropped while it was full \(policy "
+                         r"drop_newest\); recording again$", text).group(1))
+            for text in said if text.startswith("client buffer has room again")]
+    assert starts and len(starts) == len(ends) and sum(ends) == dropped, said
+    assert starts[-1] == (
+        "client buffer full: 300 records held (max_buffered=300), not acked by the relay and not in a spill file yet "
+        "(the last spill failed, or is still being written); dropping new records (policy drop_newest, counted in "
+        "statistics()['dropped_full']), starting with a log record, until a spill to %s succeeds: start the relay, "
+        "free space there, or point RELAY_SPILL_DIR or the client's spill_dir at a directory with room, or raise "
+        "max_buffered" % directory)
     stats = client.statistics()
-    assert (stats["sent"], stats["pending"], stats["spill_failed"], stats["spilled"], stats["lost"]) == (
-        1002, 0, 12, 0, 1002), stats
-    assert stats["last_error"] == lost and stats["spill_files"] == []
+    assert (stats["pending"], stats["spilling"], stats["lost"], stats["dropped_full"]) == (0, 0, 0, dropped)
+    assert sorted(os.listdir(directory)) == sorted(os.path.basename(path) for path in client.spill_files)
 
-    created = creations.read()
-    creations.close()
-    assert len(created) == 12 and all(name.startswith(".spill-") for name in created), created
-    assert os.listdir(directory) == ["filler"], "a failed spill left files behind"
+    # Every row logged is in a spill file exactly once, in order, or was counted as dropped.
+    records = spilled_records(client.spill_files)
+    assert stats["spilled"] == len(records) == stats["sent"]
+    logged = [r["epoch"] - 1 for r in records if r["t"] == "log"]
+    assert logged == sorted(set(logged)) and len(logged) + dropped == step
+    assert_rows([r for r in records if r["t"] == "log"], 37, logged)
 
 
-def test_spill_after_space_is_freed_holds_every_record_and_relay_replay_delivers_them(full_spill_dir, short_dir,
-                                                                                      tmp_path):
-    directory = str(full_spill_dir)
-    creations = Creations(directory)
-    client = RelayClient("ipc://%s/no-relay.ipc" % short_dir, spill_dir=directory, max_pending=100)
-    run = client.start_run(project="tokenHSI", run_id="freed")
+def test_close_during_an_overflow_spill_in_flight_waits_for_it_and_loses_nothing(monkeypatch, short_dir, tmp_path):
+    fsyncs = Fsyncs(monkeypatch)
+    client = RelayClient("ipc://%s/no-relay.ipc" % short_dir, spill_dir=str(tmp_path / "spill"), max_pending=100)
+    run = client.start_run(project="tokenHSI", run_id="inflight")
+    fsyncs.hold()                        # the disk is slow: the overflow's spill stays in flight
     for step in range(150):
-        run.log(row(34, step, 4), frame=frame(step), epoch=step + 1)
-    stats = client.statistics()
-    assert (stats["pending"], stats["spill_failed"], stats["spilled"]) == (151, 1, 0), stats
-    os.unlink(os.path.join(directory, "filler"))
-    # The next attempt comes with the next overflow, 100 records after the failed one: at 200
-    # records it writes all 200 (the open and rows 0..198), and the run goes on in a new stream.
-    for step in range(150, 250):
-        run.log(row(34, step, 4), frame=frame(step), epoch=step + 1)
-    stats = client.statistics()
-    assert (stats["pending"], stats["spill_failed"], stats["spilled"]) == (52, 1, 200), stats
-    report = run.finish(timeout=0.2)  # no relay: the new stream's open, rows 199..249 and the finish
+        run.log(row(38, step, 4), frame=frame(step), epoch=step + 1)
+    assert fsyncs.inside.wait(30), "the overflow's spill did not start"
+    assert client.statistics()["spilling"] == 100 and client.spill_files == []
+    releaser = threading.Timer(0.3, fsyncs.release)  # the slow disk finishes while close() waits
+    releaser.start()
     client.close()
-    files = client.spill_files
-    assert report["spill_file"] == files[1] and len(files) == 2
+    closed_at = time.monotonic()
+    releaser.join()
+    assert fsyncs.released_at and closed_at > fsyncs.released_at
     stats = client.statistics()
-    assert (stats["pending"], stats["spill_failed"], stats["spilled"], stats["lost"]) == (0, 1, 253, 0), stats
-    assert sorted(os.listdir(directory)) == sorted(os.path.basename(path) for path in files)
-    assert len(creations.read()) == 3  # the failed attempt's temp file and one per spill file
-    creations.close()
-
-    spool_dir = str(tmp_path / "spool")
-    replay = subprocess.run([sys.executable, "-m", "relay", "replay", "--spool-dir", spool_dir, *files], cwd=ROOT,
-                            capture_output=True, text=True, timeout=60)
-    assert replay.returncode == 0, replay.stderr
-    assert "replayed 2 files: 253 new records" in replay.stdout, replay.stdout
-    spool = Spool(spool_dir)
-    records = spool.uploads.records("freed", 0, 1000)
-    spool.close()
-    assert [r.kind for r in records] == ["open"] + ["log"] * 199 + ["open"] + ["log"] * 51 + ["finish"]
-    logs = [r.body for r in records if r.kind == "log"]
-    for step, body in enumerate(logs):
-        assert body["frame"] == frame(step) and body["epoch"] == step + 1
-        expected = row(34, step, 4)
-        assert body["metrics"].keys() == expected.keys()
-        assert all(same_value(body["metrics"][name], value) for name, value in expected.items()), step
+    assert (stats["sent"], stats["spilled"], stats["pending"], stats["spilling"], stats["lost"]) == (152, 152, 0, 0, 0)
+    files = client.spill_files
+    assert len(files) == 2 and sorted(files) == files
+    records = spilled_records(files)
+    assert [r["t"] for r in records] == ["open"] + ["log"] * 99 + ["open"] + ["log"] * 51
+    assert_rows([r for r in records if r["t"] == "log"], 38, list(range(150)))
+    assert fsyncs.trainer not in fsyncs.threads[:2]   # the overflow's file and directory: on the spill thread
 
 
 # -- the wall clock set back ------------------------------------------------------------------
@@ -281,7 +346,7 @@ def test_spill_after_space_is_freed_holds_every_record_and_relay_replay_delivers
 LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
 
 CLOCK_SET_BACK = """
-import json, sys
+import json, select, sys, time
 sys.path.insert(0, sys.argv[4])
 from relay.client import RelayClient
 from workload import frame, row
@@ -292,6 +357,10 @@ for step in range(30):
         with open(sys.argv[3], "w") as handle:
             handle.write("-1d")  # the wall clock is set back a day (read again at every call)
     run.log(row(35, step, 4), frame=frame(step), epoch=step + 1)
+    deadline = time.monotonic() + 30
+    while client.statistics()["spilling"]:  # each overflow's file written before the next row
+        assert time.monotonic() < deadline, "the spill thread did not write"
+        select.select([], [], [], 0.001)  # (time.sleep fails under libfaketime)
 run.finish(timeout=0.1)
 client.close()
 print(json.dumps(client.spill_files))

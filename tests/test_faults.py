@@ -227,13 +227,12 @@ def test_client_overflow_spills_and_replay_delivers_every_record_once(fake_wandb
     run = client.start_run(project="tokenHSI", run_id="overflow")
     for step in range(1000):
         run.log(row(16, step, 4), frame=frame(step), epoch=step + 1)
-    stats = client.statistics()
-    reopens = len(client.spill_files)  # each overflow starts a new stream that names the run again
-    assert stats["pending"] <= 100 and stats["spilled"] + stats["pending"] == 1001 + reopens
-    assert stats["dropped"] == 0
+    stats = client.statistics()  # the spill thread writes what overflows meanwhile; nothing is dropped
+    assert stats["spilled"] + stats["spilling"] + stats["pending"] == stats["sent"] and stats["dropped"] == 0
     report = run.finish(timeout=0.5)
     client.close()
     files = client.spill_files
+    reopens = len(files) - 1  # each overflow starts a new stream that names the run again; the last is finish's
     assert sorted(files) == files, "spill file names must sort in the order they were written"
     assert client.statistics()["spilled"] == 1002 + reopens
     relay.start()

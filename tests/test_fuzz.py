@@ -74,7 +74,7 @@ def check_frame(frame: bytes):
     assert same(again, message)
     classified, refusal = classify(frame, CONFIG)
     assert same(classified, message)
-    assert refusal == "" or (message["t"] == "checkpoint" and "refused" in refusal)
+    assert refusal == "" or (message["t"] in ("checkpoint", "media") and "refused" in refusal)
     return message
 
 

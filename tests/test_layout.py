@@ -108,10 +108,13 @@ def test_no_import_circles_in_relay():
 
 
 def test_only_the_sinks_import_wandb():
-    """wandb is one adapter: relay/sinks/wandb.py holds every call into the SDK."""
+    """wandb is one adapter: relay/sinks/ holds every call into the SDK (wandb.py, and its siblings
+    for what it logs: wandb_media.py)."""
     importing = sorted(module for module in MODULES
                        if any(name == "wandb" or name.startswith("wandb.") for name in wandb_imports_of(module)))
-    assert importing == ["relay.sinks.wandb"], "only relay/sinks/ may import wandb: %s" % importing
+    assert "relay.sinks.wandb" in importing
+    assert all(module.startswith("relay.sinks.") for module in importing), \
+        "only relay/sinks/ may import wandb: %s" % importing
 
 
 def wandb_imports_of(module: str) -> set:

@@ -153,51 +153,111 @@ def test_a_new_socket_resends_from_the_oldest_unacked_record():
     assert seqs(outbox.take(100)[1]) == [1, 3, 4, 5]
 
 
-def test_overflow_spills_everything_and_goes_on_in_a_new_stream_that_opens_its_runs_first():
+def spill_thread_round(outbox: Outbox) -> bool:
+    """One round of the spill thread (relay.spilling.SpillThread.run): write if there is work wanted."""
+    spilling = outbox.spilling
+    with spilling.write_lock:
+        with outbox.lock:
+            wanted, spilling.wanted = spilling.wanted, False
+        if wanted:
+            spilling.write()
+    return wanted
+
+
+def test_overflow_hands_everything_over_without_writing_and_goes_on_in_a_new_stream_that_opens_its_runs_first():
     spills = Spills()
     opens = [{"t": "open", "run": "r", "settings": {"project": "p"}}]
     outbox = make(max_pending=5, opens=opens, spill=spills)
     for step in range(5):
         log(outbox, step)
     outbox.take(2)
-    log(outbox, 5)                       # the sixth record: the five pending go to a file first
-    assert spills.files == [("s1", [1, 2, 3, 4, 5])]
-    assert outbox.stream != "s1" and outbox.stats["spilled"] == 5
+    log(outbox, 5)                       # the sixth record: the five pending are handed over first
+    assert spills.attempts == 0          # the trainer's call wrote nothing
+    assert outbox.spilling.wanted and outbox.spilling.count == 5 and outbox.stream != "s1"
     messages = [msgpack.unpackb(frame, raw=False) for frame in outbox.pending.values()]
     assert [(m["t"], m["seq"], m["stream"]) for m in messages] == [("open", 1, outbox.stream),
                                                                    ("log", 2, outbox.stream)]
     assert seqs(outbox.take(100)[1]) == [1, 2]          # the new stream is sent from its start
     outbox.on_reply({"t": "ack", "stream": "s1", "upto": 5})   # late acks of the old stream: nothing
-    assert list(outbox.pending) == [1, 2]
+    assert list(outbox.pending) == [1, 2] and outbox.spilling.count == 5
+    assert spill_thread_round(outbox) and spills.files == [("s1", [1, 2, 3, 4, 5])]
+    assert (outbox.stats["spilled"], outbox.spilling.count, outbox.spilling.wanted) == (5, 0, False)
+    assert not spill_thread_round(outbox) and spills.attempts == 1
 
 
-def test_a_failed_spill_keeps_the_records_and_is_tried_again_one_overflow_later():
+def test_while_a_batch_is_being_spilled_the_live_stream_grows_and_is_handed_over_whole_after_it():
+    spills = Spills()
+    outbox = make(max_pending=5, spill=spills)
+    for step in range(12):               # the first five handed over at the sixth; none written yet
+        log(outbox, step)
+    assert (outbox.spilling.count, len(outbox.pending)) == (5, 7)
+    spill_thread_round(outbox)
+    log(outbox, 12)                      # the batch is in its file: the seven pending and this one's
+    assert (outbox.spilling.count, len(outbox.pending)) == (7, 1)  # predecessors go whole
+    spill_thread_round(outbox)
+    assert [len(frames) for _, frames in spills.files] == [5, 7] and outbox.stats["spilled"] == 12
+
+
+def test_a_failed_spill_keeps_its_batch_and_is_tried_again_one_overflow_later():
     spills = Spills()
     spills.full = True
-    outbox = make(max_pending=10, spill=spills)
-    for step in range(35):
+    outbox = make(max_pending=10, spill=spills, max_buffered=1000)
+    for step in range(11):
         log(outbox, step)
-    # overflows at 10, 20 and 30 records accepted: one attempt each, all refused, nothing lost
-    assert spills.attempts == 3 and outbox.stats["spill_failed"] == 3
-    assert len(outbox.pending) == 35 and outbox.stream == "s1"
+    spill_thread_round(outbox)           # refused: the ten stay in `spilling`, not pending again
+    assert (spills.attempts, outbox.stats["spill_failed"], outbox.spilling.count) == (1, 1, 10)
+    for step in range(11, 20):
+        log(outbox, step)
+    assert not spill_thread_round(outbox) and spills.attempts == 1   # not due before ten more records
+    log(outbox, 20)
+    assert outbox.spilling.wanted and spill_thread_round(outbox) and spills.attempts == 2
     spills.full = False
-    for step in range(35, 40):
+    for step in range(21, 31):
         log(outbox, step)
-    assert spills.attempts == 3          # not before 40
-    log(outbox, 40)
-    assert spills.attempts == 4 and spills.files == [("s1", list(range(1, 41)))]
-    assert list(outbox.pending) == [1] and outbox.stats["spilled"] == 40
+    spill_thread_round(outbox)
+    assert spills.files == [("s1", list(range(1, 11)))] and outbox.stats["spilled"] == 10
+    assert len(outbox.pending) == 21     # the live stream, handed over at the next record
+    log(outbox, 31)
+    spill_thread_round(outbox)
+    assert [len(frames) for _, frames in spills.files] == [10, 21] and list(outbox.pending) == [1]
 
 
-def test_spill_at_finish_and_what_is_lost_when_it_fails():
+def test_past_max_buffered_new_records_are_dropped_counted_and_said_once_each_way():
     spills = Spills()
-    outbox = make(spill=spills)
-    log(outbox, 0)
-    assert outbox.spill() == "/spill/1" and not outbox.pending and outbox.spill() is None
-    log(outbox, 1)
     spills.full = True
-    assert outbox.spill() is None and list(outbox.pending) == [2]
-    assert outbox.drop_all() == 1 and outbox.stats["lost"] == 1 and not outbox.pending
+    opens = [{"t": "open", "run": "r", "settings": {"project": "p"}}]
+    outbox = make(max_pending=10, opens=opens, spill=spills, max_buffered=25)
+    for step in range(40):
+        log(outbox, step)
+        spill_thread_round(outbox)
+        assert len(outbox.pending) + outbox.spilling.count <= 25
+    # 10 handed over at the 11th, then the new stream's open and rows 10..23: 25 held; 24..39 dropped
+    assert (outbox.spilling.count, len(outbox.pending)) == (10, 15)
+    assert (outbox.stats["dropped"], outbox.stats["dropped_full"], outbox.stats["sent"]) == (16, 16, 25)
+    started = outbox.report.last()
+    assert started.startswith("client buffer full: 25 records held (max_buffered=25), not acked by the relay and "
+                              "not in a spill file yet") and "starting with a log record" in started
+    assert "free space there, or point RELAY_SPILL_DIR" in started and "raise max_buffered" in started
+    spills.full = False
+    assert outbox.spill(reopen=True) is not None   # finish: both batches go, the dropping ends
+    log(outbox, 40)
+    assert outbox.report.errors[-1] == ("client buffer has room again: 16 records were dropped while it was full "
+                                        "(policy drop_newest); recording again")
+    assert [len(frames) for _, frames in spills.files] == [10, 15]
+    assert [msgpack.unpackb(f, raw=False)["t"] for f in outbox.pending.values()] == ["open", "log"]
+
+
+def test_spill_writes_what_was_handed_over_first_then_the_pending_records_and_what_is_lost_when_it_fails():
+    spills = Spills()
+    outbox = make(max_pending=3, spill=spills)
+    for step in range(5):
+        log(outbox, step)
+    assert outbox.spill() == "/spill/2" and spills.files == [("s1", [1, 2, 3]), (spills.files[1][0], [1, 2])]
+    assert not outbox.pending and outbox.spill() is None and outbox.stats["spilled"] == 5
+    log(outbox, 5)
+    spills.full = True
+    assert outbox.spill() is None and not outbox.pending and outbox.spilling.count == 1
+    assert outbox.drop_all() == 1 and outbox.stats["lost"] == 1 and outbox.spilling.count == 0
 
 
 class Landing:
@@ -253,29 +313,42 @@ def test_at_most_max_deferred_device_rows_wait(monkeypatch):
 
 class Ledger(RuleBasedStateMachine):
     """Random records, sends, socket refusals, acks (of this stream and of older ones), errors,
-    re-send timers, overflows with a disk that is sometimes full, and spills. After each step every
-    record accepted is in exactly one of: pending, acked, refused, a spill file; and the counters say so."""
+    re-send timers, overflows with a disk that is sometimes full, the spill thread's rounds, and
+    spills. After each step every record accepted is in exactly one of: pending, being spilled,
+    acked, refused, a spill file; at most max_buffered are held; and the counters say so."""
 
     def __init__(self):
         super().__init__()
         self.clock = Clock()
         self.spills = Spills()
         self.outbox = make(max_pending=7, opens=[{"t": "open", "run": "r", "settings": {"project": "p"}}],
-                           clock=self.clock, spill=self.spills)
+                           clock=self.clock, spill=self.spills, max_buffered=20)
         self.accepted = []       # (stream, seq) of every record accepted
         self.acked, self.refused = set(), set()
         self.streams = [self.outbox.stream]
         self.step = 0
+        self.opens = 0           # open records a new stream began with
+
+    def _held(self) -> set:
+        return {(self.outbox.stream, seq) for seq in self.outbox.pending} | {
+            (stream, seq) for stream, frames in self.outbox.spilling.batches for seq in frames}
+
+    def _accepting(self, action) -> None:
+        before = self._held() | self._spilled()
+        action()
+        if self.outbox.stream not in self.streams:
+            self.streams.append(self.outbox.stream)
+            first = self.outbox.pending.get(1)
+            self.opens += first is not None and msgpack.unpackb(first, raw=False)["t"] == "open"
+        new = self._held() | self._spilled()
+        self.accepted.extend(sorted(new - before, key=lambda key: key[1]))
+
+    def _spilled(self) -> set:
+        return {(stream, seq) for stream, seqs in self.spills.files for seq in seqs}
 
     def _accept(self) -> None:
-        before = {(self.outbox.stream, seq) for seq in self.outbox.pending}
-        files = len(self.spills.files)
-        log(self.outbox, self.step)
+        self._accepting(lambda: log(self.outbox, self.step))
         self.step += 1
-        if len(self.spills.files) > files and self.outbox.stream not in self.streams:
-            self.streams.append(self.outbox.stream)
-        now = {(self.outbox.stream, seq) for seq in self.outbox.pending}
-        self.accepted.extend(sorted(now - before, key=lambda key: key[1]))
 
     @rule(count=st.integers(1, 5))
     def records(self, count):
@@ -315,20 +388,27 @@ class Ledger(RuleBasedStateMachine):
         self.spills.full = full
 
     @rule()
-    def spill(self):
-        self.outbox.spill()
+    def spill_thread(self):
+        spill_thread_round(self.outbox)
+
+    @rule(reopen=st.booleans())
+    def spill(self, reopen):
+        self._accepting(lambda: self.outbox.spill(reopen=reopen))
 
     @invariant()
     def every_record_in_exactly_one_place(self):
         pending = {(self.outbox.stream, seq) for seq in self.outbox.pending}
-        spilled = {(stream, seq) for stream, seqs in self.spills.files for seq in seqs}
-        places = [pending, self.acked, self.refused, spilled]
+        spilling = self._held() - pending
+        spilled = self._spilled()
+        places = [pending, spilling, self.acked, self.refused, spilled]
         assert sum(len(place) for place in places) == len(self.accepted) == len(set(self.accepted))
         assert set().union(*places) == set(self.accepted)
         stats = self.outbox.stats
         assert stats["sent"] == len(self.accepted)
-        assert (stats["acked"], stats["spilled"], len(self.outbox.pending)) == (
-            len(self.acked), len(spilled), len(pending))
+        assert (stats["acked"], stats["spilled"], len(self.outbox.pending), self.outbox.spilling.count) == (
+            len(self.acked), len(spilled), len(pending), len(spilling))
+        assert len(pending) + len(spilling) <= 20 + 1   # max_buffered, and the open of a new stream (one run)
+        assert stats["sent"] + stats["dropped"] == self.step + self.opens   # every record offered is counted
         assert list(self.outbox.pending) == sorted(self.outbox.pending)
         assert 1 <= self.outbox.cursor <= self.outbox.seq + 1   # what is sent next is a seq of this stream
 

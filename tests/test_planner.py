@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.planner import Row, plan, row_values
+from relay.planner import MEDIA_WAIT, MediaValue, Row, plan, ready, row_values
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -130,3 +130,54 @@ def test_plans_keep_every_rule(records, next_step):
     assert [i.id for i in p.items if not isinstance(i, Row)] == [r.id for r in covered if r.kind != "log"]
     rows = [i.step for i in p.items if isinstance(i, Row)]
     assert rows == sorted(set(rows)) == sorted(set(steps))
+
+
+def media(rid, seq, joins=None, frame=None, stream="s", **items):
+    body = {"stream": stream, "seq": seq, "values": items}
+    for key, value in (("joins", joins), ("frame", frame)):
+        if value is not None:
+            body[key] = value
+    return R(rid, "media", body)
+
+
+def logged(rid, seq, frame=None, stream="s", **metrics):
+    record = log(rid, frame=frame, **metrics)
+    record.body.update(stream=stream, seq=seq)
+    return record
+
+
+def media_shape(items):
+    return [(item.step, item.media, {name: (value.item["type"], value.seq, value.index) if isinstance(value, MediaValue)
+                                     else value for name, value in item.values.items()}) for item in items]
+
+
+def test_a_media_record_joins_the_row_of_its_log_record_and_takes_its_step():
+    picture, curve = {"type": "image", "path": "/o/a.png"}, {"type": "histogram", "counts": [1], "edges": [0, 1]}
+    p = plan([logged(1, 10, frame=5, a=1), media(2, 11, joins=10, frame=5, p=picture, h=curve),
+              logged(3, 12, frame=6, a=2), media(4, 13, joins=99, o=picture),    # joins a log it does not follow
+              media(5, 14, joins=13, o=picture, stream="other"),                  # follows no log record
+              media(6, 15, frame=6, q=picture)], next_step=0)                     # frame 6, but not after its row
+    assert p.steps == [(1, 0), (2, 0), (3, 1), (4, 2), (5, 3), (6, 4)]
+    assert media_shape(p.items) == [
+        (0, True, {"a": 1, "frame": 5, "p": ("image", 11, 0), "h": ("histogram", 11, 1)}),
+        (1, False, {"a": 2, "frame": 6}), (2, True, {"o": ("image", 13, 0)}), (3, True, {"o": ("image", 14, 0)}),
+        (4, True, {"q": ("image", 15, 0), "frame": 6})]
+
+
+def test_media_records_of_one_frame_coalesce_like_log_records():
+    picture = {"type": "image", "path": "/o/a.png"}
+    p = plan([media(1, 1, frame=3, a=picture), logged(2, 2, frame=3, x=1), media(3, 3, frame=3, b=picture)],
+             next_step=4)
+    assert p.steps == [(1, 4), (2, 4), (3, 4)] and p.next_step == 5
+    assert media_shape(p.items) == [(4, True, {"a": ("image", 1, 0), "frame": 3, "x": 1, "b": ("image", 3, 0)})]
+
+
+def test_a_batchs_last_log_record_marked_with_media_waits_for_its_media_record_a_bounded_time():
+    marked = R(2, "log", {"metrics": {"x": 1}, "with_media": True})
+    assert ready([log(1), marked], received=100.0, now=100.5, draining=False) == ([log(1)], 0.0)
+    assert ready([marked], received=100.0, now=100.5, draining=False) == ([], MEDIA_WAIT - 0.5)
+    assert ready([marked], received=100.0, now=100.0 + MEDIA_WAIT, draining=False) == ([marked], 0.0)
+    assert ready([marked], received=100.0, now=100.5, draining=True) == ([marked], 0.0)
+    assert ready([marked], received=100.0, now=50.0, draining=False) == ([], MEDIA_WAIT)  # clock set back
+    assert ready([marked, log(3)], received=100.0, now=100.5, draining=False) == ([marked, log(3)], 0.0)
+    assert ready([log(1)], received=100.0, now=100.5, draining=False) == ([log(1)], 0.0)

@@ -138,3 +138,19 @@ def test_relay_command_on_a_base_install_runs_status_keys_and_names_the_extra_fo
         assert len(lines) == 1 and lines[0].startswith("Error: %s needs the relay's server extra (module " % said), \
             result.stderr
         assert lines[0].endswith("is not installed): pip install 'tokenhsi-relay[server]'"), result.stderr
+
+
+def test_python38_media_items_and_histograms_in_plain_python(py38_python, tmp_path):
+    """relay.Image and relay.Histogram on 3.8: the wire item of a file, bins without numpy equal numpy's."""
+    (tmp_path / "a.png").write_bytes(b"png")
+    script = ("import json, sys, numpy, relay; from relay import histogram, media;"
+              "values = [v / 7.0 for v in range(-20, 31)] + [float('nan')];"
+              "mine = histogram._bin_in_python(values, 9);"
+              "counts, edges = numpy.histogram(numpy.array(values[:-1]), bins=9);"
+              "scalars, items, problems = media.split({'x': 1, 'a': relay.Image(sys.argv[1]),"
+              " 'h': relay.Histogram(values, bins=9)});"
+              "print(json.dumps([mine == (counts.tolist(), edges.tolist()), scalars, items['a']['path'],"
+              " items['a']['stat']['size'], items['h']['counts'] == mine[0], problems]))")
+    result = run([py38_python, "-c", script, str(tmp_path / "a.png")])
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == [True, {"x": 1}, str(tmp_path / "a.png"), 3, True, []]

@@ -869,6 +869,56 @@ def test_rl_games_runner_reports_rows_config_and_checkpoints(fake_wandb, relay_f
     assert relay.stop() == 0
 
 
+def test_histograms_every_n_epochs_put_the_rollouts_actions_and_rewards_in_the_epochs_row(
+        fake_wandb, relay_factory, tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch")
+    numpy = pytest.importorskip("numpy")
+    pytest.importorskip("rl_games")
+    from rl_games.common import env_configurations, vecenv
+    from rl_games.common.ivecenv import IVecEnv
+    from rl_games.torch_runner import Runner
+    import gymnasium
+
+    from relay.integrations import rl_games as integration
+
+    (tmp_path / "runs").mkdir()
+    relay = relay_factory(fake_wandb, ["--mode", "online", "--artifact-root", str(tmp_path / "runs")])
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    point_env = _point_env_class(torch, IVecEnv, gymnasium.spaces.Box)
+    env_configurations.register("relay_point", {"vecenv_type": "RELAY_POINT", "env_creator": lambda **kw: None})
+    vecenv.register("RELAY_POINT", lambda config_name, num_actors, **kwargs: point_env(num_actors))
+    binned = []   # (epoch, what the observer binned, copied then)
+    real_bin_many = integration.bin_many
+
+    def recording_bin_many(named, bins=64):
+        binned.append((observer.algo.epoch_num, {k: v.clone() for k, v in named.items()}))
+        return real_bin_many(named, bins)
+
+    monkeypatch.setattr(integration, "bin_many", recording_bin_many)
+    observer = RelayAlgoObserver(project="tokenHSI", run_id="histograms", endpoint=relay.endpoint,
+                                 spill_dir=str(tmp_path / "spill"), finish_timeout=30.0, histograms_every=2)
+    params = _params(str(tmp_path / "runs"))
+    params["params"]["config"].update(max_epochs=4, save_frequency=0)
+    runner = Runner(algo_observer=observer)
+    runner.load(params)
+    runner.run({"train": True, "play": False, "checkpoint": None, "sigma": None})
+    assert observer.report["delivered"] is True and observer.report["errors"] == 0, observer.report
+
+    assert [epoch for epoch, _ in binned] == [2, 4]
+    fake_wandb.wait_for(lambda: fake_wandb.complete("histograms"), 120)
+    rows = fake_wandb.run("histograms").history
+    assert [row["epoch"] for row in rows] == [1, 2, 3, 4]
+    assert [sorted(k for k in row if k.startswith("histograms/")) for row in rows] == [
+        [], ["histograms/actions", "histograms/rewards"], [], ["histograms/actions", "histograms/rewards"]]
+    for (epoch, tensors), row in zip(binned, (rows[1], rows[3])):
+        assert tensors["histograms/actions"].shape == (HORIZON, NUM_ENVS, 1)
+        assert tensors["histograms/rewards"].shape == (HORIZON, NUM_ENVS, 2)
+        for name, values in tensors.items():
+            counts, edges = numpy.histogram(values.double().numpy().reshape(-1), bins=64)
+            assert row[name] == {"_type": "histogram", "values": counts.tolist(), "bins": edges.tolist()}, name
+    assert relay.stop() == 0
+
+
 def test_multi_observer_forwards_every_hook_in_order():
     from relay.rl_games import MultiObserver
 

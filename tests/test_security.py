@@ -416,7 +416,7 @@ def test_opening_a_checkpoint_checks_the_file_it_opened_not_the_name(tmp_path, m
     os.symlink(home / "ckpt.pth", root / "ok" / "last.pth")        # was a regular file
     os.mkfifo(root / "ok" / "fifo.pth")                            # was a regular file
     (root / "ok" / "good.pth").write_bytes(b"weights")
-    monkeypatch.setattr(artifacts, "resolve_checkpoint", lambda path, roots, max_bytes: path)
+    monkeypatch.setattr(artifacts, "resolve_checkpoint", lambda path, roots, max_bytes, *naming: path)
     roots = [str(root)]
     open_before = len(os.listdir("/proc/self/fd"))
     cases = {

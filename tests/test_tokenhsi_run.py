@@ -92,6 +92,12 @@ def test_train_then_test_report_every_metric_checkpoint_and_eval_result(fake_wan
     assert evaluation.config["checkpoint"] == checkpoints[-1] and evaluation.config["args"]["test"] is True
     assert row["eval/amp_point_multitask/num_trials"] == (row["eval/amp_point_multitask/success_trials"]
                                                            + row["eval/amp_point_multitask/fail_trials"]) >= 64
+    # the picture of the episodes: a PNG in the output dir, uploaded as an image of that row
+    picture = (output / "amp_point_multitask_eval.png").read_bytes()
+    image = row["eval/amp_point_multitask/episodes"]
+    assert (image["_type"], image["format"], picture[:8]) == ("image-file", "png", b"\x89PNG\r\n\x1a\n")
+    assert hashlib.sha256(evaluation.files[image["path"]]).hexdigest() == hashlib.sha256(picture).hexdigest()
+    assert [name for name in evaluation.files if name.endswith(".png")] == [image["path"]]
 
 
 def test_bad_training_config_names_the_key(tmp_path):

@@ -229,6 +229,9 @@ def test_config_layers_file_then_environment_then_flags(tmp_path):
     ("drain_timeout: 2e-5\n", "drain_timeout (from"),  # YAML 1.1 reads this as a string: refused, not guessed
     ("mode: fast\n", "mode (from"),
     ("wandb_count_lag: -1\n", "greater than or equal to 0"),
+    ("upload_interval: 2.5\n", "2.5 is not a whole number of seconds: wandb-core counts its file-stream interval in "
+                              "whole seconds (it would cut 2.5 to 2); use 2 or 3"),
+    ("upload_interval: 0.5\n", "greater than or equal to 1"),
     ("- a\n- b\n", "must hold a mapping"),
 ])
 def test_bad_config_files_name_the_key(tmp_path, text, expected):

@@ -32,6 +32,7 @@ class RelaySettings:
     spill_dir: Optional[str] = None
     keys: Optional[str] = None     # CurveZMQ client key directory (`relay keys new`); null: $RELAY_CLIENT_KEYS
     finish_timeout: float = 30.0
+    histograms_every: int = 0      # every N epochs, histograms of the rollout's actions and rewards; 0: none
 
 
 @dataclass(frozen=True)

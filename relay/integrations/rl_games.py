@@ -28,6 +28,9 @@ How it hooks in (rl_games calls the observer; nothing in rl_games or the agent i
 - `after_steps()` (once per epoch, after the rollout): for an agent without `update_epoch`, the
   previous epoch's row is sent here instead.
 - `process_infos`, `after_clear_stats`: only look whether a row's device-to-host copy has finished.
+- `histograms_every=N` (off: 0): every N epochs the epoch's row also holds `histograms/actions`
+  and `histograms/rewards`, histograms of the agent's `experience_buffer.tensor_dict['actions']`
+  and `['rewards']` (the epoch's rollout), binned on their device and copied in one transfer.
 
 With `WANDB_MODE=disabled` (or `mode="disabled"`), on ranks other than 0, or after `finish`, every
 hook returns at once: no writer, `save` or `train` is wrapped, no client is made.
@@ -48,10 +51,12 @@ import logging
 import os
 from typing import Any, Callable, Dict, List, Optional
 
+from relay.histogram import bin_many
 from relay.integrations.rl_games_checkpoints import atomic_save
 from relay.integrations.rl_games_rows import Rows
 from relay.integrations.rl_games_tags import sanitize_config
 from relay.integrations.rl_games_writer import install_writer
+from relay.media import Histogram
 from relay.modes import reporting_disabled
 
 try:  # rl_games (and so torch) present: be a real AlgoObserver
@@ -75,6 +80,8 @@ except Exception:  # pragma: no cover - rl_games absent or broken: same hooks, n
 
 log = logging.getLogger("relay.rl_games")
 
+HISTOGRAM_BUFFERS = ("actions", "rewards")  # the experience buffer's tensors histogrammed (histograms_every)
+
 
 class RelayAlgoObserver(AlgoObserver):
     """An rl_games algo observer that reports the agent's scalars and checkpoints through the relay."""
@@ -83,7 +90,7 @@ class RelayAlgoObserver(AlgoObserver):
                  entity: Optional[str] = None, group: Optional[str] = None, tags: Optional[List[str]] = None,
                  notes: Optional[str] = None, mode: Optional[str] = None, run_id: Optional[str] = None,
                  endpoint: Optional[str] = None, finish_timeout: float = 10.0, spill_dir: Optional[str] = None,
-                 keys: Optional[str] = None, config: Optional[Dict[str, Any]] = None):
+                 keys: Optional[str] = None, config: Optional[Dict[str, Any]] = None, histograms_every: int = 0):
         self.client = client
         self._owns_client = False
         self.project = project
@@ -105,8 +112,12 @@ class RelayAlgoObserver(AlgoObserver):
         self.writer = None         # the RelayWriter installed on the agent
         self._config = None        # type: Optional[Dict[str, Any]]
         self._experiment_name = None  # type: Optional[str]
+        if isinstance(histograms_every, bool) or not isinstance(histograms_every, int) or histograms_every < 0:
+            raise ValueError("histograms_every must be an int >= 0 (0: no histograms), got %r" % (histograms_every,))
+        self.histograms_every = histograms_every  # every N epochs: histograms of the rollout's actions, rewards
         self.rows = Rows(self._send, lambda: (getattr(self.algo, "frame", None), getattr(self.algo, "epoch_num", None)),
-                         self._warn_once)
+                         self._warn_once, (lambda epoch: epoch_histograms(self.algo, histograms_every, epoch,
+                                                                          self._warn_once)) if histograms_every else None)
         self._epoch_hook = False   # True once `algo.update_epoch` is wrapped: rows end where epochs end
         self._train_started = False
         self._warned = set()       # type: set
@@ -273,6 +284,21 @@ class RelayAlgoObserver(AlgoObserver):
         if key not in self._warned:
             self._warned.add(key)
             log.warning(text)
+
+
+def epoch_histograms(algo: Any, every: int, epoch: Optional[int], warn_once: Callable[[str, str], None]) -> Dict[str, Any]:
+    """Every `every` epochs, for the epoch's row: histograms of the actions and rewards in the agent's
+    experience buffer (the epoch's rollout), binned where they are and copied to the host together
+    (relay.histogram.bin_many)."""
+    if not epoch or epoch % every:
+        return {}
+    buffers = getattr(getattr(algo, "experience_buffer", None), "tensor_dict", None) or {}
+    named = {"histograms/" + key: buffers[key] for key in HISTOGRAM_BUFFERS if buffers.get(key) is not None}
+    if not named:
+        warn_once("histograms", "relay: histograms_every is set, but the agent has no experience_buffer with %s: "
+                  "no histograms" % " or ".join(HISTOGRAM_BUFFERS))
+        return {}
+    return {name: Histogram.of_bins(*binned) for name, binned in bin_many(named).items()}
 
 
 class MultiObserver(AlgoObserver):

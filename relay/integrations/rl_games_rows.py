@@ -14,6 +14,9 @@ recorded. The row is logged when the event has fired (looked at, without waiting
 (so at most one sync per row, normally none). Tensors with more than one element are not sent.
 Float64 is used so that int and float64 tensors keep their value.
 
+`extras(epoch)`, when given, adds values to a row as it is sent (the observer's histograms of the
+epoch's actions and rewards).
+
 Standard library and relay.tensors only at import time (Python 3.8).
 """
 from __future__ import annotations
@@ -34,9 +37,10 @@ class Rows(object):
     epoch), used when no `after_print_stats` stamped the row; `warn_once(key, text)` says a
     problem once. Nothing here raises into training: problems are warned about."""
 
-    def __init__(self, send, counters, warn_once):
-        # type: (Callable[[Dict[str, Any], Optional[int], Optional[int]], None], Callable[[], Stamp], Callable[[str, str], None]) -> None
+    def __init__(self, send, counters, warn_once, extras=None):
+        # type: (Callable[[Dict[str, Any], Optional[int], Optional[int]], None], Callable[[], Stamp], Callable[[str, str], None], Optional[Callable[[Optional[int]], Dict[str, Any]]]) -> None
         self._send = send
+        self._extras = extras      # epoch -> values added to that epoch's row when it is sent (histograms)
         self._counters = counters
         self._warn_once = warn_once
         self.row = {}              # type: Dict[str, Any]   (W&B name -> value, this row)
@@ -44,7 +48,7 @@ class Rows(object):
         self.stamp = None          # type: Optional[Tuple[int, int]]  (frame, epoch) from after_print_stats
         self.fallback = None       # type: Optional[Stamp]
         self.logged = None         # type: Optional[Stamp]  (frame, epoch) of the last row
-        self.waiting = Waiting()   # the rows whose copy to the host is under way: (frame, epoch)
+        self.waiting = Waiting()   # the rows whose copy to the host is under way: ((frame, epoch), extras)
         self.seen_after_steps = False
         self.names = {}            # type: Dict[str, str]  (tag -> name cache)
         self.closed = False        # the run finished: record nothing more
@@ -101,9 +105,19 @@ class Rows(object):
             if transfer.skipped:
                 self._warn_once("skipped:" + ",".join(transfer.skipped),
                                 "relay: not sent (not a single number): %s" % ", ".join(transfer.skipped))
-            self.waiting.add((_as_int(frame), _as_int(epoch)), transfer)
+            extra = self._extra(self.logged[1])
+            self.waiting.add((self.logged, extra), transfer)
             if not transfer.events or wait:
                 self.complete(wait=True)
+
+    def _extra(self, epoch: Optional[int]) -> Dict[str, Any]:
+        if self._extras is None:
+            return {}
+        try:
+            return self._extras(epoch)
+        except Exception as exc:  # the relay must never break training
+            self._warn_once("extras", "relay: could not add to the row of epoch %s: %s" % (epoch, exc))
+            return {}
 
     def poll(self) -> None:
         """Log the rows whose copy has landed, without waiting."""
@@ -113,9 +127,9 @@ class Rows(object):
     def complete(self, wait: bool) -> None:
         """Log the rows whose copy has landed (`wait`: all of them, waiting for the copies)."""
         try:
-            for (frame, epoch), values in self.waiting.landed(wait):
+            for ((frame, epoch), extra), values in self.waiting.landed(wait):
                 try:
-                    self._send(values, frame, epoch)
+                    self._send(dict(values, **extra) if extra else values, frame, epoch)
                 except Exception as exc:
                     self._warn_once("log", "relay: could not send a row: %s" % exc)
         except Exception as exc:  # the copy itself failed

@@ -40,7 +40,7 @@ from relay.modes import reporting_disabled
 log = logging.getLogger("relay.integrations.tokenhsi")
 
 WANDB_KEYS = ("project", "entity", "name", "group", "tags", "notes", "mode")
-RELAY_KEYS = ("endpoint", "spill_dir", "keys", "finish_timeout")
+RELAY_KEYS = ("endpoint", "spill_dir", "keys", "finish_timeout", "histograms_every")
 NOT_SET = "Base"  # TokenHSI's default for --experiment and --checkpoint
 
 
@@ -89,13 +89,14 @@ class Reporting(object):
         return RelayAlgoObserver(project=w.get("project") or "tokenHSI", name=name, entity=w.get("entity"),
                                  group=w.get("group"), tags=w.get("tags"), notes=w.get("notes"), mode=w.get("mode"),
                                  endpoint=r.get("endpoint"), spill_dir=r.get("spill_dir"), keys=r.get("keys"),
-                                 finish_timeout=self.finish_timeout, config=config)
+                                 finish_timeout=self.finish_timeout, config=config,
+                                 histograms_every=r.get("histograms_every") or 0)
 
 
 def reporting_from_train_config(cfg_train, where="cfg_train"):
     # type: (Dict[str, Any], str) -> Reporting
     """Read and check the `use_wandb`, `wandb:` (project, entity, name, group, tags, notes, mode) and
-    `relay:` (endpoint, spill_dir, keys, finish_timeout) keys of a TokenHSI `cfg_train` dict. Unknown
+    `relay:` (endpoint, spill_dir, keys, finish_timeout, histograms_every) keys of a TokenHSI `cfg_train` dict. Unknown
     keys, wrong types, and these keys placed under `params:` (where they would be ignored) raise
     ValueError naming the key; `where` names the file in that message."""
     if not isinstance(cfg_train, dict):
@@ -116,6 +117,9 @@ def reporting_from_train_config(cfg_train, where="cfg_train"):
     _check_type(relay, "spill_dir", str, where + ": relay")
     _check_type(relay, "keys", str, where + ": relay")
     _check_type(relay, "finish_timeout", (int, float), where + ": relay")
+    every = relay.get("histograms_every")
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 0):
+        raise ValueError("%s: relay.histograms_every must be an int >= 0 (0: no histograms), got %r" % (where, every))
     return Reporting(use_wandb, wandb, relay)
 
 
@@ -290,11 +294,12 @@ def read_eval_results(path):
     return results
 
 
-def report_eval(results, reporting, name, config, checkpoint, client=None):
-    # type: (Dict[str, Dict[str, Any]], Reporting, Optional[str], Dict[str, Any], str, Any) -> Dict[str, Any]
+def report_eval(results, reporting, name, config, checkpoint, client=None, media=None):
+    # type: (Dict[str, Dict[str, Any]], Reporting, Optional[str], Dict[str, Any], str, Any, Optional[Dict[str, Any]]) -> Dict[str, Any]
     """Report {experiment: {key: number}} as `eval/{experiment}/{key}` (one row, and the run's
     summary) in a run `<name>_test` whose config is `config` plus the checkpoint's absolute path;
-    returns what `run.finish` returned."""
+    `media` (relay.media values, such as a picture of the episodes) go in the same row. Returns what
+    `run.finish` returned."""
     from relay.client import RelayClient
 
     metrics = {}  # type: Dict[str, Any]
@@ -312,7 +317,7 @@ def report_eval(results, reporting, name, config, checkpoint, client=None):
     run = client.start_run(project=w.get("project") or "tokenHSI", name=run_name, entity=w.get("entity"),
                            group=w.get("group"), tags=list(w.get("tags") or []) + ["eval"], notes=w.get("notes"),
                            mode=w.get("mode"), config=run_config, job_type="eval")
-    run.log(metrics)
+    run.log(dict(metrics, **(media or {})))
     run.summary(metrics)
     report = run.finish(exit_code=0, timeout=reporting.finish_timeout)
     if owns_client:

@@ -1,5 +1,6 @@
-"""The W&B sink: one run's side in the wandb SDK, and the wandb-core the uploaders share. The only
-module of the relay that imports wandb; every workaround for the SDK (pinned in pyproject) is here.
+"""The W&B sink: one run's side in the wandb SDK, and the wandb-core the uploaders share. With its
+sibling wandb_media.py (a row's media as wandb objects), the only module of the relay that imports
+wandb; every workaround for the SDK (pinned in pyproject) is here.
 
 The uploaders share one wandb-core (the SDK's Go service), which the server starts (SharedCore)
 and hands to each uploader as a WANDB_SERVICE token: one Go process instead of one per run, and a
@@ -77,15 +78,14 @@ class WandbSink:
 
     # -- opening ------------------------------------------------------------------------------
 
-    def open(self, settings: dict, mode: str, upload_interval: Callable[[], float],
-             on_left_open_closed: Callable[[], None]) -> None:
+    def open(self, settings: dict, mode: str, on_left_open_closed: Callable[[], None]) -> None:
         """wandb.init the run (resumed if W&B has it). Raises one of RETRYABLE on an outage.
         `on_left_open_closed` is called after a stream of this run left open in the shared core was
         closed, before the run starts again (its rows reached W&B, not yet its count)."""
         self.mode = mode
         if self.shared_core:
             try:
-                self._run = self._open_on_shared_core(settings, upload_interval, on_left_open_closed)
+                self._run = self._open_on_shared_core(settings, on_left_open_closed)
                 return
             except Exception as exc:
                 self.shared_core_failures += 1
@@ -95,16 +95,15 @@ class WandbSink:
         if not self.alone:
             raise OwnCoreNeeded("run %s needs a wandb-core of its own" % self.run_id)
         try:
-            self._run = self._init(settings, upload_interval())
+            self._run = self._init(settings)
         except RETRYABLE:
             # The failed run id stays registered in this process's wandb-core: start a fresh one.
             wandb.teardown()
             raise
 
-    def _open_on_shared_core(self, settings: dict, upload_interval: Callable[[], float],
-                             on_left_open_closed: Callable[[], None]) -> Any:
+    def _open_on_shared_core(self, settings: dict, on_left_open_closed: Callable[[], None]) -> Any:
         try:
-            return self._init(settings, upload_interval())
+            return self._init(settings)
         except Exception as exc:
             if "is in use" not in str(exc):
                 raise
@@ -116,7 +115,7 @@ class WandbSink:
         stale.mark_preempting()
         stale.finish()
         on_left_open_closed()
-        return self._init(settings, upload_interval())
+        return self._init(settings)
 
     def _leave_shared_core(self, error: BaseException) -> None:
         log.warning("run %s: the shared wandb-core failed it (%s); this run goes on with a wandb-core of its own",
@@ -127,7 +126,7 @@ class WandbSink:
         wandb.teardown()  # this process's connection only: the shared core runs on for the others
         os.environ.pop("WANDB_SERVICE", None)
 
-    def _init(self, settings: dict, upload_interval: float) -> Any:
+    def _init(self, settings: dict) -> Any:
         return wandb.init(
             project=settings["project"], entity=settings.get("entity"), name=settings.get("name"),
             group=settings.get("group"), tags=settings.get("tags") or None, notes=settings.get("notes"),
@@ -151,7 +150,9 @@ class WandbSink:
                 x_file_stream_retry_wait_max_seconds=self.config.backoff_max,
                 x_graphql_retry_wait_max_seconds=self.config.backoff_max,
                 x_file_transfer_retry_wait_max_seconds=self.config.backoff_max,
-                x_file_stream_transmit_interval=upload_interval,
+                # Whole seconds (wandb-core cuts a fraction off), fixed for the run's life; how
+                # often rows are handed over under load is the uploader's (relay/cadence.py).
+                x_file_stream_transmit_interval=self.config.upload_interval,
                 x_file_stream_timeout_seconds=self.config.request_timeout,
                 x_graphql_timeout_seconds=self.config.request_timeout,
                 x_file_transfer_timeout_seconds=self.config.request_timeout),

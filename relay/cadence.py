@@ -1,0 +1,60 @@
+"""How often an online run's rows go to W&B, so that all live runs together stay within
+`upload_requests` file-stream requests a second. Pure: the live-run count and the clock are given.
+
+What wandb-core does (0.31, pinned): each run's file stream sends what it has collected at most
+once per transmit interval, a setting read once, at `wandb.init`, in whole seconds (a fraction is
+cut off: 0.5 would mean its default of 15 s). A run's wandb-core interval is therefore fixed for
+the life of the W&B run; the relay sets it to `upload_interval`. Rows that arrive steadily go out
+once per interval, one request each time. Rows handed over in one burst after a quiet spell go
+out as two requests: the run's summary at once (it is updated before each row), the rows one
+interval later.
+
+What the relay does: a run's uploader asks `Cadence.wait()` before it hands rows to the SDK. While
+`upload_interval` keeps the live runs within the budget (N runs x 1 / upload_interval <=
+upload_requests), it hands rows over as they come and wandb-core sets the pace. With more live runs
+it hands them over in bursts, one burst (at most HAND_OVER seconds long) every 2 x N /
+upload_requests seconds: two requests per burst, so 1 / (N / upload_requests) a second per run.
+The count of live runs is read again before each burst, so a run's pace follows the load as runs
+come and go, whenever it started.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from relay.config import RelayConfig
+
+HAND_OVER = 0.5  # seconds an uploader goes on handing rows once a burst began (shorter than any wandb-core interval)
+REQUESTS_PER_BURST = 2  # the summary at once, the rows one wandb-core interval later
+
+
+def upload_interval(config: RelayConfig, live_runs: int) -> float:
+    """Seconds between a run's file-stream requests now: `upload_interval`, stretched so that the
+    live runs together make at most `upload_requests` requests a second."""
+    return max(config.upload_interval, max(1, live_runs) / config.upload_requests)
+
+
+class Cadence:
+    """When one run's uploader may hand rows to the SDK (see the module docstring)."""
+
+    def __init__(self, config: RelayConfig, live_runs: Callable[[], int], clock: Callable[[], float] = time.monotonic):
+        self.config = config
+        self.live_runs = live_runs
+        self.clock = clock
+        self.burst_began: float | None = None  # when the last burst began (None: none yet)
+
+    def gap(self) -> float:
+        """Seconds from one burst to the next now; 0 while rows may go over as they come."""
+        interval = upload_interval(self.config, self.live_runs())
+        return 0.0 if interval <= self.config.upload_interval else REQUESTS_PER_BURST * interval
+
+    def wait(self) -> float:
+        """Seconds until rows may be handed over (0: now; a burst begins if none is going on)."""
+        now = self.clock()
+        if self.burst_began is not None and now - self.burst_began < HAND_OVER:
+            return 0.0
+        gap = self.gap()
+        if self.burst_began is not None and gap and now < self.burst_began + gap:
+            return self.burst_began + gap - now
+        self.burst_began = now
+        return 0.0
