@@ -24,11 +24,11 @@ from typing import Callable
 from relay import uploader as uploader_module
 from relay.config import RelayConfig
 from relay.hosts import HOST_DIED, MOVED, Ended, HostPool
-from relay.uploader_host import OWN_CORE, STUCK
 from relay.metrics import error_kind
 from relay.progress import BacklogProgress
 from relay.sinks.wandb import SDK_PRELOAD, SharedCore
 from relay.spool import Spool
+from relay.uploader_host import OWN_CORE, STUCK
 from relay.watches import SilenceWatch
 
 log = logging.getLogger("relay.server")
@@ -190,7 +190,7 @@ class Supervisor:
             if ended.code:
                 log.info("run %s: its uploader host was replaced; it resumes in a fresh one", run_id)
         elif ended.why == HOST_DIED:
-            self.back_off(run_id, ended.failures, "exited with code %d" % ended.code, " (its uploader host)")
+            self.back_off(run_id, ended.failures, "exited with code %d (its uploader host)" % ended.code, "")
         elif ended.code == 0:
             self.restart_after.pop(run_id, None)
         else:
