@@ -19,7 +19,11 @@ with `/metrics` on. Per N:
   run's finish) and the age of the oldest one that only a row count confirms.
 
 `--history N`: before the relay starts, its spool gets N finished, fully uploaded runs (rows of
-`runs` and their streams' watermarks, written with sqlite3 in the schema of the relay measured).
+`runs` and their streams' watermarks, written with sqlite3 in the schema of the relay measured),
+finished `--history-age` days ago and before (8: past the default `retention` of 7 days, so a
+relay that archives moves them out of `runs` itself; the trainers start once it has,
+`history_archived_s` saying how long it took; 0: all finished within the last 7 days, one a
+minute, which such a relay keeps in `runs`).
 
     python bench/many_runs.py                       # 50, 200 and 1,000 runs, 90 s each (--online, --runs 50,200)
     python bench/many_runs.py --history 10000 --runs 5 --seconds 20
@@ -57,6 +61,7 @@ from common import (ROOT, Relay, available_mib, bench_env, cpu_seconds, descenda
 
 from fakewandb import FakeWandb  # noqa: E402
 from relay import protocol  # noqa: E402
+from relay.spool_report import HOT_CURSOR  # noqa: E402
 from relay.status import query_status  # noqa: E402
 from relay.testing import free_tcp_port  # noqa: E402
 
@@ -89,9 +94,11 @@ def worker(job: dict) -> dict:
 
 # -- the spool's history ----------------------------------------------------------------------
 
-def fill_history(spool_dir: str, count: int, mode: str, code: str, rows: int = 3600) -> None:
+def fill_history(spool_dir: str, count: int, mode: str, code: str, age: float, rows: int = 3600) -> bool:
     """`count` finished runs, every row confirmed by W&B (no records left), in a new spool: what
-    a relay keeps of the runs it has uploaded, in the schema of `code`'s spool (an older relay's in relay.spool)."""
+    a relay keeps of the runs it has uploaded, in the schema of `code`'s spool (an older relay's in relay.spool).
+    The newest finished `age` seconds ago. Whether that relay archives finished runs (its schema has
+    `runs_done`)."""
     schema = subprocess.run([sys.executable, "-c", "try:\n from relay.spool_db import SCHEMA\nexcept ImportError:\n"
                              " from relay.spool import SCHEMA\nprint(SCHEMA)"],
                             env=bench_env(code=code), cwd=code, capture_output=True, text=True, check=True).stdout
@@ -103,7 +110,7 @@ def fill_history(spool_dir: str, count: int, mode: str, code: str, rows: int = 3
         now = time.time()
         conn.execute("BEGIN")
         for i in range(count):
-            run_id, ended = "history-%06d" % i, now - (count - i) * 60.0
+            run_id, ended = "history-%06d" % i, now - age - (count - i) * 60.0
             location = (os.path.join(spool_dir, "wandb", "offline-run-history-" + run_id) if mode == "offline"
                         else "https://wandb.example/many/history/runs/" + run_id)
             settings = msgpack.packb({"project": "history", "name": run_id, "mode": mode})
@@ -116,6 +123,17 @@ def fill_history(spool_dir: str, count: int, mode: str, code: str, rows: int = 3
         conn.execute("COMMIT")
     finally:
         conn.close()
+    return "runs_done" in schema
+
+
+def wait_archived(relay: Relay, timeout: float = 120.0) -> float | None:
+    """Seconds until the relay's status lists no run (its history archived), None past `timeout`."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if relay.status(30.0)["run_counts"]["listed"] == 0:
+            return round(time.monotonic() - started, 1)
+        time.sleep(0.5)
+    return None
 
 
 def sample(relay_pid: int) -> dict:
@@ -231,7 +249,8 @@ def steady(watch: Watch, go: float, seconds: int, all_rows_at: float | None) -> 
             "cores": round(used / span, 2) if span > 0 else None}
 
 
-def run_case(runs: int, seconds: int, workdir: str, online: bool, history: int, name: str, code: str) -> dict:
+def run_case(runs: int, seconds: int, workdir: str, online: bool, history: int, name: str, code: str,
+             history_age: float = 8 * 86400.0) -> dict:
     tag = "%s-%d" % (name, runs)
     home = os.path.join(workdir, "home-" + tag)
     extra = {"HOME": home, "WANDB_CONFIG_DIR": os.path.join(home, ".config"),
@@ -241,15 +260,19 @@ def run_case(runs: int, seconds: int, workdir: str, online: bool, history: int, 
         fake.start()
         extra.update(fake.env())
     mode, spool = "online" if online else "offline", os.path.join(workdir, "spool-" + tag)
-    if history:
-        fill_history(spool, history, mode, code)
+    keeps_archive = fill_history(spool, history, mode, code, history_age) if history else False
+    archives = keeps_archive and history_age > 7 * 86400.0   # past the default retention
+    # The page cursor after the history: a relay with an archive pages through it first, then its
+    # hot runs at HOT_CURSOR + rowid (the history archived: only the new runs are hot).
+    cursor = (HOT_CURSOR + (0 if archives else history)) if keeps_archive else history
     port = free_tcp_port()
     relay = Relay(spool, mode=mode, env=bench_env(extra, code=code), args=["--metrics-bind", "127.0.0.1:%d" % port],
                   log_path=os.path.join(workdir, "relay-%s.log" % tag), code=code)
     run_ids = ["many-%d-%04d" % (runs, i) for i in range(runs)]
-    watch = Watch(relay, port, run_ids, cursor=history, poll_rows=not online)
+    watch = Watch(relay, port, run_ids, cursor=cursor, poll_rows=not online)
     try:
         relay.wait_ready()
+        archived_s = wait_archived(relay) if archives else None
         jobs = [{"endpoint": relay.endpoint, "run_ids": run_ids[i:i + RUNS_PER_WORKER], "seconds": seconds, "seed": i}
                 for i in range(0, runs, RUNS_PER_WORKER)]
         results: list[dict] = []
@@ -274,7 +297,8 @@ def run_case(runs: int, seconds: int, workdir: str, online: bool, history: int, 
     all_rows_at = max(watch.first_rows.values()) if len(watch.first_rows) == runs else None
     status = watch.last_status or {}
     records = status.get("records", {})
-    case = {"relay": name, "mode": mode, "runs": runs, "history": history, "seconds": seconds,
+    case = {"relay": name, "mode": mode, "runs": runs, "history": history, "history_archived_s": archived_s,
+            "seconds": seconds,
             "pss_max_mib": round(max(s["pss_kib"] for s in watch.samples) / 1024),
             "processes_max": max(s["processes"] for s in watch.samples),
             **steady(watch, watch.go, seconds, all_rows_at), "runs_with_rows": len(delays),
@@ -323,6 +347,8 @@ def line(case: dict) -> str:
         case["pss_per_run_mib"], case["cores"], rows, "yes" if case["all_within_30s"] else "NO", case["status_p50_ms"],
         case["status_max_ms"], case["metrics_p50_ms"], case["metrics_max_ms"], case["lag_unsent"],
         "-" if oldest is None else "%.0f s" % oldest)
+    if case["history_archived_s"] is not None:
+        text += "  (history archived in %.1f s first)" % case["history_archived_s"]
     if case["runs_with_rows"] < case["runs"]:
         text += "  (%d of %d runs had rows)" % (case["runs_with_rows"], case["runs"])
     if not (case["delivered"] and case["finished"]):
@@ -340,6 +366,8 @@ def main() -> int:
     parser.add_argument("--online", action="store_true", help="W&B online against the fake W&B (default: offline)")
     parser.add_argument("--history", type=int, default=None, metavar="N",
                         help="finished, fully uploaded runs in the spool before the relay starts")
+    parser.add_argument("--history-age", type=float, default=8.0, metavar="DAYS",
+                        help="the history's newest run finished this many days ago [8: past the default retention]")
     parser.add_argument("--compare", metavar="DIR", help="also run every case with the relay package of DIR")
     parser.add_argument("--json", metavar="PATH", help="write the JSON summary there too")
     parser.add_argument("--quick", action="store_true", help="50 and 200 runs, 45 s")
@@ -374,7 +402,8 @@ def main() -> int:
             for name, code in codes:
                 skipped = too_big(runs, measured[name])
                 case = ({"relay": name, "runs": runs, "skipped": skipped} if skipped else
-                        run_case(runs, seconds, workdir, args.online, history, name, code))
+                        run_case(runs, seconds, workdir, args.online, history, name, code,
+                                 args.history_age * 86400.0))
                 if not skipped:
                     measured[name].append((runs, case["pss_max_mib"]))
                     done[name] = case

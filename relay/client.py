@@ -50,10 +50,11 @@ from typing import Any, Dict, List, Optional
 
 from relay import media, protocol, tensors  # noqa: F401 (tensors: where the outbox starts device copies)
 from relay.connection import RECONNECT_AFTER, Connection
+from relay.console import NO_CAPTURE, ConsoleCapture, ConsoleLimits, capture_for, console_limits  # noqa: F401
 from relay.errors import ForkedRunError  # noqa: F401 (part of this module's API)
 from relay.iothread import IOThread
 from relay.keys import CLIENT_KEYS_VARIABLE, ClientKeys, load_client_keys
-from relay.modes import reporting_disabled
+from relay.modes import DisabledRun, reporting_disabled  # noqa: F401 (DisabledRun: part of this module's API)
 from relay.outbox import MAX_DEFERRED, Outbox  # noqa: F401 (MAX_DEFERRED: part of this module's API)
 from relay.spill import SPILL_FIX, Reporter, Spiller, default_spill_dir
 from relay.spilling import SpillThread
@@ -113,9 +114,11 @@ class RelayClient:
         self._report = Reporter(self.warn_every)
         self._spiller = Spiller(self.spill_dir, self._report)
         self._outbox = Outbox(stream, self.max_pending, self.resend_after, spill=self._spiller,
-                              reopen=self._reopen_messages, reporter=self._report, max_buffered=self.max_buffered)
+                              reopen=self._reopen_messages, reporter=self._report, max_buffered=self.max_buffered,
+                              endpoint=self.endpoint)
         self._io = None                # type: Optional[IOThread]  (started with the first record)
         self._spills = None            # type: Optional[SpillThread]  (made with the I/O thread, started by it)
+        self._console = NO_CAPTURE     # type: ConsoleCapture  (the console a run of this client captures)
         self._open_runs = {}           # type: Dict[str, Dict[str, Any]]  (run id -> settings)
         self._lock = threading.RLock()
 
@@ -148,7 +151,8 @@ class RelayClient:
     def start_run(self, project: str, name: Optional[str] = None, entity: Optional[str] = None,
                   group: Optional[str] = None, tags: Optional[List[str]] = None, notes: Optional[str] = None,
                   config: Optional[Dict[str, Any]] = None, mode: Optional[str] = None,
-                  run_id: Optional[str] = None, job_type: Optional[str] = None) -> "Run":
+                  run_id: Optional[str] = None, job_type: Optional[str] = None, console: Any = False) -> "Run":
+        limits = console_limits(console)  # True or a ConsoleLimits: stdout/stderr to the run's Logs (relay.console)
         if mode is not None and mode not in protocol.WANDB_MODES:
             raise ValueError("mode must be one of %s, got %r" % (", ".join(protocol.WANDB_MODES), mode))
         run_id = run_id or uuid.uuid4().hex[:12]
@@ -169,6 +173,7 @@ class RelayClient:
         self.submit({"t": "open", "run": run_id, "settings": settings})
         if self._io is not None:
             self._io.runs = frozenset(self._open_runs)
+        run._console = self._console = capture_for(run.id, self._outbox, self._io, limits, self)
         return run
 
     @_locked
@@ -198,6 +203,7 @@ class RelayClient:
     def flush(self, timeout: float) -> bool:
         """Wait at most `timeout` seconds for every pending record to be acked."""
         deadline = time.monotonic() + timeout
+        self._console.flush()  # the console lines queued so far go in a record first
         outbox = self._outbox
         with outbox.lock:
             outbox.deferred.release(wait=True)
@@ -227,6 +233,7 @@ class RelayClient:
         What cannot be spilled is lost: counted in `lost`, logged with the reason."""
         if self._closed:
             return None
+        self._console.stop()  # a run not finished captures it: its last lines go now (or to the spill)
         if timeout > 0:
             self.flush(timeout)
         io = self._io
@@ -298,6 +305,7 @@ class Run:
         self.name = name
         self._life = client._life
         self._pid = os.getpid()
+        self._console = NO_CAPTURE  # type: ConsoleCapture
 
     def _refuse_if_forked(self) -> None:
         if self._life is not self.client._life:
@@ -366,6 +374,7 @@ class Run:
     def finish(self, exit_code: int = 0, timeout: float = 10.0) -> Dict[str, Any]:
         """Queue the finish record, wait at most `timeout` for acks, spill the rest to disk."""
         self._refuse_if_forked()
+        self._console.stop()
         self.client.submit({"t": "finish", "run": self.id, "exit_code": int(exit_code), "time": time.time()})
         self.client._run_finished(self.id)
         delivered = self.client.flush(timeout)
@@ -373,26 +382,3 @@ class Run:
         stats = self.client.statistics()
         return {"run": self.id, "delivered": delivered, "spill_file": spill_file,
                 "acked": stats["acked"], "spilled": stats["spilled"], "errors": stats["errors"]}
-
-
-class DisabledRun:
-    """What `start_run` returns when reporting is disabled (mode or WANDB_MODE=disabled)."""
-
-    def __init__(self, run_id: str, name: Optional[str]):
-        self.id = run_id
-        self.name = name
-
-    def log(self, metrics: Dict[str, Any], frame: Optional[int] = None, epoch: Optional[int] = None,
-            namespace: Optional[str] = None) -> None:
-        pass
-
-    def log_checkpoint(self, path: str, metadata: Optional[Dict[str, Any]] = None,
-                       aliases: Optional[List[str]] = None) -> None:
-        pass
-
-    def summary(self, values: Dict[str, Any]) -> None:
-        pass
-
-    def finish(self, exit_code: int = 0, timeout: float = 10.0) -> Dict[str, Any]:
-        return {"run": self.id, "delivered": True, "spill_file": None, "acked": 0, "spilled": 0,
-                "errors": 0, "disabled": True}

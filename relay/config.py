@@ -72,6 +72,14 @@ class RelayConfig(BaseModel):
     upload_requests: float = Field(20.0, gt=0, description="W&B file-stream requests per second the relay allows "
                                    "itself, all runs together: while N runs are live, each uploads every "
                                    "max(upload_interval, N / upload_requests) seconds on average")
+    retention: float = Field(7 * 86400.0, ge=0, description="seconds a run stays in the spool's runs table (and in "
+                             "`relay status`) after W&B confirmed its finish and every record, before it moves to the "
+                             "archive (`relay status --all` still lists it); 0: at once")
+    archive_retention: float = Field(90 * 86400.0, ge=0, description="seconds an archived run is kept (for `relay "
+                                     "status --all`) before it is deleted, with its lost and quarantined rows")
+    watermark_retention: float = Field(90 * 86400.0, ge=7 * 86400.0, description="seconds a stream's watermark (what "
+                                       "makes a re-sent or replayed record a duplicate) is kept after the stream's last "
+                                       "record; a spill file replayed later than that is refused, not uploaded twice")
     runs_per_uploader: int = Field(50, ge=1, le=1000, description="most runs one uploader process serves, "
                                    "each in a thread of its own over the shared wandb-core; 1: a process per run")
     stuck_timeout: float = Field(300.0, gt=0, description="seconds one W&B call of a run may take in an uploader "

@@ -12,6 +12,7 @@ send and receive, and the outbox's lock is held only to take or give a slice):
 - packs waiting device rows whose copy has landed (never waits for one);
 - wakes the spill thread (relay.spilling; started here the first time) when an overflow handed
   records over or a failed spill is due again, and ends it when it ends itself;
+- makes the console records that are due (`pump`, relay.console: at least once a second);
 - sends a heartbeat every `heartbeat_every` seconds (0: none) naming the client's open runs: when
   the trainer dies the heartbeats stop and the relay finishes its runs after its silence timeout.
 
@@ -80,6 +81,7 @@ class IOThread(threading.Thread):
         self.report = reporter
         self.heartbeat_every = heartbeat_every
         self.runs = frozenset()        # type: FrozenSet[str]  (open runs, for heartbeats; replaced, never changed)
+        self.pump = None               # type: Optional[Callable[[], None]]  (makes due console records)
         self.pid = os.getpid()
         self.idle = False              # True while asleep in its poll (or about to be)
         self.work = False              # set by nudge(): a record came since the last slice began
@@ -123,6 +125,9 @@ class IOThread(threading.Thread):
         try:
             while not self._stopping:
                 try:
+                    pump = self.pump
+                    if pump is not None:
+                        pump()
                     busy = self._slice()
                     if self.heartbeat_every > 0 and time.monotonic() >= next_beat:
                         next_beat = time.monotonic() + self.heartbeat_every

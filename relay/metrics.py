@@ -106,8 +106,8 @@ class RelayCollector(Collector):
                                 value=records.unsent)
         yield GaugeMetricFamily("relay_unconfirmed_records", "records handed to W&B (the wandb SDK) that W&B has "
                                 "not confirmed yet, all runs", value=records.unconfirmed)
-        yield CounterMetricFamily("relay_uploaded_records", "records W&B confirmed, all runs known to the spool",
-                                  value=records.uploaded)
+        yield CounterMetricFamily("relay_uploaded_records", "records W&B confirmed, all runs (archived and deleted "
+                                  "ones included)", value=records.uploaded)
         yield GaugeMetricFamily("relay_oldest_pending_age_seconds", "age of the oldest record W&B has not "
                                 "confirmed, other than a run's open, summaries and checkpoints already handed "
                                 "over (0 when none waits)", value=records.oldest_pending_age or 0.0)

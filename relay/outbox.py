@@ -15,6 +15,9 @@ A record's states (every accepted record is in exactly one):
             the others unsent. A pending record is sent again until it is acked.
 - acked:    the relay committed it to its spool: gone from `pending`.
 - refused:  the relay answered an error for its seq (it can never be accepted): gone, counted.
+            An older relay refuses a kind of record it does not know ("unknown message kind
+            'X'"): the trainer is told once to upgrade the relay, and later records of that kind
+            are dropped at `submit` (counted), the rest goes on.
 - spilling: handed over at an overflow (or by `spill()`) with its stream's other pending records,
             in `spilling`, not in a file yet: being written, or kept after a failed write.
 - spilled:  written to a spill file (fsynced, renamed into place): gone, counted.
@@ -52,6 +55,7 @@ held (spills fail, or the trainer logs faster than the disk writes) is dropped, 
 """
 from __future__ import annotations
 
+import re
 import threading
 import time
 import uuid
@@ -65,6 +69,10 @@ from relay.errors import RelayError
 from relay.spill import Reporter
 from relay.spilling import Spill, Spilling, default_max_buffered
 
+# The record kinds a relay older than this client may not know, and what they carry.
+NEWER_KINDS = {"console": "the trainer's console output", "meta": "the trainer node's provenance",
+               "system": "the trainer node's system metrics", "media": "images, videos and histograms"}
+_UNKNOWN_KIND = re.compile(r"unknown message kind '([A-Za-z0-9_]+)'")
 MAX_DEFERRED = 64      # rows waiting for their device values' copy before a call waits for the oldest
 VALUE_FIELDS = {"log": "metrics", "summary": "values"}   # the fields whose device values are batched
 
@@ -90,8 +98,10 @@ class Outbox:
     def __init__(self, stream: Optional[str] = None, max_pending: int = 10000, resend_after: float = 1.0,
                  spill: Optional[Spill] = None, reopen: Callable[[], Iterable[Dict[str, Any]]] = tuple,
                  reporter: Optional[Reporter] = None, clock: Callable[[], float] = time.monotonic,
-                 max_buffered: Optional[int] = None):
+                 max_buffered: Optional[int] = None, endpoint: str = ""):
         self.lock = threading.Condition(threading.Lock())
+        self.endpoint = endpoint       # the relay's, for the messages that name it
+        self.unsupported = set()       # type: set  (record kinds the relay said it does not know)
         self.max_pending = max(1, int(max_pending))
         self.resend_after = resend_after
         self.report = reporter or Reporter()
@@ -116,7 +126,11 @@ class Outbox:
 
     def submit(self, message: Dict[str, Any]) -> None:
         """Accept one record: packed now, or (values on an accelerator) waiting behind the rows
-        that wait. Raises TypeError/ValueError at once for a value the wire cannot carry."""
+        that wait. Raises TypeError/ValueError at once for a value the wire cannot carry. A record
+        of a kind the relay said it does not take is dropped (counted)."""
+        if self.unsupported and message.get("t") in self.unsupported:
+            self.stats["dropped"] += 1
+            return
         self.deferred.submit(message)
 
     def _queue(self, message: Dict[str, Any], default: Any) -> None:
@@ -235,7 +249,12 @@ class Outbox:
             if isinstance(reply.get("seq"), int) and reply.get("stream") in (None, self.stream):
                 removed = int(self.pending.pop(reply["seq"], None) is not None)  # no use re-sending it
             self.stats["errors"] += 1
-            self.report.error("relay refused record seq=%s: %s" % (reply.get("seq"), reply.get("reason")))
+            newer = unknown_kind(reply.get("reason"))
+            if newer is None:
+                self.report.error("relay refused record seq=%s: %s" % (reply.get("seq"), reply.get("reason")))
+            elif newer not in self.unsupported:  # said once: records of the kind sent before it was known
+                self.unsupported.add(newer)
+                self.report.error(older_relay(self.endpoint, newer, reply.get("seq"), reply.get("reason")))
             return removed
         return 0
 
@@ -266,6 +285,20 @@ class Outbox:
     def count(self) -> int:
         """Records accepted and neither acked, refused, handed over to be spilled nor lost."""
         return len(self.pending) + len(self.deferred)
+
+
+def unknown_kind(reason: Any) -> Optional[str]:
+    """The kind an older relay names in its refusal "unknown message kind 'X'", else None."""
+    match = _UNKNOWN_KIND.match(reason) if isinstance(reason, str) else None
+    return match.group(1) if match else None
+
+
+def older_relay(endpoint: str, kind: str, seq: Any, reason: str) -> str:
+    """What the trainer is told when the relay does not know a kind of record: upgrade it."""
+    return ("the relay at %s is older than this client and does not take %r records (%s); they are not sent to "
+            "it (record seq=%s refused: %s): upgrade the relay (pip install -U 'tokenhsi-relay[server]' where it "
+            "runs, then restart `relay serve`)"
+            % (endpoint or "its endpoint", kind, NEWER_KINDS.get(kind, "a kind newer than the relay"), seq, reason))
 
 
 def _start_device_copy(message: Dict[str, Any]) -> Optional[tensors.Transfer]:

@@ -19,6 +19,11 @@ Client -> relay kinds and their own fields:
                 record of the same `run.log` call, whose row it joins): images, videos, audio and
                 HTML by path, histograms; relay/media.py specifies the items
     finish      run, exit_code, time
+    console     run, lines [[stream, text], ...], dropped, time: the trainer's console. `stream` is
+                "out" (stdout) or "err" (stderr), `text` one line without its "\n" (at most
+                MAX_CONSOLE_LINES lines a record); `dropped` (int >= 0) counts the lines the client
+                dropped since its previous console record (its limits: relay/console.py). Takes no
+                W&B step.
     status      page? (answered, never spooled): without `page`, the relay-wide totals and the
                 runs worth a look (the active ones, the last few finished); with `page` (0, then
                 the reply's `next`), the same totals and every run in turn, a page at a time
@@ -68,10 +73,12 @@ MAX_TAG_LEN = 64
 ALIAS_FORBIDDEN = "/:"
 MAX_METADATA_KEYS = 100
 
-RECORD_KINDS = ("open", "log", "checkpoint", "summary", "finish", "media")
+RECORD_KINDS = ("open", "log", "checkpoint", "summary", "finish", "media", "console")
 UNSPOOLED_KINDS = ("status", "heartbeat")
 CLIENT_KINDS = RECORD_KINDS + UNSPOOLED_KINDS
 WANDB_MODES = ("online", "offline", "disabled")
+CONSOLE_STREAMS = ("out", "err")
+MAX_CONSOLE_LINES = 1000
 
 
 def encode(message: Dict[str, Any]) -> bytes:
@@ -180,6 +187,8 @@ def validate(message: Dict[str, Any]) -> None:
         _check_scalars(message["values"], "values")
     elif kind == "media":
         _check_media(message)
+    elif kind == "console":
+        _check_console(message)
     elif kind == "finish":
         _require(message, "exit_code", int)
         if not EXIT_CODE_MIN <= message["exit_code"] <= EXIT_CODE_MAX:
@@ -257,6 +266,21 @@ def _check_media(message: Dict[str, Any]) -> None:
             _require(message, axis, int)
     if message.get("ns") is not None:
         _require(message, "ns", str)
+
+
+def _check_console(message: Dict[str, Any]) -> None:
+    lines = message.get("lines")
+    if not isinstance(lines, list) or len(lines) > MAX_CONSOLE_LINES:
+        raise ProtocolError("field 'lines' must be a list of at most %d [stream, text] pairs" % MAX_CONSOLE_LINES)
+    for index, line in enumerate(lines):
+        if not (isinstance(line, list) and len(line) == 2 and line[0] in CONSOLE_STREAMS and isinstance(line[1], str)):
+            raise ProtocolError("lines[%d] must be [stream, text] with stream 'out' or 'err' and text a str, got %s"
+                                % (index, _show(line)))
+    dropped = message.get("dropped")
+    if not (_is_int(dropped) and dropped >= 0):
+        raise ProtocolError("field 'dropped' must be an int >= 0, got %s" % _show(dropped))
+    if message.get("time") is not None and not isinstance(message["time"], (int, float)):
+        raise ProtocolError("field 'time' must be a number, got %s" % type(message["time"]).__name__)
 
 
 def _check_metadata(metadata: Dict[str, Any]) -> None:

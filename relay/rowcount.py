@@ -93,6 +93,7 @@ class RowCount:
         self.unreachable = False
         self._uploads.set_state(self.run_id, "uploading")
         if server_step > self.confirmed_step:
+            self._uploads.confirm_console(self.run_id, server_step)
             confirmed = self._uploads.confirm_logged(self.run_id, server_step)
             log.debug("run %s: W&B holds %d rows; %d spooled records let go", self.run_id, server_step, confirmed)
             self.confirmed_step = server_step

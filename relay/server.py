@@ -41,6 +41,10 @@ __all__ = ["RelayServer", "classify", "GapWatch", "RefusalLog", "SilenceWatch", 
 log = logging.getLogger("relay.server")
 
 SCAN_EVERY = 1.0  # seconds between looks at the spool for runs that need an uploader
+# Retention (relay/spool_retention.py): a pass of at most RETENTION_BATCH runs (and watermarks) each
+# RETENTION_EVERY seconds, or each scan while a pass finds a full batch.
+RETENTION_EVERY = 60.0
+RETENTION_BATCH = 500
 # Replies queued for one client at most (ZeroMQ's own default). Past it the ROUTER socket drops
 # replies to that client: a client that does not read loses replies (acks are re-earned by
 # re-sending), the relay does not hold them. Status replies are kept small (relay/spool_report.py).
@@ -66,6 +70,7 @@ class RelayServer:
         self.intake: Intake | None = None
         self.supervisor: Supervisor | None = None
         self.metrics: MetricsEndpoint | None = None
+        self.next_retention = 0.0              # monotonic
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -176,12 +181,34 @@ class RelayServer:
 
     def scan(self) -> None:
         """Every SCAN_EVERY: re-read the authorized client keys, close a minute of refusal warnings,
-        measure the spool's room, look after the uploaders (relay/supervisor.py)."""
+        measure the spool's room, look after the uploaders (relay/supervisor.py), and now and then
+        a retention pass."""
         if self.authenticator is not None:
             self.authenticator.load_authorized()
         self.intake.refusals.roll()
         self.intake.room.scan()
         self.supervisor.scan()
+        self.retain()
+
+    def retain(self) -> None:
+        """Archive finished runs, delete old archived ones, let go of idle watermarks, in a bounded
+        pass (relay/spool_retention.py)."""
+        now = time.monotonic()
+        if now < self.next_retention:
+            return
+        config = self.config
+        try:
+            done = self.spool.apply_retention(config.retention, config.archive_retention, config.watermark_retention,
+                                              RETENTION_BATCH)
+        except sqlite3.Error as exc:  # disk full, or busy: the next pass tries again
+            log.warning("cannot archive finished runs in spool %s: %s; trying again in %.0f s", self.spool.path, exc,
+                        RETENTION_EVERY)
+            self.next_retention = now + RETENTION_EVERY
+            return
+        if done.archived or done.deleted or done.streams:
+            log.info("retention: archived %d finished runs, deleted %d archived runs, let go of %d stream watermarks",
+                     done.archived, done.deleted, len(done.streams))
+        self.next_retention = now + (SCAN_EVERY if done.full(RETENTION_BATCH) else RETENTION_EVERY)
 
     def shutdown(self) -> bool:
         """Stop intake, let uploaders drain until the deadline, say what is left."""

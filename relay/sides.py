@@ -21,6 +21,8 @@ TRAINER_SIDE = (
     "relay.histogram",
     "relay.keys",
     "relay.client",
+    "relay.console",
+    "relay.console_lines",
     "relay.outbox",
     "relay.spill",
     "relay.spilling",

@@ -9,7 +9,8 @@ so `relay replay DIR/*` keeps each run's order: the time in them never goes back
 even when the wall clock is set back.
 
 Reporter keeps the last few errors (statistics()'s `last_error`) and logs warnings, at most one of
-a kind per `warn_every` seconds unless forced.
+a kind per `warn_every` seconds unless forced; they reach the terminal but not a run's captured
+console (relay.console).
 
 This module must stay importable on Python 3.8 (IsaacGym environments).
 """
@@ -25,6 +26,7 @@ from typing import Dict, List, Optional
 import msgpack
 
 from relay import durable
+from relay.console_lines import quiet
 
 log = logging.getLogger("relay.client")
 
@@ -68,7 +70,8 @@ class Reporter:
     def warn(self, kind: str, text: str, force: bool = False) -> None:
         if force or self.due(kind):
             self._warned_at[kind] = time.monotonic()
-            log.warning(text)
+            with quiet():  # to the terminal, not into a captured console (relay.console)
+                log.warning(text)
 
 
 class Spiller:

@@ -13,6 +13,9 @@ Invariants:
 - Policy 'hold' (the server): no record is acked while the spool is over max_spool_bytes or less
   than min_free_bytes would be left for it on its disk, so uploads always have room to write the
   steps, states and deletes that empty it.
+- Finished runs leave `runs` for the archive, and idle streams' watermarks are let go of, after
+  the retentions written at the top of relay/spool_retention.py; a record of a stream whose
+  watermark was let go that may already have been uploaded is refused, never stored again.
 - What happens to a record after that (its W&B step, the confirmations that let it go, the
   quarantine of one that cannot be read, its checkpoint snapshot) keeps the invariants written at
   the top of relay/spool_uploads.py.
@@ -21,7 +24,8 @@ The spool's other parts share the core's connection: `Spool.uploads` (relay/spoo
 what an uploader reads and writes of its run), `Spool.report` (relay/spool_report.py: the status
 and the runs the server follows) and `Spool.footprint` (relay/spool_db.py, with the schema and
 transactions: the room the spool takes and has). relay/spool_recovery.py checks and recovers the
-file when the server opens it, and sweeps what a crash left.
+file when the server opens it, and sweeps what a crash left. `Spool.retention`
+(relay/spool_retention.py) archives and deletes what uploads no longer need.
 """
 from __future__ import annotations
 
@@ -31,17 +35,27 @@ import sqlite3
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 from relay import protocol, spool_db, spool_recovery, wal
 from relay.errors import RelayError
 from relay.spool_db import Footprint
 from relay.spool_report import SpoolReport
+from relay.spool_retention import CLOCK_MARGIN, Pass, Retention
 from relay.spool_uploads import Uploads
 
 
 class SpoolError(RelayError, RuntimeError):
     pass
+
+
+EXPIRED = ("its stream's watermark was let go of (no record for watermark_retention) and it was logged before "
+           "%s, so the relay cannot tell whether it was uploaded already; refused rather than risk logging it twice "
+           "(replay spill files within watermark_retention, or raise it)")
+
+
+def format_time(when: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(when or 0.0))
 
 
 @dataclass
@@ -71,6 +85,14 @@ class Watermarks:
     def upto(self, stream: str) -> int:
         return self._upto.get(stream, 0)
 
+    def known(self, stream: str) -> bool:
+        return stream in self._upto
+
+    def forget(self, streams: Iterable[str]) -> None:
+        for stream in streams:
+            self._upto.pop(stream, None)
+            self._above.pop(stream, None)
+
     def advance(self, stream: str, seq: int) -> None:
         """`seq` of `stream` is stored: the watermark moves on over every seq stored after it."""
         upto = self._upto.get(stream, 0)
@@ -99,10 +121,10 @@ class Spool:
 
     FILENAME = spool_db.FILENAME
 
-    def __init__(self, directory: str, check: bool = True):
+    def __init__(self, directory: str, check: bool = True, clock: Callable[[], float] = time.time):
         """`check`: look the WAL over before SQLite replays it, then the file, and recover it if
         damaged (relay/spool_recovery.py). The server does, once at start; its uploaders open the
-        spool it checked."""
+        spool it checked. `clock`: the wall clock ingest stamps records, runs and watermarks with."""
         self.directory = directory
         self.path = os.path.join(directory, self.FILENAME)
         self.recovery: str | None = None   # what happened if the spool was found damaged
@@ -115,7 +137,11 @@ class Spool:
             spool_db.create(self.conn)
         except (OSError, sqlite3.Error) as exc:
             raise SpoolError("cannot open spool %s: %s" % (self.path, exc)) from exc
+        self.clock = clock
         self._marks = Watermarks()
+        self._let_go_until: float | None = None   # see relay/spool_retention.py
+        self._expired: set[str] = set()           # streams whose records are refused for it
+        self.retention = Retention(self.conn)
         self.uploads = Uploads(self.conn, directory)
         self.report = SpoolReport(self.conn, directory)
         self.footprint = Footprint(self.conn, directory)
@@ -131,6 +157,30 @@ class Spool:
 
     def load_watermarks(self) -> None:
         self._marks.load(self.conn)
+        self._let_go_until = self.retention.let_go_until()
+
+    def apply_retention(self, retention: float, archive_retention: float, watermark_retention: float,
+                        limit: int) -> Pass:
+        """One bounded pass of relay/spool_retention.py (the server's scan); the watermarks let go
+        of are forgotten here too."""
+        done = self.retention.run(self.clock(), retention, archive_retention, watermark_retention, limit)
+        if done.streams:
+            self._marks.forget(done.streams)
+            self._let_go_until = self.retention.let_go_until()
+        return done
+
+    def _expire(self, messages: list) -> None:
+        """Streams with no watermark that have a record logged before a let-go watermark last
+        moved (with the clock margin): their records are refused from here on (see
+        relay/spool_retention.py)."""
+        if self._let_go_until is None:
+            return
+        until = self._let_go_until + CLOCK_MARGIN
+        for item in messages:
+            message = item[0]
+            stream, logged = message["stream"], message.get("time")
+            if isinstance(logged, (int, float)) and logged < until and not self._marks.known(stream):
+                self._expired.add(stream)
 
     def forget_refusals(self) -> int:
         """Delete the refused records that the watermarks have passed (a refusal is only stored
@@ -151,7 +201,9 @@ class Spool:
         the gap. Spill files (`allow_gaps`) may start anywhere: their records fill holes.
         """
         outcomes = []
-        now = time.time()
+        now = self.clock()
+        messages = list(messages)
+        self._expire(messages)
         touched: set[str] = set()
         runs: dict[str, list] = {}   # run -> [records stored, last open's settings, a record other than finish]
         try:
@@ -159,6 +211,8 @@ class Spool:
             for item in messages:
                 message, refusal = item[0], item[1]
                 stream, seq = message["stream"], message["seq"]
+                if stream in self._expired and not refusal:
+                    refusal = EXPIRED % format_time(self._let_go_until)
                 upto = self._marks.upto(stream)
                 if seq <= upto:
                     outcomes.append(Outcome(stream, seq, "dup"))
@@ -198,6 +252,7 @@ class Spool:
                     run[2] = True   # the run goes on: not finished (any more)
                 outcomes.append(Outcome(stream, seq, "new"))
             for run_id, (stored, settings, goes_on) in runs.items():
+                self.retention.bring_back(run_id)   # an archived run that has records again
                 self.conn.execute(
                     "INSERT INTO runs (run_id, settings, received, created, last_seen) VALUES (?,?,?,?,?) "
                     "ON CONFLICT (run_id) DO UPDATE SET received = received + excluded.received, "
@@ -205,9 +260,9 @@ class Spool:
                     "finished = CASE WHEN ? THEN 0 ELSE finished END",
                     (run_id, settings, stored, now, now, goes_on))
             for stream in touched:
-                self.conn.execute("INSERT INTO streams (stream, upto) VALUES (?, ?) "
-                                  "ON CONFLICT (stream) DO UPDATE SET upto = excluded.upto",
-                                  (stream, self._marks.upto(stream)))
+                self.conn.execute("INSERT INTO streams (stream, upto, moved) VALUES (?, ?, ?) ON CONFLICT (stream) "
+                                  "DO UPDATE SET upto = excluded.upto, moved = excluded.moved",
+                                  (stream, self._marks.upto(stream), now))
             self.conn.execute("COMMIT")
         except sqlite3.Error as exc:
             spool_db.rollback(self.conn)
@@ -219,7 +274,7 @@ class Spool:
         """A heartbeat: these runs' trainers are alive."""
         with self.transaction():
             self.conn.executemany("UPDATE runs SET last_seen = ? WHERE run_id = ?",
-                                  [(time.time(), run_id) for run_id in run_ids])
+                                  [(self.clock(), run_id) for run_id in run_ids])
 
     def upto(self, stream: str) -> int:
         return self._marks.upto(stream)
@@ -236,16 +291,16 @@ class Spool:
         upto = self._marks.past(stream, below)
         with self.transaction():
             self.conn.execute("INSERT INTO lost (run_id, stream, first_seq, last_seq, noticed) VALUES (?,?,?,?,?)",
-                              (run_id, stream, first, below - 1, time.time()))
-            self.conn.execute("INSERT INTO streams (stream, upto) VALUES (?, ?) "
-                              "ON CONFLICT (stream) DO UPDATE SET upto = excluded.upto", (stream, upto))
+                              (run_id, stream, first, below - 1, self.clock()))
+            self.conn.execute("INSERT INTO streams (stream, upto, moved) VALUES (?, ?, ?) ON CONFLICT (stream) "
+                              "DO UPDATE SET upto = excluded.upto, moved = excluded.moved", (stream, upto, self.clock()))
         self._marks.move(stream, upto)
         return first, below - 1
 
     def finish_silent_runs(self, run_ids: Iterable[str], exit_code: int) -> list[str]:
         """Spool a finish record for each of these runs (their trainers went silent) that is open:
         not finished, with settings, and no finish record waiting. Returns those runs."""
-        now = time.time()
+        now = self.clock()
         with self.transaction():
             runs = [run_id for run_id in run_ids if self.conn.execute(
                 "SELECT 1 FROM runs WHERE run_id = ? AND finished = 0 AND settings IS NOT NULL "

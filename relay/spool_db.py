@@ -2,13 +2,15 @@
 bringing a spool made by an earlier relay to this schema, and how much room it takes and has.
 
 What the tables hold, and the invariants that keep them, are written at the top of relay/spool.py
-(ingest, streams, acks) and relay/spool_uploads.py (steps, confirmations, quarantine).
+(ingest, streams, acks), relay/spool_uploads.py (steps, confirmations, quarantine) and
+relay/spool_retention.py (the archive `runs_done`, `tallies`, how long watermarks are kept).
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import sqlite3
+import time
 from typing import Iterator
 
 FILENAME = "spool.sqlite"
@@ -16,7 +18,8 @@ FILENAME = "spool.sqlite"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS streams (
     stream TEXT PRIMARY KEY,
-    upto   INTEGER NOT NULL
+    upto   INTEGER NOT NULL,
+    moved  REAL                              -- when upto last moved (older spools: when they were upgraded)
 );
 CREATE TABLE IF NOT EXISTS runs (
     run_id      TEXT PRIMARY KEY,
@@ -70,7 +73,33 @@ CREATE TABLE IF NOT EXISTS steps (           -- W&B step of a record, assigned j
     step   INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS steps_by_run ON steps (run_id, step);
+CREATE TABLE IF NOT EXISTS runs_done (       -- the archive: finished, confirmed runs past `retention`, as
+    run_id      TEXT PRIMARY KEY,            -- they were in runs (relay/spool_retention.py)
+    settings    BLOB,
+    received    INTEGER NOT NULL DEFAULT 0,
+    uploaded_id INTEGER NOT NULL DEFAULT 0,
+    steps_handed INTEGER NOT NULL DEFAULT 0,
+    state       TEXT NOT NULL,
+    state_since REAL,
+    last_error  TEXT,
+    exit_code   INTEGER,
+    finished    INTEGER NOT NULL,
+    location    TEXT,
+    created     REAL NOT NULL,
+    last_seen   REAL NOT NULL,
+    archived    REAL NOT NULL                -- when it left runs
+);
+CREATE INDEX IF NOT EXISTS runs_done_by_time ON runs_done (archived);
+CREATE INDEX IF NOT EXISTS runs_done_by_state ON runs_done (state);
+CREATE TABLE IF NOT EXISTS tallies (         -- relay-wide numbers kept as one row each (relay/spool_retention.py)
+    name  TEXT PRIMARY KEY,
+    value REAL NOT NULL
+);
 """
+
+# The columns a run has in runs and in runs_done (archiving and bringing back copy these).
+RUN_COLUMNS = ("run_id", "settings", "received", "uploaded_id", "steps_handed", "state", "state_since", "last_error",
+               "exit_code", "finished", "location", "created", "last_seen")
 
 
 def connect(path: str) -> sqlite3.Connection:
@@ -94,6 +123,7 @@ def create(conn: sqlite3.Connection) -> None:
     conn.executescript(SCHEMA)
     _upgrade(conn)
     _add_missing_columns(conn)
+    _upgrade_watermark_times(conn)
 
 
 def _upgrade(conn: sqlite3.Connection) -> None:
@@ -113,6 +143,20 @@ def _add_missing_columns(conn: sqlite3.Connection) -> None:
     """Columns added to the schema since a spool was made (CREATE TABLE IF NOT EXISTS adds none)."""
     if "steps_handed" not in {row[1] for row in conn.execute("PRAGMA table_info(runs)")}:
         conn.execute("ALTER TABLE runs ADD COLUMN steps_handed INTEGER NOT NULL DEFAULT 0")
+
+
+def _upgrade_watermark_times(conn: sqlite3.Connection) -> None:
+    """PRAGMA user_version 2: each stream's watermark has the time it last moved (its retention
+    counts from there); a spool made without it gives every watermark the upgrade's time, so its
+    watermarks are kept a full `watermark_retention` from now."""
+    if conn.execute("PRAGMA user_version").fetchone()[0] >= 2:
+        return
+    with transaction(conn):
+        if "moved" not in {row[1] for row in conn.execute("PRAGMA table_info(streams)")}:
+            conn.execute("ALTER TABLE streams ADD COLUMN moved REAL")
+        conn.execute("UPDATE streams SET moved = ? WHERE moved IS NULL", (time.time(),))
+        conn.execute("CREATE INDEX IF NOT EXISTS streams_by_time ON streams (moved)")
+        conn.execute("PRAGMA user_version = 2")
 
 
 @contextlib.contextmanager

@@ -59,7 +59,8 @@ def _recover(path: str, problem: str) -> str:
     except sqlite3.Error:
         old = None
     for table, key in (("streams", "rowid"), ("runs", "rowid"), ("records", "id"), ("steps", "id"),
-                       ("quarantine", "rowid"), ("lost", "rowid")):
+                       ("quarantine", "rowid"), ("lost", "rowid"), ("runs_done", "rowid"),
+                       ("tallies", "rowid")):
         copied[table] = _salvage(old, new, table, key) if old is not None else 0
     if old is not None:
         old.close()

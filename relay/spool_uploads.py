@@ -152,6 +152,19 @@ class Uploads:
         self._delete_snapshots(media)
         return cursor.rowcount
 
+    def confirm_console(self, run_id: str, server_step: int) -> int:
+        """W&B holds the rows below server_step: the console records handed before the last of
+        them are done too (they take no step, and wandb-core sends what it was handed in order).
+        Called before those rows' own confirmation, which forgets their steps."""
+        with transaction(self.conn):
+            last = self.conn.execute("SELECT MAX(id) FROM steps WHERE run_id = ? AND step < ?",
+                                     (run_id, server_step)).fetchone()[0]
+            if last is None:
+                return 0
+            cursor = self.conn.execute("DELETE FROM records WHERE run_id = ? AND kind = 'console' AND id < ?",
+                                       (run_id, last))
+        return cursor.rowcount
+
     def confirm_logged(self, run_id: str, server_step: int) -> int:
         """Mid-run: W&B holds every row below server_step; those records are done."""
         with transaction(self.conn):

@@ -222,6 +222,7 @@ class RunUploader:
             return False
         self._open = True
         server_step = self._sink.starting_step if self.mode == "online" else 0
+        self._spool.uploads.confirm_console(self.run_id, server_step)  # else a resume would write them again
         confirmed = self._spool.uploads.confirm_below_step(self.run_id, server_step)
         if server_step:
             log.info("run %s resumed at W&B step %d (%d spooled records were already there)",
@@ -309,6 +310,8 @@ class RunUploader:
             self._sink.update_summary(body["values"])
         elif record.kind == "open":
             self._sink.update_config(body["settings"].get("config") or {})
+        elif record.kind == "console":
+            self._sink.write_console(body["lines"], body.get("dropped") or 0)
         elif record.kind == "checkpoint":
             self._wait_for_wandb()  # log_artifact talks to W&B in this thread, and raises when it cannot
             self._checkpoints.log(record)

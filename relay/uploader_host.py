@@ -221,7 +221,10 @@ def host_main(name: str, mode: str, config_json: str, wake: Any, lifeline: Any, 
     gc.freeze()  # what the fork server imported (wandb, ...) stays out of this process's collections
     threading.current_thread().name = name
     config = RelayConfig.model_validate_json(config_json)
-    logging.basicConfig(level=getattr(logging, config.log_level),
+    # The log goes to stderr's descriptor through a file of its own, not through sys.stderr: while a
+    # run's wandb.init runs, the SDK captures sys.stderr's writes for that run's Logs tab, and lines
+    # about the host's other runs do not belong there.
+    logging.basicConfig(level=getattr(logging, config.log_level), stream=os.fdopen(os.dup(2), "w", buffering=1),
                         format="%(asctime)s %(levelname)-7s %(name)s[%(threadName)s]: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server decides
     os.environ.setdefault("WANDB_SILENT", "true")

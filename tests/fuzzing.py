@@ -100,6 +100,11 @@ KIND_FIELDS = {
                 "edges": st.just([float(edge) for edge in range(bins + 1)])}))), min_size=1, max_size=4)},
         optional={"frame": st.none() | INT64, "epoch": st.none() | INT64, "joins": st.none() | SEQS,
                   "ns": st.none() | st.text(max_size=10), "time": FLOATS}),
+    "console": st.fixed_dictionaries(
+        {"run": RUN_IDS, "lines": st.lists(st.tuples(st.sampled_from(protocol.CONSOLE_STREAMS), st.text(max_size=80))
+                                           .map(list), max_size=5),
+         "dropped": st.integers(0, protocol.INT_MAX)},
+        optional={"time": FLOATS}),
     "status": st.just({}),
     "heartbeat": st.fixed_dictionaries({"runs": st.lists(RUN_IDS, max_size=5)}),
 }

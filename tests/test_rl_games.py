@@ -548,6 +548,12 @@ def test_observer_from_train_config_knows_the_keys_run_py_knows():
     assert set(RELAY_KEYS) == {f.name for f in fields(config.RelaySettings)}
 
 
+def test_the_console_goes_to_the_run_unless_the_relay_block_says_console_false():
+    on = observer_from_train_config({"use_wandb": True, "params": {}})
+    off = observer_from_train_config({"use_wandb": True, "relay": {"console": False}, "params": {}})
+    assert (on.console, off.console) == (True, False)
+
+
 def test_observer_from_train_config_with_use_wandb_false_reports_nothing(tmp_path):
     observer = observer_from_train_config({"use_wandb": False, "wandb": {"project": "p"}, "params": {}})
     writer = ListWriter()
@@ -564,6 +570,7 @@ def test_observer_from_train_config_with_use_wandb_false_reports_nothing(tmp_pat
     ({"use_wandb": True, "wandb": {"tags": "amp"}}, "amp.yaml: wandb.tags must be a list of strings"),
     ({"use_wandb": True, "wandb": {"mode": "sometimes"}}, "amp.yaml: wandb.mode must be online, offline or disabled"),
     ({"use_wandb": True, "relay": {"finish_timeout": "30"}}, "amp.yaml: relay.finish_timeout has the wrong type"),
+    ({"use_wandb": True, "relay": {"console": "off"}}, "amp.yaml: relay.console must be true or false, got 'off'"),
     ({"use_wandb": True, "wandb": ["project"]}, "amp.yaml: wandb must be a mapping, got list"),
     ({"params": {"use_wandb": True}}, "amp.yaml: params.use_wandb is misplaced: `use_wandb` belongs at the top level"),
     ({"use_wandb": True, "params": {"config": {"wandb": {"project": "p"}}}},

@@ -130,6 +130,39 @@ def test_status_of_ten_thousand_finished_runs_is_small_and_fast_and_all_lists_ea
     assert "not listed" not in every_table.stdout
 
 
+def test_a_relay_archives_its_finished_runs_off_the_hot_path_and_a_resumed_one_comes_back(relay_factory, tmp_path):
+    """`retention` 0: the server's scan moves the history to the archive in passes of 500; the
+    totals and `--all` still count and list every run, and a trainer resuming an archived run
+    brings it back with its counts."""
+    spool_dir = str(tmp_path / "spool")
+    run_ids = write_history(spool_dir, 1_200, disabled=200)
+    port = free_tcp_port()
+    relay = relay_factory(None, ["--mode", "disabled", "--metrics-bind", "127.0.0.1:%d" % port], spool_dir=spool_dir,
+                          env={"RELAY_RETENTION": "0"})
+    status = relay.wait_status(lambda s: s["run_counts"]["listed"] == 0, 30, "the history archived")
+    assert status["run_counts"] == {"total": 1_200, "active": 0, "listed": 0,
+                                    "by_state": {"disabled": 200, "finished": 1_000}, "active_by_state": {}}
+    received = sum(1000 + i for i in range(1_200))
+    assert status["records"]["received"] == status["records"]["uploaded"] == received
+    assert scrape(port)[("relay_uploaded_records_total", ())] == received
+    assert re.findall(r"archived (\d+) finished runs", relay.log()) == ["500", "500", "200"]
+    every = relay_cli("status", "--endpoint", relay.endpoint, "--all", "--json")
+    assert every.returncode == 0, every.stderr
+    assert [run["run_id"] for run in json.loads(every.stdout)["runs"]] == run_ids
+
+    client = RelayClient(relay.endpoint, spill_dir=str(tmp_path / "spill"))
+    try:
+        run = client.start_run(project="tokenHSI", run_id=run_ids[7])   # a trainer resumes a finished run
+        run.log({"loss": 1.0})
+        assert run.finish(exit_code=0, timeout=30.0)["delivered"] is True
+    finally:
+        client.close()
+    back = relay.wait_status(lambda s: s["runs"] and s["runs"][0]["finished"], 30, "the resumed run finished")
+    assert [(r["run_id"], r["received"], r["pending"]) for r in back["runs"]] == [(run_ids[7], 1007 + 3, 0)]
+    assert back["run_counts"]["total"] == 1_200 and back["records"]["received"] == received + 3
+    assert relay.stop() == 0
+
+
 def test_status_pages_stay_under_their_byte_budget_whatever_the_runs_names(relay_factory, tmp_path):
     """Names as long as the protocol allows (65,536 characters): each run's entry is cut to a
     size limit, so a page, and the summary, stay far below the frame limit."""

@@ -47,6 +47,12 @@ def test_floats_nan_and_inf_round_trip_bit_exact():
     ({"t": "open", "settings": {"name": "n"}}, "run setting 'project' is required"),
     ({"t": "open", "settings": {"project": "p", "mode": "fast"}}, "run setting 'mode' must be one of"),
     ({"t": "finish", "exit_code": "0"}, "field 'exit_code' must be int"),
+    ({"t": "console", "lines": "text", "dropped": 0}, "field 'lines' must be a list of at most 1000"),
+    ({"t": "console", "lines": [["out", "a"]] * 1001, "dropped": 0}, "field 'lines' must be a list of at most 1000"),
+    ({"t": "console", "lines": [["tty", "a"]], "dropped": 0}, "lines[0] must be [stream, text] with stream 'out'"),
+    ({"t": "console", "lines": [["err", 5]], "dropped": 0}, "lines[0] must be [stream, text]"),
+    ({"t": "console", "lines": [], "dropped": -1}, "field 'dropped' must be an int >= 0, got -1"),
+    ({"t": "console", "lines": [], "dropped": 0, "time": "now"}, "field 'time' must be a number"),
     ({"deep": [[[[[[[[[[1]]]]]]]]]]}, "nested deeper than 8"),
     ({"metrics": {"k" * 300: 1}}, "key that is not a 1..256 character string"),
 ])
@@ -163,6 +169,22 @@ def test_spool_confirms_by_step_and_by_finish(tmp_path):
     assert [r.body["seq"] for r in left] == [7, 8, 9, 10] and all(r.step is None for r in left)
     assert spool.uploads.confirm_through("r1", left[1].id) == 2
     assert [r.body["seq"] for r in spool.uploads.records("r1", 0, 100)] == [9, 10]
+
+
+def test_spool_lets_console_records_go_with_the_rows_wandb_holds_after_them(tmp_path):
+    spool = Spool(str(tmp_path))
+    spool.load_watermarks()
+    console = [message(t="console", seq=seq, lines=[["out", "line %d" % seq]], dropped=0) for seq in (1, 3, 5, 7)]
+    spool.ingest([(console[0], ""), _log(2), (console[1], ""), _log(4), (console[2], ""), _log(6), (console[3], "")])
+    uploads = spool.uploads
+    records = uploads.records("r1", 0, 100)
+    rows = [r for r in records if r.kind == "log"]
+    uploads.assign_steps("r1", [(r.id, i) for i, r in enumerate(rows)], records[-1].id)
+    assert uploads.confirm_console("r1", 0) == 0   # W&B holds no row: any console line may be missing there
+    assert uploads.confirm_console("r1", 2) == 2   # rows 0 and 1 (seqs 2, 4) are there: the lines before them too
+    assert uploads.confirm_logged("r1", 2) == 2
+    assert [(r.kind, r.body["seq"]) for r in uploads.records("r1", 0, 100)] == [("console", 5), ("log", 6),
+                                                                                ("console", 7)]
 
 
 def test_spool_keeps_the_steps_handed_to_wandb_after_their_records_are_gone(tmp_path):

@@ -1,9 +1,9 @@
 """The training config TokenHSI users know, validated once at the entry point.
 
 `cfg_train` yaml: `use_wandb`, a `wandb:` block (project, entity, name, group, tags, notes, mode),
-a `relay:` block (endpoint, spill_dir, keys, finish_timeout) and rl_games' `params:`. `cfg_env` yaml:
-an `env:` block (task, num_envs). Unknown or duplicate keys, wrong types, and `use_wandb`/`wandb`/
-`relay` placed under `params:` are errors that name the key and the file.
+a `relay:` block (endpoint, spill_dir, keys, finish_timeout, histograms_every, console) and rl_games'
+`params:`. `cfg_env` yaml: an `env:` block (task, num_envs). Unknown or duplicate keys, wrong types,
+and `use_wandb`/`wandb`/`relay` placed under `params:` are errors that name the key and the file.
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ class RelaySettings:
     keys: Optional[str] = None     # CurveZMQ client key directory (`relay keys new`); null: $RELAY_CLIENT_KEYS
     finish_timeout: float = 30.0
     histograms_every: int = 0      # every N epochs, histograms of the rollout's actions and rewards; 0: none
+    console: bool = True           # the trainer's stdout/stderr to the run's Logs (relay.console)
 
 
 @dataclass(frozen=True)

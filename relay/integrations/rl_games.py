@@ -18,8 +18,11 @@ How it hooks in (rl_games calls the observer; nothing in rl_games or the agent i
     as the central value net's `writter`, are re-pointed too); with no writer (None) it only relays;
   * wraps `algo.save` so that checkpoints are written atomically and then reported;
   * wraps `algo.train` so that the run is finished when training returns (exit code 0) or raises
-    (exit code 1, the exception propagates); an `atexit` hook finishes a run whose training never
-    returned through the wrapper (exit code 1 if training was never started).
+    (exit code 1, the exception propagates, its traceback in the run's Logs); an `atexit` hook
+    finishes a run whose training never returned through the wrapper (exit code 1 if training was
+    never started).
+  * sends the process's stdout and stderr to the run's Logs until the run finishes (`console=True`,
+    the default; relay.console says what is captured and its limits).
   * wraps `algo.update_epoch`, which rl_games' and TokenHSI's training loops call first thing in
     every epoch: there the previous epoch's buffered scalars are sent as ONE row,
     `run.log(row, frame=frame, epoch=epoch)`, with `frame` and `epoch` as rl_games gave them to
@@ -90,7 +93,8 @@ class RelayAlgoObserver(AlgoObserver):
                  entity: Optional[str] = None, group: Optional[str] = None, tags: Optional[List[str]] = None,
                  notes: Optional[str] = None, mode: Optional[str] = None, run_id: Optional[str] = None,
                  endpoint: Optional[str] = None, finish_timeout: float = 10.0, spill_dir: Optional[str] = None,
-                 keys: Optional[str] = None, config: Optional[Dict[str, Any]] = None, histograms_every: int = 0):
+                 keys: Optional[str] = None, config: Optional[Dict[str, Any]] = None, histograms_every: int = 0,
+                 console: Any = True):
         self.client = client
         self._owns_client = False
         self.project = project
@@ -106,6 +110,7 @@ class RelayAlgoObserver(AlgoObserver):
         self.finish_timeout = finish_timeout
         self.spill_dir = spill_dir
         self.config = config       # the W&B config; None: rl_games' params['config'] from before_init
+        self.console = console     # the process's stdout/stderr to the run's Logs (True, False, ConsoleLimits)
         self.run = None            # the relay Run while reporting, else None
         self.report = None         # what run.finish() returned
         self.algo = None
@@ -147,7 +152,8 @@ class RelayAlgoObserver(AlgoObserver):
             config = self._config if self._config is not None else getattr(algo, "config", {})
         run = self.client.start_run(project=self.project, name=self.name or self._experiment_name,
                                     entity=self.entity, group=self.group, tags=self.tags, notes=self.notes,
-                                    config=sanitize_config(config), mode=self.mode, run_id=self.run_id)
+                                    config=sanitize_config(config), mode=self.mode, run_id=self.run_id,
+                                    console=self.console)
         if getattr(run, "client", None) is None:  # DisabledRun (reporting disabled, as the client saw it)
             return
         self.run = run
@@ -230,7 +236,10 @@ class RelayAlgoObserver(AlgoObserver):
             except SystemExit as exc:
                 observer.finish(exit_code=0 if exc.code in (None, 0) else 1)
                 raise
-            except BaseException:
+            except BaseException as exc:
+                capture = getattr(observer.run, "_console", None)  # the Run's console capture, if it has one
+                if capture is not None:  # the traceback into the Logs: the interpreter prints it after the finish
+                    capture.exception(exc)
                 observer.finish(exit_code=1)
                 raise
             observer.finish(exit_code=0)

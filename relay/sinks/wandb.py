@@ -49,6 +49,12 @@ SDK_PRELOAD = ("wandb.sdk.launch", "wandb.apis.public", "wandb._analytics", "wan
                "opentelemetry.exporter.otlp.proto.http.metric_exporter",
                "opentelemetry.exporter.otlp.proto.http._log_exporter")
 
+# The trainer's console streams (relay/protocol.py) as the SDK names them, and the line that says
+# how many lines the client dropped.
+CONSOLE_STREAMS = {"out": "stdout", "err": "stderr"}
+DROPPED_LINES = ("[relay: %s console lines dropped: the trainer printed more than its console limits let through "
+                 "(relay.console.ConsoleLimits)]")
+
 # What a W&B outage looks like from wandb.init; anything else is a bug and is not retried.
 RETRYABLE = (wandb.errors.CommError, ConnectionError, TimeoutError, OSError)
 
@@ -127,14 +133,17 @@ class WandbSink:
         os.environ.pop("WANDB_SERVICE", None)
 
     def _init(self, settings: dict) -> Any:
-        return wandb.init(
+        run = wandb.init(
             project=settings["project"], entity=settings.get("entity"), name=settings.get("name"),
             group=settings.get("group"), tags=settings.get("tags") or None, notes=settings.get("notes"),
             job_type=settings.get("job_type"), config=settings.get("config") or None,
             id=self.run_id, resume="allow", mode=self.mode, dir=self.config.spool_dir,
             reinit="create_new", allow_val_change=True,
             settings=wandb.Settings(
-                init_timeout=self.config.init_timeout, silent=True, console="off", save_code=False,
+                # console: wandb-core writes the output records of `write_console` to output.log
+                # only when console capture is on; the capture it turns on in this process is
+                # undone at once (`_init`): the relay's own output is not the trainer's.
+                init_timeout=self.config.init_timeout, silent=True, console="wrap_raw", save_code=False,
                 disable_git=True, x_disable_stats=True, x_disable_machine_info=True,
                 # The relay host's pip packages say nothing about the trainer's run (and listing
                 # them read every installed package's metadata: a tenth of an uploader's CPU).
@@ -157,6 +166,8 @@ class WandbSink:
                 x_graphql_timeout_seconds=self.config.request_timeout,
                 x_file_transfer_timeout_seconds=self.config.request_timeout),
         )
+        run._restore()  # the SDK's capture of this process's stdout/stderr, off (wandb 0.31, pinned)
+        return run
 
     # -- an open run --------------------------------------------------------------------------
 
@@ -180,6 +191,26 @@ class WandbSink:
 
     def log(self, values: dict, step: int) -> None:
         self._run.log(values, step=step, commit=True)
+
+    def write_console(self, lines: list[list[str]], dropped: int) -> None:
+        """The trainer's console lines into the run's Logs (`output.log`), as in-process wandb
+        writes a captured console: raw output records, which wandb-core runs through its terminal
+        emulator, stamps with the time it takes them, and marks "ERROR " when they came from
+        stderr. Consecutive lines of one stream go in one record. Then the count of lines the
+        client dropped, if any, as a line of its own."""
+        publish = self._run._interface.publish_output_raw  # not public: wandb is pinned (pyproject)
+        chunk: list[str] = []
+        stream = None
+        for name, text in lines:
+            if name != stream and chunk:
+                publish(CONSOLE_STREAMS[stream], "".join(chunk))
+                chunk = []
+            stream = name
+            chunk.append(text + "\n")
+        if chunk:
+            publish(CONSOLE_STREAMS[stream], "".join(chunk))
+        if dropped:
+            publish("stderr", DROPPED_LINES % format(dropped, ",") + "\n")
 
     def update_summary(self, values: dict) -> None:
         self._run.summary.update(values)
