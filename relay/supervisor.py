@@ -195,7 +195,8 @@ class Supervisor:
             self.restart_after.pop(run_id, None)
         else:
             self.alone[run_id] = ended.why == OWN_CORE
-            what = "was stuck in a W&B call" if ended.why == STUCK else "exited with code 1"
+            what = {STUCK: "was stuck in a W&B call", OWN_CORE: "needs a wandb-core of its own"}.get(
+                ended.why, "exited with code 1")
             self.back_off(run_id, ended.failures, what, " in an uploader process of its own")
 
     def back_off(self, run_id: str, failures: int, what: str, where: str) -> None:

@@ -53,7 +53,7 @@ from relay import planner
 from relay.cadence import Cadence
 from relay.config import RelayConfig
 from relay.rowcount import RowCount
-from relay.sinks.wandb import RETRYABLE, OwnCoreNeeded, WandbSink, wandb_core_dies_with_its_parent
+from relay.sinks.wandb import RETRYABLE, WandbSink, wandb_core_dies_with_its_parent
 from relay.sinks.wandb_api import short_error
 from relay.sinks.wandb_media import row_with_media
 from relay.spool import Spool
@@ -63,7 +63,6 @@ from relay.uploader_checkpoints import Checkpoints
 log = logging.getLogger("relay.uploader")
 
 WAKE, RETRY_NOW = b"w", b"r"  # what the server writes to an uploader's wake pipe
-EXIT_OWN_CORE = 2  # run() in an uploader host: the run must go on with a wandb-core of its own
 
 
 class WakePipe:
@@ -109,8 +108,7 @@ class RunUploader:
     """The loop of one run's uploader: spool -> planner -> sink, W&B's count confirmed, waits and
     backoff. A first SIGTERM sets `drain`, a second `stop` (main's handler); either sets `interrupt`."""
 
-    def __init__(self, run_id: str, config: RelayConfig, mode: str, wake_fd: int | None = None,
-                 sink: WandbSink | None = None):
+    def __init__(self, run_id: str, config: RelayConfig, mode: str, wake_fd: int | None = None):
         self.run_id = run_id
         self.config = config
         self.default_mode = mode
@@ -126,7 +124,7 @@ class RunUploader:
         self._count: RowCount | None = None  # W&B's count of the run's rows (made with the spool)
         self._cadence: Cadence | None = None  # when rows may go to the SDK (made with the spool)
         self._wake = WakePipe(run_id, wake_fd, self.interrupt)
-        self._sink = WandbSink(run_id, config) if sink is None else sink
+        self._sink = WandbSink(run_id, config)
         self._checkpoints: Checkpoints | None = None  # made with the spool
         self._losses_told: dict | None = None  # what the run's W&B summary says about records it will not get
 
@@ -146,8 +144,6 @@ class RunUploader:
                         "its next uploader resumes the run (free disk space if it is full)",
                         self.run_id, self._spool.path, exc)
             return 1
-        except OwnCoreNeeded:  # in an uploader host: the server moves the run to a process of its own
-            return EXIT_OWN_CORE
         except Exception as exc:  # a bug or a broken SDK: say so, keep the records, the server restarts us
             log.exception("uploader for run %s failed; its records stay in the spool", self.run_id)
             try:

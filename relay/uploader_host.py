@@ -30,11 +30,11 @@ import select
 import signal
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from relay.config import RelayConfig
-from relay.sinks.wandb import SharedCore, WandbSink, wandb_core_dies_with_its_parent
-from relay.uploader import EXIT_OWN_CORE, WAKE, RunUploader, _exit_with_relay, _lock
+from relay.sinks.wandb import OwnCoreNeeded, SharedCore, WandbSink, wandb_core_dies_with_its_parent
+from relay.uploader import WAKE, RunUploader, _exit_with_relay, _lock
 
 log = logging.getLogger("relay.uploader")
 
@@ -45,13 +45,18 @@ HOST_IDLE_EXIT = 10.0  # seconds a host without runs waits for one before it exi
 
 
 class WatchedSink:
-    """A run's WandbSink as its uploader sees it, noting when the call in progress began
-    (`busy_since`, None between calls), so that the host can tell a call that does not return."""
+    """A run's WandbSink as its uploader sees it in a host. It notes when the call in progress began
+    (`busy_since`, None between calls), so that the host can tell a call that does not return. A
+    run that needs a wandb-core of its own (OwnCoreNeeded) is stopped: `own_core` is set, the
+    uploader told to stop (`stop`), and its `open` ends as an outage would, which a stopping
+    uploader does not retry."""
 
-    def __init__(self, sink: WandbSink):
+    def __init__(self, sink: WandbSink, stop: Callable[[], None]):
         self._sink = sink
+        self._stop = stop
         self.busy_since: float | None = None
         self.busy_with = ""
+        self.own_core = False
 
     def __getattr__(self, name: str) -> Any:
         value = getattr(self._sink, name)
@@ -62,9 +67,26 @@ class WatchedSink:
             self.busy_with, self.busy_since = name, time.monotonic()
             try:
                 return value(*args, **kwargs)
+            except OwnCoreNeeded as exc:
+                self.own_core = True
+                self._stop()
+                raise ConnectionError(str(exc)) from None
             finally:
                 self.busy_since = None
         return call
+
+
+class HostedUploader(RunUploader):
+    """A RunUploader in a host: its sink watched (WatchedSink), never alone in its process."""
+
+    def __init__(self, run_id: str, config: RelayConfig, mode: str, wake_fd: int):
+        super().__init__(run_id, config, mode, wake_fd=wake_fd)
+        self.sink = WatchedSink(WandbSink(run_id, config, alone=False), self.stop_now)
+        self._sink = self.sink
+
+    def stop_now(self) -> None:
+        self.stop.set()
+        self.interrupt.set()
 
 
 class RunThread:
@@ -74,10 +96,10 @@ class RunThread:
     def __init__(self, run_id: str, config: RelayConfig, mode: str, ended_fd: int):
         self.run_id = run_id
         self.config = config
-        self.sink = WatchedSink(WandbSink(run_id, config, alone=False))
         self._wake_reader, self._wake_writer = os.pipe()
         os.set_blocking(self._wake_writer, False)
-        self.uploader = RunUploader(run_id, config, mode, wake_fd=self._wake_reader, sink=self.sink)
+        self.uploader = HostedUploader(run_id, config, mode, self._wake_reader)
+        self.sink = self.uploader.sink
         self.code: int | None = None
         self._ended_fd = ended_fd  # a byte there tells the host's loop that a thread ended
         self.thread = threading.Thread(target=self._main, name=run_id, daemon=True)
@@ -182,11 +204,13 @@ class UploaderHost:
             run.thread.join()
             del self.runs[run_id]
             run.close()
-            if run.code == 0:
+            if run.sink.own_core:
+                self._leave(OWN_CORE, run_id)
+            elif run.code == 0:
                 if not self.terms:  # while draining the server no longer reads reports
                     self._report(END, run_id)
             else:
-                self._leave(OWN_CORE if run.code == EXIT_OWN_CORE else FAILED, run_id)
+                self._leave(FAILED, run_id)
 
     def _watch(self) -> None:
         now = time.monotonic()
