@@ -127,7 +127,8 @@ def main() -> int:
     relay = Relay(os.path.join(workdir, "spool"), mode="offline")
     try:
         relay.wait_ready()
-        client = RelayClient(relay.endpoint, spill_dir=os.path.join(workdir, "spill"))
+        # rows_acked below counts the open record and the rows: no provenance or system records
+        client = RelayClient(relay.endpoint, spill_dir=os.path.join(workdir, "spill"), provenance=False, system_metrics=0)
         run = client.start_run(project="bench", run_id="gpu-overhead")
         batch = calibrate(torch, device, args.width, args.step_ms, args.dry_run)
         trainer = Trainer(torch, device, args.width, batch)

@@ -4,7 +4,9 @@ The public facade of the trainer side: RelayClient, Run, DisabledRun, ForkedRunE
 done by relay.outbox (the records' ledger: seqs, pending records, acks, re-sends, overflow, rows
 waiting for their device values), relay.iothread (the client's I/O thread: every socket operation,
 heartbeats), relay.connection (the socket, its handshake diagnostics, reconnects) and relay.spill
-(spill files; the client's errors and rate-limited warnings).
+(spill files; the client's errors and rate-limited warnings). relay.runthreads runs each run's
+threads beside the training loop: its provenance, once (relay.provenance), and its system metrics
+sampler (relay.sysmetrics).
 
 Invariants (DESIGN.md):
 - Every call returns in bounded time and never raises for transport problems (relay absent,
@@ -56,6 +58,7 @@ from relay.iothread import IOThread
 from relay.keys import CLIENT_KEYS_VARIABLE, ClientKeys, load_client_keys
 from relay.modes import DisabledRun, reporting_disabled  # noqa: F401 (DisabledRun: part of this module's API)
 from relay.outbox import MAX_DEFERRED, Outbox  # noqa: F401 (MAX_DEFERRED: part of this module's API)
+from relay.runthreads import RunThreads
 from relay.spill import SPILL_FIX, Reporter, Spiller, default_spill_dir
 from relay.spilling import SpillThread
 
@@ -90,7 +93,7 @@ class RelayClient:
                  spill_dir: Optional[str] = None, resend_after: float = 1.0,
                  warn_every: float = 30.0, stream: Optional[str] = None, heartbeat_every: float = 10.0,
                  keys: Optional[str] = None, reconnect_after: float = RECONNECT_AFTER,
-                 max_buffered: Optional[int] = None):
+                 max_buffered: Optional[int] = None, provenance: bool = True, system_metrics: Optional[float] = 15.0):
         self.endpoint = endpoint or os.environ.get("RELAY_ENDPOINT") or protocol.DEFAULT_ENDPOINT
         # CurveZMQ keys (the DIR/<name>/ directory of `relay keys new`); a bad directory raises
         # CurveKeyError here, at start: a configuration mistake, not a transport problem.
@@ -103,7 +106,7 @@ class RelayClient:
         self.resend_after = resend_after
         self.warn_every = warn_every
         self.heartbeat_every = heartbeat_every
-        self._closed = False
+        self._closed, self.provenance, self.system_metrics = False, bool(provenance), float(system_metrics or 0)
         self._parent_runs = set()      # type: set  (runs open in the process this one was forked from)
         self._begin(stream)
         _CLIENTS.add(self)
@@ -150,8 +153,9 @@ class RelayClient:
     @_locked
     def start_run(self, project: str, name: Optional[str] = None, entity: Optional[str] = None,
                   group: Optional[str] = None, tags: Optional[List[str]] = None, notes: Optional[str] = None,
-                  config: Optional[Dict[str, Any]] = None, mode: Optional[str] = None,
-                  run_id: Optional[str] = None, job_type: Optional[str] = None, console: Any = False) -> "Run":
+                  config: Optional[Dict[str, Any]] = None, mode: Optional[str] = None, run_id: Optional[str] = None,
+                  job_type: Optional[str] = None, console: Any = False, provenance: Optional[bool] = None,
+                  system_metrics: Optional[float] = None) -> "Run":
         limits = console_limits(console)  # True or a ConsoleLimits: stdout/stderr to the run's Logs (relay.console)
         if mode is not None and mode not in protocol.WANDB_MODES:
             raise ValueError("mode must be one of %s, got %r" % (", ".join(protocol.WANDB_MODES), mode))
@@ -170,7 +174,7 @@ class RelayClient:
         protocol.validate_settings(settings)
         run = Run(self, run_id, name)
         self._open_runs[run_id] = settings
-        self.submit({"t": "open", "run": run_id, "settings": settings})
+        run._threads = RunThreads(self, run_id, provenance, system_metrics).open(settings)
         if self._io is not None:
             self._io.runs = frozenset(self._open_runs)
         run._console = self._console = capture_for(run.id, self._outbox, self._io, limits, self)
@@ -305,6 +309,7 @@ class Run:
         self.name = name
         self._life = client._life
         self._pid = os.getpid()
+        self._threads = None  # type: Optional[RunThreads]  (its provenance and sampler: relay.runthreads)
         self._console = NO_CAPTURE  # type: ConsoleCapture
 
     def _refuse_if_forked(self) -> None:
@@ -374,10 +379,13 @@ class Run:
     def finish(self, exit_code: int = 0, timeout: float = 10.0) -> Dict[str, Any]:
         """Queue the finish record, wait at most `timeout` for acks, spill the rest to disk."""
         self._refuse_if_forked()
+        deadline = time.monotonic() + timeout
+        if self._threads is not None:  # its provenance given up to `timeout` to come first; then no more
+            self._threads.finish(timeout)
         self._console.stop()
         self.client.submit({"t": "finish", "run": self.id, "exit_code": int(exit_code), "time": time.time()})
         self.client._run_finished(self.id)
-        delivered = self.client.flush(timeout)
+        delivered = self.client.flush(max(0.0, deadline - time.monotonic()))
         spill_file = self.client.spill_pending()  # what is not acked, after what an overflow handed over
         stats = self.client.statistics()
         return {"run": self.id, "delivered": delivered, "spill_file": spill_file,

@@ -173,7 +173,7 @@ def check_values(values: Dict[str, Any]) -> None:
 def _check_file(item: Dict[str, Any], where: str) -> None:
     allowed = {"type", "path", "stat", "caption", "fps"}
     if set(item) - allowed:
-        raise ProtocolError("%s has unknown fields %s" % (where, ", ".join(sorted(set(item) - allowed))))
+        raise ProtocolError("%s has unknown fields %s" % (where, ", ".join(sorted(repr(k) for k in set(item) - allowed))))
     path = item.get("path")
     if not isinstance(path, str) or not path.startswith("/") or not path.isprintable():
         raise ProtocolError("%s.path must be an absolute path without control characters" % where)

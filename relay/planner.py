@@ -19,6 +19,9 @@ Rules:
   that this stays the exception, `ready` holds back a batch's last `log` record marked `with_media`
   (the client sends its media record right after it) until that media record is in the spool, or
   for at most MEDIA_WAIT seconds (the relay may have refused the media record).
+- Records of the trainer node beside the rows (SIDE_KINDS: `console`, `meta`, `system`) take no
+  step and do not end a row: they are applied where they came, and the rows around them are made
+  as if they were not there.
 - A `finish` ends the plan: records after it belong to a run resumed later, and wait for the next
   batch.
 """
@@ -37,6 +40,7 @@ class Entry(Protocol):
 
 ROW_KINDS = ("log", "media")
 MEDIA_WAIT = 2.0  # seconds a `log` record marked `with_media` waits for its media record (see `ready`)
+SIDE_KINDS = ("console", "meta", "system")  # records of the trainer node: no step, no row ended
 
 
 @dataclass
@@ -76,6 +80,10 @@ def plan(records: Sequence[Entry], next_step: int) -> Plan:
     previous: Entry | None = None
     row: Row | None = None  # the row the previous record went into
     for record in records:
+        if record.kind in SIDE_KINDS:
+            items.append(record)
+            through = record
+            continue
         if record.kind in ROW_KINDS:
             frame = record.body.get("frame")
             values = row_values(record.body) if record.kind == "log" else media_values(record.body)
@@ -93,24 +101,27 @@ def plan(records: Sequence[Entry], next_step: int) -> Plan:
         else:
             items.append(record)
             row = None
-        previous = record
+        previous = through = record
         if record.kind == "finish":
             break
-    return Plan(steps, previous.id, next_step, items)  # type: ignore[union-attr]
+    return Plan(steps, through.id, next_step, items)
 
 
 def ready(records: Sequence[Entry], received: float, now: float, draining: bool) -> tuple[list[Entry], float]:
     """The records that may be planned now, and how long to wait when that is none of them. A
     batch's last record, a `log` marked `with_media` and received (wall clock) less than MEDIA_WAIT
     before `now`, waits for the media record that joins its row; while the relay drains, nothing
-    waits."""
-    last = records[-1] if records else None
+    waits. Side records after that `log` record (SIDE_KINDS) wait with it."""
+    end = len(records)
+    while end and records[end - 1].kind in SIDE_KINDS:
+        end -= 1
+    last = records[end - 1] if end else None
     if draining or last is None or last.kind != "log" or not last.body.get("with_media"):
         return list(records), 0.0
     wait = min(MEDIA_WAIT, received + MEDIA_WAIT - now)  # min: a wall clock set back waits no longer
     if wait <= 0:
         return list(records), 0.0
-    return list(records[:-1]), (wait if len(records) == 1 else 0.0)
+    return list(records[:end - 1]), (wait if end == 1 else 0.0)
 
 
 def joins(record: Entry, previous: Entry | None) -> bool:

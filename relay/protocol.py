@@ -9,7 +9,9 @@ Every frame is one msgpack map. Every message carries:
 
 Client -> relay kinds and their own fields:
 
-    open        run, settings {project, entity, name, group, tags, notes, config, mode}
+    open        run, settings {project, entity, name, group, tags, notes, config, mode}, meta? (true: the
+                client sends a `meta` record for the run; the relay waits a little for it before
+                starting the W&B run, whose host, program and commit it sets)
     log         run, metrics {name: scalar}, frame?, epoch?, ns?, time, with_media? (true: a `media`
                 record joining this row follows; the relay holds the row a moment for it)
     checkpoint  run, path, metadata {..}, aliases [..], time, stat? {size, mtime_ns}: the file as
@@ -24,6 +26,12 @@ Client -> relay kinds and their own fields:
                 MAX_CONSOLE_LINES lines a record); `dropped` (int >= 0) counts the lines the client
                 dropped since its previous console record (its limits: relay/console.py). Takes no
                 W&B step.
+    meta        run, provenance {host, program, args, root, ..., git {commit, remote_url, dirty}},
+                diff? (str): where and how the trainer runs, taken on the trainer's node once per run
+                (relay/provenance.py says what each field holds); the relay hands it to W&B as the
+                run's metadata, `diff` (the uncommitted changes) as the run file diff.patch
+    system      run, values {name: number}, time: one sample of the trainer node's system metrics
+                (relay/sysmetrics.py), named as W&B names its own (`cpu`, `gpu.0.temp`, ...)
     status      page? (answered, never spooled): without `page`, the relay-wide totals and the
                 runs worth a look (the active ones, the last few finished); with `page` (0, then
                 the reply's `next`), the same totals and every run in turn, a page at a time
@@ -50,6 +58,7 @@ from typing import Any, Dict, Optional
 import msgpack
 
 from relay import media
+from relay import provenance
 from relay.errors import ProtocolError  # noqa: F401 (part of this module's API)
 
 VERSION = 1
@@ -73,7 +82,7 @@ MAX_TAG_LEN = 64
 ALIAS_FORBIDDEN = "/:"
 MAX_METADATA_KEYS = 100
 
-RECORD_KINDS = ("open", "log", "checkpoint", "summary", "finish", "media", "console")
+RECORD_KINDS = ("open", "log", "checkpoint", "summary", "finish", "media", "console", "meta", "system")
 UNSPOOLED_KINDS = ("status", "heartbeat")
 CLIENT_KINDS = RECORD_KINDS + UNSPOOLED_KINDS
 WANDB_MODES = ("online", "offline", "disabled")
@@ -193,6 +202,13 @@ def validate(message: Dict[str, Any]) -> None:
         _require(message, "exit_code", int)
         if not EXIT_CODE_MIN <= message["exit_code"] <= EXIT_CODE_MAX:
             raise ProtocolError("field 'exit_code' %d is outside the 32-bit range W&B stores" % message["exit_code"])
+    elif kind == "meta":
+        provenance.validate(message)
+    elif kind == "system":
+        _require(message, "values", dict)
+        for key, value in message["values"].items():
+            if type(value) not in (int, float):
+                raise ProtocolError("values[%s] must be a number, got %s" % (_show(key), type(value).__name__))
 
 
 SETTINGS_FIELDS = {

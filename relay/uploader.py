@@ -49,7 +49,7 @@ from typing import Any
 
 import tenacity
 
-from relay import planner
+from relay import planner, uploader_meta
 from relay.cadence import Cadence
 from relay.config import RelayConfig
 from relay.rowcount import RowCount
@@ -213,7 +213,7 @@ class RunUploader:
             reraise=True,
         )
         try:
-            retrying(self._init_once, settings)
+            retrying(self._init_once, settings, uploader_meta.provenance(self._spool, self.run_id, self._wake))
         except RETRYABLE:
             return False
         self._open = True
@@ -233,10 +233,10 @@ class RunUploader:
         log.info("run %s started in W&B mode %s at %s", self.run_id, self.mode, self.location)
         return True
 
-    def _init_once(self, settings: dict) -> None:
+    def _init_once(self, settings: dict, meta: dict | None) -> None:
         if self.mode == "online":
             self._count.settle(settings)
-        self._sink.open(settings, self.mode, on_left_open_closed=lambda: self._left_open_closed(settings))
+        self._sink.open(settings, self.mode, lambda: self._left_open_closed(settings), provenance=meta)
 
     def _left_open_closed(self, settings: dict) -> None:
         """The sink closed a stream of this run left open in the shared wandb-core: what it held has
@@ -306,14 +306,15 @@ class RunUploader:
             self._sink.update_summary(body["values"])
         elif record.kind == "open":
             self._sink.update_config(body["settings"].get("config") or {})
-        elif record.kind == "console":
-            self._sink.write_console(body["lines"], body.get("dropped") or 0)
+        elif record.kind in uploader_meta.NODE_KINDS:  # the trainer node's: console, provenance, system metrics
+            uploader_meta.apply(self._sink, record.kind, body)
         elif record.kind == "checkpoint":
             self._wait_for_wandb()  # log_artifact talks to W&B in this thread, and raises when it cannot
             self._checkpoints.log(record)
         elif record.kind == "finish":
             self._wait_for_wandb()
             self._finish(body["exit_code"], through_id=record.id)
+
 
 
 def _lock(spool_dir: str, run_id: str) -> int | None:

@@ -75,12 +75,12 @@ def trainer_factory(tmp_path):
     started: list[TrainerProcess] = []
 
     def make(args: dict, env: dict | None = None, prefix: list[str] = (),
-             python: str = sys.executable) -> TrainerProcess:
+             python: str = sys.executable, cwd: str = ROOT) -> TrainerProcess:
         trainer_env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "RELAY_"))}
         trainer_env["PYTHONPATH"] = ROOT
         trainer_env.update(env or {})
         args.setdefault("spill_dir", str(tmp_path / "spill"))
-        trainer = TrainerProcess(args, trainer_env, prefix, python)
+        trainer = TrainerProcess(args, trainer_env, prefix, python, cwd)
         started.append(trainer)
         return trainer
 

@@ -15,7 +15,7 @@ from relay.console import ConsoleLimits
 
 
 def main(args: dict) -> None:
-    client = RelayClient(args["endpoint"], spill_dir=args["spill_dir"])
+    client = RelayClient(args["endpoint"], spill_dir=args["spill_dir"], provenance=False, system_metrics=0)
     console = ConsoleLimits(**args["limits"]) if args.get("limits") else args.get("console", True)
     run = client.start_run(project="relay-tests", run_id=args["run_id"], console=console)
     run.log({"loss": 0.5}, frame=1)

@@ -107,6 +107,11 @@ class FakeRun:
     arrived: list = field(default_factory=list)  # wall time (time.time()) each history line arrived at
     file_stream_posts: int = 0       # file_stream requests for this run
     post_times: list = field(default_factory=list)  # wall time of each of those requests
+    # The run's provenance fields as UpsertBucket set them (what the W&B run page shows).
+    host: str | None = None
+    program: str | None = None
+    commit: str | None = None
+    repo: str | None = None
 
 
 @dataclass
@@ -346,6 +351,9 @@ class FakeWandb:
             run.tags = list(v["tags"])
         if v.get("notes") is not None:
             run.notes = v["notes"]
+        for key, attribute in (("host", "host"), ("program", "program"), ("commit", "commit"), ("repo", "repo")):
+            if v.get(key) is not None:
+                setattr(run, attribute, v[key])
         if v.get("config") is not None:
             run.raw_config = json.loads(v["config"])
             run.config = _unwrap_config(run.raw_config)

@@ -51,7 +51,7 @@ def finish(client: RelayClient, run, timeout: float) -> dict:
 
 def main(args: dict) -> int:
     client = RelayClient(args["endpoint"], spill_dir=args["spill_dir"],
-                         heartbeat_every=args.get("heartbeat_every", 0.5))
+                         heartbeat_every=args.get("heartbeat_every", 0.5), provenance=False, system_metrics=0)
     project, metrics, seed = args.get("project", "relay-tests"), args["metrics"], args["seed"]
     run = client.start_run(project=project, run_id=args["run_id"])
     log_steps(run, seed, 0, args["before"], metrics)

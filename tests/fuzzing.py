@@ -72,7 +72,7 @@ SETTINGS = st.fixed_dictionaries(
               "mode": st.none() | st.sampled_from(protocol.WANDB_MODES)})
 
 KIND_FIELDS = {
-    "open": st.fixed_dictionaries({"run": RUN_IDS, "settings": SETTINGS}),
+    "open": st.fixed_dictionaries({"run": RUN_IDS, "settings": SETTINGS}, optional={"meta": st.booleans()}),
     "log": st.fixed_dictionaries(
         {"run": RUN_IDS, "metrics": st.dictionaries(KEYS, SCALARS, min_size=1, max_size=8)},
         optional={"frame": st.none() | INT64, "epoch": st.none() | INT64, "ns": st.none() | st.text(max_size=10),
@@ -104,6 +104,18 @@ KIND_FIELDS = {
         {"run": RUN_IDS, "lines": st.lists(st.tuples(st.sampled_from(protocol.CONSOLE_STREAMS), st.text(max_size=80))
                                            .map(list), max_size=5),
          "dropped": st.integers(0, protocol.INT_MAX)},
+        optional={"time": FLOATS}),
+    "meta": st.fixed_dictionaries(
+        {"run": RUN_IDS, "provenance": st.fixed_dictionaries(
+            {}, optional={"host": st.text(max_size=30), "args": st.lists(st.text(max_size=20), max_size=4),
+                          "cpu_count": st.integers(1, 512), "started_at": FLOATS,
+                          "git": st.fixed_dictionaries({}, optional={"commit": st.text(max_size=40),
+                                                                      "dirty": st.booleans()}),
+                          "gpus": st.lists(st.fixed_dictionaries({"name": st.text(max_size=20)},
+                                                                 optional={"memory_total": INT64}), max_size=2)})},
+        optional={"diff": st.text(max_size=200)}),
+    "system": st.fixed_dictionaries(
+        {"run": RUN_IDS, "values": st.dictionaries(KEYS, st.integers(0, 1 << 40) | FLOATS, max_size=8)},
         optional={"time": FLOATS}),
     "status": st.just({}),
     "heartbeat": st.fixed_dictionaries({"runs": st.lists(RUN_IDS, max_size=5)}),

@@ -74,9 +74,10 @@ class RelayProcess(testing.RelayProcess):
 class TrainerProcess:
     """tests/trainer.py as a real subprocess, run by `python` (this interpreter unless told)."""
 
-    def __init__(self, args: dict, env: dict, prefix: list[str] = (), python: str = sys.executable):
+    def __init__(self, args: dict, env: dict, prefix: list[str] = (), python: str = sys.executable,
+                 cwd: str = ROOT):
         self.proc = subprocess.Popen([*prefix, python, os.path.join(TESTS, "trainer.py"), json.dumps(args)],
-                                     env=env, stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True, cwd=ROOT)
+                                     env=env, stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True, cwd=cwd)
 
     def event(self, name: str, timeout: float = 120.0) -> dict:
         """Read the trainer's stdout until it reports `name` (a blocking read: a real signal)."""

@@ -57,7 +57,7 @@ def test_checkpoint_rewritten_then_deleted_during_outage_arrives_as_logged(fake_
     first, second = os.urandom(3_000_000), os.urandom(2_000_000)
     fake_wandb.set_fault("503")
     relay = relay_factory(fake_wandb, ["--mode", "online", "--artifact-root", str(checkpoint_dir)])
-    client = RelayClient(relay.endpoint, spill_dir=str(tmp_path / "spill"))
+    client = RelayClient(relay.endpoint, spill_dir=str(tmp_path / "spill"), provenance=False, system_metrics=0)
     run = client.start_run(project="tokenHSI", name="rewrite", run_id="rewrite")
     save(path, first)
     run.log({"rewards/mean": 1.0}, frame=32_768, epoch=1)
@@ -100,7 +100,7 @@ def test_snapshot_is_deleted_once_wandb_commits_the_artifact(fake_wandb, relay_f
     payload = os.urandom(1_000_000)
     save(path, payload)
     relay = relay_factory(fake_wandb, ["--mode", "online", "--artifact-root", str(checkpoint_dir)])
-    client = RelayClient(relay.endpoint, spill_dir=str(tmp_path / "spill"))
+    client = RelayClient(relay.endpoint, spill_dir=str(tmp_path / "spill"), provenance=False, system_metrics=0)
     run = client.start_run(project="tokenHSI", run_id="commit")
     fake_wandb.set_fault("hang", "upload")                  # the artifact's bytes wait: so does its snapshot
     run.log_checkpoint(str(path), metadata={"epoch": 50}, aliases=["latest"])
@@ -128,7 +128,7 @@ def test_checkpoint_missing_or_replaced_before_the_relay_took_it_is_refused_to_t
     path = nn / "Humanoid.pth"
     gone = nn / "Humanoid_00000010.pth"
     relay = relay_factory(fake_wandb, ["--mode", "online", "--artifact-root", str(root)], start=False)
-    client = RelayClient(relay.endpoint, spill_dir=str(tmp_path / "spill"))
+    client = RelayClient(relay.endpoint, spill_dir=str(tmp_path / "spill"), provenance=False, system_metrics=0)
     run = client.start_run(project="tokenHSI", run_id="early")
     save(path, b"epoch 1" * 1000)
     run.log_checkpoint(str(path), metadata={"epoch": 1}, aliases=["epoch-1"])   # waits in the client
@@ -165,7 +165,7 @@ def test_replayed_spill_file_snapshots_its_checkpoints_and_refuses_a_replaced_on
     (root / "nn").mkdir(parents=True)
     path = root / "nn" / "Humanoid.pth"
     relay = relay_factory(fake_wandb, ["--mode", "online", "--artifact-root", str(root)], start=False)
-    client = RelayClient(relay.endpoint, spill_dir=str(tmp_path / "spill"))
+    client = RelayClient(relay.endpoint, spill_dir=str(tmp_path / "spill"), provenance=False, system_metrics=0)
     run = client.start_run(project="tokenHSI", run_id="spilled")
     save(path, b"first" * 1000)
     run.log_checkpoint(str(path), metadata={"epoch": 1})

@@ -71,7 +71,7 @@ def test_forked_child_logs_as_a_stream_of_its_own_and_is_refused_the_parents_run
 FORK_WHILE_A_THREAD_HOLDS_THE_CLIENT = """
 import json, os, sys, threading, time
 from relay.client import RelayClient
-client = RelayClient(sys.argv[1], spill_dir=sys.argv[2])
+client = RelayClient(sys.argv[1], spill_dir=sys.argv[2], provenance=False, system_metrics=0)
 run = client.start_run(project="tokenHSI", run_id="busy")
 run.log({"a": 1.0}, frame=1)
 waiting = threading.Thread(target=client.flush, args=(20.0,))  # no relay: holds the client for 20 s
@@ -121,7 +121,7 @@ def test_fork_while_another_thread_is_inside_the_client_leaves_the_child_a_worki
 DROPPED_IN_A_CYCLE = """
 import gc, sys, time
 from relay.client import RelayClient
-client = RelayClient(sys.argv[1], spill_dir=sys.argv[2])
+client = RelayClient(sys.argv[1], spill_dir=sys.argv[2], provenance=False, system_metrics=0)
 run = client.start_run(project="tokenHSI", run_id="dropped")
 run.log({"a": 1.0}, frame=1)
 client.cycle = client  # an exception's traceback holding the trainer's frame makes such cycles too
@@ -209,7 +209,8 @@ def test_overflow_spills_off_the_trainers_thread_and_every_record_reaches_a_file
         monkeypatch, relay_factory, tmp_path):
     relay = relay_factory(None, ["--mode", "offline"], start=False)  # away while the trainer overflows
     fsyncs = Fsyncs(monkeypatch)
-    client = RelayClient(relay.endpoint, spill_dir=str(tmp_path / "spill"), max_pending=100, heartbeat_every=0)
+    client = RelayClient(relay.endpoint, spill_dir=str(tmp_path / "spill"), max_pending=100, heartbeat_every=0,
+                         provenance=False, system_metrics=0)
     run = client.start_run(project="tokenHSI", run_id="offthread")
     for step in range(550):             # handed over at rows 99, 198, 297, 396 and 495: five files
         run.log(row(36, step, 4), frame=frame(step), epoch=step + 1)
@@ -264,7 +265,7 @@ def test_a_spill_directory_that_fills_bounds_memory_and_counts_every_dropped_rec
     directory = str(tiny_spill_dir)
     fsyncs = Fsyncs(monkeypatch)
     client = RelayClient("ipc://%s/no-relay.ipc" % short_dir, spill_dir=directory, max_pending=100,
-                         max_buffered=300)
+                         max_buffered=300, provenance=False, system_metrics=0)
     run = client.start_run(project="tokenHSI", run_id="tiny")
     slowest, step = 0.0, 0
     with caplog.at_level(logging.WARNING, logger="relay.client"):
@@ -318,7 +319,8 @@ def test_a_spill_directory_that_fills_bounds_memory_and_counts_every_dropped_rec
 
 def test_close_during_an_overflow_spill_in_flight_waits_for_it_and_loses_nothing(monkeypatch, short_dir, tmp_path):
     fsyncs = Fsyncs(monkeypatch)
-    client = RelayClient("ipc://%s/no-relay.ipc" % short_dir, spill_dir=str(tmp_path / "spill"), max_pending=100)
+    client = RelayClient("ipc://%s/no-relay.ipc" % short_dir, spill_dir=str(tmp_path / "spill"), max_pending=100,
+                         provenance=False, system_metrics=0)
     run = client.start_run(project="tokenHSI", run_id="inflight")
     fsyncs.hold()                        # the disk is slow: the overflow's spill stays in flight
     for step in range(150):
@@ -350,7 +352,8 @@ import json, select, sys, time
 sys.path.insert(0, sys.argv[4])
 from relay.client import RelayClient
 from workload import frame, row
-client = RelayClient(sys.argv[1], spill_dir=sys.argv[2], max_pending=10, heartbeat_every=0)
+client = RelayClient(sys.argv[1], spill_dir=sys.argv[2], max_pending=10, heartbeat_every=0,
+                     provenance=False, system_metrics=0)
 run = client.start_run(project="tokenHSI", run_id="clock")
 for step in range(30):
     if step == 15:

@@ -60,7 +60,8 @@ def transfers(monkeypatch):
 @pytest.fixture
 def client(tmp_path, short_dir):
     # Nothing listens at this endpoint: records stay in the pending buffer, where the test reads them.
-    made = RelayClient("ipc://%s/nobody.ipc" % short_dir, spill_dir=str(tmp_path / "spill"), heartbeat_every=0)
+    made = RelayClient("ipc://%s/nobody.ipc" % short_dir, spill_dir=str(tmp_path / "spill"), heartbeat_every=0,
+                       provenance=False, system_metrics=0)
     yield made
     made._outbox.pending.clear()
     made._outbox.deferred.clear()

@@ -237,7 +237,7 @@ def test_the_observer_puts_a_failed_trainings_traceback_in_the_logs_before_the_f
     from test_rl_games import FakeAlgo, ListWriter
 
     free = "tcp://127.0.0.1:%d" % free_tcp_port()  # no relay: finish() spills what it holds
-    client = RelayClient(free, spill_dir=str(tmp_path / "spill"), heartbeat_every=0)
+    client = RelayClient(free, spill_dir=str(tmp_path / "spill"), heartbeat_every=0, provenance=False, system_metrics=0)
     observer = RelayAlgoObserver(client=client, run_id="crash", finish_timeout=0.2)
     algo = FakeAlgo(ListWriter(), str(tmp_path))
 

@@ -102,7 +102,7 @@ def test_checkpoint_under_root_becomes_model_artifact_outside_is_refused(fake_wa
     outside = tmp_path / "secret.pth"
     outside.write_bytes(b"not for upload")
     relay = relay_factory(fake_wandb, ["--mode", "online", "--artifact-root", str(root.parent)])
-    client = RelayClient(relay.endpoint, spill_dir=str(tmp_path / "spill"))
+    client = RelayClient(relay.endpoint, spill_dir=str(tmp_path / "spill"), provenance=False, system_metrics=0)
     run = client.start_run(project="tokenHSI", name="ckpt", run_id="ckpt")
     run.log({"rewards/mean": 1.5}, frame=1_048_576, epoch=16)
     run.log_checkpoint(str(checkpoint), metadata={"epoch": 16, "frame": 1_048_576}, aliases=["latest", "best"])
@@ -144,7 +144,7 @@ def _reply(sock: zmq.Socket, timeout_ms: int = 10_000) -> dict:
 
 def test_malformed_frames_get_errors_while_other_clients_are_served(relay_factory, tmp_path):
     relay = relay_factory(None, ["--mode", "offline"])
-    good = RelayClient(relay.endpoint, spill_dir=str(tmp_path / "spill"))
+    good = RelayClient(relay.endpoint, spill_dir=str(tmp_path / "spill"), provenance=False, system_metrics=0)
     run = good.start_run(project="p", run_id="good")
     bad = _raw_socket(relay.endpoint)
     base = {"v": 1, "stream": "evil", "run": "r1"}
@@ -193,7 +193,7 @@ def test_refusal_warnings_are_limited_and_the_rest_counted(relay_factory):
 
 def test_relay_absent_log_is_fast_finish_spills_and_replay_delivers_once(fake_wandb, relay_factory, tmp_path):
     relay = relay_factory(fake_wandb, ["--mode", "online"], start=False)
-    client = RelayClient(relay.endpoint, spill_dir=str(tmp_path / "spill"))
+    client = RelayClient(relay.endpoint, spill_dir=str(tmp_path / "spill"), provenance=False, system_metrics=0)
     run = client.start_run(project="tokenHSI", run_id="absent")
     latencies = []
     for step in range(1000):

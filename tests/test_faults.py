@@ -223,7 +223,8 @@ def test_first_sigterm_drains_with_deadline_second_exits_now_and_restart_deliver
 
 def test_client_overflow_spills_and_replay_delivers_every_record_once(fake_wandb, relay_factory, tmp_path):
     relay = relay_factory(fake_wandb, ["--mode", "online"], start=False)
-    client = RelayClient(relay.endpoint, spill_dir=str(tmp_path / "spill"), max_pending=100)
+    client = RelayClient(relay.endpoint, spill_dir=str(tmp_path / "spill"), max_pending=100,
+                         provenance=False, system_metrics=0)
     run = client.start_run(project="tokenHSI", run_id="overflow")
     for step in range(1000):
         run.log(row(16, step, 4), frame=frame(step), epoch=step + 1)

@@ -284,7 +284,8 @@ def test_client_keeps_its_sequence_after_an_integer_too_big_for_the_wire(tmp_pat
     """A refused value must give back the seq it took, or every later record sits behind a gap."""
     from relay.client import RelayClient
 
-    client = RelayClient("ipc://%s/none.ipc" % tmp_path, spill_dir=str(tmp_path / "spill"), heartbeat_every=0)
+    client = RelayClient("ipc://%s/none.ipc" % tmp_path, spill_dir=str(tmp_path / "spill"), heartbeat_every=0,
+                         provenance=False, system_metrics=0)
     run = client.start_run(project="p", run_id="r")
     with pytest.raises(TypeError, match="64-bit range"):
         run.log({"a": 1 << 64})

@@ -167,7 +167,7 @@ def test_media_records_are_checked_item_by_item():
         "values['x'].path must be an absolute path without control characters": dict(image, path="a.png"),
         "values['x'].stat must be {size: int, mtime_ns: int}": dict(image, stat={"size": 1}),
         "values['x'].fps must be a positive number, and only a video has one": dict(image, fps=4.0),
-        "values['x'] has unknown fields data": dict(image, data="...."),
+        "values['x'] has unknown fields 'data'": dict(image, data="...."),
         "values['x'].counts must be 1..512 ints >= 0": dict(curve, counts=[1, -2]),
         "values['x'].edges must be len(counts) + 1 finite numbers": dict(curve, edges=[0.0, 1.0]),
         "values['x'].edges must be increasing": dict(curve, edges=[0.0, 1.0, 1.0]),
@@ -206,7 +206,7 @@ def test_replayed_spill_file_copies_its_media_and_refuses_a_file_changed_since_t
     (root / "a.png").write_bytes(png((10, 20, 30)))
     (root / "b.png").write_bytes(png((40, 50, 60)))
     relay = relay_factory(fake_wandb, ["--mode", "online", "--artifact-root", str(root)], start=False)
-    client = RelayClient(relay.endpoint, spill_dir=str(tmp_path / "spill"))
+    client = RelayClient(relay.endpoint, spill_dir=str(tmp_path / "spill"), provenance=False, system_metrics=0)
     run = client.start_run(project="tokenHSI", run_id="spilled-media")
     run.log({"x": 1.0, "a": relay_api.Image(str(root / "a.png"))}, frame=1)
     run.log({"x": 2.0, "b": relay_api.Image(str(root / "b.png"))}, frame=2)

@@ -236,7 +236,7 @@ def test_relay_logs_backlog_progress_through_an_outage_until_drained(fake_wandb,
 def test_replayed_spill_file_is_followed_by_progress_until_uploaded(fake_wandb, relay_factory, tmp_path):
     relay = relay_factory(fake_wandb, ["--mode", "online"], start=False,
                           env={"RELAY_PROGRESS_BACKLOG": "100", "RELAY_PROGRESS_EVERY": "1"})
-    client = RelayClient(relay.endpoint, spill_dir=str(tmp_path / "spill"))
+    client = RelayClient(relay.endpoint, spill_dir=str(tmp_path / "spill"), provenance=False, system_metrics=0)
     run = client.start_run(project="tokenHSI", run_id="replayed")
     for step in range(400):
         run.log({"step": step, "loss": 1.0 / (step + 1)}, frame=step + 1)

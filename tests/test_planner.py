@@ -69,6 +69,16 @@ def test_a_summary_or_checkpoint_between_rows_ends_the_row_and_stays_in_place():
                               (12, {"c": 3, "frame": 5})]
 
 
+def test_console_meta_and_system_records_take_no_step_and_do_not_end_a_row():
+    records = [log(1, frame=4, a=1), other(2, "system"), log(3, frame=4, b=2), other(4, "meta"),
+               other(6, "console"), log(5, frame=4, c=3), log(7, frame=5)]
+    p = plan(records, next_step=0)
+    assert p.steps == [(1, 0), (3, 0), (5, 0), (7, 1)] and p.next_step == 2
+    assert shape(p.items) == [(0, {"a": 1, "b": 2, "c": 3, "frame": 4}), "system", "meta", "console",
+                              (1, {"x": 7, "frame": 5})]
+    assert plan([other(1, "system")], next_step=3).through_id == 1
+
+
 def test_a_finish_ends_the_plan():
     p = plan([log(1), other(2, "finish"), other(3, "open"), log(4)], next_step=0)
     assert p.through_id == 2 and p.steps == [(1, 0)] and p.next_step == 1
@@ -97,7 +107,8 @@ def test_an_empty_batch_is_refused():
         plan([], next_step=0)
 
 
-KINDS = st.sampled_from(["log", "log", "log", "log", "summary", "checkpoint", "open", "finish"])
+KINDS = st.sampled_from(["log", "log", "log", "log", "summary", "checkpoint", "open", "finish", "system", "meta"])
+SIDE = ("system", "meta")
 
 
 @st.composite
@@ -120,10 +131,12 @@ def test_plans_keep_every_rule(records, next_step):
     assert steps == sorted(steps) and all(b - a in (0, 1) for a, b in zip(steps, steps[1:]))
     assert not steps or steps[0] == next_step
     assert p.next_step == (steps[-1] + 1 if steps else next_step)
-    # Two records share a step exactly when they are consecutive log records of one frame.
+    # Two records share a step exactly when they are consecutive log records of one frame (side
+    # records between them do not count).
     by_id = {r.id: r for r in records}
     for (a, sa), (b, sb) in zip(p.steps, p.steps[1:]):
-        merged = b == a + 1 and by_id[a].body.get("frame") is not None \
+        between = [by_id[i].kind for i in range(a + 1, b)]
+        merged = all(kind in SIDE for kind in between) and by_id[a].body.get("frame") is not None \
             and by_id[a].body.get("frame") == by_id[b].body.get("frame")
         assert (sa == sb) == merged
     # Other records stay in place, between the rows around them; rows come in step order.
@@ -181,3 +194,7 @@ def test_a_batchs_last_log_record_marked_with_media_waits_for_its_media_record_a
     assert ready([marked], received=100.0, now=50.0, draining=False) == ([], MEDIA_WAIT)  # clock set back
     assert ready([marked, log(3)], received=100.0, now=100.5, draining=False) == ([marked, log(3)], 0.0)
     assert ready([log(1)], received=100.0, now=100.5, draining=False) == ([log(1)], 0.0)
+    # A system or meta record that came between the log record and its media record waits with it.
+    side = [other(3, "system"), other(4, "meta")]
+    assert ready([log(1), marked, *side], received=100.0, now=100.5, draining=False) == ([log(1)], 0.0)
+    assert ready([marked, *side], received=100.0, now=100.5, draining=False) == ([], MEDIA_WAIT - 0.5)

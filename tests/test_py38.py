@@ -63,13 +63,15 @@ def test_python38_trainer_delivers_every_row_through_a_relay(py38_python, fake_w
                                                              trainer_factory):
     relay = relay_factory(fake_wandb, ["--mode", "online"])
     trainer = trainer_factory({"endpoint": relay.endpoint, "run_id": "py38", "steps": 300, "metrics": 20,
-                               "seed": 38, "project": "tokenHSI", "name": "isaacgym-python"}, python=py38_python)
+                               "seed": 38, "project": "tokenHSI", "name": "isaacgym-python", "provenance": True},
+                              python=py38_python)
     done = trainer.event("finished")
     assert trainer.proc.wait(timeout=30) == 0
-    assert done["report"]["delivered"] is True and done["stats"]["acked"] == 302, done
+    assert done["report"]["delivered"] is True and done["stats"]["acked"] == 303, done  # open, meta, rows, finish
     fake_wandb.wait_for(lambda: fake_wandb.complete("py38"), 120)
     run = fake_wandb.run("py38")
     assert (run.project, run.display_name or run.name, run.exit_code) == ("tokenHSI", "isaacgym-python", 0)
+    assert json.loads(run.files["wandb-metadata.json"])["python"].startswith("3.8.")
     assert_history(run.history, seed=38, steps=300, metrics=20)
     assert relay.stop() == 0
 
@@ -138,6 +140,25 @@ def test_relay_command_on_a_base_install_runs_status_keys_and_names_the_extra_fo
         assert len(lines) == 1 and lines[0].startswith("Error: %s needs the relay's server extra (module " % said), \
             result.stderr
         assert lines[0].endswith("is not installed): pip install 'tokenhsi-relay[server]'"), result.stderr
+
+
+SAMPLE = """
+import json, time
+from relay.sysmetrics import ProcReader
+reader = ProcReader()
+sum(range(3000000))
+time.sleep(0.05)
+print(json.dumps(reader.sample()))
+"""
+
+
+def test_system_sample_on_python38(py38_python):
+    result = run([py38_python, "-c", SAMPLE])
+    assert result.returncode == 0, result.stderr
+    sample = json.loads(result.stdout)
+    assert sorted(sample) == ["cpu", "memory_percent", "proc.cpu.threads", "proc.memory.availableMB",
+                              "proc.memory.percent", "proc.memory.rssMB"]
+    assert 0 < sample["cpu"] <= 100 and 0 < sample["proc.memory.rssMB"] < sample["proc.memory.availableMB"] * 100
 
 
 def test_python38_media_items_and_histograms_in_plain_python(py38_python, tmp_path):

@@ -256,7 +256,8 @@ class SpyClient:
 def held_relay(fake_wandb, relay_factory, tmp_path):
     fake_wandb.set_fault("503")
     relay = relay_factory(fake_wandb, ["--mode", "online", "--artifact-root", str(tmp_path)])
-    client = RelayClient(relay.endpoint, spill_dir=str(tmp_path / "spill"), heartbeat_every=0)
+    client = RelayClient(relay.endpoint, spill_dir=str(tmp_path / "spill"), heartbeat_every=0,
+                         provenance=False, system_metrics=0)
     yield relay, SpyClient(client)
     client.close()
 
@@ -516,7 +517,8 @@ def test_observer_from_train_config_opens_the_run_its_yaml_describes(held_relay,
     with open(os.path.join(ROOT, "cfg", "train", "amp_point_multitask.yaml")) as handle:
         cfg_train = yaml.safe_load(handle)
     cfg_train["wandb"].update(entity="lab", group="ablation", name=None, mode="offline")
-    cfg_train["relay"].update(endpoint=relay.endpoint, spill_dir=str(tmp_path / "spill-here"), finish_timeout=20)
+    cfg_train["relay"].update(endpoint=relay.endpoint, spill_dir=str(tmp_path / "spill-here"), finish_timeout=20,
+                              provenance=False, system_metrics=0)
     cfg_train["params"]["config"]["name"] = "HumanoidTraj"
     observer = observer_from_train_config(cfg_train)
     algo = FakeAlgo(ListWriter(), str(tmp_path))
@@ -526,10 +528,11 @@ def test_observer_from_train_config_opens_the_run_its_yaml_describes(held_relay,
     observer.after_print_stats(64, 1, 0.5)
     report = observer.finish()
     assert report["delivered"] is True and observer.client.spill_dir == str(tmp_path / "spill-here")
-    assert observer.finish_timeout == 20.0
+    assert observer.finish_timeout == 20.0 and (observer.provenance, observer.system_metrics) == (False, 0)
     records = spooled(relay, observer.run_id or report["run"])
     assert [kind for kind, _ in records] == ["open", "log", "finish"]
     settings = records[0][1]["settings"]
+    assert "meta" not in records[0][1]   # provenance off: no `meta` record announced
     assert {k: settings.get(k) for k in ("project", "entity", "name", "group", "tags", "notes", "mode")} == {
         "project": "tokenHSI", "entity": "lab", "name": "HumanoidTraj", "group": "ablation",
         "tags": ["amp", "point", "multitask"], "notes": cfg_train["wandb"]["notes"], "mode": "offline"}
@@ -571,6 +574,9 @@ def test_observer_from_train_config_with_use_wandb_false_reports_nothing(tmp_pat
     ({"use_wandb": True, "wandb": {"mode": "sometimes"}}, "amp.yaml: wandb.mode must be online, offline or disabled"),
     ({"use_wandb": True, "relay": {"finish_timeout": "30"}}, "amp.yaml: relay.finish_timeout has the wrong type"),
     ({"use_wandb": True, "relay": {"console": "off"}}, "amp.yaml: relay.console must be true or false, got 'off'"),
+    ({"use_wandb": True, "relay": {"provenance": "no"}}, "amp.yaml: relay.provenance must be True or False, got 'no'"),
+    ({"use_wandb": True, "relay": {"system_metrics": -1}}, "amp.yaml: relay.system_metrics must be seconds between "
+     "samples (0: none), got -1"),
     ({"use_wandb": True, "wandb": ["project"]}, "amp.yaml: wandb must be a mapping, got list"),
     ({"params": {"use_wandb": True}}, "amp.yaml: params.use_wandb is misplaced: `use_wandb` belongs at the top level"),
     ({"use_wandb": True, "params": {"config": {"wandb": {"project": "p"}}}},

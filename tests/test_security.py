@@ -184,8 +184,10 @@ def test_curve_relay_takes_authorized_clients_only(fake_wandb, relay_factory, tm
     (other / "stranger" / "relay.key").write_bytes((keys / "relay.key").read_bytes())  # aimed at this relay
     relay = curve_relay(relay_factory, fake_wandb, keys)
 
-    stranger = RelayClient(relay.endpoint, keys=str(other / "stranger"), spill_dir=str(tmp_path / "spill-s"))
-    plain = RelayClient(relay.endpoint, spill_dir=str(tmp_path / "spill-p"))       # no Curve at all
+    stranger = RelayClient(relay.endpoint, keys=str(other / "stranger"), spill_dir=str(tmp_path / "spill-s"),
+                           provenance=False, system_metrics=0)
+    plain = RelayClient(relay.endpoint, spill_dir=str(tmp_path / "spill-p"),
+                        provenance=False, system_metrics=0)       # no Curve at all
     outsiders = {"stranger": stranger, "plain": plain}
     for name, client in outsiders.items():
         run = client.start_run(project="tokenHSI", run_id="intruder-" + name)
@@ -200,7 +202,7 @@ def test_curve_relay_takes_authorized_clients_only(fake_wandb, relay_factory, tm
     relay.wait_log("failed the Curve handshake", 30)
 
     trainer = RelayClient(relay.endpoint, keys=str(keys / "trainer"), spill_dir=str(tmp_path / "spill-t"),
-                          heartbeat_every=0.2)
+                          heartbeat_every=0.2, provenance=False, system_metrics=0)
     run = trainer.start_run(project="tokenHSI", name="curve", run_id="curve1")
     for step in range(300):
         run.log(row(11, step, 20), frame=frame(step), epoch=step + 1)
@@ -237,7 +239,7 @@ def test_refused_trainer_keeps_its_records_and_delivers_them_once_its_key_is_let
     (late / "node7" / "relay.key").write_bytes((keys / "relay.key").read_bytes())
     relay = curve_relay(relay_factory, fake_wandb, keys)
     client = RelayClient(relay.endpoint, keys=str(late / "node7"), spill_dir=str(tmp_path / "spill"),
-                         reconnect_after=1.0)
+                         reconnect_after=1.0, provenance=False, system_metrics=0)
     run = client.start_run(project="tokenHSI", run_id="late1")
     for step in range(100):
         run.log(row(12, step, 10), frame=frame(step), epoch=step + 1)
@@ -260,7 +262,8 @@ def test_trainer_with_keys_never_talks_to_a_relay_without_curve(relay_factory, t
     keys = tmp_path / "keys"
     make_keys(keys, "trainer")
     relay = relay_factory(None, ["--mode", "offline"])            # loopback ipc://, no --curve
-    client = RelayClient(relay.endpoint, keys=str(keys / "trainer"), spill_dir=str(tmp_path / "spill"))
+    client = RelayClient(relay.endpoint, keys=str(keys / "trainer"), spill_dir=str(tmp_path / "spill"),
+                         provenance=False, system_metrics=0)
     run = client.start_run(project="tokenHSI", run_id="mismatch")
     run.log({"a": 1.0}, frame=1)
     assert client.flush(4.0) is False
@@ -276,12 +279,14 @@ def test_a_key_removed_from_authorized_is_refused_at_its_next_connection(fake_wa
     keys = tmp_path / "keys"
     make_keys(keys, "trainer", "revoked")
     relay = curve_relay(relay_factory, fake_wandb, keys)
-    before = RelayClient(relay.endpoint, keys=str(keys / "revoked"), spill_dir=str(tmp_path / "spill"))
+    before = RelayClient(relay.endpoint, keys=str(keys / "revoked"), spill_dir=str(tmp_path / "spill"),
+                         provenance=False, system_metrics=0)
     assert before.start_run(project="tokenHSI", run_id="before").finish(timeout=30)["acked"] == 2
     before.close()
     os.remove(keys / "authorized" / "revoked.key")
     relay.wait_log("authorized client keys changed in %s: 1 let in now" % (keys / "authorized"), 30)
-    after = RelayClient(relay.endpoint, keys=str(keys / "revoked"), spill_dir=str(tmp_path / "spill"))
+    after = RelayClient(relay.endpoint, keys=str(keys / "revoked"), spill_dir=str(tmp_path / "spill"),
+                        provenance=False, system_metrics=0)
     report = after.start_run(project="tokenHSI", run_id="after").finish(timeout=4)
     assert report["delivered"] is False and report["acked"] == 0 and report["spilled"] == 2
     after.close()

@@ -150,7 +150,7 @@ def test_a_relay_archives_its_finished_runs_off_the_hot_path_and_a_resumed_one_c
     assert every.returncode == 0, every.stderr
     assert [run["run_id"] for run in json.loads(every.stdout)["runs"]] == run_ids
 
-    client = RelayClient(relay.endpoint, spill_dir=str(tmp_path / "spill"))
+    client = RelayClient(relay.endpoint, spill_dir=str(tmp_path / "spill"), provenance=False, system_metrics=0)
     try:
         run = client.start_run(project="tokenHSI", run_id=run_ids[7])   # a trainer resumes a finished run
         run.log({"loss": 1.0})
@@ -212,7 +212,7 @@ def test_typed_status_reads_a_real_reply_and_writes_it_back_exactly(relay_factor
     spool_dir = str(tmp_path / "spool")
     run_ids = write_history(spool_dir, 30)
     relay = relay_factory(None, ["--mode", "disabled"], spool_dir=spool_dir)
-    client = RelayClient(relay.endpoint, spill_dir=str(tmp_path / "spill"))
+    client = RelayClient(relay.endpoint, spill_dir=str(tmp_path / "spill"), provenance=False, system_metrics=0)
     run = client.start_run(project="tokenHSI", name="live", run_id="typed-live")
     try:
         for step in range(20):
@@ -329,7 +329,8 @@ STOP_LINE = re.compile(r"relay stopped: .* left_in_spool=(\d+) unsent=(\d+) unco
 def test_stop_line_and_status_count_what_wandb_has_not_confirmed_and_the_next_start_delivers_it(
         fake_wandb, relay_factory, tmp_path):
     relay = relay_factory(fake_wandb, ["--mode", "online", "--drain-timeout", "2"])
-    client = RelayClient(relay.endpoint, spill_dir=str(tmp_path / "spill"), heartbeat_every=1.0)
+    client = RelayClient(relay.endpoint, spill_dir=str(tmp_path / "spill"), heartbeat_every=1.0,
+                         provenance=False, system_metrics=0)
     run = client.start_run(project="tokenHSI", run_id="unconfirmed")
     try:
         for step in range(60):

@@ -55,6 +55,14 @@ def test_floats_nan_and_inf_round_trip_bit_exact():
     ({"t": "console", "lines": [], "dropped": 0, "time": "now"}, "field 'time' must be a number"),
     ({"deep": [[[[[[[[[[1]]]]]]]]]]}, "nested deeper than 8"),
     ({"metrics": {"k" * 300: 1}}, "key that is not a 1..256 character string"),
+    ({"t": "meta"}, "field 'provenance' must be dict"),
+    ({"t": "meta", "provenance": {"host": 7}}, "field provenance.host must be str, got int"),
+    ({"t": "meta", "provenance": {"args": ["a", 1]}}, "field provenance.args must be a list of strings"),
+    ({"t": "meta", "provenance": {"git": {"dirty": "yes"}}}, "field provenance.git.dirty must be bool"),
+    ({"t": "meta", "provenance": {"gpus": [{"name": 1}]}}, "field provenance.gpus must be a list of"),
+    ({"t": "meta", "provenance": {}, "diff": 3}, "field 'diff' must be str"),
+    ({"t": "system", "values": {"cpu": "high"}}, "values['cpu'] must be a number, got str"),
+    ({"t": "system", "values": {"cpu": True}}, "values['cpu'] must be a number, got bool"),
 ])
 def test_invalid_messages_are_refused_with_the_reason_and_their_seq(fields, reason):
     with pytest.raises(protocol.ProtocolError) as caught:

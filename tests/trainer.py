@@ -17,8 +17,10 @@ from relay.client import RelayClient  # noqa: E402
 
 
 def main(args: dict) -> int:
+    # Provenance and system metrics are off unless asked for: the records each test counts are its own.
     client = RelayClient(args["endpoint"], spill_dir=args.get("spill_dir"), max_pending=args.get("max_pending", 10000),
-                         heartbeat_every=args.get("heartbeat_every", 10.0), keys=args.get("keys"))
+                         heartbeat_every=args.get("heartbeat_every", 10.0), keys=args.get("keys"),
+                         provenance=args.get("provenance", False), system_metrics=args.get("system_metrics", 0))
     run = client.start_run(project=args.get("project", "relay-tests"), name=args.get("name"), run_id=args["run_id"],
                            group=args.get("group"), tags=args.get("tags"), notes=args.get("notes"),
                            config=args.get("config"))
@@ -35,6 +37,8 @@ def main(args: dict) -> int:
         if args.get("interval"):
             time.sleep(args["interval"])  # the simulated training step
     print(json.dumps({"event": "logged", "max_latency": max(latencies, default=0.0)}), flush=True)
+    if args.get("linger"):
+        time.sleep(args["linger"])  # the run stays open (its system metrics sampled meanwhile)
     if args.get("flush_before_wait"):
         client.flush(60.0)  # the client sends during calls: hand everything over before going quiet
     if args.get("wait_stdin"):

@@ -34,6 +34,8 @@ class RelaySettings:
     finish_timeout: float = 30.0
     histograms_every: int = 0      # every N epochs, histograms of the rollout's actions and rewards; 0: none
     console: bool = True           # the trainer's stdout/stderr to the run's Logs (relay.console)
+    provenance: bool = True        # the trainer node's provenance, once per run (docs/trainer.md)
+    system_metrics: float = 15.0   # seconds between system metrics samples; 0: none
 
 
 @dataclass(frozen=True)

@@ -94,7 +94,7 @@ class RelayAlgoObserver(AlgoObserver):
                  notes: Optional[str] = None, mode: Optional[str] = None, run_id: Optional[str] = None,
                  endpoint: Optional[str] = None, finish_timeout: float = 10.0, spill_dir: Optional[str] = None,
                  keys: Optional[str] = None, config: Optional[Dict[str, Any]] = None, histograms_every: int = 0,
-                 console: Any = True):
+                 console: Any = True, provenance: Optional[bool] = None, system_metrics: Optional[float] = None):
         self.client = client
         self._owns_client = False
         self.project = project
@@ -111,6 +111,8 @@ class RelayAlgoObserver(AlgoObserver):
         self.spill_dir = spill_dir
         self.config = config       # the W&B config; None: rl_games' params['config'] from before_init
         self.console = console     # the process's stdout/stderr to the run's Logs (True, False, ConsoleLimits)
+        self.provenance = provenance          # the trainer node's provenance; None: the client's default (on)
+        self.system_metrics = system_metrics  # seconds between system samples, 0 none; None: the client's (15)
         self.run = None            # the relay Run while reporting, else None
         self.report = None         # what run.finish() returned
         self.algo = None
@@ -153,7 +155,8 @@ class RelayAlgoObserver(AlgoObserver):
         run = self.client.start_run(project=self.project, name=self.name or self._experiment_name,
                                     entity=self.entity, group=self.group, tags=self.tags, notes=self.notes,
                                     config=sanitize_config(config), mode=self.mode, run_id=self.run_id,
-                                    console=self.console)
+                                    console=self.console, provenance=self.provenance,
+                                    system_metrics=self.system_metrics)
         if getattr(run, "client", None) is None:  # DisabledRun (reporting disabled, as the client saw it)
             return
         self.run = run

@@ -40,7 +40,8 @@ from relay.modes import reporting_disabled
 log = logging.getLogger("relay.integrations.tokenhsi")
 
 WANDB_KEYS = ("project", "entity", "name", "group", "tags", "notes", "mode")
-RELAY_KEYS = ("endpoint", "spill_dir", "keys", "finish_timeout", "histograms_every", "console")
+RELAY_KEYS = ("endpoint", "spill_dir", "keys", "finish_timeout", "histograms_every", "console", "provenance",
+              "system_metrics")
 NOT_SET = "Base"  # TokenHSI's default for --experiment and --checkpoint
 
 
@@ -90,15 +91,17 @@ class Reporting(object):
                                  group=w.get("group"), tags=w.get("tags"), notes=w.get("notes"), mode=w.get("mode"),
                                  endpoint=r.get("endpoint"), spill_dir=r.get("spill_dir"), keys=r.get("keys"),
                                  finish_timeout=self.finish_timeout, config=config,
-                                 histograms_every=r.get("histograms_every") or 0, console=r.get("console", True))
+                                 histograms_every=r.get("histograms_every") or 0, console=r.get("console", True),
+                                 provenance=r.get("provenance"), system_metrics=r.get("system_metrics"))
 
 
 def reporting_from_train_config(cfg_train, where="cfg_train"):
     # type: (Dict[str, Any], str) -> Reporting
     """Read and check the `use_wandb`, `wandb:` (project, entity, name, group, tags, notes, mode) and
-    `relay:` (endpoint, spill_dir, keys, finish_timeout, histograms_every, console) keys of a TokenHSI
-    `cfg_train` dict. Unknown keys, wrong types, and these keys placed under `params:` (where they
-    would be ignored) raise ValueError naming the key; `where` names the file in that message."""
+    `relay:` (endpoint, spill_dir, keys, finish_timeout, histograms_every, console, provenance,
+    system_metrics) keys of a TokenHSI `cfg_train` dict. Unknown keys, wrong types, and these keys
+    placed under `params:` (where they would be ignored) raise ValueError naming the key; `where`
+    names the file in that message."""
     if not isinstance(cfg_train, dict):
         raise ValueError("%s must be a mapping, got %s" % (where, type(cfg_train).__name__))
     refuse_misplaced(cfg_train.get("params"), "params", where)
@@ -122,6 +125,12 @@ def reporting_from_train_config(cfg_train, where="cfg_train"):
         raise ValueError("%s: relay.histograms_every must be an int >= 0 (0: no histograms), got %r" % (where, every))
     if not isinstance(relay.get("console", True), bool):
         raise ValueError("%s: relay.console must be true or false, got %r" % (where, relay["console"]))
+    if not isinstance(relay.get("provenance", True), bool):
+        raise ValueError("%s: relay.provenance must be True or False, got %r" % (where, relay["provenance"]))
+    _check_type(relay, "system_metrics", (int, float), where + ": relay")
+    if (relay.get("system_metrics") or 0) < 0:
+        raise ValueError("%s: relay.system_metrics must be seconds between samples (0: none), got %r"
+                         % (where, relay["system_metrics"]))
     return Reporting(use_wandb, wandb, relay)
 
 

@@ -34,6 +34,7 @@ import wandb
 
 from relay.config import RelayConfig
 from relay.errors import RelayError
+from relay.sinks import wandb_meta
 from relay.sinks.wandb_api import history_count, short_error
 
 log = logging.getLogger("relay.uploader")  # part of the uploader's log, as operators read it
@@ -81,14 +82,18 @@ class WandbSink:
         self.shared_core = bool(os.environ.get("WANDB_SERVICE"))  # on the relay's wandb-core (SharedCore)
         self.shared_core_failures = 0
         self._run: Any = None  # the wandb Run while one is open
+        self._provenance: dict | None = None  # the trainer's provenance given to wandb.init
 
     # -- opening ------------------------------------------------------------------------------
 
-    def open(self, settings: dict, mode: str, on_left_open_closed: Callable[[], None]) -> None:
+    def open(self, settings: dict, mode: str, on_left_open_closed: Callable[[], None],
+             provenance: dict | None = None) -> None:
         """wandb.init the run (resumed if W&B has it). Raises one of RETRYABLE on an outage.
         `on_left_open_closed` is called after a stream of this run left open in the shared core was
-        closed, before the run starts again (its rows reached W&B, not yet its count)."""
+        closed, before the run starts again (its rows reached W&B, not yet its count). `provenance`
+        (a `meta` record's): the trainer's host, program and commit as the run's (wandb_meta)."""
         self.mode = mode
+        self._provenance = provenance
         if self.shared_core:
             try:
                 self._run = self._open_on_shared_core(settings, on_left_open_closed)
@@ -144,7 +149,9 @@ class WandbSink:
                 # only when console capture is on; the capture it turns on in this process is
                 # undone at once (`_init`): the relay's own output is not the trainer's.
                 init_timeout=self.config.init_timeout, silent=True, console="wrap_raw", save_code=False,
-                disable_git=True, x_disable_stats=True, x_disable_machine_info=True,
+                # Nothing of the relay's host: no git, no stats, no machine info, or (when the trainer
+                # sent its provenance) the trainer's host, program and commit instead (wandb_meta).
+                disable_git=True, x_disable_stats=True, **wandb_meta.init_settings(self._provenance),
                 # The relay host's pip packages say nothing about the trainer's run (and listing
                 # them read every installed package's metadata: a tenth of an uploader's CPU).
                 x_save_requirements=False,
