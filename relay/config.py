@@ -80,6 +80,11 @@ class RelayConfig(BaseModel):
     watermark_retention: float = Field(90 * 86400.0, ge=7 * 86400.0, description="seconds a stream's watermark (what "
                                        "makes a re-sent or replayed record a duplicate) is kept after the stream's last "
                                        "record; a spill file replayed later than that is refused, not uploaded twice")
+    runs_per_uploader: int = Field(50, ge=1, le=1000, description="most runs one uploader process serves, "
+                                   "each in a thread of its own over the shared wandb-core; 1: a process per run")
+    stuck_timeout: float = Field(300.0, gt=0, description="seconds one W&B call of a run may take in an uploader "
+                                 "process serving other runs too; then that process is replaced (its other runs "
+                                 "resume in a fresh one) and the run goes on in a process of its own")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("upload_interval")

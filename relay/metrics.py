@@ -121,7 +121,7 @@ class RelayCollector(Collector):
                                 "writable)", value=int(relay.holding))
         yield GaugeMetricFamily("relay_wandb_up", "0 while some run cannot reach W&B, else 1",
                                 value=int(relay.wandb_up))
-        yield GaugeMetricFamily("relay_uploaders_running", "uploader processes alive",
+        yield GaugeMetricFamily("relay_uploaders_running", "runs with a live uploader",
                                 value=relay.uploaders_running)
         states = GaugeMetricFamily("relay_runs", "runs not finished in W&B, by uploader state", labels=["state"])
         for state, count in sorted(run_counts.active_by_state.items()):

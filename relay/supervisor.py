@@ -1,6 +1,9 @@
-"""The relay's uploader processes: one per run with work, forked by a fork server, restarted with
-backoff when one fails; the wandb-core they share; and what the relay learns from them each scan
-(silent runs to finish, W&B outages, backlog progress).
+"""The relay's uploaders: runs with work served by uploader hosts (relay/uploader_host.py: up to
+`runs_per_uploader` runs a process, each in a thread; relay/hosts.py), or by an uploader process
+of their own (relay/uploader.py: every run when `runs_per_uploader` is 1, and a run whose uploader
+failed in a host), all forked by a fork server and restarted with backoff when one fails; the
+wandb-core they share; and what the relay learns from them each scan (silent runs to finish, W&B
+outages, backlog progress).
 
 An uploader is woken through its wake pipe; its lifeline pipe is never written to, so its end of
 file tells the uploader that the relay is gone. relay/uploader.py says what an uploader does.
@@ -20,10 +23,12 @@ from typing import Callable
 
 from relay import uploader as uploader_module
 from relay.config import RelayConfig
+from relay.hosts import HOST_DIED, MOVED, Ended, HostPool
 from relay.metrics import error_kind
 from relay.progress import BacklogProgress
 from relay.sinks.wandb import SDK_PRELOAD, SharedCore
 from relay.spool import Spool
+from relay.uploader_host import OWN_CORE, STUCK
 from relay.watches import SilenceWatch
 
 log = logging.getLogger("relay.server")
@@ -66,14 +71,14 @@ def uploader_context() -> multiprocessing.context.BaseContext:
     imports take, and the imported code's pages are shared. The fork server starts no thread before
     it forks."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["relay.uploader", *SDK_PRELOAD])
+    context.set_forkserver_preload(["relay.uploader", "relay.uploader_host", *SDK_PRELOAD])
     return context
 
 
 class Supervisor:
-    """Uploader processes and the shared wandb-core, looked after once a scan (`scan`), and drained
-    at the relay's stop (`drain`). `stopping` says whether the relay is stopping: then no uploader
-    is started."""
+    """Uploaders (hosts and processes of their own) and the shared wandb-core, looked after once a
+    scan (`scan`), and drained at the relay's stop (`drain`). `stopping` says whether the relay is
+    stopping: then no uploader is started."""
 
     def __init__(self, config: RelayConfig, mode: str, spool: Spool, silence: SilenceWatch,
                  stopping: Callable[[], bool]):
@@ -94,6 +99,8 @@ class Supervisor:
         self.core = SharedCore()
         self.core_started_at = 0.0
         self.core_lost = False
+        self.hosts = HostPool(config, mode, self.context, lambda: self.core.token)
+        self.alone: dict[str, bool] = {}  # run -> own wandb-core: runs served by a process of their own
 
     def scan(self) -> None:
         """Reap and restart uploaders, watch the shared wandb-core, finish silent runs, start or
@@ -107,15 +114,21 @@ class Supervisor:
         self.report_backlogs()
 
     def running(self) -> int:
-        return sum(1 for uploader in list(self.uploaders.values()) if uploader.alive())
+        """Runs with a live uploader."""
+        return sum(1 for uploader in list(self.uploaders.values()) if uploader.alive()) + self.hosts.serving()
 
     def ensure_uploader(self, run_id: str) -> None:
         uploader = self.uploaders.get(run_id)
         if uploader is not None and uploader.alive():
             uploader.wake()
             return
+        if self.hosts.wake(run_id, uploader_module.WAKE):
+            return
         not_before, failures = self.restart_after.get(run_id, (0.0, 0))
         if self.stopping() or time.monotonic() < not_before:
+            return
+        if self.config.runs_per_uploader > 1 and run_id not in self.alone:
+            self.hosts.place(run_id, failures)
             return
         # The write ends stay in this process only: the fork server gets the read ends (to hand
         # them to the child) and nothing else of ours, so they reach end of file when we die.
@@ -123,7 +136,8 @@ class Supervisor:
         life_reader, life_writer = self.context.Pipe(duplex=False)
         process = self.context.Process(
             target=uploader_module.child_main, name="relay-uploader-" + run_id, daemon=True,
-            args=(run_id, self.mode, self.config.model_dump_json(), wake_reader, life_reader, self.core.token))
+            args=(run_id, self.mode, self.config.model_dump_json(), wake_reader, life_reader,
+                  None if self.alone.get(run_id) else self.core.token))
         try:
             process.start()
         finally:
@@ -162,13 +176,36 @@ class Supervisor:
             uploader.release()
             if code == 0:
                 self.restart_after.pop(run_id, None)
+                self.alone.pop(run_id, None)
                 continue
-            failures = uploader.failures + 1
-            self.wandb_errors["uploader_exit"] += 1
-            delay = min(RESTART_BACKOFF_MAX, 2.0 ** failures)
-            self.restart_after[run_id] = (time.monotonic() + delay, failures)
-            log.warning("uploader for run %s exited with code %d; restarting it in %.0f s (records are kept)",
-                        run_id, code, delay)
+            self.back_off(run_id, uploader.failures, "exited with code %d" % code, "")
+        for ended in self.hosts.reap():
+            self.host_run_ended(ended)
+
+    def host_run_ended(self, ended: Ended) -> None:
+        """A run no longer served by its host: done, moved to a fresh host, or (its own failure)
+        retried with backoff in an uploader process of its own."""
+        run_id = ended.run_id
+        if ended.why == MOVED:
+            if ended.code:
+                log.info("run %s: its uploader host was replaced; it resumes in a fresh one", run_id)
+        elif ended.why == HOST_DIED:
+            self.back_off(run_id, ended.failures, "exited with code %d (its uploader host)" % ended.code, "")
+        elif ended.code == 0:
+            self.restart_after.pop(run_id, None)
+        else:
+            self.alone[run_id] = ended.why == OWN_CORE
+            what = {STUCK: "was stuck in a W&B call", OWN_CORE: "needs a wandb-core of its own"}.get(
+                ended.why, "exited with code 1")
+            self.back_off(run_id, ended.failures, what, " in an uploader process of its own")
+
+    def back_off(self, run_id: str, failures: int, what: str, where: str) -> None:
+        failures += 1
+        self.wandb_errors["uploader_exit"] += 1
+        delay = min(RESTART_BACKOFF_MAX, 2.0 ** failures)
+        self.restart_after[run_id] = (time.monotonic() + delay, failures)
+        log.warning("uploader for run %s %s; restarting it%s in %.0f s (records are kept)",
+                    run_id, what, where, delay)
 
     def finish_silent_runs(self) -> None:
         """Runs whose trainers were not heard from for silence_timeout are finished in W&B."""
@@ -196,6 +233,8 @@ class Supervisor:
             for run_id, _ in retrying:
                 if run_id in self.uploaders:
                     self.uploaders[run_id].wake(uploader_module.RETRY_NOW)
+                else:
+                    self.hosts.wake(run_id, uploader_module.RETRY_NOW)
         self.wandb_checked_at = now
         self.count_wandb_errors(retrying)
         if retrying and self.wandb_down_since is None:
@@ -224,17 +263,17 @@ class Supervisor:
         are in the spool; the next start resumes the run), stop the shared wandb-core. Returns
         whether every uploader ended by itself."""
         deadline = time.monotonic() + self.config.drain_timeout
-        uploaders = [u for u in self.uploaders.values() if u.alive()]
-        log.info("relay stopping: draining %d runs for at most %.0f s", len(uploaders), self.config.drain_timeout)
-        for uploader in uploaders:
-            uploader.process.terminate()
-        for uploader in uploaders:
-            while uploader.alive() and not cut() and time.monotonic() < deadline:
-                uploader.process.join(0.1)
-        clean = not any(uploader.alive() for uploader in uploaders)
-        for uploader in uploaders:
-            if uploader.alive():
-                uploader.process.kill()
-                uploader.process.join()
+        processes = [u.process for u in self.uploaders.values() if u.alive()] + self.hosts.processes()
+        log.info("relay stopping: draining %d runs for at most %.0f s", self.running(), self.config.drain_timeout)
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            while process.is_alive() and not cut() and time.monotonic() < deadline:
+                process.join(0.1)
+        clean = not any(process.is_alive() for process in processes)
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+                process.join()
         self.core.stop()
         return clean

@@ -1,8 +1,10 @@
-"""One uploader process per run: spool -> row planner -> W&B sink. The loop that moves a run's
-records to W&B, confirms them, and waits (for the server, for W&B, for W&B's count).
+"""A run's uploader: spool -> row planner -> W&B sink. The loop that moves a run's records to W&B,
+confirms them, and waits (for the server, for W&B, for W&B's count).
 
-Why a process and not a thread: the wandb SDK keeps per-process state that a failure poisons, so
-each run's Python side lives in a process of its own; the server restarts a failed uploader, which
+Where it runs: in a thread of an uploader host, among other runs (relay/uploader_host.py), or in a
+process of its own (`child_main` below: every run with `runs_per_uploader: 1`, and a run whose
+uploader failed in a host). The wandb SDK keeps per-process state that a failure poisons, so a run
+that fails in a host goes on in a process of its own; the server restarts a failed uploader, which
 resumes the W&B run by id (nothing is lost or doubled: see relay/spool_uploads.py). One uploader
 per run is enforced by an flock on `<spool>/locks/<run>.lock`. The processes are forked from a
 fork server that imported this module (and, through relay/sinks/wandb.py, wandb) once, so

@@ -44,7 +44,8 @@ downloads/use_artifact of stored files, reference artifacts, auth failures, rate
 
 Faults (``set_fault``) apply to requests that arrive while set, to all of them or to one path (paths
 "graphql", "file_stream", "upload", or "run_init": the two queries of wandb.init that start a run,
-not the relay's own RelayServerStep): "503" answers 503; "reset" reads
+not the relay's own RelayServerStep), and optionally to one run's file_stream requests only
+(``set_fault(mode, "file_stream", run=RUN_ID)``): "503" answers 503; "reset" reads
 the request and closes the TCP connection with RST; "hang" reads it and never answers (the
 connection is closed unanswered once the fault is cleared, the client gives up, or the fake stops).
 Extra mode "lost_reply": the request is processed and recorded, then the connection is reset, so
@@ -186,6 +187,7 @@ class FakeWandb:
         self._multipart: dict[str, str] = {}              # multipart uploadID -> key of the whole file
         self.anomalies: list[str] = []                    # protocol oddities seen (gaps, rewrites, ...)
         self._fault = ("ok", "all")
+        self._fault_run: str | None = None   # the fault applies to this run's file_stream only
         self._stopping = False
         self._ids = 0
         self._server: ThreadingHTTPServer | None = None
@@ -218,10 +220,12 @@ class FakeWandb:
             "WANDB_ERROR_REPORTING": "false",   # no Sentry reports from the SDK
         }
 
-    def set_fault(self, mode: str, paths: str = "all") -> None:
+    def set_fault(self, mode: str, paths: str = "all", run: str | None = None) -> None:
         assert mode in FAULT_MODES and paths in FAULT_PATHS, (mode, paths)
+        assert run is None or paths == "file_stream", "a fault for one run applies to its file_stream only"
         with self._cond:
             self._fault = (mode, paths)
+            self._fault_run = run
             self._cond.notify_all()
 
     def runs(self) -> dict[str, FakeRun]:
@@ -689,7 +693,10 @@ class _Handler(BaseHTTPRequestHandler):
             if what != kind:
                 fake.requests_seen[what] += 1
             mode, paths = fake._fault
-            if mode != "ok" and (paths in ("all", kind) or (paths == "run_init" and what in RUN_INIT)):
+            run_of = unquote(path.split("/")[4]) if kind == "file_stream" else None  # /files/e/p/RUN/file_stream
+            other_run = fake._fault_run is not None and run_of != fake._fault_run
+            if mode != "ok" and not other_run and (paths in ("all", kind)
+                                                   or (paths == "run_init" and what in RUN_INIT)):
                 fake.requests_seen["fault:" + mode] += 1
             else:
                 mode = "ok"

@@ -33,6 +33,7 @@ from typing import Any, Callable
 import wandb
 
 from relay.config import RelayConfig
+from relay.errors import RelayError
 from relay.sinks import wandb_meta
 from relay.sinks.wandb_api import history_count, short_error
 
@@ -59,14 +60,24 @@ DROPPED_LINES = ("[relay: %s console lines dropped: the trainer printed more tha
 RETRYABLE = (wandb.errors.CommError, ConnectionError, TimeoutError, OSError)
 
 
+class OwnCoreNeeded(RelayError, RuntimeError):
+    """A run that must go on with a wandb-core of its own, opened in an uploader host that serves
+    other runs too: starting (or tearing down) a wandb-core is per process, so the run moves to an
+    uploader process of its own (relay/uploader_host.py)."""
+
+
 class WandbSink:
     """One run in W&B, for the uploader of that run: `open` (wandb.init, on the shared wandb-core or
     one of its own), then rows, summaries, config, checkpoints, and `finish`. Lives as long as the
-    uploader process: a run finished and started again is opened again on the same sink."""
+    uploader process: a run finished and started again is opened again on the same sink.
+    `alone`: the run is the only one of its process; otherwise (an uploader host) the sink never
+    starts or tears down a wandb-core, which the process's other runs use, and raises OwnCoreNeeded
+    where it would."""
 
-    def __init__(self, run_id: str, config: RelayConfig):
+    def __init__(self, run_id: str, config: RelayConfig, alone: bool = True):
         self.run_id = run_id
         self.config = config
+        self.alone = alone
         self.mode: str | None = None
         self.shared_core = bool(os.environ.get("WANDB_SERVICE"))  # on the relay's wandb-core (SharedCore)
         self.shared_core_failures = 0
@@ -92,6 +103,8 @@ class WandbSink:
                 if isinstance(exc, RETRYABLE) and self.shared_core_failures < 2:
                     raise  # an outage that began after the probe; the next try closes the stream it left
                 self._leave_shared_core(exc)
+        if not self.alone:
+            raise OwnCoreNeeded("run %s needs a wandb-core of its own" % self.run_id)
         try:
             self._run = self._init(settings)
         except RETRYABLE:
@@ -118,6 +131,8 @@ class WandbSink:
     def _leave_shared_core(self, error: BaseException) -> None:
         log.warning("run %s: the shared wandb-core failed it (%s); this run goes on with a wandb-core of its own",
                     self.run_id, short_error(error))
+        if not self.alone:  # the process's other runs keep using it
+            raise OwnCoreNeeded("run %s needs a wandb-core of its own" % self.run_id) from error
         self.shared_core = False
         wandb.teardown()  # this process's connection only: the shared core runs on for the others
         os.environ.pop("WANDB_SERVICE", None)
