@@ -82,6 +82,8 @@ class RelayConfig(BaseModel):
                                        "record; a spill file replayed later than that is refused, not uploaded twice")
     runs_per_uploader: int = Field(50, ge=1, le=1000, description="most runs one uploader process serves, "
                                    "each in a thread of its own over the shared wandb-core; 1: a process per run")
+    uploader_hosts: int = Field(0, ge=0, le=64, description="uploader processes the first runs are spread over "
+                                "before runs share one (a process's runs share one core); 0: the CPUs, at most 4")
     stuck_timeout: float = Field(300.0, gt=0, description="seconds one W&B call of a run may take in an uploader "
                                  "process serving other runs too; then that process is replaced (its other runs "
                                  "resume in a fresh one) and the run goes on in a process of its own")

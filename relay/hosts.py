@@ -2,9 +2,11 @@
 each one serves, the pipes to them, and what they report, gathered once a scan by the supervisor
 (relay/supervisor.py), which decides what happens to a run that ended.
 
-A run is placed in the fullest live host with room for it (`runs_per_uploader`), else in a new
-one, so hosts fill up and an emptied host exits (HOST_IDLE_EXIT). A run stays in its host until
-the host reports that it ended, or the host exits.
+A run is placed in a new host while fewer than `uploader_hosts` hosts live (0: the CPUs, at most
+AUTO_HOSTS; a host's runs share one interpreter, so one host is held to about one core: spread over
+a few, a drain of a handful of runs uses the cores as a process per run did), else in the least busy live host with room for it
+(`runs_per_uploader`), else in a new one. A host left without runs exits (HOST_IDLE_EXIT). A run
+stays in its host until the host reports that it ended, or the host exits.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from relay.uploader_host import END, EXIT_RUN_FAILED, START
 
 log = logging.getLogger("relay.server")
 
+AUTO_HOSTS = 4  # `uploader_hosts: 0` spreads the first runs over this many hosts at most (the CPUs, if fewer)
 MOVED = "moved"  # an Ended's `why` when its host exited for another reason than this run
 HOST_DIED = "host-died"  # ... when its host exited unexplained (killed, crashed): `code` is the host's
 
@@ -116,10 +119,13 @@ class HostPool:
         return True
 
     def place(self, run_id: str, failures: int) -> None:
-        """Serve the run in the fullest live host with room, else in a new host."""
+        """Serve the run in a new host while fewer than `uploader_hosts` live, else in the least
+        busy live host with room, else in a new host."""
         limit = self.config.runs_per_uploader
-        room = [host for host in self.hosts if len(host.runs) < limit and host.alive()]
-        host = max(room, key=lambda h: len(h.runs)) if room else self._start()
+        spread = self.config.uploader_hosts or max(1, min(AUTO_HOSTS, os.cpu_count() or 1))
+        live = [host for host in self.hosts if host.alive()]
+        room = [host for host in live if len(host.runs) < limit]
+        host = min(room, key=lambda h: len(h.runs)) if room and len(live) >= spread else self._start()
         host.runs[run_id] = failures
         self.where[run_id] = host
         host.tell(START, run_id)

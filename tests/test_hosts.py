@@ -78,7 +78,7 @@ def test_a_run_whose_sdk_call_raises_is_retried_alone_and_the_others_go_on(fake_
     (hook / "sitecustomize.py").write_text(textwrap.dedent(RAISE_ONCE))
     flag = tmp_path / "fault-flag"
     flag.write_text("")
-    relay = relay_factory(fake_wandb, ["--mode", "online"], env={
+    relay = relay_factory(fake_wandb, ["--mode", "online"], env={"RELAY_UPLOADER_HOSTS": "1",
         "PYTHONPATH": os.pathsep.join([str(hook), ROOT]), "TEST_FAULT_RUN": "fails",
         "TEST_FAULT_FLAG": str(flag)})
     seeds = {"steady-a": 42, "steady-b": 43, "fails": 41}
@@ -104,7 +104,7 @@ def test_a_run_whose_sdk_call_raises_is_retried_alone_and_the_others_go_on(fake_
 
 def test_a_run_stuck_in_a_wandb_call_is_moved_out_and_the_others_go_on(fake_wandb, relay_factory,
                                                                       trainer_factory):
-    relay = relay_factory(fake_wandb, ["--mode", "online"], env={"RELAY_STUCK_TIMEOUT": "3"})
+    relay = relay_factory(fake_wandb, ["--mode", "online"], env={"RELAY_STUCK_TIMEOUT": "3", "RELAY_UPLOADER_HOSTS": "1"})
     seeds = {"stuck": 51, "steady-c": 52, "steady-d": 53}
     trainers = {run_id: paused_trainer(trainer_factory, relay, run_id, 40, seed) for run_id, seed in seeds.items()}
     all_uploading(relay, seeds)
