@@ -45,8 +45,8 @@ HOST_IDLE_EXIT = 10.0  # seconds a host without runs waits for one before it exi
 
 
 class WatchedSink:
-    """A run's WandbSink as its uploader sees it in a host. It notes when the call in progress began
-    (`busy_since`, None between calls), so that the host can tell a call that does not return. A
+    """A run's WandbSink as its uploader sees it in a host. `busy_since` is the start of the call in
+    progress (None between calls), so that the host can tell a call that does not return. A
     run that needs a wandb-core of its own (OwnCoreNeeded) is stopped: `own_core` is set, the
     uploader told to stop (`stop`), and its `open` ends as an outage would, which a stopping
     uploader does not retry."""
