@@ -1,4 +1,4 @@
-"""The relay daemon: ROUTER socket -> validate -> spool -> ack, and one uploader process per run.
+"""The relay daemon: ROUTER socket -> validate -> spool -> ack, and the uploaders (relay/supervisor.py).
 
 Lifecycle (uvicorn's shape): serve() = install signal handlers -> startup() -> main_loop() ->
 shutdown(). A signal handler only sets a flag. The first SIGTERM/SIGINT stops intake and drains

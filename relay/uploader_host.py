@@ -1,7 +1,7 @@
 """Uploader hosts: one process serving many runs, each run's RunUploader loop (relay/uploader.py) in
 a thread of its own, all on one wandb-core (the relay's shared one, else one the host starts).
 
-Why threads in one process: an uploader process per run cost ~17 MiB PSS and a process each; a
+Why threads in one process: an uploader process per run costs ~17 MiB PSS and a process each; a
 thread per run costs a run's Python objects. A run's W&B calls block only its own thread, so one
 slow run does not hold back the others. What threads cannot give is a way to end one run's
 SDK state: so a run whose uploader fails (its loop raised), that must leave the shared wandb-core
