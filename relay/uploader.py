@@ -26,7 +26,8 @@ wandb-core gets a parent-death signal (relay/sinks/wandb.py). Asking W&B for tha
 also how an outage fails before `wandb.init`, not in wandb-core.
 
 With many live runs, rows go to the SDK in bursts, paced so that the runs together stay within
-`upload_requests` W&B requests a second (relay/cadence.py).
+`upload_requests` W&B requests a second (relay/cadence.py); offline runs keep the same pace, which
+spares their uploaders a spool transaction for every row.
 
 While a run is open, W&B is asked every `confirm_every` seconds how many rows it holds, and the
 spool lets go of those; at most `max_unconfirmed_rows` rows are handed over beyond that. Init
@@ -189,7 +190,7 @@ class RunUploader:
             if media_wait:  # the media record of the row is on its way: woken when it is spooled
                 self._wake.wait(media_wait, WAKE)
                 continue
-            wait = self._cadence.wait() if online and not self.drain.is_set() else 0.0
+            wait = self._cadence.wait() if self.mode != "disabled" and not self.drain.is_set() else 0.0
             if wait > 0:  # many live runs: this run's rows go to the SDK in bursts (relay/cadence.py)
                 self._wake.wait(wait, b"")
                 continue
@@ -368,6 +369,7 @@ def main(argv: list[str], wake_fd: int | None = None) -> int:
     """`python -m relay.uploader RUN_ID MODE CONFIG_JSON`: the wake pipe is stdin (or `wake_fd`)."""
     run_id, mode, config_json = argv
     config = RelayConfig.model_validate_json(config_json)
+    os.nice(config.uploader_nice)  # uploads wait when the CPUs are busy; the server's intake does not
     logging.basicConfig(level=getattr(logging, config.log_level), stream=sys.stderr,
                         format="%(asctime)s %(levelname)-7s %(name)s[" + run_id + "]: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server decides
