@@ -64,7 +64,7 @@ from relay.uploader_checkpoints import Checkpoints
 log = logging.getLogger("relay.uploader")
 
 WAKE, RETRY_NOW = b"w", b"r"  # what the server writes to an uploader's wake pipe
-UPLOADER_CACHE_KIB = 256  # a run's spool connection's page cache (SQLite's 2 MiB default, times 1,000 runs)
+UPLOADER_CACHE_KIB = 64  # a run's spool connection's page cache (SQLite's 2 MiB default, times 1,000 runs)
 
 
 class WakePipe:

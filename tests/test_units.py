@@ -217,7 +217,7 @@ def test_spool_connection_page_cache_is_bounded_when_asked(tmp_path):
 
     assert Spool(str(tmp_path)).conn.execute("PRAGMA cache_size").fetchone()[0] == -2000
     small = Spool(str(tmp_path), check=False, cache_kib=UPLOADER_CACHE_KIB)
-    assert small.conn.execute("PRAGMA cache_size").fetchone()[0] == -UPLOADER_CACHE_KIB == -256
+    assert small.conn.execute("PRAGMA cache_size").fetchone()[0] == -UPLOADER_CACHE_KIB == -64
 
 
 def test_spool_made_before_steps_handed_gets_the_column(tmp_path):
