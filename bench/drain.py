@@ -164,9 +164,9 @@ def plot(drains: dict[str, dict], path: str) -> None:
     for name, result in drains.items():
         times = [s[0] - result["back_at_s"] for s in result["samples"]]
         style, label = ("-", "") if name == "this" else ("--", " (%s)" % name)
-        rows_axis.plot(times, [s[1] for s in result["samples"]], style, label="rows in W&B" + label)
-        rss_axis.plot(times, [s[2] / 1024 for s in result["samples"]], style, label="relay server" + label)
-        rss_axis.plot(times, [s[3] / 1024 for s in result["samples"]], style,
+        rows_axis.plot(times, [s[1] for s in result["samples"]], style, color="C0", label="rows in W&B" + label)
+        rss_axis.plot(times, [s[2] / 1024 for s in result["samples"]], style, color="C1", label="relay server" + label)
+        rss_axis.plot(times, [s[3] / 1024 for s in result["samples"]], style, color="C2",
                       label="with uploaders + wandb-core (PSS)" + label)
     rows_axis.axhline(this["rows"], color="0.5", linestyle=":", label="rows logged")
     rows_axis.set_ylabel("rows")
