@@ -57,7 +57,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 sys.path.insert(0, HERE)
 
-from common import (ROOT, Relay, available_mib, bench_env, cpu_seconds, descendants, metrics_row,  # noqa: E402
+from common import (Relay, available_mib, bench_env, codes, cpu_seconds, descendants, metrics_row,  # noqa: E402
                     percentile, pss_kib, ready_wait, run_workers)
 
 from fakewandb import FakeWandb  # noqa: E402
@@ -386,19 +386,16 @@ def main() -> int:
         runs_list, seconds = [50, 200], 45
     if args.dry_run:
         runs_list, seconds, history = [5], 10, 100 if args.history is None else history
-    if args.compare and not os.path.isdir(os.path.join(args.compare, "relay")):
-        parser.error("--compare %s: no relay package there (make one with e.g. `git archive REV | tar -x -C DIR`)"
-                     % args.compare)
+    trees = codes(parser, args.compare)
     try:
         settings = {"RELAY_" + key.strip().upper(): value for key, value in (item.split("=", 1) for item in args.set)}
     except ValueError:
         parser.error("--set takes KEY=VALUE (a key of cfg/relay.yaml), got %s" % args.set)
-    codes = [("this", ROOT)] + ([("compare", os.path.abspath(args.compare))] if args.compare else [])
     summary: dict = {"bench": "many_runs", "mode": "online" if args.online else "offline", "seconds": seconds,
                      "history": history, "settings": args.set, "cpus": os.cpu_count(), "cases": []}
     if args.compare:
         summary.update(compare=os.path.abspath(args.compare), ratios=[])
-    measured: dict[str, list[tuple[int, int]]] = {name: [] for name, _ in codes}
+    measured: dict[str, list[tuple[int, int]]] = {name: [] for name, _ in trees}
     workdir = tempfile.mkdtemp(prefix="relay-many-")
     try:
         print("%s, %d s of one row a second per run, %s; history %d runs; %d CPUs, %.1f GiB available" % (
@@ -407,7 +404,7 @@ def main() -> int:
         print(HEADER, flush=True)
         for runs in runs_list:
             done = {}
-            for name, code in codes:
+            for name, code in trees:
                 skipped = too_big(runs, measured[name])
                 case = ({"relay": name, "runs": runs, "skipped": skipped} if skipped else
                         run_case(runs, seconds, workdir, args.online, history, name, code,
