@@ -141,3 +141,37 @@ def test_a_run_stuck_in_a_wandb_call_is_moved_out_and_the_others_go_on(fake_wand
     assert trainers["stuck"].event("finished")["report"]["delivered"] is True
     wait_finished(relay, fake_wandb, "stuck", 40, 51)
     assert relay.stop() == 0
+
+
+def test_a_host_pipe_that_is_full_keeps_what_it_did_not_take_for_later():
+    """The server never loses a START: what a host's full wake pipe does not take (the host is
+    busy, or still starting) waits, in order and each line once, until the pipe has room."""
+    from relay.hosts import Host
+    from relay.uploader import RETRY_NOW, WAKE
+    from relay.uploader_host import START
+
+    reader, writer = os.pipe()
+    os.set_blocking(writer, False)
+    os.set_blocking(reader, False)
+    host = Host("h", None, writer, -1, -1)
+    filler = 0
+    while True:
+        try:
+            os.write(writer, b"w" + b"x" * 30 + b"\n")
+            filler += 32
+        except BlockingIOError:
+            break
+    for kind, run_id in [(START, "late"), (WAKE, "late"), (WAKE, "late"), (RETRY_NOW, "late"), (START, "later")]:
+        host.tell(kind, run_id)
+    assert list(host.unsent) == [b"slate\n", b"wlate\n", b"rlate\n", b"slater\n"]
+    got = b""
+    while len(got) < filler:
+        got += os.read(reader, 65536)
+    assert got == (b"w" + b"x" * 30 + b"\n") * (filler // 32)  # the pipe held only the filler
+    host.flush()
+    assert host.unsent == {}
+    assert os.read(reader, 65536) == b"slate\nwlate\nrlate\nslater\n"
+    os.close(reader)
+    host.tell(WAKE, "gone")  # the host's end is closed: nothing waits for a host that is exiting
+    assert host.unsent == {}
+    os.close(writer)
