@@ -55,6 +55,21 @@ def wait_finished(relay, fake, run_id, steps, seed):
     assert_history(fake.run(run_id).history, seed=seed, steps=steps, metrics=6)
 
 
+def read(pid: int, name: str) -> str:
+    with open("/proc/%d/%s" % (pid, name)) as file:
+        return file.read()
+
+
+def nice(pid: int) -> int:
+    """The process's nice value (field 19 of /proc/<pid>/stat)."""
+    return int(read(pid, "stat").rsplit(")", 1)[1].split()[16])
+
+
+def children(pid: int) -> list[int]:
+    return [int(child) for task in os.listdir("/proc/%d/task" % pid)
+            for child in read(pid, "task/%s/children" % task).split()]
+
+
 def holder(relay, run_id) -> int | None:
     try:
         return lock_holder(relay.spool_dir, run_id)
@@ -110,6 +125,8 @@ def test_a_run_stuck_in_a_wandb_call_is_moved_out_and_the_others_go_on(fake_wand
     all_uploading(relay, seeds)
     first = holders(relay, seeds)
     assert len(set(first.values())) == 1, first  # one host serves the three runs
+    core = [pid for pid in children(relay.pid) if read(pid, "comm").strip() == "wandb-core"]
+    assert len(core) == 1 and nice(core[0]) == nice(first["stuck"]) == nice(relay.pid) + 10  # uploader_nice
     fake_wandb.set_fault("hang", "file_stream", run="stuck")  # W&B never answers this run's uploads
     trainers["stuck"].go_on()  # its finish waits for W&B to have everything: it never returns
     relay.wait_log("uploader for run stuck was stuck in a W&B call; restarting it in an uploader process of "
@@ -119,6 +136,7 @@ def test_a_run_stuck_in_a_wandb_call_is_moved_out_and_the_others_go_on(fake_wand
         finish(relay, trainers[run_id], fake_wandb, run_id, 40, seeds[run_id])
     relay.wait_status(lambda s: holder(relay, "stuck") not in (None, first["stuck"]), 60,
                       "the stuck run in an uploader process of its own")
+    assert nice(holder(relay, "stuck")) == nice(relay.pid) + 10
     fake_wandb.set_fault("ok")
     assert trainers["stuck"].event("finished")["report"]["delivered"] is True
     wait_finished(relay, fake_wandb, "stuck", 40, 51)
