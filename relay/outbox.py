@@ -35,7 +35,12 @@ held; one with a value the wire cannot carry raises TypeError/ValueError to the 
 
 Re-sending: when records are in flight and no ack has made progress for `resend_after` seconds, the
 cursor goes back to the oldest pending record and everything unacked is sent again (the relay acks
-duplicates again and stores each record once). A socket made anew starts again from there too.
+duplicates again and stores each record once). Each re-send that no ack progress follows doubles the
+wait before the next (`resend_after`, 2x, 4x, ... at most MAX_RESEND_WAIT); an ack that removes a
+record sets it back to `resend_after`. Why: a relay that has fallen behind must read every duplicate
+too; a window re-sent each `resend_after` by each of its clients puts it further behind, which makes
+more re-sends (a congestion collapse). A socket made anew starts again from the oldest pending record
+at once, whatever the wait.
 
 Overflow (`max_pending` records pending: the relay is away or slow): the trainer's call hands
 every pending record over as one batch to `spilling` (relay.spilling; O(1): the dict itself
@@ -74,6 +79,7 @@ NEWER_KINDS = {"console": "the trainer's console output", "meta": "the trainer n
                "system": "the trainer node's system metrics", "media": "images, videos and histograms"}
 _UNKNOWN_KIND = re.compile(r"unknown message kind '([A-Za-z0-9_]+)'")
 MAX_DEFERRED = 64      # rows waiting for their device values' copy before a call waits for the oldest
+MAX_RESEND_WAIT = 30.0  # seconds at most between two re-sends of a window no ack answers (the backoff's cap)
 VALUE_FIELDS = {"log": "metrics", "summary": "values"}   # the fields whose device values are batched
 
 
@@ -104,6 +110,7 @@ class Outbox:
         self.unsupported = set()       # type: set  (record kinds the relay said it does not know)
         self.max_pending = max(1, int(max_pending))
         self.resend_after = resend_after
+        self.resend_wait = resend_after  # the wait before the next re-send: doubled by each, reset by acks
         self.report = reporter or Reporter()
         self.stats = {"sent": 0, "acked": 0, "spilled": 0, "dropped": 0, "errors": 0, "resent": 0,
                       "spill_failed": 0, "lost": 0, "dropped_full": 0}
@@ -225,16 +232,18 @@ class Outbox:
         """Seconds until an unanswered window is sent again (0: now); None when nothing is in flight."""
         if not self.pending or next(iter(self.pending)) >= self.cursor:
             return None
-        return max(0.0, self.last_progress + self.resend_after - self._clock())
+        return max(0.0, self.last_progress + self.resend_wait - self._clock())
 
     def maybe_rewind(self) -> bool:
-        """No ack progress for `resend_after` while records are in flight: re-send them all."""
+        """No ack progress for `resend_wait` while records are in flight: re-send them all, and wait
+        twice as long (at most MAX_RESEND_WAIT) before the next re-send unless an ack comes."""
         if self.rewind_due() != 0.0:
             return False
         oldest = next(iter(self.pending))
         self.stats["resent"] += self.cursor - oldest
         self.cursor = oldest
         self.last_progress = self._clock()
+        self.resend_wait = min(2 * self.resend_wait, max(MAX_RESEND_WAIT, self.resend_after))
         return True
 
     # -- replies (the I/O thread) -------------------------------------------------------------------
@@ -280,6 +289,7 @@ class Outbox:
         if acked:
             self.stats["acked"] += acked
             self.last_progress = self._clock()
+            self.resend_wait = self.resend_after
         return acked
 
     def count(self) -> int:

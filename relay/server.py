@@ -49,6 +49,11 @@ RETENTION_BATCH = 500
 # replies to that client: a client that does not read loses replies (acks are re-earned by
 # re-sending), the relay does not hold them. Status replies are kept small (relay/spool_report.py).
 SEND_HWM = 1000
+# Frames queued from one client at most (ZeroMQ's own default). Past it ZeroMQ stops reading that
+# client's connection: a relay that has fallen behind pushes back through the transport to the
+# client's socket queue and then its outbox (which keeps what the socket does not take, and
+# spills it past max_pending), instead of holding a backlog (and re-sent duplicates) in memory.
+RECEIVE_HWM = 1000
 
 
 class RelayServer:
@@ -146,7 +151,7 @@ class RelayServer:
         self.socket = self.context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.MAXMSGSIZE, self.config.max_frame_bytes * 2)
-        self.socket.setsockopt(zmq.RCVHWM, 100000)
+        self.socket.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
         self.socket.setsockopt(zmq.SNDHWM, SEND_HWM)
         if self.config.curve_dir:
             try:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from relay import protocol
-from relay.outbox import MAX_DEFERRED, Outbox
+from relay.outbox import MAX_DEFERRED, MAX_RESEND_WAIT, Outbox
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -134,7 +134,42 @@ def test_no_ack_progress_for_resend_after_sends_everything_unacked_again():
     assert outbox.rewind_due() == 0.0 and outbox.maybe_rewind()
     assert outbox.stats["resent"] == 4
     assert seqs(outbox.take(100)[1]) == [3, 4, 5, 6]
-    assert outbox.rewind_due() == 1.0    # the new window's timer
+    assert outbox.rewind_due() == 2.0    # the new window's timer: twice as long, as no ack came
+
+
+def rewinds_until(outbox: Outbox, clock: Clock, seconds: float) -> list:
+    """Move the clock in quarter seconds up to `seconds` later, as the I/O thread would look (and
+    send what a rewind gave it); the times of the rewinds, in seconds from the start."""
+    start, times = clock.now, []
+    while clock.now - start < seconds:
+        clock.now += 0.25
+        if outbox.maybe_rewind():
+            times.append(clock.now - start)
+            outbox.take(100)
+    return times
+
+
+def test_each_rewind_no_ack_follows_waits_twice_as_long_up_to_the_cap_and_an_ack_that_removes_one_resets_it():
+    assert MAX_RESEND_WAIT == 30.0
+    clock = Clock()
+    outbox = make(clock=clock)
+    for step in range(5):
+        log(outbox, step)
+    outbox.take(100)                     # a window starts now
+    # waits 1, 2, 4, 8, 16, then 30 (the cap) each: not one re-send of everything per second
+    assert rewinds_until(outbox, clock, 130.0) == [1.0, 3.0, 7.0, 15.0, 31.0, 61.0, 91.0, 121.0]
+    assert outbox.stats["resent"] == 8 * 5 and outbox.resend_wait == MAX_RESEND_WAIT
+
+    clock.now += 2.0
+    outbox.on_reply({"t": "ack", "stream": "s1", "upto": 0, "seqs": []})   # removes nothing: no reset
+    assert outbox.rewind_due() == 30.0 - 11.0
+    outbox.on_reply({"t": "ack", "stream": "s1", "seqs": [[1, 1]]})         # progress: back to resend_after
+    assert outbox.rewind_due() == 1.0
+    assert rewinds_until(outbox, clock, 8.0) == [1.0, 3.0, 7.0]
+    assert outbox.stats["resent"] == 8 * 5 + 3 * 4
+
+    outbox.give_back("s1", 1)            # a new socket: everything pending again at once, whatever the wait
+    assert seqs(outbox.take(100)[1]) == [2, 3, 4, 5] and outbox.rewind_due() == 8.0
 
 
 def test_nothing_in_flight_means_nothing_to_rewind():
@@ -411,6 +446,7 @@ class Ledger(RuleBasedStateMachine):
         assert stats["sent"] + stats["dropped"] == self.step + self.opens   # every record offered is counted
         assert list(self.outbox.pending) == sorted(self.outbox.pending)
         assert 1 <= self.outbox.cursor <= self.outbox.seq + 1   # what is sent next is a seq of this stream
+        assert 1.0 <= self.outbox.resend_wait <= MAX_RESEND_WAIT   # the re-send backoff stays within its bounds
 
 
 Ledger.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
