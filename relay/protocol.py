@@ -142,7 +142,8 @@ def validate(message: Dict[str, Any]) -> None:
     if not _valid_stream(message["stream"]):
         raise ProtocolError("field 'stream' must be 1..%d printable characters" % MAX_KEY_LEN)
     _require(message, "seq", int)
-    _check_value(message, "message", 0, [MAX_ITEMS])
+    if not _within_limits(message):
+        _check_value(message, "message", 0, [MAX_ITEMS])
     if kind == "status":
         page = message.get("page")
         if page is not None and not (_is_int(page) and 0 <= page <= INT_MAX):
@@ -268,6 +269,8 @@ def _require(message: Dict[str, Any], field: str, kind: type) -> None:
 
 
 def _check_scalars(values: Dict[str, Any], where: str) -> None:
+    if set(map(type, values.values())) <= _SCALAR_TYPES:
+        return
     for key, value in values.items():
         if not isinstance(value, (int, float, str, bool)):
             raise ProtocolError("%s[%s] must be int, float, bool or str, got %s"
@@ -316,10 +319,58 @@ def _check_metadata(metadata: Dict[str, Any]) -> None:
             pending.extend((key, item) for item in value)
 
 
+_SCALAR_TYPES = frozenset((int, float, str, bool))
+_STR_ONLY = frozenset((str,))
+_FREE_LEAVES = frozenset((float, bool, type(None)))  # leaves without a limit of their own
+
+
+def _within_limits(message: Dict[str, Any]) -> bool:
+    """Whether _check_value accepts the message, found without building a path for every value:
+    a map's keys and values are checked a type at a time (a map of floats, a log record's
+    metrics, in a few C-level passes). False for anything else it does not recognise at once (a
+    subclass of dict, say), so that _check_value decides; it walks the message again to name
+    where the fault is. Keeps an explicit stack instead of recursing."""
+    if type(message) is not dict:
+        return False
+    entries = 0
+    pending = [(message, 0)]
+    while pending:
+        node, depth = pending.pop()
+        entries += len(node)
+        if entries > MAX_ITEMS:
+            return False
+        if not node:
+            continue
+        if depth >= MAX_DEPTH:  # its entries would lie deeper than MAX_DEPTH
+            return False
+        if type(node) is dict:
+            if set(map(type, node)) != _STR_ONLY or "" in node or max(map(len, node)) > MAX_KEY_LEN:
+                return False
+            values = node.values()
+        else:
+            values = node
+        if set(map(type, values)) <= _FREE_LEAVES:
+            continue
+        for value in values:
+            kind = type(value)
+            if kind is int:
+                if not INT_MIN <= value <= INT_MAX:
+                    return False
+            elif kind is str:
+                if len(value) > MAX_STR_LEN:
+                    return False
+            elif kind is dict or kind is list:
+                pending.append((value, depth + 1))
+            elif kind not in _FREE_LEAVES:
+                return False
+    return True
+
+
 def _check_value(value: Any, where: str, depth: int, budget: list) -> None:
     """Limits for any value in a message: types (msgpack's nil, bool, int, float, str, array and
     map; no bin or ext), nesting, map and array entries in all, key, string and integer sizes.
-    `budget` is [entries left] for the whole message."""
+    `budget` is [entries left] for the whole message. Run only on a message _within_limits
+    refuses: it says which value is wrong and where."""
     if depth > MAX_DEPTH:
         raise ProtocolError("%s is nested deeper than %d levels" % (where, MAX_DEPTH))
     if isinstance(value, (dict, list)):
