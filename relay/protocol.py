@@ -240,7 +240,8 @@ def validate_settings(settings: Dict[str, Any]) -> None:
 
 
 def valid_run_id(run_id: str) -> bool:
-    return 0 < len(run_id) <= 64 and all(c.isascii() and (c.isalnum() or c in "-_") for c in run_id)
+    """1..64 ASCII letters, digits, '-' and '_' (ASCII isalnum() holds for letters and digits only)."""
+    return 0 < len(run_id) <= 64 and run_id.isascii() and run_id.replace("-", "a").replace("_", "a").isalnum()
 
 
 def _is_int(value: Any) -> bool:
