@@ -4,6 +4,7 @@ Not a test helper: the benchmarks import it by path (`bench/` is put on sys.path
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -18,8 +19,8 @@ if ROOT not in sys.path:
 
 from relay.testing import RelayProcess, free_endpoint  # noqa: E402
 
-__all__ = ["ROOT", "Relay", "available_mib", "bench_env", "cpu_seconds", "descendants", "free_endpoint", "metrics_row",
-           "percentile", "pss_kib", "ready_wait", "rss_kib", "run_workers"]
+__all__ = ["ROOT", "Relay", "available_mib", "bench_env", "codes", "cpu_seconds", "descendants", "free_endpoint",
+           "known_variables", "metrics_row", "percentile", "pss_kib", "ready_wait", "rss_kib", "run_workers"]
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -38,6 +39,28 @@ def bench_env(extra: dict | None = None, code: str = ROOT) -> dict:
     env.update({"WANDB_SILENT": "true", "PYTHONPATH": code})
     env.update(extra or {})
     return env
+
+
+def codes(parser: argparse.ArgumentParser, compare: str | None) -> list[tuple[str, str]]:
+    """The code trees a benchmark runs its relay cases with: ("this", ROOT), then ("compare", DIR)
+    for `--compare DIR` (a usage error when DIR holds no relay package)."""
+    if compare is None:
+        return [("this", ROOT)]
+    if not os.path.isdir(os.path.join(compare, "relay")):
+        parser.error("--compare %s: no relay package there (make one with e.g. `git archive REV | tar -x -C DIR`)"
+                     % compare)
+    return [("this", ROOT), ("compare", os.path.abspath(compare))]
+
+
+def known_variables(env: dict, code: str) -> tuple[dict, list[str]]:
+    """`env` without the RELAY_ settings that `code`'s relay does not have (an older relay refuses
+    a variable it does not know), and the names left out."""
+    listing = ("import json; from relay.config import CLIENT_VARIABLES, RelayConfig; "
+               "print(json.dumps(sorted(CLIENT_VARIABLES) + ['RELAY_' + k.upper() for k in RelayConfig.model_fields]))")
+    known = set(json.loads(subprocess.run([sys.executable, "-c", listing], env=bench_env(code=code), cwd=code,
+                                          capture_output=True, text=True, check=True).stdout))
+    dropped = sorted(name for name in env if name.startswith("RELAY_") and name not in known)
+    return {k: v for k, v in env.items() if k not in dropped}, dropped
 
 
 def rss_kib(pid: int) -> int:

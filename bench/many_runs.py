@@ -28,6 +28,7 @@ minute, which such a relay keeps in `runs`).
     python bench/many_runs.py                       # 50, 200 and 1,000 runs, 90 s each (--online, --runs 50,200)
     python bench/many_runs.py --history 10000 --runs 5 --seconds 20
     python bench/many_runs.py --compare /tmp/old    # each case also with the `relay` of /tmp/old, side by side
+    python bench/many_runs.py --set runs_per_uploader=200   # a relay setting (RELAY_<KEY>) for this relay
     python bench/many_runs.py --quick [--dry-run]   # 50 and 200 runs, 45 s [5 runs, 10 s, a 100-run history]
 
 A case too big for the memory available (at the per-run PSS of smaller cases of the same relay) is
@@ -56,7 +57,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 sys.path.insert(0, HERE)
 
-from common import (ROOT, Relay, available_mib, bench_env, cpu_seconds, descendants, metrics_row,  # noqa: E402
+from common import (Relay, available_mib, bench_env, codes, cpu_seconds, descendants, metrics_row,  # noqa: E402
                     percentile, pss_kib, ready_wait, run_workers)
 
 from fakewandb import FakeWandb  # noqa: E402
@@ -250,11 +251,12 @@ def steady(watch: Watch, go: float, seconds: int, all_rows_at: float | None) -> 
 
 
 def run_case(runs: int, seconds: int, workdir: str, online: bool, history: int, name: str, code: str,
-             history_age: float = 8 * 86400.0) -> dict:
+             history_age: float = 8 * 86400.0, settings: dict | None = None) -> dict:
     tag = "%s-%d" % (name, runs)
     home = os.path.join(workdir, "home-" + tag)
     extra = {"HOME": home, "WANDB_CONFIG_DIR": os.path.join(home, ".config"),
              "WANDB_CACHE_DIR": os.path.join(home, ".cache"), "WANDB_DATA_DIR": os.path.join(home, ".data")}
+    extra.update(settings or {})
     fake = FakeWandb() if online else None
     if fake:
         fake.start()
@@ -369,6 +371,8 @@ def main() -> int:
     parser.add_argument("--history-age", type=float, default=8.0, metavar="DAYS",
                         help="the history's newest run finished this many days ago [8: past the default retention]")
     parser.add_argument("--compare", metavar="DIR", help="also run every case with the relay package of DIR")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a relay setting for the relay measured (not the --compare one), e.g. runs_per_uploader=200")
     parser.add_argument("--json", metavar="PATH", help="write the JSON summary there too")
     parser.add_argument("--quick", action="store_true", help="50 and 200 runs, 45 s")
     parser.add_argument("--dry-run", action="store_true", help="5 runs, 10 s, a 100-run history: checks it works")
@@ -382,15 +386,16 @@ def main() -> int:
         runs_list, seconds = [50, 200], 45
     if args.dry_run:
         runs_list, seconds, history = [5], 10, 100 if args.history is None else history
-    if args.compare and not os.path.isdir(os.path.join(args.compare, "relay")):
-        parser.error("--compare %s: no relay package there (make one with e.g. `git archive REV | tar -x -C DIR`)"
-                     % args.compare)
-    codes = [("this", ROOT)] + ([("compare", os.path.abspath(args.compare))] if args.compare else [])
+    trees = codes(parser, args.compare)
+    try:
+        settings = {"RELAY_" + key.strip().upper(): value for key, value in (item.split("=", 1) for item in args.set)}
+    except ValueError:
+        parser.error("--set takes KEY=VALUE (a key of cfg/relay.yaml), got %s" % args.set)
     summary: dict = {"bench": "many_runs", "mode": "online" if args.online else "offline", "seconds": seconds,
-                     "history": history, "cpus": os.cpu_count(), "cases": []}
+                     "history": history, "settings": args.set, "cpus": os.cpu_count(), "cases": []}
     if args.compare:
         summary.update(compare=os.path.abspath(args.compare), ratios=[])
-    measured: dict[str, list[tuple[int, int]]] = {name: [] for name, _ in codes}
+    measured: dict[str, list[tuple[int, int]]] = {name: [] for name, _ in trees}
     workdir = tempfile.mkdtemp(prefix="relay-many-")
     try:
         print("%s, %d s of one row a second per run, %s; history %d runs; %d CPUs, %.1f GiB available" % (
@@ -399,11 +404,11 @@ def main() -> int:
         print(HEADER, flush=True)
         for runs in runs_list:
             done = {}
-            for name, code in codes:
+            for name, code in trees:
                 skipped = too_big(runs, measured[name])
                 case = ({"relay": name, "runs": runs, "skipped": skipped} if skipped else
                         run_case(runs, seconds, workdir, args.online, history, name, code,
-                                 args.history_age * 86400.0))
+                                 args.history_age * 86400.0, settings if name == "this" else None))
                 if not skipped:
                     measured[name].append((runs, case["pss_max_mib"]))
                     done[name] = case

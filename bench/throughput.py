@@ -43,7 +43,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from common import ROOT, Relay, descendants, metrics_row, pss_kib, ready_wait, rss_kib, run_workers  # noqa: E402
+from common import ROOT, Relay, codes, descendants, metrics_row, pss_kib, ready_wait, rss_kib, run_workers  # noqa: E402
 
 from relay import protocol  # noqa: E402
 
@@ -366,8 +366,8 @@ def main() -> int:
         args.messages, args.rows = 20000, 20000
     if args.dry_run:
         args.messages, args.rows, args.clients, args.runs = 200, 100, "1,2", "1,2"
+    trees = codes(parser, args.compare)
     workdir = tempfile.mkdtemp(prefix="relay-throughput-")
-    codes = [("this", ROOT)] + ([("compare", os.path.abspath(args.compare))] if args.compare else [])
     summary: dict = {"ingest": [], "upload": []}
     if args.compare:
         summary["compare"] = os.path.abspath(args.compare)
@@ -380,7 +380,7 @@ def main() -> int:
                                                       "messages/s", "relay RSS"))
             for kind in args.kinds.split(","):
                 for clients in [int(n) for n in args.clients.split(",")]:
-                    for name, code in codes:
+                    for name, code in trees:
                         result = dict(measure_ingest(kind, clients, args.messages, workdir, code), relay=name)
                         summary["ingest"].append(result)
                         print("%-8s %-7s %8d %10d %9.2f %14d %8.0f MiB%s" % (
@@ -395,7 +395,7 @@ def main() -> int:
             print("%-8s %5s %8s %9s %9s %14s %10s" % ("relay", "runs", "rows", "seconds", "rows/s", "rows/s 10-90%",
                                                     "peak PSS"))
             for runs in [int(n) for n in args.runs.split(",")]:
-                for name, code in codes:
+                for name, code in trees:
                     try:
                         result = dict(measure_upload(runs, args.rows, workdir, code), relay=name)
                     except (TimeoutError, RuntimeError) as exc:  # say so, and go on with the other cases

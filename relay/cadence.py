@@ -1,4 +1,4 @@
-"""How often an online run's rows go to W&B, so that all live runs together stay within
+"""How often a run's rows go to W&B, so that all live runs together stay within
 `upload_requests` file-stream requests a second. Pure: the live-run count and the clock are given.
 
 What wandb-core does (0.31, pinned): each run's file stream sends what it has collected at most
@@ -15,7 +15,9 @@ upload_requests), it hands rows over as they come and wandb-core sets the pace. 
 it hands them over in bursts, one burst (at most HAND_OVER seconds long) every 2 x N /
 upload_requests seconds: two requests per burst, so 1 / (N / upload_requests) a second per run.
 The count of live runs is read again before each burst, so a run's pace follows the load as runs
-come and go, whenever it started.
+come and go, whenever it started. Offline runs make no requests but keep the same pace: an
+uploader's fixed cost per hand-over (reading the run's records, committing their steps to the
+spool) is then paid once per burst, not once per row.
 """
 from __future__ import annotations
 

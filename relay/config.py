@@ -87,6 +87,9 @@ class RelayConfig(BaseModel):
     stuck_timeout: float = Field(300.0, gt=0, description="seconds one W&B call of a run may take in an uploader "
                                  "process serving other runs too; then that process is replaced (its other runs "
                                  "resume in a fresh one) and the run goes on in a process of its own")
+    uploader_nice: int = Field(10, ge=0, le=19, description="how much lower than the server's the CPU priority of "
+                               "the uploaders and wandb-core is (nice increment): with the CPUs busy, taking records "
+                               "from trainers comes before uploading them; 0: the same priority")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("upload_interval")

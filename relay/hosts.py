@@ -52,11 +52,24 @@ class Host:
     started: threading.Event = field(default_factory=threading.Event)  # set once start() returned or failed
     start_failed: bool = False
 
+    unsent: dict[bytes, None] = field(default_factory=dict)  # lines its full pipe did not take yet, in order
+
     def tell(self, kind: bytes, run_id: str) -> None:
-        try:
-            os.write(self.wake_fd, kind + run_id.encode("ascii") + b"\n")  # < PIPE_BUF: whole or not at all
-        except OSError:
-            pass  # its pipe is full, or it is exiting: the next scan says it again, or sees it gone
+        """Send a line `<kind><run id>`, after what waits in `unsent`; what the pipe does not take
+        (the host is busy, or still starting) waits there, each line once, for the next `flush`."""
+        self.unsent[kind + run_id.encode("ascii") + b"\n"] = None
+        self.flush()
+
+    def flush(self) -> None:
+        for line in list(self.unsent):
+            try:
+                os.write(self.wake_fd, line)  # < PIPE_BUF: whole or not at all
+            except BlockingIOError:
+                return  # full: the rest waits, in order
+            except OSError:
+                self.unsent.clear()  # the host is exiting: the server sees it gone and places its runs again
+                return
+            del self.unsent[line]
 
     def reports(self) -> list[tuple[str, str]]:
         """(word, run id) for every whole line the host reported since the last call."""
@@ -173,6 +186,7 @@ class HostPool:
         """The runs that hosts reported ended, and those of hosts that exited."""
         ended: list[Ended] = []
         for host in list(self.hosts):
+            host.flush()
             code = host.exitcode()  # read before the reports: an exited host reported all it will
             for word, run_id in host.reports():
                 if self.where.get(run_id) is host:

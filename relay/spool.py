@@ -121,10 +121,12 @@ class Spool:
 
     FILENAME = spool_db.FILENAME
 
-    def __init__(self, directory: str, check: bool = True, clock: Callable[[], float] = time.time):
+    def __init__(self, directory: str, check: bool = True, clock: Callable[[], float] = time.time,
+                 cache_kib: int | None = None):
         """`check`: look the WAL over before SQLite replays it, then the file, and recover it if
         damaged (relay/spool_recovery.py). The server does, once at start; its uploaders open the
-        spool it checked. `clock`: the wall clock ingest stamps records, runs and watermarks with."""
+        spool it checked. `clock`: the wall clock ingest stamps records, runs and watermarks with.
+        `cache_kib`: the connection's page cache limit (relay/spool_db.py `connect`)."""
         self.directory = directory
         self.path = os.path.join(directory, self.FILENAME)
         self.recovery: str | None = None   # what happened if the spool was found damaged
@@ -133,7 +135,7 @@ class Spool:
             os.makedirs(directory, exist_ok=True)
             if check:
                 self.wal_damage, self.recovery = spool_recovery.check_and_recover(self.path)
-            self.conn = spool_db.connect(self.path)
+            self.conn = spool_db.connect(self.path, cache_kib)
             spool_db.create(self.conn)
         except (OSError, sqlite3.Error) as exc:
             raise SpoolError("cannot open spool %s: %s" % (self.path, exc)) from exc

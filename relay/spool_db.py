@@ -102,11 +102,14 @@ RUN_COLUMNS = ("run_id", "settings", "received", "uploaded_id", "steps_handed", 
                "exit_code", "finished", "location", "created", "last_seen")
 
 
-def connect(path: str) -> sqlite3.Connection:
-    """A connection for this thread: WAL, and a commit is durable when COMMIT returns."""
+def connect(path: str, cache_kib: int | None = None) -> sqlite3.Connection:
+    """A connection for this thread: WAL, and a commit is durable when COMMIT returns.
+    `cache_kib`: the most memory its page cache may hold (None: SQLite's default, 2 MiB)."""
     conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=True)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
+    if cache_kib is not None:
+        conn.execute("PRAGMA cache_size = -%d" % cache_kib)
     return conn
 
 

@@ -153,7 +153,7 @@ class Supervisor:
         """The wandb-core the uploaders share (relay/sinks/wandb.py says why and how)."""
         self.core_started_at = time.monotonic()
         self.core_lost = False
-        if self.core.start():
+        if self.core.start(nice=self.config.uploader_nice):
             log.debug("shared wandb-core started: %s", self.core.token)
 
     def watch_core(self) -> None:

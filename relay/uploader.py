@@ -26,7 +26,8 @@ wandb-core gets a parent-death signal (relay/sinks/wandb.py). Asking W&B for tha
 also how an outage fails before `wandb.init`, not in wandb-core.
 
 With many live runs, rows go to the SDK in bursts, paced so that the runs together stay within
-`upload_requests` W&B requests a second (relay/cadence.py).
+`upload_requests` W&B requests a second (relay/cadence.py); offline runs keep the same pace, which
+spares their uploaders a spool transaction for every row.
 
 While a run is open, W&B is asked every `confirm_every` seconds how many rows it holds, and the
 spool lets go of those; at most `max_unconfirmed_rows` rows are handed over beyond that. Init
@@ -63,6 +64,7 @@ from relay.uploader_checkpoints import Checkpoints
 log = logging.getLogger("relay.uploader")
 
 WAKE, RETRY_NOW = b"w", b"r"  # what the server writes to an uploader's wake pipe
+UPLOADER_CACHE_KIB = 64  # a run's spool connection's page cache (SQLite's 2 MiB default, times 1,000 runs)
 
 
 class WakePipe:
@@ -131,7 +133,8 @@ class RunUploader:
     # -- process ------------------------------------------------------------------------------
 
     def run(self) -> int:
-        self._spool = Spool(self.config.spool_dir, check=False)  # the server checked it at its start
+        # Checked by the server at its start. A small page cache: the OS caches the file anyway.
+        self._spool = Spool(self.config.spool_dir, check=False, cache_kib=UPLOADER_CACHE_KIB)
         self._count = RowCount(self.run_id, self.config, self._spool.uploads, self._sink.history_count,
                                self._wake.wait, self.interrupt)
         self._checkpoints = Checkpoints(self.run_id, self.config, self._spool.uploads, self._sink)
@@ -189,7 +192,7 @@ class RunUploader:
             if media_wait:  # the media record of the row is on its way: woken when it is spooled
                 self._wake.wait(media_wait, WAKE)
                 continue
-            wait = self._cadence.wait() if online and not self.drain.is_set() else 0.0
+            wait = self._cadence.wait() if self.mode != "disabled" and not self.drain.is_set() else 0.0
             if wait > 0:  # many live runs: this run's rows go to the SDK in bursts (relay/cadence.py)
                 self._wake.wait(wait, b"")
                 continue
@@ -316,7 +319,6 @@ class RunUploader:
             self._finish(body["exit_code"], through_id=record.id)
 
 
-
 def _lock(spool_dir: str, run_id: str) -> int | None:
     """Hold `<spool>/locks/<run>.lock` for the life of this process; None if another uploader has it."""
     directory = os.path.join(spool_dir, "locks")
@@ -368,6 +370,7 @@ def main(argv: list[str], wake_fd: int | None = None) -> int:
     """`python -m relay.uploader RUN_ID MODE CONFIG_JSON`: the wake pipe is stdin (or `wake_fd`)."""
     run_id, mode, config_json = argv
     config = RelayConfig.model_validate_json(config_json)
+    os.nice(config.uploader_nice)  # uploads wait when the CPUs are busy; the server's intake does not
     logging.basicConfig(level=getattr(logging, config.log_level), stream=sys.stderr,
                         format="%(asctime)s %(levelname)-7s %(name)s[" + run_id + "]: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server decides

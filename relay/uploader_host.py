@@ -245,6 +245,7 @@ def host_main(name: str, mode: str, config_json: str, wake: Any, lifeline: Any, 
     gc.freeze()  # what the fork server imported (wandb, ...) stays out of this process's collections
     threading.current_thread().name = name
     config = RelayConfig.model_validate_json(config_json)
+    os.nice(config.uploader_nice)  # uploads wait when the CPUs are busy; the server's intake does not
     # The log goes to stderr's descriptor through a file of its own, not through sys.stderr: while a
     # run's wandb.init runs, the SDK captures sys.stderr's writes for that run's Logs tab, and lines
     # about the host's other runs do not belong there.

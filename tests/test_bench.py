@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -18,6 +19,7 @@ SCRIPTS = {
     "client_latency": ["relay_p50_us", "relay_p99_us", "wandb_p50_us", "tensorboardx_p50_us", "ratio_p50", "ratio_p99"],
     "throughput": ["decode", "ingest", "upload", "sdk_ceiling"],
     "drain": ["drain_rows_per_s", "drain_s", "rss_backlogs", "server_rss_growth_small_to_large"],
+    "drain_compare": ["drain_rows_per_s", "compare", "compare_drain", "ratio"],
     "gpu_overhead": ["overhead_item", "overhead_relay", "step_ms"],
     "outage": ["relay_max_step_stall_ms", "wandb_max_step_stall_ms"],
     "soak": ["sent", "delivered", "lost", "duplicated"],
@@ -29,15 +31,21 @@ SCRIPTS = {
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Start every script at once; each test waits for its own."""
+    """Start every script at once; each test waits for its own. drain_compare is drain.py with
+    --compare against a copy of this tree's relay package (a tree of its own, as an older one would be)."""
+    other = tmp_path_factory.mktemp("compare")
+    shutil.copytree(os.path.join(ROOT, "relay"), str(other / "relay"),
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    extra = {"drain_compare": ("drain", ["--compare", str(other)])}
     started = {}
     for name in SCRIPTS:
+        script, args = extra.get(name, (name, []))
         env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "RELAY_"))}
         env.update(PYTHONPATH=ROOT, HOME=str(tmp_path_factory.mktemp("home-" + name)), WANDB_SILENT="true",
                    MPLBACKEND="Agg")
-        started[name] = subprocess.Popen([sys.executable, os.path.join(ROOT, "bench", name + ".py"), "--quick",
-                                          "--dry-run"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                         env=env, cwd=ROOT)
+        started[name] = subprocess.Popen([sys.executable, os.path.join(ROOT, "bench", script + ".py"), "--quick",
+                                          "--dry-run", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                         text=True, env=env, cwd=ROOT)
     yield started
     for proc in started.values():
         if proc.poll() is None:
@@ -62,6 +70,12 @@ def test_bench_script_runs(runs, name):
     elif name == "drain":
         assert summary["drain_delivered"] == summary["drain_rows"]
         assert all(backlog["all_acked"] for backlog in summary["rss_backlogs"])
+    elif name == "drain_compare":
+        compare = summary["compare_drain"]
+        assert summary["drain_delivered"] == summary["drain_rows"] == compare["delivered"] == compare["rows"] == 200
+        assert sorted(summary["ratio"]) == sorted(["rows_per_s", "drain_s", "total_pss_mib_max",
+                                                   "server_rss_mib_max", "fill_s"]), summary
+        assert "rss_backlogs" not in summary, summary
     elif name in ("client_latency", "gpu_overhead"):
         assert summary["relay_delivered"] is True
     elif name == "visible":

@@ -55,6 +55,21 @@ def wait_finished(relay, fake, run_id, steps, seed):
     assert_history(fake.run(run_id).history, seed=seed, steps=steps, metrics=6)
 
 
+def read(pid: int, name: str) -> str:
+    with open("/proc/%d/%s" % (pid, name)) as file:
+        return file.read()
+
+
+def nice(pid: int) -> int:
+    """The process's nice value (field 19 of /proc/<pid>/stat)."""
+    return int(read(pid, "stat").rsplit(")", 1)[1].split()[16])
+
+
+def children(pid: int) -> list[int]:
+    return [int(child) for task in os.listdir("/proc/%d/task" % pid)
+            for child in read(pid, "task/%s/children" % task).split()]
+
+
 def holder(relay, run_id) -> int | None:
     try:
         return lock_holder(relay.spool_dir, run_id)
@@ -110,6 +125,8 @@ def test_a_run_stuck_in_a_wandb_call_is_moved_out_and_the_others_go_on(fake_wand
     all_uploading(relay, seeds)
     first = holders(relay, seeds)
     assert len(set(first.values())) == 1, first  # one host serves the three runs
+    core = [pid for pid in children(relay.pid) if read(pid, "comm").strip() == "wandb-core"]
+    assert len(core) == 1 and nice(core[0]) == nice(first["stuck"]) == nice(relay.pid) + 10  # uploader_nice
     fake_wandb.set_fault("hang", "file_stream", run="stuck")  # W&B never answers this run's uploads
     trainers["stuck"].go_on()  # its finish waits for W&B to have everything: it never returns
     relay.wait_log("uploader for run stuck was stuck in a W&B call; restarting it in an uploader process of "
@@ -119,7 +136,42 @@ def test_a_run_stuck_in_a_wandb_call_is_moved_out_and_the_others_go_on(fake_wand
         finish(relay, trainers[run_id], fake_wandb, run_id, 40, seeds[run_id])
     relay.wait_status(lambda s: holder(relay, "stuck") not in (None, first["stuck"]), 60,
                       "the stuck run in an uploader process of its own")
+    assert nice(holder(relay, "stuck")) == nice(relay.pid) + 10
     fake_wandb.set_fault("ok")
     assert trainers["stuck"].event("finished")["report"]["delivered"] is True
     wait_finished(relay, fake_wandb, "stuck", 40, 51)
     assert relay.stop() == 0
+
+
+def test_a_host_pipe_that_is_full_keeps_what_it_did_not_take_for_later():
+    """The server never loses a START: what a host's full wake pipe does not take (the host is
+    busy, or still starting) waits, in order and each line once, until the pipe has room."""
+    from relay.hosts import Host
+    from relay.uploader import RETRY_NOW, WAKE
+    from relay.uploader_host import START
+
+    reader, writer = os.pipe()
+    os.set_blocking(writer, False)
+    os.set_blocking(reader, False)
+    host = Host("h", None, writer, -1, -1)
+    filler = 0
+    while True:
+        try:
+            os.write(writer, b"w" + b"x" * 30 + b"\n")
+            filler += 32
+        except BlockingIOError:
+            break
+    for kind, run_id in [(START, "late"), (WAKE, "late"), (WAKE, "late"), (RETRY_NOW, "late"), (START, "later")]:
+        host.tell(kind, run_id)
+    assert list(host.unsent) == [b"slate\n", b"wlate\n", b"rlate\n", b"slater\n"]
+    got = b""
+    while len(got) < filler:
+        got += os.read(reader, 65536)
+    assert got == (b"w" + b"x" * 30 + b"\n") * (filler // 32)  # the pipe held only the filler
+    host.flush()
+    assert host.unsent == {}
+    assert os.read(reader, 65536) == b"slate\nwlate\nrlate\nslater\n"
+    os.close(reader)
+    host.tell(WAKE, "gone")  # the host's end is closed: nothing waits for a host that is exiting
+    assert host.unsent == {}
+    os.close(writer)

@@ -211,6 +211,15 @@ def test_spool_keeps_the_steps_handed_to_wandb_after_their_records_are_gone(tmp_
     assert spool.uploads.steps_handed("r1") == 5
 
 
+def test_spool_connection_page_cache_is_bounded_when_asked(tmp_path):
+    """An uploader's connection (one per live run) keeps a small page cache, not SQLite's 2 MiB."""
+    from relay.uploader import UPLOADER_CACHE_KIB
+
+    assert Spool(str(tmp_path)).conn.execute("PRAGMA cache_size").fetchone()[0] == -2000
+    small = Spool(str(tmp_path), check=False, cache_kib=UPLOADER_CACHE_KIB)
+    assert small.conn.execute("PRAGMA cache_size").fetchone()[0] == -UPLOADER_CACHE_KIB == -64
+
+
 def test_spool_made_before_steps_handed_gets_the_column(tmp_path):
     import sqlite3
 

@@ -337,6 +337,14 @@ def wandb_core_dies_with_its_parent() -> None:
     service_process.subprocess = _SubprocessForCore()
 
 
+def lower(pid: int, nice: int) -> None:
+    """Put process `pid` `nice` steps below this process's CPU priority (at most 19)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, pid, min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice))
+    except OSError as exc:  # it ended already, or we may not: it just keeps our priority
+        log.debug("could not lower the CPU priority of process %d: %s", pid, exc)
+
+
 class SharedCore:
     """The wandb-core that the relay's uploaders share: the server starts it, and passes its
     token to each uploader it starts (see the module docstring). It dies with the server (a
@@ -347,8 +355,9 @@ class SharedCore:
         self.exit_code: int | None = None
         self._process: Any = None
 
-    def start(self) -> bool:
-        """Start it (from the server's main thread: it dies when that thread ends)."""
+    def start(self, nice: int = 0) -> bool:
+        """Start it (from the server's main thread: it dies when that thread ends), `nice` steps
+        below this process's CPU priority."""
         from wandb.sdk.lib.service import service_process  # not public: wandb is pinned (pyproject)
 
         wandb_core_dies_with_its_parent()
@@ -359,6 +368,8 @@ class SharedCore:
                         short_error(exc))
             return False
         self._process, self.token, self.exit_code = process, process.token.env_value, None
+        if nice:
+            lower(process._process.pid, nice)  # the Popen inside wandb's handle
         threading.Thread(target=self._watch, args=(process,), name="relay-wandb-core", daemon=True).start()
         return True
 
