@@ -244,11 +244,11 @@ def measure_ingest(kind: str, clients: int, messages: int, workdir: str, code: s
 
 # -- decode -------------------------------------------------------------------------------------
 
-def measure_decode(codes: list[tuple[str, str]], frames: int, rounds: int = 3) -> dict:
+def measure_decode(trees: list[tuple[str, str]], frames: int, rounds: int = 3) -> dict:
     """{tree name: {case: rates}}, each rate the best of `rounds` workers, the trees taking turns."""
     best: dict = {}
     for _ in range(rounds):
-        for name, code in codes:
+        for name, code in trees:
             result = run_workers(os.path.abspath(__file__), "decode", [{"code": code, "frames": frames}])[0]
             for case, rates in result.items():
                 kept = best.setdefault(name, {}).setdefault(case, dict(rates))
@@ -374,7 +374,7 @@ def main() -> int:
     try:
         if args.only in (None, "decode"):
             frames = 200 if args.dry_run else 5000 if args.quick else 20000
-            summary["decode"] = show_decode(measure_decode(codes, frames, rounds=1 if args.dry_run else 3))
+            summary["decode"] = show_decode(measure_decode(trees, frames, rounds=1 if args.dry_run else 3))
         if args.only in (None, "ingest"):
             print("%-8s %-7s %8s %10s %9s %14s %10s" % ("relay", "client", "clients", "acked", "seconds",
                                                       "messages/s", "relay RSS"))
