@@ -14,10 +14,17 @@ in W&B), the relay's and the runs' start-up (processes, `wandb.init`) and `run.f
 same invocation, the wandb SDK's own ceiling on this machine: one process doing `run.log` of the
 same rows into an offline run, then `finish()`.
 
+Decode: the relay's intake CPU per frame, no sockets: `protocol.decode` (msgpack, then the checks
+of relay/protocol.py and relay/limits.py) and `intake.classify` (decode, plus the paths of a
+checkpoint or media record) of a log record of 40 float metrics and of an open record with a
+nested config, in a worker process per code tree: frames per second of CPU time, the best of a
+few rounds, the trees taking turns; with `--compare`, the ratio of this tree's rate to the other's.
+
     python bench/throughput.py                 # 100,000 messages per ingest case, 100,000 rows per upload case
     python bench/throughput.py --quick         # 20,000 / 20,000
     python bench/throughput.py --quick --dry-run   # tiny sizes, 1 and 2 clients/runs: checks it still works
     python bench/throughput.py --compare /tmp/old  # each relay case also with the `relay` of /tmp/old
+    python bench/throughput.py --only decode --compare /tmp/old   # decode and classify, side by side
 
 The last line is a JSON summary. Targets: ingest >= 20,000 acked messages/s; upload
 >= 5,000 rows/s of 40 metrics across 16 runs (>= 70 % of the SDK's ceiling).
@@ -150,7 +157,62 @@ def worker_sdk(args: dict) -> dict:
     return {"started": started, "logged": logged, "ended": ended}
 
 
-WORKERS = {"client": worker_client, "raw": worker_raw, "sdk": worker_sdk}
+def decode_frames(seed: int = 0) -> dict:
+    """The frames of the decode case: a log record of 40 float metrics, an open record whose config
+    nests as a TokenHSI/rl_games one does (train.params.network.mlp.units; 17 maps and lists, 76
+    entries in all)."""
+    rng = random.Random(seed)
+    header = {"v": protocol.VERSION, "stream": "bench-decode-1234", "seq": 123456, "run": "tokenhsi-run-0001"}
+    log = dict(header, t="log", time=time.time(), metrics=metrics_row(rng), frame=1000, epoch=10)
+    network = {"name": "actor_critic", "separate": True, "mlp": {"units": [1024, 1024, 512], "activation": "relu"},
+               "mu_activation": "None", "sigma_init": {"name": "const", "val": -2.9}}
+    algo = {"learning_rate": 2e-5, "gamma": 0.99, "tau": 0.95, "e_clip": 0.2, "horizon_length": 32,
+            "minibatch_size": 16384, "mini_epochs": 6, "max_epochs": 100000, "normalize_input": True,
+            "bounds_loss_coef": 10.0, "disc_coef": 5.0, "amp_obs_demo_buffer_size": 200000}
+    env = {"numEnvs": 4096, "episodeLength": 300, "stateInit": "Random", "enableEarlyTermination": True,
+           "keyBodies": ["right_hand", "left_hand", "right_foot", "left_foot", "sword", "shield"],
+           "plane": {"staticFriction": 1.0, "dynamicFriction": 1.0, "restitution": 0.0},
+           "sim": {"dt": 1 / 60, "substeps": 2, "up_axis": "z", "gravity": [0.0, 0.0, -9.81],
+                   "physx": {"num_threads": 4, "solver_type": 1, "num_position_iterations": 4,
+                             "contact_offset": 0.02, "rest_offset": 0.0, "bounce_threshold_velocity": 0.2}}}
+    config = {"train": {"params": {"network": network, "config": algo, "seed": 42}}, "env": env,
+              "task": "HumanoidComposite", "headless": True, "cfg_train": "cfg/train/rlg/amp.yaml"}
+    settings = {"project": "tokenhsi", "name": "run-0001", "group": "composite", "tags": ["bench"],
+                "config": config, "mode": "offline"}
+    opened = dict(header, t="open", seq=1, settings=settings)
+    return {"log, 40 float metrics": protocol.encode(log), "open, nested config": protocol.encode(opened)}
+
+
+def worker_decode(args: dict) -> dict:
+    """Frames decoded per second by protocol.decode and intake.classify of the `relay` package in
+    args["code"]: this script imported this checkout's, so it is imported afresh from there."""
+    import timeit
+
+    sys.path.insert(0, args["code"])
+    for name in [name for name in sys.modules if name.split(".")[0] == "relay"]:
+        del sys.modules[name]
+    from relay import protocol as measured
+    from relay.config import RelayConfig
+    from relay.intake import classify
+
+    config = RelayConfig(spool_dir=os.path.join(tempfile.gettempdir(), "relay-bench-decode"))
+    frames = decode_frames()
+    for frame in frames.values():
+        assert measured.decode(frame)["seq"] and classify(frame, config)[1] == ""
+    ready_wait()
+    results = {}
+    for case, frame in frames.items():
+        timings = {  # CPU seconds of this process: what the relay's server spends per frame
+            "decode": min(timeit.repeat(lambda: measured.decode(frame), timer=time.process_time,
+                                        number=args["frames"], repeat=5)),
+            "classify": min(timeit.repeat(lambda: classify(frame, config), timer=time.process_time,
+                                          number=args["frames"], repeat=5))}
+        results[case] = {"bytes": len(frame), **{"%s_per_s" % what: round(args["frames"] / seconds)
+                                                  for what, seconds in timings.items()}}
+    return results
+
+
+WORKERS = {"client": worker_client, "raw": worker_raw, "sdk": worker_sdk, "decode": worker_decode}
 
 
 def start_workers(kind: str, jobs: list[dict]) -> list[dict]:
@@ -178,6 +240,40 @@ def measure_ingest(kind: str, clients: int, messages: int, workdir: str, code: s
             "messages_per_s": round(acked / seconds), "all_delivered": all(r["delivered"] for r in results),
             "spilled": sum(r["spilled"] for r in results), "resent": sum(r["resent"] for r in results),
             "relay_rss_mib": round(rss / 1024, 1), "relay_duplicates": counters.get("duplicates", 0)}
+
+
+# -- decode -------------------------------------------------------------------------------------
+
+def measure_decode(trees: list[tuple[str, str]], frames: int, rounds: int = 3) -> dict:
+    """{tree name: {case: rates}}, each rate the best of `rounds` workers, the trees taking turns."""
+    best: dict = {}
+    for _ in range(rounds):
+        for name, code in trees:
+            result = run_workers(os.path.abspath(__file__), "decode", [{"code": code, "frames": frames}])[0]
+            for case, rates in result.items():
+                kept = best.setdefault(name, {}).setdefault(case, dict(rates))
+                for what, rate in rates.items():
+                    kept[what] = max(kept[what], rate)
+    return best
+
+
+def show_decode(best: dict) -> dict:
+    """Print the decode table (and this tree's rate over the compared one's); return the summary."""
+    print("%-8s %-22s %6s %11s %8s %11s %8s" % ("relay", "frame", "bytes", "decode/s", "µs", "classify/s", "µs"))
+    for name, cases in best.items():
+        for case, rates in cases.items():
+            print("%-8s %-22s %6d %11d %8.1f %11d %8.1f" % (
+                name, case, rates["bytes"], rates["decode_per_s"], 1e6 / rates["decode_per_s"],
+                rates["classify_per_s"], 1e6 / rates["classify_per_s"]), flush=True)
+    summary = {"rates": best}
+    if len(best) == 2:
+        summary["this_over_compare"] = {
+            case: {what: round(rates[what] / best["compare"][case][what], 2) for what in ("decode_per_s", "classify_per_s")}
+            for case, rates in best["this"].items() if case in best["compare"]}
+        for case, ratios in summary["this_over_compare"].items():
+            print("this / compare, %s: decode %.2fx, classify %.2fx"
+                  % (case, ratios["decode_per_s"], ratios["classify_per_s"]), flush=True)
+    return summary
 
 
 # -- upload -------------------------------------------------------------------------------------
@@ -257,7 +353,7 @@ def main() -> int:
     parser.add_argument("--clients", default="1,8,64")
     parser.add_argument("--runs", default="1,16,64")
     parser.add_argument("--kinds", default="raw,client")
-    parser.add_argument("--only", choices=("ingest", "upload"))
+    parser.add_argument("--only", choices=("decode", "ingest", "upload"))
     parser.add_argument("--compare", metavar="DIR",
                         help="also run every relay case with the relay package of DIR (e.g. an export of the "
                              "previous commit), alternating with this one: before/after side by side")
@@ -276,6 +372,9 @@ def main() -> int:
     if args.compare:
         summary["compare"] = os.path.abspath(args.compare)
     try:
+        if args.only in (None, "decode"):
+            frames = 200 if args.dry_run else 5000 if args.quick else 20000
+            summary["decode"] = show_decode(measure_decode(trees, frames, rounds=1 if args.dry_run else 3))
         if args.only in (None, "ingest"):
             print("%-8s %-7s %8s %10s %9s %14s %10s" % ("relay", "client", "clients", "acked", "seconds",
                                                       "messages/s", "relay RSS"))

@@ -13,7 +13,7 @@ type), so that inputs get past the msgpack layer into the schema checks.
 
 The seed corpus (fuzz/corpus/) holds one valid frame of each kind; `--write-seeds DIR` writes it.
 `--line-coverage DIR...` runs a corpus once and says which lines of the decoder it reached.
-Only relay.protocol, relay.intake and relay.artifacts are instrumented: msgpack's C extension
+Only relay.protocol, relay.limits, relay.intake and relay.artifacts are instrumented: msgpack's C extension
 is exercised, not measured.
 """
 from __future__ import annotations
@@ -29,8 +29,8 @@ import msgpack
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-with atheris.instrument_imports(include=["relay.protocol", "relay.intake", "relay.artifacts"]):
-    from relay import protocol
+with atheris.instrument_imports(include=["relay.protocol", "relay.limits", "relay.intake", "relay.artifacts"]):
+    from relay import limits, protocol
     from relay.config import RelayConfig
     from relay.intake import classify
 
@@ -123,26 +123,31 @@ def CustomMutator(data: bytes, max_size: int, seed: int) -> bytes:
     return out[:max_size]
 
 
-SERVER_SIDE = ("decode_raw", "decode", "validate", "validate_settings", "valid_run_id", "_is_int", "_valid_stream",
-               "_show", "_require", "_check_scalars", "_check_metadata", "_check_value")
+SERVER_SIDE = {  # the decoding functions, by module
+    protocol: ("decode_raw", "decode", "validate", "validate_settings", "valid_run_id", "_is_int", "_valid_stream",
+               "_require", "_check_scalars", "_check_metadata"),
+    limits: ("check", "show", "_within", "_find_fault"),
+}
 
 
 def line_coverage(directories: list) -> None:
-    """Run every input in `directories` once and print which lines of protocol.py's decoding
-    functions they reached (coverage.py is not a dependency; sys.settrace is enough here)."""
-    target = protocol.__file__
-    with open(target) as handle:
-        module = compile(handle.read(), target, "exec")
-    lines = {}
-    for code in module.co_consts:
-        if isinstance(code, types.CodeType) and code.co_name in SERVER_SIDE:
-            lines[code.co_name] = {line for _, _, line in code.co_lines() if line}
+    """Run every input in `directories` once and print which lines of the decoding functions
+    (SERVER_SIDE) they reached (coverage.py is not a dependency; sys.settrace is enough here)."""
+    lines = {}  # "module.function" -> {(file, line)}
+    for module, names in SERVER_SIDE.items():
+        with open(module.__file__) as handle:
+            compiled = compile(handle.read(), module.__file__, "exec")
+        for code in compiled.co_consts:
+            if isinstance(code, types.CodeType) and code.co_name in names:
+                lines["%s.%s" % (module.__name__, code.co_name)] = {
+                    (module.__file__, line) for _, _, line in code.co_lines() if line}
+    targets = {module.__file__ for module in SERVER_SIDE}
     hit = set()
 
     def tracer(frame, event, arg):
-        if frame.f_code.co_filename != target:
+        if frame.f_code.co_filename not in targets:
             return None
-        hit.add(frame.f_lineno)
+        hit.add((frame.f_code.co_filename, frame.f_lineno))
         return tracer
 
     inputs = [os.path.join(d, name) for d in directories for name in sorted(os.listdir(d))]
@@ -152,10 +157,10 @@ def line_coverage(directories: list) -> None:
             TestOneInput(handle.read())
     sys.settrace(None)
     total = set().union(*lines.values())
-    print("%d inputs reach %d of %d lines (%.0f %%) of protocol.py's decoding functions"
+    print("%d inputs reach %d of %d lines (%.0f %%) of the decoding functions"
           % (len(inputs), len(total & hit), len(total), 100.0 * len(total & hit) / len(total)))
     for name, own in sorted(lines.items()):
-        missed = sorted(own - hit)
+        missed = sorted(line for _, line in own - hit)
         if missed:
             print("  %s: lines %s not reached" % (name, ", ".join(map(str, missed))))
 

@@ -57,21 +57,17 @@ from typing import Any, Dict, Optional
 
 import msgpack
 
-from relay import media
-from relay import provenance
+from relay import limits, media, provenance
 from relay.errors import ProtocolError  # noqa: F401 (part of this module's API)
+# Structural limits on every value of a message (types, nesting, entries, key, string and integer
+# sizes): relay/limits.py. Part of this module's API too.
+from relay.limits import INT_MAX, INT_MIN, MAX_DEPTH, MAX_ITEMS, MAX_KEY_LEN, MAX_KEYS, MAX_STR_LEN  # noqa: F401
+from relay.limits import show as _show
 
 VERSION = 1
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 MAX_FRAME_BYTES = 1 << 20  # 1 MiB; the relay sets ZMQ_MAXMSGSIZE to twice this (ZeroMQ drops bigger)
 
-# Structural limits: a frame within the size limit can still be hostile.
-MAX_KEYS = 10000          # entries of one map or array
-MAX_ITEMS = 20000         # map entries and array items of a whole message, all levels together
-MAX_KEY_LEN = 256
-MAX_STR_LEN = 65536
-MAX_DEPTH = 8
-INT_MIN, INT_MAX = -(1 << 63), (1 << 63) - 1   # SQLite and wandb-core hold signed 64-bit integers
 EXIT_CODE_MIN, EXIT_CODE_MAX = -(1 << 31), (1 << 31) - 1  # W&B's exit code is an int32
 
 # What W&B itself refuses (wandb 0.31's own checks): refused here, where the trainer is told why,
@@ -142,7 +138,7 @@ def validate(message: Dict[str, Any]) -> None:
     if not _valid_stream(message["stream"]):
         raise ProtocolError("field 'stream' must be 1..%d printable characters" % MAX_KEY_LEN)
     _require(message, "seq", int)
-    _check_value(message, "message", 0, [MAX_ITEMS])
+    limits.check(message)
     if kind == "status":
         page = message.get("page")
         if page is not None and not (_is_int(page) and 0 <= page <= INT_MAX):
@@ -244,7 +240,8 @@ def validate_settings(settings: Dict[str, Any]) -> None:
 
 
 def valid_run_id(run_id: str) -> bool:
-    return 0 < len(run_id) <= 64 and all(c.isascii() and (c.isalnum() or c in "-_") for c in run_id)
+    """1..64 ASCII letters, digits, '-' and '_' (ASCII isalnum() holds for letters and digits only)."""
+    return 0 < len(run_id) <= 64 and run_id.isascii() and run_id.replace("-", "a").replace("_", "a").isalnum()
 
 
 def _is_int(value: Any) -> bool:
@@ -255,19 +252,18 @@ def _valid_stream(stream: Any) -> bool:
     return isinstance(stream, str) and 0 < len(stream) <= MAX_KEY_LEN and stream.isprintable()
 
 
-def _show(value: Any, limit: int = 80) -> str:
-    """repr() of a client-sent value for an error message: control characters escaped, cut short."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "...(%d characters)" % len(text)
-
-
 def _require(message: Dict[str, Any], field: str, kind: type) -> None:
     value = message.get(field)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ProtocolError("field %r must be %s, got %s" % (field, kind.__name__, type(value).__name__))
 
 
+_SCALAR_TYPES = frozenset((int, float, str, bool))
+
+
 def _check_scalars(values: Dict[str, Any], where: str) -> None:
+    if set(map(type, values.values())) <= _SCALAR_TYPES:  # the common case, a type at a time
+        return
     for key, value in values.items():
         if not isinstance(value, (int, float, str, bool)):
             raise ProtocolError("%s[%s] must be int, float, bool or str, got %s"
@@ -314,37 +310,6 @@ def _check_metadata(metadata: Dict[str, Any]) -> None:
             pending.extend(value.items())
         elif isinstance(value, list):
             pending.extend((key, item) for item in value)
-
-
-def _check_value(value: Any, where: str, depth: int, budget: list) -> None:
-    """Limits for any value in a message: types (msgpack's nil, bool, int, float, str, array and
-    map; no bin or ext), nesting, map and array entries in all, key, string and integer sizes.
-    `budget` is [entries left] for the whole message."""
-    if depth > MAX_DEPTH:
-        raise ProtocolError("%s is nested deeper than %d levels" % (where, MAX_DEPTH))
-    if isinstance(value, (dict, list)):
-        budget[0] -= len(value)
-        if budget[0] < 0:
-            raise ProtocolError("message has more than %d map entries and array items in all (at %s)"
-                                % (MAX_ITEMS, where))
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str) or not 0 < len(key) <= MAX_KEY_LEN:
-                raise ProtocolError("%s has a key that is not a 1..%d character string: %s"
-                                    % (where, MAX_KEY_LEN, _show(key)))
-            _check_value(item, "%s.%s" % (where, key if key.isprintable() else repr(key)), depth + 1, budget)
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            _check_value(item, "%s[%d]" % (where, index), depth + 1, budget)
-    elif isinstance(value, str):
-        if len(value) > MAX_STR_LEN:
-            raise ProtocolError("%s is a string of %d characters, over the %d limit" % (where, len(value), MAX_STR_LEN))
-    elif _is_int(value):
-        if not INT_MIN <= value <= INT_MAX:
-            raise ProtocolError("%s is an integer outside the signed 64-bit range" % where)
-    elif value is not None and not isinstance(value, (bool, float)):
-        raise ProtocolError("%s is a msgpack %s; only nil, bool, int, float, str, arrays and maps are accepted"
-                            % (where, "bin" if isinstance(value, bytes) else "ext (%s)" % type(value).__name__))
 
 
 def to_scalar(value: Any) -> Any:

@@ -16,6 +16,7 @@ TRAINER_SIDE = (
     "relay.modes",
     "relay.durable",
     "relay.protocol",
+    "relay.limits",
     "relay.tensors",
     "relay.media",
     "relay.histogram",

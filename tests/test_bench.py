@@ -17,7 +17,7 @@ from harness import ROOT
 
 SCRIPTS = {
     "client_latency": ["relay_p50_us", "relay_p99_us", "wandb_p50_us", "tensorboardx_p50_us", "ratio_p50", "ratio_p99"],
-    "throughput": ["ingest", "upload", "sdk_ceiling"],
+    "throughput": ["decode", "ingest", "upload", "sdk_ceiling"],
     "drain": ["drain_rows_per_s", "drain_s", "rss_backlogs", "server_rss_growth_small_to_large"],
     "drain_compare": ["drain_rows_per_s", "compare", "compare_drain", "ratio"],
     "gpu_overhead": ["overhead_item", "overhead_relay", "step_ms"],
@@ -64,6 +64,9 @@ def test_bench_script_runs(runs, name):
     if name == "throughput":
         assert all(case["all_delivered"] for case in summary["ingest"])
         assert summary["upload"] and all(case["rows"] > 0 for case in summary["upload"])
+        decoded = summary["decode"]["rates"]["this"]
+        assert sorted(decoded) == ["log, 40 float metrics", "open, nested config"], decoded
+        assert all(rates["decode_per_s"] > 0 and rates["classify_per_s"] > 0 for rates in decoded.values()), decoded
     elif name == "drain":
         assert summary["drain_delivered"] == summary["drain_rows"]
         assert all(backlog["all_acked"] for backlog in summary["rss_backlogs"])

@@ -25,10 +25,10 @@ from fuzzing import (
     same,
     valid_messages,
 )
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
-from relay import protocol
+from relay import limits, protocol
 from relay.config import RelayConfig
 from relay.server import classify
 from relay.spool import Spool
@@ -108,6 +108,35 @@ def test_valid_messages_round_trip_bit_exact(message):
     frame = protocol.encode(message)
     assert same(protocol.decode(frame), message)
     assert check_frame(frame) is not None
+
+
+def below(value, levels: list):
+    """`value` under one level of array (True) or map (False) per entry of `levels`."""
+    for is_array in levels:
+        value = [value] if is_array else {"k": value}
+    return value
+
+
+ODD_KEYS = st.sampled_from(["", "k" * protocol.MAX_KEY_LEN, "k" * (protocol.MAX_KEY_LEN + 1), "\x00", 7, b"k", None])
+EDGES = st.sampled_from([protocol.INT_MIN - 1, protocol.INT_MIN, protocol.INT_MAX, protocol.INT_MAX + 1])
+
+
+@fuzz_settings(0.4)
+@given(st.one_of(hostile_values(max_leaves=30),
+                 st.builds(below, hostile_values(max_leaves=3), st.lists(st.booleans(), min_size=5, max_size=9)),
+                 st.dictionaries(ODD_KEYS | st.text(max_size=3), EDGES | hostile_values(max_leaves=3), max_size=3)))
+@example({"a": "s" * protocol.MAX_STR_LEN})
+@example({"a": "s" * (protocol.MAX_STR_LEN + 1)})
+def test_the_quick_pass_over_the_limits_accepts_exactly_what_the_walk_naming_faults_accepts(value):
+    """limits.check skips the walk that builds each value's path when its quick pass accepts the
+    message, so the two must agree on every message (nesting around MAX_DEPTH included)."""
+    message = {"v": 1, "t": "log", "stream": "s", "seq": 1, "run": "r", "metrics": {"a": 1.0}, "x": value}
+    try:
+        limits._find_fault(message, "message", 0, [limits.MAX_ITEMS])
+    except protocol.ProtocolError:
+        assert not limits._within(message)
+    else:
+        assert limits._within(message)
 
 
 @fuzz_settings(0.2)
@@ -237,6 +266,26 @@ def test_status_and_heartbeat_get_the_same_nesting_and_size_limits():
     for kind, extra in (("status", {}), ("heartbeat", {"runs": []})):
         with pytest.raises(protocol.ProtocolError, match="nested deeper than 8"):
             protocol.decode(pack(dict(extra, v=1, t=kind, stream="s", seq=0, junk=deep)))
+
+
+@pytest.mark.parametrize("fields, reason", [
+    ({"x": [1, {"a\x00": b"\x01"}]},
+     "message.x[1].'a\\x00' is a msgpack bin; only nil, bool, int, float, str, arrays and maps are accepted"),
+    ({"x": [[[[[[[[1]]]]]]]]}, "message.x[0][0][0][0][0][0][0][0] is nested deeper than 8 levels"),
+    ({"x": [(1 << 64) - 1, b"b"], "y": {"": 1}}, "message.x[0] is an integer outside the signed 64-bit range"),
+    ({"x": {"ok": None, "k" * 257: 1}},
+     "message.x has a key that is not a 1..256 character string: '%s...(259 characters)" % ("k" * 79)),
+    ({"x": [[0] * 9995, [0] * 9996]}, "message has more than 20000 map entries and array items in all (at message.x[1])"),
+    ({"x": [[0] * 9995, [0] * 9995]}, None),  # 20000 entries in all: the limit itself
+])
+def test_a_value_over_a_limit_is_named_by_its_path(fields, reason):
+    frame = pack(message(**fields))
+    if reason is None:
+        assert protocol.decode(frame)["x"] == fields["x"]
+        return
+    with pytest.raises(protocol.ProtocolError) as caught:
+        protocol.decode(frame)
+    assert (caught.value.reason, caught.value.stream, caught.value.seq) == (reason, "s1", 1)
 
 
 def test_a_seq_beyond_64_bits_makes_a_frame_unreadable_not_a_crash(tmp_path):
