@@ -64,7 +64,7 @@ from relay.uploader_checkpoints import Checkpoints
 log = logging.getLogger("relay.uploader")
 
 WAKE, RETRY_NOW = b"w", b"r"  # what the server writes to an uploader's wake pipe
-UPLOADER_CACHE_KIB = 64  # a run's spool connection's page cache (SQLite's 2 MiB default, times 1,000 runs)
+UPLOADER_CACHE_KIB = 64  # a run's spool connection's page cache: the OS caches the file anyway (SQLite: 2 MiB)
 
 
 class WakePipe:
@@ -133,8 +133,7 @@ class RunUploader:
     # -- process ------------------------------------------------------------------------------
 
     def run(self) -> int:
-        # Checked by the server at its start. A small page cache: the OS caches the file anyway.
-        self._spool = Spool(self.config.spool_dir, check=False, cache_kib=UPLOADER_CACHE_KIB)
+        self._spool = Spool(self.config.spool_dir, check=False, cache_kib=UPLOADER_CACHE_KIB)  # the server checked it
         self._count = RowCount(self.run_id, self.config, self._spool.uploads, self._sink.history_count,
                                self._wake.wait, self.interrupt)
         self._checkpoints = Checkpoints(self.run_id, self.config, self._spool.uploads, self._sink)
