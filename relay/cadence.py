@@ -15,13 +15,18 @@ upload_requests), it hands rows over as they come and wandb-core sets the pace. 
 it hands them over in bursts, one burst (at most HAND_OVER seconds long) every 2 x N /
 upload_requests seconds: two requests per burst, so 1 / (N / upload_requests) a second per run.
 The count of live runs is read again before each burst, so a run's pace follows the load as runs
-come and go, whenever it started. Offline runs make no requests but keep the same pace: an
+come and go, whenever it started. A run's first burst comes at once (its first rows are not held);
+the next one after a fraction of the gap, its phase, which its run id gives (`phase`), and the
+following ones a whole gap apart (the same once the live runs first need a gap): runs opened
+together (a sweep, a relay restarted under load) spread their bursts over the gap instead of all
+bursting at once every gap. Offline runs make no requests but keep the same pace: an
 uploader's fixed cost per hand-over (reading the run's records, committing their steps to the
 spool) is then paid once per burst, not once per row.
 """
 from __future__ import annotations
 
 import time
+import zlib
 from typing import Callable
 
 from relay.config import RelayConfig
@@ -36,14 +41,22 @@ def upload_interval(config: RelayConfig, live_runs: int) -> float:
     return max(config.upload_interval, max(1, live_runs) / config.upload_requests)
 
 
+def phase(run_id: str) -> float:
+    """The run's phase, in (0, 1]: evenly spread over run ids, the same for a run every time."""
+    return (zlib.crc32(run_id.encode("utf-8")) % 1000 + 1) / 1000.0
+
+
 class Cadence:
     """When one run's uploader may hand rows to the SDK (see the module docstring)."""
 
-    def __init__(self, config: RelayConfig, live_runs: Callable[[], int], clock: Callable[[], float] = time.monotonic):
+    def __init__(self, config: RelayConfig, live_runs: Callable[[], int], clock: Callable[[], float] = time.monotonic,
+                 phase: float = 1.0):
         self.config = config
         self.live_runs = live_runs
         self.clock = clock
+        self.phase = phase
         self.burst_began: float | None = None  # when the last burst began (None: none yet)
+        self.paced = False  # the last burst began after a gap (the next waits a whole gap, not its phase of one)
 
     def gap(self) -> float:
         """Seconds from one burst to the next now; 0 while rows may go over as they come."""
@@ -56,7 +69,10 @@ class Cadence:
         if self.burst_began is not None and now - self.burst_began < HAND_OVER:
             return 0.0
         gap = self.gap()
-        if self.burst_began is not None and gap and now < self.burst_began + gap:
-            return self.burst_began + gap - now
+        if gap and self.burst_began is not None:
+            due = self.burst_began + gap * (1.0 if self.paced else self.phase)
+            if now < due:
+                return due - now
+        self.paced = bool(gap) and self.burst_began is not None  # this burst waited for its turn
         self.burst_began = now
         return 0.0

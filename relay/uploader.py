@@ -51,7 +51,7 @@ from typing import Any
 import tenacity
 
 from relay import planner, uploader_meta
-from relay.cadence import Cadence
+from relay.cadence import Cadence, phase
 from relay.config import RelayConfig
 from relay.rowcount import RowCount
 from relay.sinks.wandb import RETRYABLE, WandbSink, wandb_core_dies_with_its_parent
@@ -137,7 +137,7 @@ class RunUploader:
         self._count = RowCount(self.run_id, self.config, self._spool.uploads, self._sink.history_count,
                                self._wake.wait, self.interrupt)
         self._checkpoints = Checkpoints(self.run_id, self.config, self._spool.uploads, self._sink)
-        self._cadence = Cadence(self.config, self._spool.report.live_runs)
+        self._cadence = Cadence(self.config, self._spool.report.live_runs, phase=phase(self.run_id))
         try:
             self._loop()
             return 0

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from relay.cadence import HAND_OVER, Cadence, upload_interval
+from relay.cadence import HAND_OVER, Cadence, phase, upload_interval
 from relay.client import RelayClient
 from relay.config import RelayConfig
 from test_e2e import assert_history
@@ -53,6 +53,50 @@ def test_past_the_budget_rows_go_in_bursts_whose_pace_follows_the_live_runs():
     assert cadence.wait() == pytest.approx(35.0)
     live[0] = 10                              # within the budget again: at once
     assert cadence.wait() == 0.0
+
+
+def test_runs_opened_together_spread_their_bursts_over_the_gap():
+    """1,000 runs open at once (1,000 / 20 per s: a burst every 100 s each). Each bursts at once,
+    then after its phase of the gap, then a whole gap apart: every 10 s of a gap holds about a
+    tenth of the bursts, not all of them."""
+    clock = Clock()
+    run_ids = ["many-1000-%04d" % i for i in range(1000)]
+    runs = {run_id: Cadence(RelayConfig(upload_interval=2.0, upload_requests=20.0), lambda: 1000, clock,
+                            phase(run_id)) for run_id in run_ids}
+    assert [cadence.wait() for cadence in runs.values()] == [0.0] * 1000  # first rows are not held
+    opened = clock.now
+    clock.now += HAND_OVER
+    bursts: dict[str, list[float]] = {run_id: [] for run_id in run_ids}
+    while clock.now < opened + 320.0:  # the clock moves a second at a time
+        clock.now += 1.0
+        for run_id, cadence in runs.items():
+            if cadence.wait() == 0.0 and cadence.burst_began == clock.now:
+                bursts[run_id].append(clock.now)
+    for run_id, times in bursts.items():
+        due = opened + 100.0 * phase(run_id)  # its phase of the first gap (then the next tick)
+        assert due <= times[0] < max(due, opened + 1.0) + 1.0
+        assert [round(b - a) for a, b in zip(times, times[1:])] == [100] * (len(times) - 1)  # then whole gaps
+    in_a_gap = [t for times in bursts.values() for t in times if opened + 200.5 <= t < opened + 300.5]
+    per_window = [sum(1 for t in in_a_gap if opened + start + 0.5 <= t < opened + start + 10.5)
+                  for start in range(200, 300, 10)]
+    assert len(in_a_gap) == 1000 and max(per_window) <= 150 and min(per_window) >= 50, per_window
+    assert 0.0 < phase("a") <= 1.0 and phase("a") == phase("a")
+
+
+def test_a_run_past_the_budget_waits_its_phase_of_the_gap_once():
+    live = [10]
+    clock = Clock()
+    cadence = Cadence(RelayConfig(upload_interval=2.0, upload_requests=20.0), lambda: live[0], clock, phase=0.25)
+    assert cadence.wait() == 0.0
+    clock.now += 1.0
+    assert cadence.wait() == 0.0              # within the budget: as they come
+    live[0] = 200                             # a burst every 20 s from now on: the first after a quarter of it
+    clock.now += 1.0
+    assert cadence.wait() == pytest.approx(5.0 - 1.0)
+    clock.now += 4.0
+    assert cadence.wait() == 0.0
+    clock.now += HAND_OVER
+    assert cadence.wait() == pytest.approx(20.0 - HAND_OVER)
 
 
 BUDGET, RUNS, WINDOW = 6.0, 30, 15.0  # 30 runs / 6 per s: a request every 5 s per run, a burst every 10 s
