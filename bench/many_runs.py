@@ -6,7 +6,8 @@ offline mode, or `--online` against the suite's fake W&B (tests/fakewandb.py, in
 with `/metrics` on. Per N:
 
 - PSS of the relay and every process below it (fork server, uploaders, wandb-core), summed, and
-  their number, sampled every 3 s: the maximum, and the mean over the steady window (from when
+  their number, sampled every 3 s (every second while the runs finish): the maximum, also over the
+  finishes, and the mean over the steady window (from when
   every run had rows, a third into the logging at the earliest, to its end; at least the last
   quarter); cores: their CPU time (/proc/<pid>/stat utime + stime) over that window / its length;
 - time to first rows, per run, from its `open` (trainer's clock) to its first rows in W&B: online,
@@ -16,7 +17,9 @@ with `/metrics` on. Per N:
 - status and /metrics latency, 20 of each over the logging (`query_status`'s round trip: the
   `relay status` command adds its interpreter's start); lag at the end of the logging, from the last
   status: records not handed to the SDK (`unsent`), not confirmed by W&B (`pending`; offline, at the
-  run's finish) and the age of the oldest one that only a row count confirms.
+  run's finish) and the age of the oldest one that only a row count confirms; `finished`: seconds
+  from the end of the logging until every run is finished in W&B (the relay says so; online, the
+  fake W&B too).
 
 `--history N`: before the relay starts, its spool gets N finished, fully uploaded runs (rows of
 `runs` and their streams' watermarks, written with sqlite3 in the schema of the relay measured),
@@ -214,6 +217,7 @@ class Watch:
         """Whether every run finished in W&B in time (online, in the fake too); still looks for rows."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            self.samples.append(sample(self.relay.pid))  # the finishes count toward the PSS maximum too
             self.look_for_rows()
             if self.relay.status(30.0)["run_counts"]["active"] == 0 and (
                     fake is None or all(fake.complete(run_id) for run_id in run_ids)):
@@ -284,7 +288,9 @@ def run_case(runs: int, seconds: int, workdir: str, online: bool, history: int, 
         watch.follow(trainers, seconds)
         if len(results) != len(jobs):
             raise RuntimeError("the trainers failed (above); the relay's log ends:\n%s" % relay.log()[-4000:])
+        finishing = time.monotonic()
         finished = watch.wait_finished(fake, run_ids, timeout=300.0)
+        finish_s = time.monotonic() - finishing
         if fake:
             for run_id in run_ids:
                 arrived = [t for t in fake.run(run_id).arrived if t is not None]
@@ -311,7 +317,8 @@ def run_case(runs: int, seconds: int, workdir: str, online: bool, history: int, 
                for what, ms in (("status", watch.status_ms), ("metrics", watch.metrics_ms)) for q in ("p50", "max")},
             "lag_unsent": records.get("unsent"), "lag_pending": records.get("pending"),
             "lag_oldest_pending_s": records.get("oldest_pending_age"),
-            "delivered": all(result["delivered"] for result in results), "finished": finished}
+            "delivered": all(result["delivered"] for result in results), "finished": finished,
+            "finished_in_s": round(finish_s, 1)}
     case["pss_per_run_mib"] = round(case["pss_steady_mib"] / runs, 1)
     return case
 
@@ -334,9 +341,9 @@ def too_big(runs: int, measured: list[tuple[int, int]]) -> str:
             "is available; run it on a larger machine" % (per_run, needed / 1024, available / 1024))
 
 
-HEADER = ("%-8s %5s %5s %9s %9s %8s %6s %14s %7s %16s %16s %8s %9s" % (
+HEADER = ("%-8s %5s %5s %9s %9s %8s %6s %14s %7s %16s %16s %8s %9s %9s" % (
     "relay", "runs", "procs", "PSS max", "PSS std", "per run", "cores", "rows p50/max", "<=30s", "status p50/max",
-    "metrics p50/max", "unsent", "oldest"))
+    "metrics p50/max", "unsent", "oldest", "finished"))
 
 
 def line(case: dict) -> str:
@@ -344,11 +351,11 @@ def line(case: dict) -> str:
         return "%-8s %5d  %s" % (case["relay"], case["runs"], case["skipped"])
     rows = "%.1f/%.1f s" % (case["first_rows_p50_s"], case["first_rows_max_s"]) if case["runs_with_rows"] else "none"
     oldest = case["lag_oldest_pending_s"]
-    text = "%-8s %5d %5d %5d MiB %5d MiB %4.1f MiB %6s %14s %7s %10.0f/%.0f ms %10.0f/%.0f ms %8s %9s" % (
+    text = "%-8s %5d %5d %5d MiB %5d MiB %4.1f MiB %6s %14s %7s %10.0f/%.0f ms %10.0f/%.0f ms %8s %9s %7.0f s" % (
         case["relay"], case["runs"], case["processes_steady"], case["pss_max_mib"], case["pss_steady_mib"],
         case["pss_per_run_mib"], case["cores"], rows, "yes" if case["all_within_30s"] else "NO", case["status_p50_ms"],
         case["status_max_ms"], case["metrics_p50_ms"], case["metrics_max_ms"], case["lag_unsent"],
-        "-" if oldest is None else "%.0f s" % oldest)
+        "-" if oldest is None else "%.0f s" % oldest, case["finished_in_s"])
     if case["history_archived_s"] is not None:
         text += "  (history archived in %.1f s first)" % case["history_archived_s"]
     if case["runs_with_rows"] < case["runs"]:
