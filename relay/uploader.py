@@ -280,10 +280,9 @@ class RunUploader:
     def _upload(self, records: list[Record]) -> None:
         """Assign steps (committed first), then hand rows, artifacts and summaries to the SDK."""
         if self.mode == "disabled":  # accepted and acked, then dropped on purpose
-            finish = next((r for r in records if r.kind == "finish"), None)
-            self._cursor = records[-1].id
+            finish, self._cursor = next((r for r in records if r.kind == "finish"), None), records[-1].id
             self._spool.uploads.confirm_through(self.run_id, self._cursor, finish and finish.body["exit_code"],
-                                        finished=finish is not None)
+                                                finished=finish is not None)
             return
         losses = self._spool.uploads.losses(self.run_id)  # unreadable records set aside, acked records found lost
         if losses != self._losses_told:
@@ -292,6 +291,7 @@ class RunUploader:
             self._losses_told = losses
         batch = planner.plan(records, self._next_step)
         self._spool.uploads.assign_steps(self.run_id, batch.steps, batch.through_id)
+        self._cadence.handed_rows(bool(batch.steps))
         self._next_step = batch.next_step
         for item in batch.items:
             if isinstance(item, planner.Row):  # media values: made wandb objects from the spool's copies

@@ -33,6 +33,7 @@ def test_within_the_budget_rows_go_as_they_come():
     cadence = Cadence(RelayConfig(upload_interval=2.0, upload_requests=20.0), lambda: live[0], clock)
     for _ in range(5):
         assert cadence.wait() == 0.0
+        cadence.handed_rows()
         clock.now += 0.3
 
 
@@ -40,7 +41,10 @@ def test_past_the_budget_rows_go_in_bursts_whose_pace_follows_the_live_runs():
     live = [200]  # 200 runs / 20 per s: a request every 10 s per run, two per burst: a burst every 20 s
     clock = Clock()
     cadence = Cadence(RelayConfig(upload_interval=2.0, upload_requests=20.0), lambda: live[0], clock)
-    assert cadence.wait() == 0.0              # the first burst begins at once
+    assert cadence.wait() == 0.0              # the open, the config: nothing waits for them
+    clock.now += 3.0
+    assert cadence.wait() == 0.0              # nor for the first rows: the first burst begins with them
+    cadence.handed_rows()
     clock.now += HAND_OVER / 2
     assert cadence.wait() == 0.0              # and goes on for HAND_OVER seconds
     clock.now += HAND_OVER
@@ -64,6 +68,8 @@ def test_runs_opened_together_spread_their_bursts_over_the_gap():
     runs = {run_id: Cadence(RelayConfig(upload_interval=2.0, upload_requests=20.0), lambda: 1000, clock,
                             phase(run_id)) for run_id in run_ids}
     assert [cadence.wait() for cadence in runs.values()] == [0.0] * 1000  # first rows are not held
+    for cadence in runs.values():
+        cadence.handed_rows()
     opened = clock.now
     clock.now += HAND_OVER
     bursts: dict[str, list[float]] = {run_id: [] for run_id in run_ids}
@@ -88,6 +94,7 @@ def test_a_run_past_the_budget_waits_its_phase_of_the_gap_once():
     clock = Clock()
     cadence = Cadence(RelayConfig(upload_interval=2.0, upload_requests=20.0), lambda: live[0], clock, phase=0.25)
     assert cadence.wait() == 0.0
+    cadence.handed_rows()
     clock.now += 1.0
     assert cadence.wait() == 0.0              # within the budget: as they come
     live[0] = 200                             # a burst every 20 s from now on: the first after a quarter of it
