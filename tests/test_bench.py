@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -45,12 +46,14 @@ def runs(tmp_path_factory):
                    MPLBACKEND="Agg")
         started[name] = subprocess.Popen([sys.executable, os.path.join(ROOT, "bench", script + ".py"), "--quick",
                                           "--dry-run", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                         text=True, env=env, cwd=ROOT)
+                                         text=True, env=env, cwd=ROOT, start_new_session=True)
     yield started
-    for proc in started.values():
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    for proc in started.values():  # a script not waited for (-k, a failure) goes with its relays and workers
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
 
 
 @pytest.mark.timeout(240)
