@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import threading
 import time
 from typing import Iterator
 
@@ -162,16 +163,23 @@ def _upgrade_watermark_times(conn: sqlite3.Connection) -> None:
         conn.execute("PRAGMA user_version = 2")
 
 
+# One write transaction at a time per process: the threads of an uploader host (a run each) queue
+# here, not in SQLite's busy handler, whose sleeps of up to 100 ms let a crowd of writers keep the
+# write lock from the server's intake for seconds.
+WRITERS = threading.Lock()
+
+
 @contextlib.contextmanager
 def transaction(conn: sqlite3.Connection) -> Iterator[None]:
     """One write transaction: committed when the block ends, rolled back if it raises."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        rollback(conn)
-        raise
-    conn.execute("COMMIT")
+    with WRITERS:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            rollback(conn)
+            raise
+        conn.execute("COMMIT")
 
 
 def rollback(conn: sqlite3.Connection) -> None:
