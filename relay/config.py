@@ -80,7 +80,7 @@ class RelayConfig(BaseModel):
     watermark_retention: float = Field(90 * 86400.0, ge=7 * 86400.0, description="seconds a stream's watermark (what "
                                        "makes a re-sent or replayed record a duplicate) is kept after the stream's last "
                                        "record; a spill file replayed later than that is refused, not uploaded twice")
-    runs_per_uploader: int = Field(50, ge=1, le=1000, description="most runs one uploader process serves, "
+    runs_per_uploader: int = Field(100, ge=1, le=1000, description="most runs one uploader process serves, "
                                    "each in a thread of its own over the shared wandb-core; 1: a process per run")
     uploader_hosts: int = Field(0, ge=0, le=64, description="uploader processes the first runs are spread over "
                                 "before runs share one (a process's runs share one core); 0: the CPUs, at most 4")
