@@ -223,13 +223,14 @@ class RelayClient:
             return not outbox.pending
 
     @_locked
-    def spill_pending(self) -> Optional[str]:
+    def spill_pending(self, only_handed_over: bool = False) -> Optional[str]:
         """Write every pending record to a new spill file now, after the records an overflow handed
         over (waiting for a spill in flight); returns the new file's path (None if nothing was
-        pending, or the spill failed)."""
+        pending, or the spill failed). `only_handed_over`: write only what overflows handed over;
+        the pending records stay and are sent."""
         with self._outbox.lock:
             self._outbox.deferred.release(wait=True)
-        return self._outbox.spill(reopen=not self._closed)
+        return self._outbox.spill(reopen=not self._closed, pending=not only_handed_over)
 
     @_locked
     def close(self, timeout: float = 0.0) -> Optional[str]:
@@ -377,7 +378,8 @@ class Run:
         self.client.submit({"t": "summary", "run": self.id, "values": dict(values)})
 
     def finish(self, exit_code: int = 0, timeout: float = 10.0) -> Dict[str, Any]:
-        """Queue the finish record, wait at most `timeout` for acks, spill the rest to disk."""
+        """Queue the finish record, wait at most `timeout` for acks; if they did not all come,
+        spill the rest to disk."""
         self._refuse_if_forked()
         deadline = time.monotonic() + timeout
         if self._threads is not None:  # its provenance given up to `timeout` to come first; then no more
@@ -386,7 +388,11 @@ class Run:
         self.client.submit({"t": "finish", "run": self.id, "exit_code": int(exit_code), "time": time.time()})
         self.client._run_finished(self.id)
         delivered = self.client.flush(max(0.0, deadline - time.monotonic()))
-        spill_file = self.client.spill_pending()  # what is not acked, after what an overflow handed over
+        # Not delivered: what is not acked goes to a file, after what an overflow handed over.
+        # Delivered: every record up to its finish was acked (or handed over, and is written now);
+        # what is pending now came after it (another run's sample or row, handed over the moment
+        # the wait ended) and is sent: the relay is there, acking.
+        spill_file = self.client.spill_pending(only_handed_over=delivered)
         stats = self.client.statistics()
         return {"run": self.id, "delivered": delivered, "spill_file": spill_file,
                 "acked": stats["acked"], "spilled": stats["spilled"], "errors": stats["errors"]}

@@ -173,16 +173,17 @@ class Outbox:
             for message in self._reopen():
                 self._queue(message, protocol.to_scalar)
 
-    def spill(self, reopen: bool = False) -> Optional[str]:
+    def spill(self, reopen: bool = False, pending: bool = True) -> Optional[str]:
         """Hand every pending record over and write every batch handed over, in order, now (after
         a write in flight: this waits for it). The path of the file holding what was pending; None
         when nothing was pending or a write failed (then those records stay in `spilling`).
-        `reopen`: the client goes on, so the new stream names the open runs again. Call it without
-        holding `lock`."""
+        `reopen`: the client goes on, so the new stream names the open runs again. `pending`:
+        False writes only the batches handed over before, and the pending records stay to be
+        sent. Call it without holding `lock`."""
         spilling = self.spilling
         with spilling.write_lock:
             with self.lock:
-                handed = bool(self.pending)
+                handed = pending and bool(self.pending)
                 if handed:
                     self._hand_over(reopen)
                 spilling.wanted = False

@@ -295,6 +295,16 @@ def test_spill_writes_what_was_handed_over_first_then_the_pending_records_and_wh
     assert outbox.drop_all() == 1 and outbox.stats["lost"] == 1 and outbox.spilling.count == 0
 
 
+def test_spill_of_only_what_was_handed_over_leaves_the_pending_records_to_be_sent():
+    spills = Spills()
+    outbox = make(max_pending=3, spill=spills)
+    for step in range(5):
+        log(outbox, step)
+    assert outbox.spill(pending=False) is None and spills.files == [("s1", [1, 2, 3])]
+    assert list(outbox.pending) == [1, 2] and outbox.stats["spilled"] == 3 and outbox.spilling.count == 0
+    assert outbox.spill(pending=False) is None and len(spills.files) == 1 and list(outbox.pending) == [1, 2]
+
+
 class Landing:
     """A device copy that lands when the test says so."""
 

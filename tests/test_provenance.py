@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
+import time
 
 import pytest
 
 from harness import TESTS
 from relay import provenance, sysmetrics
+from relay.client import RelayClient
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -170,3 +173,62 @@ def test_nvml_readings_under_wandb_names(monkeypatch):
         "gpu.0.gpu": 87.0, "gpu.0.memory": 41.0, "gpu.0.memoryAllocated": 25.0,
         "gpu.0.memoryAllocatedBytes": float(20 * 2 ** 30), "gpu.0.temp": 61.0, "gpu.0.powerWatts": 350.5,
         "gpu.0.enforcedPowerLimitWatts": 700.0, "gpu.0.powerPercent": 50.07142857142857}
+
+
+def spooled_kinds(relay, run_ids) -> dict[str, list[str]]:
+    """run -> the kinds of its records in the relay's spool, in arrival order."""
+    conn = sqlite3.connect("file:%s?mode=ro" % os.path.join(relay.spool_dir, "spool.sqlite"), uri=True)
+    try:
+        rows = conn.execute("SELECT run_id, kind FROM records ORDER BY id").fetchall()
+    finally:
+        conn.close()
+    kinds = {run_id: [] for run_id in run_ids}
+    for run_id, kind in rows:
+        kinds.setdefault(run_id, []).append(kind)
+    return kinds
+
+
+def test_runs_finished_beside_sampling_ones_spill_nothing_and_sample_nothing_after_finish(
+        fake_wandb, relay_factory, tmp_path):
+    """One client, 16 runs sampled every 20 ms, finished one after the other while the others go on
+    sampling: a sample another run hands over as a finish's wait for its acks ends is sent, not
+    spilled by that finish; the spool holds every record the client took, no sample of a run after
+    its finish."""
+    fake_wandb.set_fault("503")  # W&B refuses: the relay keeps every record in its spool
+    relay = relay_factory(fake_wandb, ["--mode", "online"])
+    spill_dir = tmp_path / "spill"
+    client = RelayClient(relay.endpoint, spill_dir=str(spill_dir), heartbeat_every=0, provenance=False,
+                         system_metrics=0.02)
+    run_ids = ["sampled-%02d" % i for i in range(16)]
+    runs = [client.start_run(project="late", run_id=run_id) for run_id in run_ids]
+    for run in runs:
+        run.log({"x": 1.0}, frame=0)
+    flush = client.flush
+
+    def flush_then_sample(timeout: float) -> bool:
+        """The moment a wait for acks ends, the next open run's sampler hands over a sample (as one
+        blocked on the client's lock meanwhile does, now and then)."""
+        done = flush(timeout)
+        sampling = [run for run in runs if not run._threads.stopped]
+        if sampling:
+            values = sysmetrics.ProcReader().sample()
+            assert sampling[0]._threads.submit({"t": "system", "run": sampling[0].id, "values": values,
+                                                "time": time.time()})
+        return done
+
+    client.flush = flush_then_sample
+    deadline = time.monotonic() + 20
+    while not all("system" in kinds for kinds in spooled_kinds(relay, run_ids).values()):  # every sampler runs
+        assert client.flush(10) and time.monotonic() < deadline, spooled_kinds(relay, run_ids)
+    reports = [run.finish(exit_code=0, timeout=10) for run in runs]
+    stats = client.statistics()
+    assert client.close() is None
+    assert [(r["run"], r["delivered"], r["spill_file"]) for r in reports] == [(i, True, None) for i in run_ids]
+    assert (stats["spilled"], stats["pending"], stats["spill_files"], stats["errors"]) == (0, 0, [], 0)
+    assert not spill_dir.exists() or os.listdir(spill_dir) == []
+    kinds = spooled_kinds(relay, run_ids)
+    assert sorted(kinds) == run_ids
+    for run_id in run_ids:
+        assert kinds[run_id][:2] == ["open", "log"] and kinds[run_id][-1] == "finish", (run_id, kinds[run_id])
+        assert set(kinds[run_id][2:-1]) == {"system"}, (run_id, kinds[run_id])
+    assert sum(len(found) for found in kinds.values()) == stats["acked"] == stats["sent"]
