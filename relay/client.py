@@ -224,10 +224,9 @@ class RelayClient:
 
     @_locked
     def spill_pending(self, only_handed_over: bool = False) -> Optional[str]:
-        """Write every pending record to a new spill file now, after the records an overflow handed
-        over (waiting for a spill in flight); returns the new file's path (None if nothing was
-        pending, or the spill failed). `only_handed_over`: write only what overflows handed over;
-        the pending records stay and are sent."""
+        """Write every pending record (`only_handed_over`: none) to a new spill file now, after the
+        records an overflow handed over (waiting for a spill in flight); returns the new file's path
+        (None if nothing was pending, or the spill failed)."""
         with self._outbox.lock:
             self._outbox.deferred.release(wait=True)
         return self._outbox.spill(reopen=not self._closed, pending=not only_handed_over)
