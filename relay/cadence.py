@@ -15,11 +15,11 @@ upload_requests), it hands rows over as they come and wandb-core sets the pace. 
 it hands them over in bursts, one burst (at most HAND_OVER seconds long) every 2 x N /
 upload_requests seconds: two requests per burst, so 1 / (N / upload_requests) a second per run.
 The count of live runs is read again before each burst, so a run's pace follows the load as runs
-come and go, whenever it started. A run's first burst is the one that hands its first rows, at once (until then nothing waits);
-the next one after a fraction of the gap, its phase, which its run id gives (`phase`), and the
-following ones a whole gap apart (the same once the live runs first need a gap): runs opened
-together (a sweep, a relay restarted under load) spread their bursts over the gap instead of all
-bursting at once every gap. Offline runs make no requests but keep the same pace: an
+come and go, whenever it started. A run's first burst is the one that hands its first rows, at once
+(until then nothing waits); the next one after a fraction of the gap, its phase, which its run id
+gives (`phase`), and the following ones a whole gap apart (the same once the live runs first need a
+gap): runs opened together (a sweep, a relay restarted under load) spread their bursts over the gap
+instead of all bursting at once every gap. Offline runs make no requests but keep the same pace: an
 uploader's fixed cost per hand-over (reading the run's records, committing their steps to the
 spool) is then paid once per burst, not once per row.
 """
@@ -55,15 +55,14 @@ class Cadence:
         self.live_runs = live_runs
         self.clock = clock
         self.phase = phase
-        self.burst_began: float | None = None  # when the last burst began (None: none yet)
+        self.burst_began: float | None = None  # when the last burst began (None: no rows handed yet)
         self.paced = False  # the last burst began after a gap (the next waits a whole gap, not its phase of one)
-        self.rows_handed = False  # until the run's first rows go, nothing waits (its open, config, meta)
 
     def handed_rows(self, rows: bool = True) -> None:
         """The uploader handed records to the SDK, `rows` among them: the first time it handed rows
         was the run's first burst."""
-        if rows and not self.rows_handed:
-            self.rows_handed, self.burst_began = True, self.clock()
+        if rows and self.burst_began is None:
+            self.burst_began = self.clock()
 
     def gap(self) -> float:
         """Seconds from one burst to the next now; 0 while rows may go over as they come."""
@@ -73,15 +72,13 @@ class Cadence:
     def wait(self) -> float:
         """Seconds until rows may be handed over (0: now; a burst begins if none is going on)."""
         now = self.clock()
-        if not self.rows_handed:
-            return 0.0
-        if self.burst_began is not None and now - self.burst_began < HAND_OVER:
-            return 0.0
+        if self.burst_began is None or now - self.burst_began < HAND_OVER:
+            return 0.0  # nothing waits for a run's first rows (its open, config, meta), nor within a burst
         gap = self.gap()
-        if gap and self.burst_began is not None:
+        if gap:
             due = self.burst_began + gap * (1.0 if self.paced else self.phase)
             if now < due:
                 return due - now
-        self.paced = bool(gap) and self.burst_began is not None  # this burst waited for its turn
+        self.paced = bool(gap)  # this burst waited for its turn
         self.burst_began = now
         return 0.0
