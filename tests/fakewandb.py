@@ -387,6 +387,8 @@ class FakeWandb:
         #   0 until the first log() after init, and log(step=s) with s below it is dropped silently;
         # - config (each value as {"value": v}), summaryMetrics, tags and notes are restored, and
         #   every one of these fields must be present and parse, or resuming fails.
+        # A finished or preempted run that wandb.init resumes is running again, until its next finish.
+        run.complete, run.exit_code, run.preempting = False, None, False
         wandb_internal = run.raw_config.get("_wandb", {})
         wandb_internal = wandb_internal.get("value", {}) if isinstance(wandb_internal, dict) else {}
         seen = self._seen_history(run)

@@ -100,6 +100,8 @@ def test_resume_continues_at_next_step(fake, tmp_path):
 
     run = wandb.init(project="proj", entity="ent", id="resumeme", resume="allow", dir=str(tmp_path))
     assert run.resumed
+    resumed = fake.run("resumeme")  # running again, as W&B shows a resumed run, until its next finish
+    assert (resumed.exit_code, resumed.complete, resumed.preempting) == (None, False, False)
     # wandb-core sets the starting step to historyTail[-1]["_step"] + 1 = 50 (see RunResumeStatus
     # in fakewandb). run.step reads wandb-core's "next step", which it only initialises from the
     # starting step on the first log() after init, so until then it reads 0.

@@ -32,12 +32,19 @@ def paused_trainer(trainer_factory, relay, run_id, steps, seed):
     return trainer
 
 
-def finish(trainer, fake, run_id, steps, seed):
+def finish(trainer, relay, fake, run_id, steps, seed):
+    """Let the trainer finish; once the relay has finished the run in W&B (not before: a stream
+    left open and closed may have marked it complete already), W&B holds every row exactly once."""
     trainer.go_on()
     assert trainer.event("finished")["report"]["delivered"] is True
-    fake.wait_for(lambda: fake.complete(run_id), 120)
+    relay.wait_status(lambda s: relay_run(s, run_id)["finished"], 120, "run %s finished in W&B" % run_id)
+    assert fake.complete(run_id)
     assert_history(fake.run(run_id).history, seed=seed, steps=steps, metrics=6)
     assert fake.run(run_id).exit_code == 0
+
+
+def relay_run(status: dict, run_id: str) -> dict:
+    return next(run for run in status["runs"] if run["run_id"] == run_id)
 
 
 def steps_assigned(relay, run_id) -> int:
@@ -59,7 +66,7 @@ def test_runs_share_one_wandb_core_started_by_the_relay(fake_wandb, relay_factor
     cores = wandb_cores(relay.proc.pid)
     assert list(cores.values()) == [relay.proc.pid], "expected one wandb-core, the relay's child: %s" % cores
     for (run_id, trainer), seed in zip(trainers.items(), (31, 32)):
-        finish(trainer, fake_wandb, run_id, 40, seed)
+        finish(trainer, relay, fake_wandb, run_id, 40, seed)
     assert relay.stop() == 0
     wait_gone(next(iter(cores)), 10)  # the relay stops its wandb-core too
     assert OWN_CORE not in relay.log() and LEFT_OPEN not in relay.log()
@@ -82,7 +89,7 @@ def test_uploader_killed_mid_run_its_stream_is_closed_and_the_run_resumes_exactl
     relay.wait_log("uploader for run orphan exited with code -9", 30)
     fake_wandb.set_fault("ok")
     relay.wait_log(LEFT_OPEN, 60)
-    finish(trainer, fake_wandb, "orphan", 120, 33)
+    finish(trainer, relay, fake_wandb, "orphan", 120, 33)
     log = relay.log()
     assert OWN_CORE not in log
     assert list(wandb_cores(relay.proc.pid).values()) == [relay.proc.pid]
@@ -97,7 +104,7 @@ def test_init_failed_on_the_shared_core_then_wandb_back_resumes_there(fake_wandb
     relay.wait_status(lambda s: s["runs"] and s["runs"][0]["state"] == "retrying", 60, "init retrying")
     fake_wandb.set_fault("ok")
     relay.wait_log(LEFT_OPEN, 60)
-    finish(trainer, fake_wandb, "flaky", 30, 34)
+    finish(trainer, relay, fake_wandb, "flaky", 30, 34)
     assert OWN_CORE not in relay.log()
     assert list(wandb_cores(relay.proc.pid).values()) == [relay.proc.pid]
 
@@ -111,7 +118,7 @@ def test_shared_core_killed_mid_run_runs_go_on_with_their_own_and_lose_nothing(f
     (core,) = wandb_cores(relay.proc.pid)
     os.kill(core, signal.SIGKILL)
     relay.wait_log("the shared wandb-core exited", 30)
-    finish(trainer, fake_wandb, "corekill", 80, 35)  # the finish meets the dead core: the uploader restarts
+    finish(trainer, relay, fake_wandb, "corekill", 80, 35)  # the finish meets the dead core: the uploader restarts
     log = relay.log()
     assert "uploader for run corekill exited with code 1" in log
     assert fake_wandb.run("corekill").exit_code == 0
@@ -128,4 +135,4 @@ def test_init_failing_twice_on_the_shared_core_the_run_goes_on_with_its_own(fake
     relay.wait_log("run twice started in W&B mode online", 60)
     uploader = lock_holder(relay.spool_dir, "twice")
     assert sorted(wandb_cores(relay.proc.pid).values()) == sorted([relay.proc.pid, uploader])
-    finish(trainer, fake_wandb, "twice", 30, 36)
+    finish(trainer, relay, fake_wandb, "twice", 30, 36)
