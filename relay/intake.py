@@ -4,7 +4,9 @@ answered, heartbeats noted, status requests answered.
 
 An ack means the record is committed to the spool (relay/spool.py). A record that is not taken
 (the spool has no room, cannot be written, or the record's checkpoint cannot be snapshotted now)
-is not acked: its client keeps it, sends it again and spills it to disk if that lasts.
+is not acked: its client keeps it, sends it again and spills it to disk if that lasts. A client
+whose records were held for want of room is told to send them again once the relay takes records
+again (relay/room.py).
 """
 from __future__ import annotations
 
@@ -20,17 +22,16 @@ import zmq
 from relay import mediafiles, protocol, snapshots
 from relay.artifacts import RefusedPath, resolve_checkpoint
 from relay.config import RelayConfig
+from relay.room import HeldClients, Room
 from relay.snapshots import CopyThread, SnapshotDir, SnapshotError
 from relay.spool import Spool, SpoolError
-from relay.spool_db import Footprint
 from relay.status import RelayStatus
 from relay.watches import GapWatch, RefusalLog, SilenceWatch
 
 log = logging.getLogger("relay.server")
 
 BATCH_BYTES_FRAMES = 8  # one batch reads at most this many max_frame_bytes of frames
-COMMIT_COST = 2  # disk bytes a commit may take per byte of frames: the WAL's copy, then the database's
-ROOM_HYSTERESIS = 1.25  # holding for want of disk ends once min_free_bytes times this is free
+
 
 def classify(frame: bytes, config: RelayConfig) -> tuple[dict, str]:
     """Decode a frame into (message, refusal reason or '').
@@ -53,94 +54,19 @@ def classify(frame: bytes, config: RelayConfig) -> tuple[dict, str]:
     return message, mediafiles.check_paths(message, config.artifact_roots, config.max_media_bytes)
 
 
-class Room:
-    """Policy 'hold': whether the spool has room for more records (`holds`), and its WAL kept small."""
-
-    def __init__(self, config: RelayConfig, footprint: Footprint):
-        self.config = config
-        self.footprint = footprint
-        self.holding = False   # no room in the spool: records are not taken
-        self.hold_reason: str | None = None
-        self.held_bytes = 0    # frame bytes of the last batch held
-
-    def scan(self) -> None:
-        self.relieve_wal()
-        self.holds()
-
-    def relieve_wal(self) -> None:
-        """While the spool's room is short (under twice min_free_bytes), checkpoint and truncate its
-        WAL once a scan: a WAL that readers keep from being reused grows with every write (uploads
-        rewrite rows when they assign steps), which would eat the reserve that lets them go on."""
-        try:
-            if self.footprint.room_bytes() < 2 * self.config.min_free_bytes:
-                self.footprint.truncate_wal()
-        except (OSError, sqlite3.Error) as exc:
-            log.debug("cannot truncate the spool's WAL: %s", exc)
-
-    def wal_too_big(self) -> bool:
-        """Records that reuse the spool's free pages are written to its WAL first, and the WAL gives
-        its space back only when truncated: past a quarter of min_free_bytes it is checkpointed and
-        truncated now, and while that cannot be done the batch waits (a pause, not a hold: it is
-        counted as held but not logged), so that the WAL never eats the reserve."""
-        limit = self.config.min_free_bytes // 4
-        if not limit or self.footprint.wal_bytes() <= limit:
-            return False
-        try:
-            self.footprint.truncate_wal()
-        except sqlite3.Error as exc:
-            log.debug("cannot truncate the spool's WAL: %s", exc)
-        return self.footprint.wal_bytes() > limit
-
-    def holds(self, incoming: int = 0) -> bool:
-        """Take no new records while the spool holds more than max_spool_bytes, or while less than
-        min_free_bytes would be left for it on its disk (free space plus the spool's free pages)
-        after storing `incoming` bytes of frames, until uploads make room. Checked before every
-        commit, so a burst cannot eat the reserve: the reserve is what lets uploaders write to the
-        spool (steps, states, deletes) and so empty a spool whose backlog filled the disk. Nothing
-        is dropped: unacked records stay with their clients, which spill them to disk. Returns
-        whether the relay holds.
-
-        Once holding, the relay takes records again only when a quarter more than the reserve
-        would be left after the last batch it held (not at every batch that just fits)."""
-        if self.holding and not incoming:
-            incoming = self.held_bytes  # a scan: would the batch it last held fit now?
-        try:
-            live = self.footprint.live_bytes() + snapshots.held_bytes(self.config.spool_dir)
-            room = self.footprint.room_bytes()
-        except (OSError, sqlite3.Error) as exc:
-            log.debug("cannot measure the spool's room (%s); holding stays %s", exc, self.holding)
-            return self.holding
-        reserve = self.config.min_free_bytes * (ROOM_HYSTERESIS if self.holding else 1.0)
-        if live > self.config.max_spool_bytes:
-            reason = "spool full (%.1f MB of max_spool_bytes %.1f MB)" % (live / 1e6, self.config.max_spool_bytes / 1e6)
-        elif room - COMMIT_COST * incoming < reserve:
-            reason = ("%.1f MB free for the spool on its disk: storing %.1f MB more would leave less than "
-                      "min_free_bytes (%.1f MB)" % (room / 1e6, incoming / 1e6, self.config.min_free_bytes / 1e6))
-        else:
-            reason = None
-        if reason:
-            self.held_bytes = incoming
-        if reason and not self.holding:
-            log.warning("%s: holding new records until W&B uploads make room (or disk is freed); trainers keep "
-                        "them and spill them to disk if it lasts", reason)
-        elif self.holding and not reason:
-            log.info("spool has room again (%.1f MB live, %.1f MB free for it): taking records",
-                     live / 1e6, room / 1e6)
-        self.holding, self.hold_reason = reason is not None, reason
-        return self.holding
-
-
 class Commits:
     """Records committed to the spool in one transaction, then acked (`upto` and the ranges
     committed); a record past a gap is answered with `upto`, and acked records that no one holds
-    any more are given up as lost (GapWatch)."""
+    any more are given up as lost (GapWatch). The clients of a batch the spool could not take are
+    noted in `held`, and told to re-send at the first commit that succeeds again."""
 
     def __init__(self, spool: Spool, snapshot_dir: SnapshotDir, counters: Counter,
-                 reply: Callable[[bytes, dict], None], new_records: Callable[[str], None]):
+                 reply: Callable[[bytes, dict], bool], new_records: Callable[[str], None], held: HeldClients):
         self.spool = spool
         self.snapshots = snapshot_dir
         self.counters = counters
         self.reply = reply
+        self.held = held
         self.new_records = new_records   # told each run that got new records
         self.gaps = GapWatch()
         self.spool_error: str | None = None  # the last failed spool write, until one succeeds
@@ -151,6 +77,8 @@ class Commits:
         except SpoolError as exc:  # disk full, I/O error: nothing acked, clients keep and re-send
             self.discard_snapshots(items, ["error"] * len(items))
             self.counters["held"] += len(items)
+            for identity in senders.values():
+                self.held.note(identity)
             if self.spool_error is None:
                 log.error("%s; holding records (not acked: trainers keep them, spill them if it lasts) "
                           "until the spool can be written again", exc)
@@ -159,6 +87,7 @@ class Commits:
         if self.spool_error is not None:
             log.info("spool writable again: taking records")
             self.spool_error = None
+            self.held.tell(skip=frozenset(senders.values()))
         self.discard_snapshots(items, [outcome.status for outcome in outcomes])
         committed: dict[str, list[int]] = {}
         runs = set()
@@ -233,7 +162,8 @@ class Intake:
         self.counters: Counter = Counter()
         self.refusals = RefusalLog()
         self.room = Room(config, spool.footprint)
-        self.commits = Commits(spool, snapshot_dir, self.counters, self.reply, new_records)
+        self.held = HeldClients(self.reply)
+        self.commits = Commits(spool, snapshot_dir, self.counters, self.reply, new_records, self.held)
         self.copying: dict[str, int] = {}  # stream -> seq of its checkpoint being copied: the stream waits
         self.touch_error: str | None = None  # the last failed heartbeat write, until one succeeds
 
@@ -293,6 +223,8 @@ class Intake:
                 continue
             if not refusal:
                 heard.add(message["run"])  # held or not, a record from the trainer says it is alive
+            if self.room.holding:
+                self.held.note(identity)
             if self.room.holding or message["stream"] in self.copying or message["stream"] in unsnapped:
                 self.counters["held"] += 1  # not acked: the client keeps it, re-sends it, spills it
                 continue
@@ -316,6 +248,8 @@ class Intake:
         if items and (self.room.holds(incoming=sum(len(frame) for _, _, frame in items)) or self.room.wal_too_big()):
             self.commits.discard_snapshots(items, ["held"] * len(items))
             self.counters["held"] += len(items)  # not acked: the clients keep them, re-send them, spill them
+            for identity in senders.values():
+                self.held.note(identity)
         elif items:
             self.commits.commit(items, senders)
         if alive or heard:
@@ -355,8 +289,16 @@ class Intake:
             if self.room.holding or self.room.holds(incoming=len(frame)):  # no room now: not acked (it is re-sent)
                 self.snapshots.discard(message)
                 self.counters["held"] += 1
+                self.held.note(identity)
                 continue
             self.commits.commit([(message, refusal, frame)], {message["stream"]: identity})
+
+    def scan(self) -> None:
+        """The periodic look at the spool's room (Room.scan); once the relay takes records again,
+        the clients held for want of room are told to re-send now (after a failed spool write, the
+        first commit that succeeds tells them: Commits)."""
+        if self.room.scan() and self.commits.spool_error is None:
+            self.held.tell()
 
     def touch(self, runs: set[str]) -> None:
         """Note the heartbeats in the spool (`last_seen`, shown by `relay status`). A failed write
@@ -388,12 +330,15 @@ class Intake:
                 statuses[page] = dataclasses.replace(self.status_of(page), version=protocol.VERSION).to_dict()
             self.send(identity, protocol.encode(dict(statuses[page], stream=request["stream"])))
 
-    def reply(self, identity: bytes, message: dict) -> None:
+    def reply(self, identity: bytes, message: dict) -> bool:
         message.setdefault("v", protocol.VERSION)
-        self.send(identity, protocol.encode(message))
+        return self.send(identity, protocol.encode(message))
 
-    def send(self, identity: bytes, frame: bytes) -> None:
+    def send(self, identity: bytes, frame: bytes) -> bool:
+        """Whether ZeroMQ took the frame (never waits)."""
         try:
             self.socket.send_multipart([identity, frame], zmq.NOBLOCK)
+            return True
         except zmq.ZMQError as exc:  # client gone or its queue full: it will re-send and be re-acked
             log.debug("could not reply to %s: %s", identity.hex()[:16], exc)
+            return False

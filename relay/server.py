@@ -6,8 +6,8 @@ for at most `drain_timeout`: uploaders upload what is spooled and close their W&
 signal exits at once. Either way nothing acked is lost: it is in the spool, and the next start
 uploads it.
 
-The work is done by the intake (relay/intake.py: batches, classify, snapshots, hold policy,
-commits, acks, status replies) and the supervisor (relay/supervisor.py: uploader processes, the
+The work is done by the intake (relay/intake.py: batches, classify, snapshots, commits, acks,
+status replies; its hold policy in relay/room.py) and the supervisor (relay/supervisor.py: uploader processes, the
 shared wandb-core, silence, W&B outages); this module opens what they use, runs the loop, builds
 the status (relay/status.py) and closes everything in order.
 """
@@ -186,12 +186,12 @@ class RelayServer:
 
     def scan(self) -> None:
         """Every SCAN_EVERY: re-read the authorized client keys, close a minute of refusal warnings,
-        measure the spool's room, look after the uploaders (relay/supervisor.py), and now and then
-        a retention pass."""
+        measure the spool's room (and tell held clients to re-send once there is some), look after
+        the uploaders (relay/supervisor.py), and now and then a retention pass."""
         if self.authenticator is not None:
             self.authenticator.load_authorized()
         self.intake.refusals.roll()
-        self.intake.room.scan()
+        self.intake.scan()
         self.supervisor.scan()
         self.retain()
 
