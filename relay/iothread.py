@@ -6,7 +6,8 @@ in small slices so that the trainer's thread gets the GIL back often (pyzmq rele
 send and receive, and the outbox's lock is held only to take or give a slice):
 - reads the relay's replies (at most RECV_SLICE per slice) and applies them to the outbox;
 - re-sends everything unacked when acks stopped for the outbox's re-send wait (`resend_after`,
-  doubled after each re-send no ack follows), or at once when the socket was made anew;
+  doubled after each re-send no ack follows), or at once when the socket was made anew or the
+  relay's `resend` reply says it takes the records it held again (read and acted on in one slice);
 - sends what is unsent (at most SEND_SLICE frames per slice); when a send finds no connection it
   tries again RETRY_EVERY seconds later;
 - packs waiting device rows whose copy has landed (never waits for one);

@@ -40,7 +40,9 @@ wait before the next (`resend_after`, 2x, 4x, ... at most MAX_RESEND_WAIT); an a
 record sets it back to `resend_after`. Why: a relay that has fallen behind must read every duplicate
 too; a window re-sent each `resend_after` by each of its clients puts it further behind, which makes
 more re-sends (a congestion collapse). A socket made anew starts again from the oldest pending record
-at once, whatever the wait.
+at once, whatever the wait; so does a `resend` reply, which a relay sends to the clients whose
+records it held for want of room once it takes records again (the wait starts again from
+`resend_after`).
 
 Overflow (`max_pending` records pending: the relay is away or slow): the trainer's call hands
 every pending record over as one batch to `spilling` (relay.spilling; O(1): the dict itself
@@ -60,6 +62,7 @@ held (spills fail, or the trainer logs faster than the disk writes) is dropped, 
 """
 from __future__ import annotations
 
+import math
 import re
 import threading
 import time
@@ -113,7 +116,7 @@ class Outbox:
         self.resend_wait = resend_after  # the wait before the next re-send: doubled by each, reset by acks
         self.report = reporter or Reporter()
         self.stats = {"sent": 0, "acked": 0, "spilled": 0, "dropped": 0, "errors": 0, "resent": 0,
-                      "spill_failed": 0, "lost": 0, "dropped_full": 0}
+                      "resend_asked": 0, "spill_failed": 0, "lost": 0, "dropped_full": 0}
         bound = (max(self.max_pending + 1, int(max_buffered)) if max_buffered is not None
                  else default_max_buffered(self.max_pending))
         self.spilling = Spilling(self.lock, self.stats, self.report, spill, self.max_pending, bound)
@@ -250,7 +253,8 @@ class Outbox:
     # -- replies (the I/O thread) -------------------------------------------------------------------
 
     def on_reply(self, reply: Dict[str, Any]) -> int:
-        """Apply one reply of the relay's; how many records it removed from `pending`."""
+        """Apply one reply of the relay's (`ack`, `error`, `resend`; other kinds are ignored); how
+        many records it removed from `pending`."""
         kind = reply.get("t")
         if kind == "ack":
             return self._on_ack(reply)
@@ -266,7 +270,15 @@ class Outbox:
                 self.unsupported.add(newer)
                 self.report.error(older_relay(self.endpoint, newer, reply.get("seq"), reply.get("reason")))
             return removed
-        return 0
+        if kind == "resend" and self.rewind_due() is not None:
+            # The relay held this client's records for want of room and takes records again (per
+            # client, not per stream: it has no stream field): what is in flight is due again now,
+            # and the backoff starts again from `resend_after`. Nothing in flight: what is unsent
+            # is sent anyway.
+            self.resend_wait = self.resend_after
+            self.last_progress = -math.inf  # as if unanswered for ever: rewind_due() is 0 until the re-send
+            self.stats["resend_asked"] += 1
+        return 0  # `resend`, or a kind newer than this client: ignored
 
     def _on_ack(self, reply: Dict[str, Any]) -> int:
         if reply.get("stream") not in (None, self.stream):

@@ -48,6 +48,13 @@ Relay -> client kinds:
             spool_bytes, ... (the reply to `status`; relay/spool_report.py's SpoolReport.status
             says what each holds). One client gets one reply per batch the relay reads, however
             many requests it sent: to the last of them, whose `stream` the reply carries.
+    resend  (no other fields): the relay held records of this client for want of room (spool
+            full, disk reserve reached, a failed spool write) and takes records again: send what is
+            unacked now rather than after the re-send backoff. Per client (its socket), not per
+            stream. Sent at most once per hold, NOBLOCK, to at most relay/room.py's
+            MAX_HELD_CLIENTS clients; one not told re-sends after its backoff as before.
+
+A client ignores reply kinds it does not know (an older client ignores `resend`).
 
 This module must stay importable on Python 3.8 (IsaacGym environments).
 """

@@ -188,6 +188,48 @@ def test_a_new_socket_resends_from_the_oldest_unacked_record():
     assert seqs(outbox.take(100)[1]) == [1, 3, 4, 5]
 
 
+def test_a_resend_reply_makes_the_rewind_due_now_and_starts_the_backoff_again():
+    clock = Clock()
+    outbox = make(clock=clock)
+    for step in range(4):
+        log(outbox, step)
+    outbox.take(100)
+    assert rewinds_until(outbox, clock, 7.0) == [1.0, 3.0, 7.0]   # held: the backoff grew to 8 s
+    assert outbox.resend_wait == 8.0 and outbox.rewind_due() == 8.0
+    clock.now += 0.5
+    assert outbox.on_reply({"t": "resend", "v": 1}) == 0   # no stream: the client's, whatever its stream
+    assert outbox.rewind_due() == 0.0 and outbox.resend_wait == 1.0
+    assert outbox.maybe_rewind() and seqs(outbox.take(100)[1]) == [1, 2, 3, 4]
+    assert outbox.stats["resent"] == 4 * 4 and outbox.stats["resend_asked"] == 1
+    assert outbox.rewind_due() == 2.0   # the backoff from resend_after again: 1 s waited, then 2 s
+    outbox.on_reply({"t": "ack", "stream": "s1", "upto": 4})
+    assert outbox.rewind_due() is None and outbox.stats["acked"] == 4
+
+
+def test_a_resend_reply_with_nothing_in_flight_changes_nothing():
+    clock = Clock()
+    outbox = make(clock=clock)
+    outbox.on_reply({"t": "resend", "v": 1})          # nothing pending
+    assert outbox.rewind_due() is None and outbox.resend_wait == 1.0
+    for step in range(3):
+        log(outbox, step)
+    outbox.on_reply({"t": "resend", "v": 1})          # pending, none sent yet: they go out anyway
+    assert outbox.rewind_due() is None
+    assert seqs(outbox.take(100)[1]) == [1, 2, 3] and outbox.rewind_due() == 1.0   # a fresh window's wait
+    outbox.on_reply({"t": "ack", "stream": "s1", "upto": 3})
+    outbox.on_reply({"t": "resend", "v": 1})          # all acked
+    assert outbox.rewind_due() is None and not outbox.maybe_rewind()
+    assert outbox.stats["resent"] == outbox.stats["resend_asked"] == 0
+
+
+def test_reply_kinds_the_client_does_not_know_are_ignored():
+    outbox = make()
+    log(outbox, 0)
+    outbox.take(100)
+    assert outbox.on_reply({"t": "something-newer", "v": 1, "stream": "s1", "upto": 1}) == 0
+    assert list(outbox.pending) == [1] and outbox.rewind_due() == 1.0
+
+
 def spill_thread_round(outbox: Outbox) -> bool:
     """One round of the spill thread (relay.spilling.SpillThread.run): write if there is work wanted."""
     spilling = outbox.spilling
