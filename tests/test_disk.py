@@ -6,6 +6,7 @@ wandb SDK against the fake W&B; outcomes are exact counts and values.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
 import signal
@@ -15,6 +16,7 @@ import struct
 import pytest
 
 from harness import mount_tmpfs
+from relay.room import MAX_HELD_CLIENTS, HeldClients
 from test_e2e import assert_history
 from workload import frame, row, same_value
 
@@ -86,6 +88,9 @@ def test_a_backlog_that_fills_the_disk_holds_and_drains_exactly_once_when_wandb_
     assert run.exit_code == 0
     assert_history(run.history, seed=41, steps=8000, metrics=100)
     assert relay.log().count("spool has room again") >= 1
+    # held long enough for the trainer's backoff to grow, it was told to re-send once there was room
+    assert "taking records again: told 1 held clients to re-send" in relay.log()
+    assert done["stats"]["resend_asked"] >= 1, done["stats"]
     assert relay.stop() == 0
 
 
@@ -125,6 +130,32 @@ def test_a_disk_filled_by_another_file_holds_without_stopping_the_relay_and_resu
         assert_history(fake_wandb.run(run_id).history, seed=seed, steps=steps, metrics=10)
     assert "spool has room again" in relay.log()
     assert relay.stop() == 0
+
+
+def test_held_clients_are_told_to_resend_once_each_up_to_the_bound(caplog):
+    """Past MAX_HELD_CLIENTS the others are not noted (they wait for their backoff); a telling
+    forgets everyone, skips the clients whose records are being taken, and counts only the
+    replies ZeroMQ took."""
+    sent = []
+    held = HeldClients(lambda identity, message: sent.append((identity, message)) or identity != b"gone")
+    for number in range(MAX_HELD_CLIENTS + 5):
+        held.note(b"c%d" % number)
+        held.note(b"c0")
+    held.note(b"gone")
+    assert len(held) == MAX_HELD_CLIENTS and held.past_bound
+    with caplog.at_level(logging.INFO, "relay.server"):
+        held.tell(skip=frozenset({b"c1"}))
+    assert sorted(identity for identity, _ in sent) == sorted(b"c%d" % n for n in range(MAX_HELD_CLIENTS) if n != 1)
+    assert all(message == {"t": "resend"} for _, message in sent)
+    assert caplog.messages == ["taking records again: told %d held clients to re-send (more were held: they re-send "
+                               "after their backoff)" % (MAX_HELD_CLIENTS - 1)]
+    sent.clear()
+    held.tell()
+    assert sent == [] and len(held) == 0 and not held.past_bound and len(caplog.messages) == 1
+    held.note(b"gone")
+    with caplog.at_level(logging.INFO, "relay.server"):
+        held.tell()
+    assert sent == [(b"gone", {"t": "resend"})] and len(caplog.messages) == 1   # not told: not said
 
 
 # -- a damaged spool -----------------------------------------------------------------------------------

@@ -261,6 +261,11 @@ def test_full_spool_holds_records_without_loss_until_room(fake_wandb, relay_fact
     assert done["report"]["delivered"] is True and done["stats"]["dropped"] == 0
     fake_wandb.wait_for(complete(fake_wandb, "full"), 120)
     assert_history(fake_wandb.run("full").history, seed=17, steps=3000, metrics=10)
+    # Each time the relay took records again it told the trainer, which re-sent at once rather than
+    # after its backoff (up to 30 s): one `resend` per hold, each acted on (records were in flight).
+    told = re.findall(r"taking records again: told (\d+) held clients to re-send", relay.log())
+    assert told and all(count == "1" for count in told), told
+    assert done["stats"]["resend_asked"] == len(told), (done["stats"], told)
 
 
 @pytest.fixture
