@@ -1,7 +1,8 @@
 """Many live runs on one relay: memory, processes, CPU, time to rows in W&B, status latency, lag.
 
 N runs (50, 200, 1,000) each log one row of 40 metrics a second for `--seconds`, all opened at
-once, from worker processes of 50 runs each (one RelayClient per worker). The relay runs in W&B
+once (or `--wave N`: N at once, `--wave-gap` seconds apart, so that the last wave opens on a relay
+that carries the others), from worker processes of 50 runs each (one RelayClient per worker). The relay runs in W&B
 offline mode, or `--online` against the suite's fake W&B (tests/fakewandb.py, in this process),
 with `/metrics` on. Per N:
 
@@ -13,7 +14,7 @@ with `/metrics` on. Per N:
 - time to first rows, per run, from its `open` (trainer's clock) to its first rows in W&B: online,
   the fake's first history line of the run; offline, the first status (asked each second for this
   case's runs) showing a row of the run handed to the wandb SDK, which writes it to the offline run.
-  p50, max, and whether every run had rows within 30 s;
+  p50, max (and the max of each wave), and whether every run had rows within 30 s;
 - status and /metrics latency, 20 of each over the logging (`query_status`'s round trip: the
   `relay status` command adds its interpreter's start); lag at the end of the logging, from the last
   status: records not handed to the SDK (`unsent`), not confirmed by W&B (`pending`; offline, at the
@@ -32,6 +33,7 @@ minute, which such a relay keeps in `runs`).
     python bench/many_runs.py --history 10000 --runs 5 --seconds 20
     python bench/many_runs.py --compare /tmp/old    # each case also with the `relay` of /tmp/old, side by side
     python bench/many_runs.py --set runs_per_uploader=200   # a relay setting (RELAY_<KEY>) for this relay
+    python bench/many_runs.py --online --runs 1000 --seconds 150 --wave 200 --wave-gap 20   # 200 open at once, 5 times
     python bench/many_runs.py --quick [--dry-run]   # 50 and 200 runs, 45 s [5 runs, 10 s, a 100-run history]
 
 A case too big for the memory available (at the per-run PSS of smaller cases of the same relay) is
@@ -82,6 +84,7 @@ def worker(job: dict) -> dict:
     client = RelayClient(job["endpoint"])
     rng = random.Random(job["seed"])
     ready_wait()
+    time.sleep(job["delay"])  # its wave's turn (--wave)
     runs, opened = [], {}
     for run_id in job["run_ids"]:
         runs.append(client.start_run(project="many", name=run_id, run_id=run_id))
@@ -238,10 +241,11 @@ class Watch:
         self.metrics_ms.append(1000.0 * (time.monotonic() - started))
 
 
-def steady(watch: Watch, go: float, seconds: int, all_rows_at: float | None) -> dict:
-    """PSS, processes and cores over the steady window (see the module's docstring)."""
+def steady(watch: Watch, go: float, seconds: int, all_rows_at: float | None, last_wave: float = 0.0) -> dict:
+    """PSS, processes and cores over the steady window (see the module's docstring); `last_wave`:
+    seconds from the go to the last wave's open (--wave)."""
     end = go + seconds
-    start = min(max(go + seconds / 3.0, all_rows_at or end), end - seconds / 4.0)
+    start = min(max(go + max(seconds / 3.0, last_wave), all_rows_at or end), end - seconds / 4.0)
     first = next((s for s in reversed(watch.samples) if s["t"] <= start), watch.samples[0])  # bracketing it
     last = next((s for s in reversed(watch.samples) if first["t"] < s["t"] <= end),
                 next((s for s in watch.samples if s["t"] > end), first))
@@ -255,7 +259,8 @@ def steady(watch: Watch, go: float, seconds: int, all_rows_at: float | None) -> 
 
 
 def run_case(runs: int, seconds: int, workdir: str, online: bool, history: int, name: str, code: str,
-             history_age: float = 8 * 86400.0, settings: dict | None = None) -> dict:
+             history_age: float = 8 * 86400.0, settings: dict | None = None, wave: int = 0,
+             wave_gap: float = 20.0) -> dict:
     tag = "%s-%d" % (name, runs)
     home = os.path.join(workdir, "home-" + tag)
     extra = {"HOME": home, "WANDB_CONFIG_DIR": os.path.join(home, ".config"),
@@ -279,8 +284,8 @@ def run_case(runs: int, seconds: int, workdir: str, online: bool, history: int, 
     try:
         relay.wait_ready()
         archived_s = wait_archived(relay) if archives else None
-        jobs = [{"endpoint": relay.endpoint, "run_ids": run_ids[i:i + RUNS_PER_WORKER], "seconds": seconds, "seed": i}
-                for i in range(0, runs, RUNS_PER_WORKER)]
+        jobs = [{"endpoint": relay.endpoint, "run_ids": run_ids[i:i + RUNS_PER_WORKER], "seconds": seconds, "seed": i,
+                 "delay": (i // wave) * wave_gap if wave else 0.0} for i in range(0, runs, RUNS_PER_WORKER)]
         results: list[dict] = []
         trainers = threading.Thread(target=lambda: results.extend(run_workers(
             os.path.abspath(__file__), "trainer", jobs, on_go=lambda: setattr(watch, "go", time.time()))))
@@ -302,6 +307,9 @@ def run_case(runs: int, seconds: int, workdir: str, online: bool, history: int, 
             fake.stop()
     opened = {run_id: t for result in results for run_id, t in result["opened"].items()}
     delays = [watch.first_rows[run_id] - opened[run_id] for run_id in run_ids if run_id in watch.first_rows]
+    waves = [run_ids[i:i + wave] for i in range(0, runs, wave)] if wave else [run_ids]
+    wave_max = [round(max(watch.first_rows[r] - opened[r] for r in ids if r in watch.first_rows), 1)
+                for ids in waves if any(r in watch.first_rows for r in ids)]
     all_rows_at = max(watch.first_rows.values()) if len(watch.first_rows) == runs else None
     status = watch.last_status or {}
     records = status.get("records", {})
@@ -309,7 +317,9 @@ def run_case(runs: int, seconds: int, workdir: str, online: bool, history: int, 
             "seconds": seconds,
             "pss_max_mib": round(max(s["pss_kib"] for s in watch.samples) / 1024),
             "processes_max": max(s["processes"] for s in watch.samples),
-            **steady(watch, watch.go, seconds, all_rows_at), "runs_with_rows": len(delays),
+            **steady(watch, watch.go, seconds, all_rows_at, (len(waves) - 1) * wave_gap if wave else 0.0),
+            "runs_with_rows": len(delays), "wave": wave, "wave_gap_s": wave_gap if wave else None,
+            "first_rows_max_by_wave_s": wave_max,
             "first_rows_p50_s": round(percentile(delays, 0.5), 1) if delays else None,
             "first_rows_max_s": round(max(delays), 1) if delays else None,
             "all_within_30s": len(delays) == runs and max(delays) <= WITHIN,
@@ -356,6 +366,9 @@ def line(case: dict) -> str:
         case["pss_per_run_mib"], case["cores"], rows, "yes" if case["all_within_30s"] else "NO", case["status_p50_ms"],
         case["status_max_ms"], case["metrics_p50_ms"], case["metrics_max_ms"], case["lag_unsent"],
         "-" if oldest is None else "%.0f s" % oldest, case["finished_in_s"])
+    if case.get("wave"):
+        text += "  (waves of %d runs %.0f s apart; first rows max by wave %s s)" % (
+            case["wave"], case["wave_gap_s"], "/".join("%.1f" % m for m in case["first_rows_max_by_wave_s"]))
     if case["history_archived_s"] is not None:
         text += "  (history archived in %.1f s first)" % case["history_archived_s"]
     if case["runs_with_rows"] < case["runs"]:
@@ -380,6 +393,10 @@ def main() -> int:
     parser.add_argument("--compare", metavar="DIR", help="also run every case with the relay package of DIR")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a relay setting for the relay measured (not the --compare one), e.g. runs_per_uploader=200")
+    parser.add_argument("--wave", type=int, default=0, metavar="N",
+                        help="open the runs in waves of N (a multiple of %d), --wave-gap apart [0: all at once]"
+                        % RUNS_PER_WORKER)
+    parser.add_argument("--wave-gap", type=float, default=20.0, metavar="S", help="seconds between two waves")
     parser.add_argument("--json", metavar="PATH", help="write the JSON summary there too")
     parser.add_argument("--quick", action="store_true", help="50 and 200 runs, 45 s")
     parser.add_argument("--dry-run", action="store_true", help="5 runs, 10 s, a 100-run history: checks it works")
@@ -393,13 +410,21 @@ def main() -> int:
         runs_list, seconds = [50, 200], 45
     if args.dry_run:
         runs_list, seconds, history = [5], 10, 100 if args.history is None else history
+    if args.wave < 0 or args.wave % RUNS_PER_WORKER:
+        parser.error("--wave takes a multiple of %d (the runs of one trainer worker), got %d" % (RUNS_PER_WORKER,
+                                                                                                 args.wave))
+    last_wave = max(0, (max(runs_list) - 1) // args.wave) * args.wave_gap if args.wave else 0.0
+    if last_wave >= seconds * 0.75:
+        parser.error("--seconds %d leaves no steady window after the last wave opens (%.0f s after the first): give "
+                     "more than %.0f" % (seconds, last_wave, last_wave / 0.75))
     trees = codes(parser, args.compare)
     try:
         settings = {"RELAY_" + key.strip().upper(): value for key, value in (item.split("=", 1) for item in args.set)}
     except ValueError:
         parser.error("--set takes KEY=VALUE (a key of cfg/relay.yaml), got %s" % args.set)
     summary: dict = {"bench": "many_runs", "mode": "online" if args.online else "offline", "seconds": seconds,
-                     "history": history, "settings": args.set, "cpus": os.cpu_count(), "cases": []}
+                     "history": history, "settings": args.set, "cpus": os.cpu_count(), "wave": args.wave,
+                     "wave_gap_s": args.wave_gap, "cases": []}
     if args.compare:
         summary.update(compare=os.path.abspath(args.compare), ratios=[])
     measured: dict[str, list[tuple[int, int]]] = {name: [] for name, _ in trees}
@@ -415,7 +440,8 @@ def main() -> int:
                 skipped = too_big(runs, measured[name])
                 case = ({"relay": name, "runs": runs, "skipped": skipped} if skipped else
                         run_case(runs, seconds, workdir, args.online, history, name, code,
-                                 args.history_age * 86400.0, settings if name == "this" else None))
+                                 args.history_age * 86400.0, settings if name == "this" else None, args.wave,
+                                 args.wave_gap))
                 if not skipped:
                     measured[name].append((runs, case["pss_max_mib"]))
                     done[name] = case
