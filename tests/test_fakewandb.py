@@ -191,7 +191,9 @@ def test_graphql_fault_fails_init_then_recovers(fake, tmp_path, mode):
 
 @pytest.mark.timeout(120)
 def test_file_stream_lost_replies_do_not_duplicate_rows(fake, tmp_path):
-    run = wandb.init(project="proj", entity="ent", id="lossy", dir=str(tmp_path))
+    # A request a second, and a retry a second after a lost reply (the defaults: 15 s, 2 s).
+    run = wandb.init(project="proj", entity="ent", id="lossy", dir=str(tmp_path),
+                     settings=wandb.Settings(x_file_stream_transmit_interval=1, x_file_stream_retry_wait_min_seconds=1))
     fake.set_fault("lost_reply", "file_stream")   # recorded, then the connection is reset
     for step, row in enumerate(rows(0, 30)):
         run.log(row, step=step)
