@@ -14,7 +14,7 @@ import sqlite3
 
 import pytest
 
-from harness import lock_holder, wait_gone, wandb_cores
+from harness import ROOT, lock_holder, wait_gone, wandb_cores
 from test_e2e import assert_history
 
 # W&B counts history rows 2 s after they arrive (the relay's bound in the tests: 3 s).
@@ -91,6 +91,64 @@ def test_uploader_killed_mid_run_its_stream_is_closed_and_the_run_resumes_exactl
     relay.wait_log(LEFT_OPEN, 60)
     finish(trainer, relay, fake_wandb, "orphan", 120, 33)
     log = relay.log()
+    assert OWN_CORE not in log
+    assert list(wandb_cores(relay.proc.pid).values()) == [relay.proc.pid]
+
+
+# Loaded by the relay's processes (sitecustomize, written by the test): the first Run.finish of
+# TEST_FAULT_RUN, the close of its stream left open, raises as the SDK can, after finishing the
+# stream ("after") or before ("before": the stream is still open).
+FINISH_RAISES_ONCE = """
+import os
+import wandb.sdk.wandb_run as wandb_run
+from wandb.sdk.mailbox.mailbox import MailboxClosedError
+
+_finish = wandb_run.Run.finish
+
+
+def finish(self, *args, **kwargs):
+    if self.id == os.environ.get("TEST_FAULT_RUN"):
+        flag = os.environ["TEST_FAULT_FLAG"]
+        try:
+            os.rename(flag, flag + ".used")  # once, atomically
+        except FileNotFoundError:
+            return _finish(self, *args, **kwargs)
+        if os.environ["TEST_FAULT_WHEN"] == "after":
+            _finish(self, *args, **kwargs)
+        raise MailboxClosedError("injected")
+    return _finish(self, *args, **kwargs)
+
+
+wandb_run.Run.finish = finish
+"""
+
+
+@pytest.mark.parametrize("when", ["after", "before"])
+def test_a_close_of_the_stream_left_open_that_raises_is_judged_by_the_next_init(fake_wandb, relay_factory,
+                                                                                trainer_factory, tmp_path, when):
+    # The SDK's finish of the stream left open raises (as wandb 0.31's does at times once the stream
+    # has ended): the run stays on the shared core; a stream still open is closed again first.
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(FINISH_RAISES_ONCE)
+    flag = tmp_path / "fault-flag"
+    flag.write_text("")
+    fake_wandb.set_fault("hang", "file_stream")
+    relay = relay_factory(fake_wandb, ["--mode", "online"], env={
+        "PYTHONPATH": os.pathsep.join([str(hook), ROOT]), "TEST_FAULT_RUN": "raises", "TEST_FAULT_FLAG": str(flag),
+        "TEST_FAULT_WHEN": when})
+    trainer = paused_trainer(trainer_factory, relay, "raises", 50, 37)
+    relay.wait_status(lambda s: s["runs"] and s["runs"][0]["state"] == "uploading"
+                      and steps_assigned(relay, "raises") == 50, 60, "50 rows handed to wandb-core")
+    os.kill(lock_holder(relay.spool_dir, "raises"), signal.SIGKILL)
+    relay.wait_log("uploader for run raises exited with code -9", 30)
+    fake_wandb.set_fault("ok")
+    relay.wait_log("run raises started in W&B mode online", 60, seen=1)  # started again
+    assert not flag.exists()
+    finish(trainer, relay, fake_wandb, "raises", 50, 37)
+    log = relay.log()
+    assert "closing the stream left open raised MailboxClosedError: injected" in log
+    assert log.count("closing its stream " + LEFT_OPEN) == (1 if when == "after" else 2)  # before: closed again
     assert OWN_CORE not in log
     assert list(wandb_cores(relay.proc.pid).values()) == [relay.proc.pid]
 

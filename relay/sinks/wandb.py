@@ -10,7 +10,7 @@ the core (its `wandb.init` failed, or its uploader died) keeps its id "in use" t
 core stops. So a sink
 - closes a stream left open for its run (it attaches to it, marks it preempted and finishes it:
   what it held goes to W&B first), lets the uploader wait for W&B's count again, and starts the
-  run again (a close that raised is judged by that start: "in use" again is a failure);
+  run again (a close that raised is judged by that start: "in use" again is tried again);
 - and when the shared core fails it twice, or cannot be reached, goes on with a wandb-core of its
   own.
 Every wandb-core, shared or not, gets a parent-death signal (a wandb-core whose parent is gone
@@ -122,6 +122,7 @@ class WandbSink:
         # (what it holds goes to W&B first) and start the run again: it resumes after those rows.
         log.info("run %s: closing its stream left open in the shared wandb-core (by an uploader that died or a "
                  "wandb.init that failed); the run resumes after what that stream held", self.run_id)
+        closed = True
         try:
             stale = wandb._attach(attach_id=self.run_id)
             stale.mark_preempting()
@@ -130,10 +131,19 @@ class WandbSink:
             # The SDK can raise after the stream has ended (it asks the ended stream for its final
             # summary: MailboxClosedError, HandleAbandonedError). The wandb.init below tells: it
             # fails with "is in use" again if the stream is still there.
+            closed = False
             log.info("run %s: closing the stream left open raised %s; the next wandb.init tells whether it ended",
                      self.run_id, short_error(exc))
         on_left_open_closed()
-        return self._init(settings)
+        try:
+            return self._init(settings)
+        except Exception as exc:
+            if closed or "is in use" not in str(exc):
+                raise
+            # Still there, and still a writer of the run: try again here (leaving this core now
+            # would start the run elsewhere while that stream may still send rows).
+            raise ConnectionError("run %s: its stream left open in the shared wandb-core is still open after a "
+                                  "close that raised; trying again" % self.run_id) from exc
 
     def _leave_shared_core(self, error: BaseException) -> None:
         log.warning("run %s: the shared wandb-core failed it (%s); this run goes on with a wandb-core of its own",
