@@ -30,7 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 sys.path.insert(0, HERE)
 
-from common import ROOT, Relay, bench_env, metrics_row, percentile, ready_wait, run_workers  # noqa: E402
+from common import Relay, bench_env, metrics_row, percentile, ready_wait, run_workers  # noqa: E402
 
 RUNS_PER_WORKER = 50
 

@@ -250,17 +250,17 @@ def test_full_spool_holds_records_without_loss_until_room(fake_wandb, relay_fact
     fake_wandb.set_fault("hang")
     relay = relay_factory(fake_wandb, ["--mode", "online", "--init-timeout", "2"],
                           env={"RELAY_MAX_SPOOL_BYTES": "150000"})
-    trainer = trainer_factory({"endpoint": relay.endpoint, "run_id": "full", "steps": 3000, "metrics": 10,
+    trainer = trainer_factory({"endpoint": relay.endpoint, "run_id": "full", "steps": 1500, "metrics": 10,
                                "seed": 17, "interval": 0.001, "finish_timeout": 120})
     status = relay.wait_status(lambda s: s["holding"], 60, "the spool to fill")
     held_at = status["runs"][0]["received"]
-    assert 0 < held_at < 3002
+    assert 0 < held_at < 1502
     assert "spool full" in relay.log()
     fake_wandb.set_fault("ok")  # uploads confirm rows, the spool shrinks, records flow again
     done = trainer.event("finished", timeout=180)
     assert done["report"]["delivered"] is True and done["stats"]["dropped"] == 0
     fake_wandb.wait_for(complete(fake_wandb, "full"), 120)
-    assert_history(fake_wandb.run("full").history, seed=17, steps=3000, metrics=10)
+    assert_history(fake_wandb.run("full").history, seed=17, steps=1500, metrics=10)
     # Each time the relay took records again it told the trainer, which re-sent at once rather than
     # after its backoff (up to 30 s): one `resend` per hold, each acted on (records were in flight).
     told = re.findall(r"taking records again: told (\d+) held clients to re-send", relay.log())
