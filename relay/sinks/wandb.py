@@ -50,8 +50,7 @@ SDK_PRELOAD = ("wandb.sdk.launch", "wandb.apis.public", "wandb._analytics", "wan
                "opentelemetry.exporter.otlp.proto.http.metric_exporter",
                "opentelemetry.exporter.otlp.proto.http._log_exporter")
 
-# The trainer's console streams (relay/protocol.py) as the SDK names them, and the line that says
-# how many lines the client dropped.
+# The trainer's console streams (relay/protocol.py) as the SDK names them; the line of lines dropped.
 CONSOLE_STREAMS = {"out": "stdout", "err": "stderr"}
 DROPPED_LINES = ("[relay: %s console lines dropped: the trainer printed more than its console limits let through "
                  "(relay.console.ConsoleLimits)]")
@@ -118,19 +117,17 @@ class WandbSink:
         except Exception as exc:
             if "is in use" not in str(exc):
                 raise
-        # The core holds a stream of this run: its uploader died, or a wandb.init failed. Close it
-        # (what it holds goes to W&B first) and start the run again: it resumes after those rows.
         log.info("run %s: closing its stream left open in the shared wandb-core (by an uploader that died or a "
                  "wandb.init that failed); the run resumes after what that stream held", self.run_id)
+        # A stream of this run left open (its uploader died, a wandb.init failed): close it (what it
+        # holds reaches W&B first), start again after it. The SDK may raise once the stream ended (it asks
+        # for its summary): the next init tells; one still there is closed again (it may send rows yet).
         closed = True
         try:
             stale = wandb._attach(attach_id=self.run_id)
             stale.mark_preempting()
             stale.finish()
         except Exception as exc:
-            # The SDK can raise after the stream has ended (it asks the ended stream for its final
-            # summary: MailboxClosedError, HandleAbandonedError). The wandb.init below tells: it
-            # fails with "is in use" again if the stream is still there.
             closed = False
             log.info("run %s: closing the stream left open raised %s; the next wandb.init tells whether it ended",
                      self.run_id, short_error(exc))
@@ -140,8 +137,6 @@ class WandbSink:
         except Exception as exc:
             if closed or "is in use" not in str(exc):
                 raise
-            # Still there, and still a writer of the run: try again here (leaving this core now
-            # would start the run elsewhere while that stream may still send rows).
             raise ConnectionError("run %s: its stream left open in the shared wandb-core is still open after a "
                                   "close that raised; trying again" % self.run_id) from exc
 
