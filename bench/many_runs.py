@@ -322,6 +322,8 @@ def run_case(runs: int, seconds: int, workdir: str, online: bool, history: int, 
             "first_rows_max_by_wave_s": wave_max,
             "first_rows_p50_s": round(percentile(delays, 0.5), 1) if delays else None,
             "first_rows_max_s": round(max(delays), 1) if delays else None,
+            "first_rows_slowest": sorted(([r, round(watch.first_rows[r] - opened[r], 1)] for r in run_ids
+                                          if r in watch.first_rows), key=lambda item: -item[1])[:3],
             "all_within_30s": len(delays) == runs and max(delays) <= WITHIN,
             **{"%s_%s_ms" % (what, q): round(percentile(ms, 0.5) if q == "p50" else max(ms), 1)
                for what, ms in (("status", watch.status_ms), ("metrics", watch.metrics_ms)) for q in ("p50", "max")},
@@ -397,6 +399,7 @@ def main() -> int:
                         help="open the runs in waves of N (a multiple of %d), --wave-gap apart [0: all at once]"
                         % RUNS_PER_WORKER)
     parser.add_argument("--wave-gap", type=float, default=20.0, metavar="S", help="seconds between two waves")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (spools, relay logs)")
     parser.add_argument("--json", metavar="PATH", help="write the JSON summary there too")
     parser.add_argument("--quick", action="store_true", help="50 and 200 runs, 45 s")
     parser.add_argument("--dry-run", action="store_true", help="5 runs, 10 s, a 100-run history: checks it works")
@@ -454,7 +457,10 @@ def main() -> int:
                 print("%-8s %5d  this/compare: %s" % ("ratio", runs, ", ".join("%s %.2f" % kv for kv in ratio.items())),
                       flush=True)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        if args.keep:
+            print("kept: %s (each case's spool and relay log)" % workdir, flush=True)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
     text = json.dumps(summary)
     if args.json:
         with open(args.json, "w") as handle:

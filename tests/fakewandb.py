@@ -605,6 +605,10 @@ class FakeWandb:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    # Connections not yet accepted that the kernel keeps (socketserver's default is 5). With hundreds of
+    # runs starting at once, a full queue drops SYNs and the client's TCP retries back off for a
+    # minute: W&B's own servers keep long queues, and so does this one.
+    request_queue_size = 1024
 
     def handle_error(self, request, client_address):
         if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):   # clients do go away

@@ -34,7 +34,7 @@ import wandb
 
 from relay.config import RelayConfig
 from relay.errors import RelayError
-from relay.sinks import wandb_meta
+from relay.sinks import wandb_meta, wandb_quiet
 from relay.sinks.wandb_api import history_count, short_error
 
 log = logging.getLogger("relay.uploader")  # part of the uploader's log, as operators read it
@@ -45,10 +45,8 @@ PR_SET_PDEATHSIG = 1  # prctl(2) option: the signal a process gets when the thre
 # Modules the wandb SDK (0.31) imports lazily inside wandb.init / log / finish. The uploader fork
 # server imports them once, with the uploader, so that each uploader does not: they were about half
 # of an uploader's start-up CPU. A name that fails to import is skipped (another wandb version).
-SDK_PRELOAD = ("wandb.sdk.launch", "wandb.apis.public", "wandb._analytics", "wandb.sdk.lib.gitlib", "requests",
-               "psutil", "opentelemetry.sdk.metrics", "opentelemetry.sdk._logs", "opentelemetry.sdk.resources",
-               "opentelemetry.exporter.otlp.proto.http.metric_exporter",
-               "opentelemetry.exporter.otlp.proto.http._log_exporter")
+# (The SDK's OpenTelemetry exporters are never imported: its analytics are off, wandb_quiet.py.)
+SDK_PRELOAD = ("wandb.sdk.launch", "wandb.apis.public", "wandb._analytics", "wandb.sdk.lib.gitlib", "requests", "psutil")
 
 # The trainer's console streams (relay/protocol.py) as the SDK names them; the line of lines dropped.
 CONSOLE_STREAMS = {"out": "stdout", "err": "stderr"}
@@ -150,6 +148,7 @@ class WandbSink:
         os.environ.pop("WANDB_SERVICE", None)
 
     def _init(self, settings: dict) -> Any:
+        wandb_quiet.quiet_process()
         run = wandb.init(
             project=settings["project"], entity=settings.get("entity"), name=settings.get("name"),
             group=settings.get("group"), tags=settings.get("tags") or None, notes=settings.get("notes"),
@@ -186,6 +185,7 @@ class WandbSink:
                 x_file_transfer_timeout_seconds=self.config.request_timeout),
         )
         run._restore()  # the SDK's capture of this process's stdout/stderr, off (wandb 0.31, pinned)
+        wandb_quiet.quiet_run(run)
         return run
 
     # -- an open run --------------------------------------------------------------------------
