@@ -1,6 +1,6 @@
 """The W&B sink: one run's side in the wandb SDK, and the wandb-core the uploaders share. With its
-sibling wandb_media.py (a row's media as wandb objects), the only module of the relay that imports
-wandb; every workaround for the SDK (pinned in pyproject) is here.
+siblings (wandb_media.py: a row's media as wandb objects; wandb_meta.py, wandb_quiet.py: SDK state),
+the only modules of the relay that import wandb, and where every workaround for the SDK (pinned) is.
 
 The uploaders share one wandb-core (the SDK's Go service), which the server starts (SharedCore)
 and hands to each uploader as a WANDB_SERVICE token: one Go process instead of one per run, and a
@@ -148,7 +148,7 @@ class WandbSink:
         os.environ.pop("WANDB_SERVICE", None)
 
     def _init(self, settings: dict) -> Any:
-        wandb_quiet.quiet_process()
+        wandb_quiet.prepare_process()
         run = wandb.init(
             project=settings["project"], entity=settings.get("entity"), name=settings.get("name"),
             group=settings.get("group"), tags=settings.get("tags") or None, notes=settings.get("notes"),

@@ -1,32 +1,43 @@
-"""What the wandb SDK (0.31, pinned) does on its own for each run, turned off in the relay's
-uploaders, which serve many runs and are no user's training script. Measured with 100 online runs
-in one process on the shared wandb-core (the figures: docs/performance.md):
+"""The wandb SDK (0.31, pinned) made ready for the relay's uploaders, which start many runs at once
+from the threads of one process, and what it does on its own for each run turned off (those
+processes are no user's training script). Measured with 100 online runs in one process on the
+shared wandb-core (the figures: docs/performance.md):
 
+- The SDK's process-wide settings are loaded once, by `wandb.setup()`, before a run starts
+  (`prepare_process`). The SDK loads them lazily at the first `wandb.init` without a lock: it sets
+  defaults, then reads the environment, so a `wandb.init` in another thread meanwhile saw the default
+  W&B URL instead of `WANDB_BASE_URL`, and failed after `init_timeout` (a few runs of 1,000
+  opened 200 at a time, in three of four runs of the benchmark).
+- The SDK's analytics of itself (`prepare_process`): OpenTelemetry metrics, such as how long each
+  `run.log` took to encode, exported to W&B; ~70 us of CPU per row, and a proxy built per wandb.init.
 - Each online run's status checker (`quiet_run`): a thread per run asks wandb-core every 5 s for its
   network status, to print "retrying" lines (an uploader is silent), and every 15 s whether the run
   was stopped in the W&B UI, to interrupt the main thread (in an uploader, which ignores SIGINT:
   nothing). Idle, that was 0.2 ms of SDK and 0.1 ms of wandb-core CPU per run per second: 0.3 cores
   for 1,000 open runs.
-- The SDK's analytics of itself (`quiet_process`): OpenTelemetry metrics, such as how long each
-  `run.log` took to encode, exported to W&B; ~70 us of CPU per row, and a proxy built per wandb.init.
 
-Both are private SDK state: a missing attribute (another wandb version) leaves the SDK as it is.
+The analytics switch and the checker are private SDK state: a missing attribute (another wandb
+version) leaves the SDK as it is.
 """
 from __future__ import annotations
 
 import logging
 from typing import Any
 
+import wandb
+
 log = logging.getLogger("relay.uploader")
 
 
-def quiet_process() -> None:
-    """The SDK's analytics of itself off for this process (before wandb.init: it builds a proxy)."""
+def prepare_process() -> None:
+    """Before each wandb.init: the SDK's analytics of itself off for this process, and its settings
+    loaded (once a process; again after a `wandb.teardown()`)."""
     try:
         from wandb.analytics.opentelemetry import opentelemetry_proxy
         opentelemetry_proxy.disable()
     except (ImportError, AttributeError) as exc:
         log.debug("wandb analytics left on: %s", exc)
+    wandb.setup()
 
 
 def quiet_run(run: Any) -> None:
