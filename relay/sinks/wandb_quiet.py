@@ -1,20 +1,17 @@
 """The wandb SDK (0.31, pinned) made ready for the relay's uploaders, which start many runs at once
 from the threads of one process, and what it does on its own for each run turned off (those
-processes are no user's training script). Measured with 100 online runs in one process on the
-shared wandb-core (the figures: docs/performance.md):
+processes are no user's training script; the costs: docs/performance.md):
 
-- The SDK's process-wide settings are loaded once, by `wandb.setup()`, before a run starts
-  (`prepare_process`). The SDK loads them lazily at the first `wandb.init` without a lock: it sets
-  defaults, then reads the environment, so a `wandb.init` in another thread meanwhile saw the default
-  W&B URL instead of `WANDB_BASE_URL`, and failed after `init_timeout` (a few runs of 1,000
-  opened 200 at a time, in three of four runs of the benchmark).
+- The SDK's process-wide settings are loaded by `wandb.setup()` before a run starts
+  (`prepare_process`). The SDK would load them lazily at the first `wandb.init`, without a lock:
+  defaults first, then the environment, so a `wandb.init` in another thread meanwhile could see the
+  default W&B URL instead of `WANDB_BASE_URL` and fail after `init_timeout`.
 - The SDK's analytics of itself (`prepare_process`): OpenTelemetry metrics, such as how long each
-  `run.log` took to encode, exported to W&B; ~70 us of CPU per row, and a proxy built per wandb.init.
+  `run.log` took to encode, exported to W&B, and a proxy built per wandb.init.
 - Each online run's status checker (`quiet_run`): a thread per run asks wandb-core every 5 s for its
   network status, to print "retrying" lines (an uploader is silent), and every 15 s whether the run
-  was stopped in the W&B UI, to interrupt the main thread (in an uploader, which ignores SIGINT:
-  nothing). Idle, that was 0.2 ms of SDK and 0.1 ms of wandb-core CPU per run per second: 0.3 cores
-  for 1,000 open runs.
+  was stopped in the W&B UI, to interrupt the main thread (an uploader ignores SIGINT). It costs
+  CPU in the SDK and in wandb-core for every open run, idle or not.
 
 The analytics switch and the checker are private SDK state: a missing attribute (another wandb
 version) leaves the SDK as it is.
