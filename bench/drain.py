@@ -18,10 +18,13 @@ large backlog is being taken in is printed too: that is intake, not the backlog.
     python bench/drain.py --quick          # 20,000-row drain; RSS at 1,000 vs 100,000 rows
     python bench/drain.py --quick --dry-run    # 2 runs, a few hundred rows: checks it still runs
     python bench/drain.py --compare /tmp/old   # the drain also with the `relay` of /tmp/old, side by side
+    python bench/drain.py --compare /tmp/old --rounds 3   # three drains each, alternating; ratios of medians
 
 With --compare DIR (DIR: e.g. `git archive REV | tar -x -C DIR`), the drain runs twice, this relay
 and then DIR's, with the same trainers, rows and outage, and a line of this/compare ratios
-follows (RELAY_ settings DIR's relay does not have are left out of its environment). The memory
+follows (RELAY_ settings DIR's relay does not have are left out of its environment). With
+--rounds N each relay drains N times, this one first in odd rounds and DIR's first in even ones,
+and the ratios are of the medians: one drain varies by 10-15 % on a shared machine. The memory
 part is skipped then: it concerns this relay alone.
 
 Writes bench/drain.png (rows in W&B and relay memory over time, both relays' with --compare)
@@ -35,6 +38,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import sys
 import tempfile
 import threading
@@ -199,6 +203,10 @@ def line(name: str, drain: dict) -> str:
         "" if drain["delivered"] == drain["rows"] else "  NOT ALL IN W&B")
 
 
+def median(results: list[dict], key: str) -> float:
+    return statistics.median(result[key] for result in results)
+
+
 def memory_part(fake, workdir: str, runs: int, sizes: list[int], drain_for: float) -> dict:
     """The server's RSS holding a small and a large backlog: the summary's part for it."""
     memory = []
@@ -234,6 +242,9 @@ def main() -> int:
     parser.add_argument("--compare", metavar="DIR",
                         help="also drain with the relay package of DIR (e.g. an export of an older commit), after "
                              "this one: side by side, with this/compare ratios; skips the RSS part")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="with --compare: drain this many times with each relay, alternating which goes first; "
+                             "the ratios are of the medians")
     parser.add_argument("--png", default=os.path.join(HERE, "drain.png"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
@@ -244,6 +255,8 @@ def main() -> int:
         args.rows, args.rss_rows = 20000, "1000,100000"
     if args.dry_run:
         args.rows, args.runs, args.rss_rows, args.rss_drain_seconds = 200, 2, "100,400", 2.0
+    if args.rounds < 1:
+        parser.error("--rounds must be 1 or more (got %d)" % args.rounds)
     trees = codes(parser, args.compare)
     from fakewandb import FakeWandb
 
@@ -256,16 +269,27 @@ def main() -> int:
         print("%d rows over %d runs, acked into the spool while W&B answered 503 (fill), then drained once it is "
               "back:" % (args.rows, args.runs), flush=True)
         print(HEADER, flush=True)
-        for name, code in trees:
-            drains[name] = backlog(fake, workdir, "drain" if name == "this" else "drain-" + name, args.runs,
-                                   args.rows, None, code)
-            print(line(name, drains[name]), flush=True)
+        rounds: dict[str, list[dict]] = {name: [] for name, _ in trees}
+        for number in range(args.rounds):
+            # ABBA: this relay first in odd rounds, last in even ones, so that neither always goes first
+            for name, code in trees if number % 2 == 0 else trees[::-1]:
+                label = name if args.rounds == 1 else "%s %d" % (name, number + 1)
+                result = backlog(fake, workdir, "drain%s%d" % ("" if name == "this" else "-" + name, number),
+                                 args.runs, args.rows, None, code)
+                rounds[name].append(result)
+                print(line(label, result), flush=True)
+        drains = {name: results[0] for name, results in rounds.items()}
         if args.compare:
-            ratio = {key: round(drains["this"][key] / drains["compare"][key], 2) for key in RATIOS
-                     if drains["this"][key] and drains["compare"][key]}
-            print("%-8s this/compare: %s" % ("ratio", ", ".join("%s %.2f" % kv for kv in ratio.items())), flush=True)
-            summary.update(compare=os.path.abspath(args.compare),
-                           compare_drain={key: drains["compare"][key] for key in DRAIN_KEYS}, ratio=ratio)
+            ratio = {key: round(median(rounds["this"], key) / median(rounds["compare"], key), 2) for key in RATIOS
+                     if median(rounds["this"], key) and median(rounds["compare"], key)}
+            print("%-8s this/compare%s: %s" % ("ratio", " (medians of %d rounds)" % args.rounds if args.rounds > 1
+                                               else "", ", ".join("%s %.2f" % kv for kv in ratio.items())), flush=True)
+            summary.update(compare=os.path.abspath(args.compare), rounds=args.rounds,
+                           compare_drain={key: drains["compare"][key] for key in DRAIN_KEYS}, ratio=ratio,
+                           rows_per_s_by_round={name: [r["rows_per_s"] for r in results]
+                                                for name, results in rounds.items()},
+                           delivered_by_round={name: [r["delivered"] for r in results]
+                                               for name, results in rounds.items()})
             print("RSS part skipped with --compare (it concerns this relay alone: run without --compare for it)",
                   flush=True)
         else:

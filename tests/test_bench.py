@@ -33,11 +33,11 @@ SCRIPTS = {
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Start every script at once; each test waits for its own. drain_compare is drain.py with
-    --compare against a copy of this tree's relay package (a tree of its own, as an older one would be)."""
+    --compare (two rounds) against a copy of this tree's relay package (a tree of its own, as an older one would be)."""
     other = tmp_path_factory.mktemp("compare")
     shutil.copytree(os.path.join(ROOT, "relay"), str(other / "relay"),
                     ignore=shutil.ignore_patterns("__pycache__"))
-    extra = {"drain_compare": ("drain", ["--compare", str(other)])}
+    extra = {"drain_compare": ("drain", ["--compare", str(other), "--rounds", "2"])}
     started = {}
     for name in SCRIPTS:
         script, args = extra.get(name, (name, []))
@@ -79,6 +79,8 @@ def test_bench_script_runs(runs, name):
         assert sorted(summary["ratio"]) == sorted(["rows_per_s", "drain_s", "total_pss_mib_max",
                                                    "server_rss_mib_max", "fill_s"]), summary
         assert "rss_backlogs" not in summary, summary
+        assert summary["rounds"] == 2 and summary["delivered_by_round"] == {"this": [200, 200], "compare": [200, 200]}
+        assert [len(rates) for rates in summary["rows_per_s_by_round"].values()] == [2, 2], summary
     elif name in ("client_latency", "gpu_overhead"):
         assert summary["relay_delivered"] is True
     elif name == "visible":
