@@ -200,7 +200,9 @@ class FakeWandb:
         handler = type("Handler", (_Handler,), {"fake": self})
         self._server = _Server(("127.0.0.1", port), handler)
         self.base_url = "http://127.0.0.1:%d" % self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, name="fakewandb", daemon=True)
+        # stop() waits for the serve loop to see the shutdown: poll often, so that it does not wait 0.5 s
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="fakewandb", daemon=True)
         self._thread.start()
         return self.base_url
 

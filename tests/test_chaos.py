@@ -8,7 +8,7 @@ import pytest
 
 from chaos import chaos_round, check_history
 
-ROUNDS = int(os.environ.get("RELAY_CHAOS_ROUNDS", "20"))
+ROUNDS = int(os.environ.get("RELAY_CHAOS_ROUNDS", "12"))
 SEED = int(os.environ.get("RELAY_CHAOS_SEED", str(random.SystemRandom().randrange(1 << 30))))
 
 
