@@ -203,10 +203,6 @@ def line(name: str, drain: dict) -> str:
         "" if drain["delivered"] == drain["rows"] else "  NOT ALL IN W&B")
 
 
-def median(results: list[dict], key: str) -> float:
-    return statistics.median(result[key] for result in results)
-
-
 def memory_part(fake, workdir: str, runs: int, sizes: list[int], drain_for: float) -> dict:
     """The server's RSS holding a small and a large backlog: the summary's part for it."""
     memory = []
@@ -280,16 +276,19 @@ def main() -> int:
                 print(line(label, result), flush=True)
         drains = {name: results[0] for name, results in rounds.items()}
         if args.compare:
-            ratio = {key: round(median(rounds["this"], key) / median(rounds["compare"], key), 2) for key in RATIOS
-                     if median(rounds["this"], key) and median(rounds["compare"], key)}
-            print("%-8s this/compare%s: %s" % ("ratio", " (medians of %d rounds)" % args.rounds if args.rounds > 1
-                                               else "", ", ".join("%s %.2f" % kv for kv in ratio.items())), flush=True)
+            this, other = ({key: statistics.median(result[key] for result in rounds[name]) for key in RATIOS}
+                           for name in ("this", "compare"))
+            ratio = {key: round(this[key] / other[key], 2) for key in RATIOS if this[key] and other[key]}
+            of = " (medians of %d rounds)" % args.rounds if args.rounds > 1 else ""
+            print("%-8s this/compare%s: %s" % ("ratio", of, ", ".join("%s %.2f" % kv for kv in ratio.items())),
+                  flush=True)
+
+            def by_round(key: str) -> dict:
+                return {name: [result[key] for result in results] for name, results in rounds.items()}
+
             summary.update(compare=os.path.abspath(args.compare), rounds=args.rounds,
                            compare_drain={key: drains["compare"][key] for key in DRAIN_KEYS}, ratio=ratio,
-                           rows_per_s_by_round={name: [r["rows_per_s"] for r in results]
-                                                for name, results in rounds.items()},
-                           delivered_by_round={name: [r["delivered"] for r in results]
-                                               for name, results in rounds.items()})
+                           rows_per_s_by_round=by_round("rows_per_s"), delivered_by_round=by_round("delivered"))
             print("RSS part skipped with --compare (it concerns this relay alone: run without --compare for it)",
                   flush=True)
         else:
