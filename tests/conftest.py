@@ -22,6 +22,17 @@ def pytest_configure(config):
                             "they arrive (as W&B does); at the end, the test fails if any line was written over")
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test's report ends with the logs of the relays it started (their last 20,000
+    characters each): a failure that happens once in many runs is read from CI's output."""
+    report = (yield).get_result()
+    make = getattr(item, "funcargs", {}).get("relay_factory")
+    if report.when == "call" and report.failed and make is not None:
+        for relay in make.started:
+            report.sections.append(("relay log " + relay.log_path, relay.log()[-20000:]))
+
+
 @pytest.fixture
 def fake_wandb(request):
     """The fake W&B backend; with the wandb_lag marker, one whose counts lag, and which must end
@@ -63,6 +74,7 @@ def relay_factory(tmp_path, short_dir):
         started.append(relay)
         return relay.start() if start else relay
 
+    make.started = started
     yield make
     for relay in started:
         if relay.proc is not None and relay.proc.poll() is None:
